@@ -1,0 +1,3 @@
+from torbridge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The sans-I/O core: the wire format and the relay state, no I/O."""
