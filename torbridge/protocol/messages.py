@@ -27,19 +27,30 @@ class ParseError(ValueError):
 
 # --- field types -------------------------------------------------------------
 
+# Numbers are ASCII digits only (attoparsec's decimal, Haskell's reads): the
+# Unicode digits that ``\d`` and ``int()`` accept are not numbers on the wire.
+# More digits than Python's int() converts by default are refused outright.
+_MAX_DIGITS = 4000
 _KEY_RE = re.compile(
     r"(?P<backend>[^-]+)"
-    r"(?:-s(?P<size>\d+))?"
-    r"(?:-m(?P<mtime>\d+))?"
-    r"(?:-S(?P<chunksize>\d+))?"
-    r"(?:-C(?P<chunknum>\d+))?"
+    r"(?:-s(?P<size>[0-9]+))?"
+    r"(?:-m(?P<mtime>[0-9]+))?"
+    r"(?:-S(?P<chunksize>[0-9]+))?"
+    r"(?:-C(?P<chunknum>[0-9]+))?"
     r"--(?P<name>.+)",
     re.DOTALL,
 )
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Haskell's isControl (category Cc): C0, DEL and the C1 controls.
+_HS_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Haskell's isSpace, which git-annex's splitWord and words use: narrower than
+# Python's str.isspace (no \x1c-\x1f, \x85, \u2028, \u2029).
+_HS_SPACES = " \t\n\v\f\r\xa0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_HS_SPACE_RE = re.compile(f"[{_HS_SPACES}]")
 _UUID_RE = re.compile(r"[^\s\x00-\x1f\x7f]+")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9]+")
-_DECIMAL_RE = re.compile(r"\d+")
+_DECIMAL_RE = re.compile(r"[0-9]+")
+_EXIT_CODE_RE = re.compile(r"-?[0-9]+")
 _EXTENSION_MAX = 64  # git-annex's validKeyName bound on a key's extension
 
 
@@ -54,8 +65,11 @@ def is_valid_key(key: str) -> bool:
     m = _KEY_RE.fullmatch(key)
     if m is None:
         return False
+    if any(len(m.group(g) or "") > _MAX_DIGITS for g in ("size", "mtime", "chunksize", "chunknum")):
+        return False  # int() would refuse them
     backend, name = m.group("backend"), m.group("name")
-    if backend.endswith("E"):
+    # GITBUNDLE is the one known variety ending in E that has no extension.
+    if backend.endswith("E") and backend != "GITBUNDLE":
         dot = name.find(".")
         if dot >= 0 and len(name[dot:].encode(ENCODING, ERRORS)) > _EXTENSION_MAX:
             return False
@@ -71,14 +85,17 @@ def key_size(key: str) -> int | None:
 
 
 def escape_af(af: str | None) -> str:
-    """Serialise an associated file: ``%`` -> ``%%``, any whitespace -> ``%``."""
+    """Serialise an associated file: ``%`` -> ``%%``, any whitespace -> ``%``.
+
+    Whitespace is Haskell's ``isSpace``: exactly what the receiver splits at.
+    """
     if not af:
         return ""
     out = []
     for c in af:
         if c == "%":
             out.append("%%")
-        elif c.isspace():
+        elif _HS_SPACE_RE.match(c):
             out.append("%")
         else:
             out.append(c)
@@ -101,7 +118,7 @@ def unescape_af(s: str) -> str | None:
                 i += 2
                 continue
             out.append("_")
-        elif _CONTROL_RE.match(c):
+        elif _HS_CONTROL_RE.match(c):
             out.append("_")
         else:
             out.append(c)
@@ -127,21 +144,29 @@ def _uuid(s: str) -> str:
 
 
 def _uuids(s: str) -> tuple[str, ...]:
-    return tuple(_uuid(u) for u in s.split())
+    """Haskell's ``words``: split at runs of (Haskell) whitespace."""
+    return tuple(_uuid(u) for u in _HS_SPACE_RE.split(s) if u)
 
 
 def _number(s: str) -> int:
-    if not _DECIMAL_RE.fullmatch(s):
+    if len(s) > _MAX_DIGITS or not _DECIMAL_RE.fullmatch(s):
         raise ParseError("invalid number")
+    return int(s)
+
+
+def _exit_code(s: str) -> int:
+    # git-annex sends a negative code for a process killed by a signal.
+    if len(s) > _MAX_DIGITS or not _EXIT_CODE_RE.fullmatch(s):
+        raise ParseError("invalid exit code")
     return int(s)
 
 
 def _split(s: str) -> tuple[str, str]:
     """Split at the first whitespace character, as git-annex's splitWord."""
-    for i, c in enumerate(s):
-        if c.isspace():
-            return s[:i], s[i + 1 :]
-    return s, ""
+    m = _HS_SPACE_RE.search(s)
+    if m is None:
+        return s, ""
+    return s[: m.start()], s[m.end() :]
 
 
 def _none(s: str) -> None:
@@ -405,20 +430,12 @@ def _parse_remove_before(rest: str) -> Message:
     return RemoveBefore(_number(ts), _key(key))
 
 
-def _nullary(cls: type[Message]) -> tuple[type[Message], object]:
-    def parse(rest: str) -> Message:
-        _none(rest)
-        return cls()
-
-    return cls, parse
-
-
 _PARSERS: dict[str, object] = {
     "AUTH": _parse_auth,
     "AUTH-SUCCESS": lambda r: AuthSuccess(_uuid(r)),
     "VERSION": lambda r: Version(_number(r)),
     "CONNECT": _parse_connect,
-    "CONNECTDONE": lambda r: ConnectDone(_number(r)),
+    "CONNECTDONE": lambda r: ConnectDone(_exit_code(r)),
     "CHANGED": lambda r: Changed(r),
     "CHECKPRESENT": lambda r: CheckPresent(_key(r)),
     "LOCKCONTENT": lambda r: LockContent(_key(r)),

@@ -1,0 +1,127 @@
+"""Command line: ``torbridge [--config PATH] serve | token ... | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from torbridge import __version__
+from torbridge.config import Config, ConfigError, load_config
+from torbridge.server.daemon import StartupError, run_daemon
+from torbridge.tokens import MODES, TokenError, TokenStore
+
+DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
+
+
+def addresses(config: Config, token: str, endpoints: tuple[str, ...] | None) -> list[str]:
+    """One address per endpoint the token reaches, as `git annex p2p --link` reads them."""
+    return [
+        f"p2p-annex::torbridge:{config.socket_path(expose)}:{token}"
+        for expose in config.expose
+        if endpoints is None or expose.name in endpoints
+    ]
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {"level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        )
+
+
+def setup_logging(level: int, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        # journald stamps lines itself; a priority prefix lets it grade them.
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torbridge", description="git-annex P2P proxy behind a Tor onion service"
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the TOML config")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every relayed request")
+    p.add_argument("--version", action="version", version=f"torbridge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the daemon in the foreground")
+    token = sub.add_parser("token", help="manage client tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    add = token.add_parser("add", help="create a token and print its addresses")
+    add.add_argument("name")
+    add.add_argument("--mode", choices=MODES, default="rw")
+    add.add_argument(
+        "--endpoint", action="append", help="limit the token to this endpoint (repeatable)"
+    )
+    token.add_parser("list", help="list tokens (names and modes; secrets are not kept)")
+    revoke = token.add_parser("revoke", help="revoke a token, at once")
+    revoke.add_argument("name")
+    demo = sub.add_parser("demo", help="set up a demo proxy repository and serve it")
+    demo.add_argument("--dir", type=Path, help="where to put the demo (default: a temp dir)")
+    demo.add_argument(
+        "--check", action="store_true", help="exit after the self-check instead of serving"
+    )
+    return p
+
+
+def _token_command(config: Config, args: argparse.Namespace) -> int:
+    store = TokenStore(config.state_dir)
+    if args.token_command == "add":
+        for name in args.endpoint or ():
+            config.endpoint(name)  # KeyError -> reported by main
+        token = store.add(args.name, args.mode, args.endpoint)
+        endpoints = tuple(args.endpoint) if args.endpoint else None
+        for line in addresses(config, token, endpoints):
+            print(line)
+        print(
+            f"token {args.name!r} ({args.mode}) created; it is shown only this once.\n"
+            "On a client: echo 'ADDRESS' | git annex p2p --link --name NAME",
+            file=sys.stderr,
+        )
+    elif args.token_command == "list":
+        for info in store.list():
+            where = ",".join(info.endpoints) if info.endpoints else "all endpoints"
+            print(f"{info.name}\t{info.mode}\t{info.created}\t{where}")
+    else:
+        store.revoke(args.name)
+        print(f"token {args.name!r} revoked", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    try:
+        if args.command == "demo":
+            from torbridge.demo import run_demo
+
+            setup_logging(level)
+            return run_demo(args.dir, check_only=args.check)
+        config = load_config(args.config)
+        setup_logging(level, config.log_format)
+        if args.command == "serve":
+            trio.run(run_daemon, config)
+            return 0
+        return _token_command(config, args)
+    except (ConfigError, StartupError, TokenError) as e:
+        print(f"torbridge: {e}", file=sys.stderr)
+        return 1
+    except KeyError as e:
+        print(f"torbridge: no endpoint named {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,360 @@
+"""The TOML configuration file: parsing and validation, no side effects.
+
+Every error is a ``ConfigError`` with one line naming the file and the key, so
+the daemon and the CLI can print it as it is. Unknown keys are errors: a typo
+such as ``idle_timout`` must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A git remote or cluster name; never starts with "-" so it can't be read as
+# an option when it ends up in a git-annex argv.
+_REMOTE_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+_SOCKET_MODE_RE = re.compile(r"0?[0-7]{3}")
+
+LOG_FORMATS = ("text", "json")
+OWN_REPOSITORY = "."
+
+
+class ConfigError(Exception):
+    """One line for the user; names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Expose:
+    """One endpoint: a socket the onion service forwards a virtual port to."""
+
+    name: str
+    remote: str  # "." = the proxy's own repository
+    port: int  # the onion service's virtual port
+
+
+@dataclass(frozen=True)
+class Limits:
+    auth_timeout: float = 10.0  # from accept to AUTH
+    idle_timeout: float = 3600.0  # client silence between requests
+    peer_timeout: float = 600.0  # a peer's reply to a request
+    stall_timeout: float = 300.0  # no byte of a DATA body moved
+    max_unauthenticated: int = 64  # connections not yet past AUTH, all endpoints
+    max_sessions_per_token: int = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    repository: Path
+    state_dir: Path
+    socket_dir: Path
+    socket_mode: int
+    log_format: str
+    expose: tuple[Expose, ...]
+    limits: Limits = field(default_factory=Limits)
+
+    def socket_path(self, expose: Expose) -> Path:
+        return self.socket_dir / f"{expose.name}.sock"
+
+    def endpoint(self, name: str) -> Expose:
+        """The endpoint called *name*; KeyError if there is none."""
+        for e in self.expose:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+
+_INT_LIMITS = frozenset({"max_unauthenticated", "max_sessions_per_token"})
+_LIMIT_KEYS = tuple(f.name for f in fields(Limits))
+_TOP_KEYS = (
+    "repository",
+    "state_dir",
+    "socket_dir",
+    "socket_mode",
+    "log_format",
+    "expose",
+    "limits",
+)
+_EXPOSE_KEYS = ("name", "remote", "port")
+
+
+def _type_name(value: object) -> str:
+    # TOML's names for the types, as the user wrote them.
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, list):
+        return "array"
+    return "date/time"
+
+
+class _Parser:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+
+    def error(self, where: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {problem}")
+
+    def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], section: str) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.error(
+                    _where(key, section),
+                    f"unknown key (expected one of: {', '.join(allowed)})",
+                )
+
+    def get(self, table: Mapping[str, Any], key: str, section: str = "") -> Any:
+        if key not in table:
+            raise self.error(_where(key, section), "required key is missing")
+        return table[key]
+
+    def string(self, value: Any, key: str, section: str = "") -> str:
+        if not isinstance(value, str):
+            raise self.error(_where(key, section), f"expected a string, got {_type_name(value)}")
+        if "\0" in value:
+            raise self.error(_where(key, section), "must not contain a NUL character")
+        return value
+
+    def path_value(self, table: Mapping[str, Any], key: str) -> Path:
+        value = self.string(self.get(table, key), key)
+        if not value:
+            raise self.error(_where(key), "must not be empty")
+        # Relative to the config file, not to wherever the daemon was started.
+        return self.base / value
+
+    def integer(self, value: Any, key: str, section: str) -> int:
+        # bool is an int to Python but not to TOML: `port = true` is a mistake.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(_where(key, section), f"expected an integer, got {_type_name(value)}")
+        return value
+
+    def number(self, value: Any, key: str, section: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(_where(key, section), f"expected a number, got {_type_name(value)}")
+        return float(value)
+
+
+def _where(key: str, section: str = "") -> str:
+    return f'key "{key}"' + (f" in {section}" if section else "")
+
+
+def load_config(path: Path) -> Config:
+    """Parse and validate the config file at *path*; ConfigError if it is wrong.
+
+    Checks nothing on disk besides reading the file itself: whether the
+    repository exists is the daemon's business.
+    """
+    path = Path(path)
+    # Resolve the directory (so "../etc/tb.toml" from anywhere names the right
+    # place) but not the file name: relative paths in the file are relative to
+    # where the operator put it, even if that is a symlink.
+    path = path.absolute().parent.resolve() / path.name
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: the file is not UTF-8") from None
+
+    p = _Parser(path)
+    p.check_keys(doc, _TOP_KEYS, "")
+    repository = p.path_value(doc, "repository")
+    state_dir = p.path_value(doc, "state_dir")
+    socket_dir = p.path_value(doc, "socket_dir")
+
+    socket_mode = 0o660
+    if "socket_mode" in doc:
+        raw_mode = doc["socket_mode"]
+        if not isinstance(raw_mode, str):
+            # An integer is the classic trap: 0660 is not valid TOML and 660 is decimal.
+            raise p.error(
+                _where("socket_mode"),
+                f'expected an octal string such as "0660", got {_type_name(raw_mode)}',
+            )
+        if not _SOCKET_MODE_RE.fullmatch(raw_mode):
+            raise p.error(
+                _where("socket_mode"),
+                f'{raw_mode!r} is not an octal permission mode such as "0660"',
+            )
+        socket_mode = int(raw_mode, 8)
+
+    log_format = "text"
+    if "log_format" in doc:
+        log_format = p.string(doc["log_format"], "log_format")
+        if log_format not in LOG_FORMATS:
+            raise p.error(
+                _where("log_format"),
+                f"{log_format!r} is not one of: {', '.join(LOG_FORMATS)}",
+            )
+
+    expose = _parse_expose(p, doc.get("expose"))
+    limits = _parse_limits(p, doc.get("limits", {}))
+    return Config(
+        path=path,
+        repository=repository,
+        state_dir=state_dir,
+        socket_dir=socket_dir,
+        socket_mode=socket_mode,
+        log_format=log_format,
+        expose=expose,
+        limits=limits,
+    )
+
+
+def _parse_expose(p: _Parser, raw: Any) -> tuple[Expose, ...]:
+    if raw is None:
+        raise p.error("[[expose]]", "at least one endpoint is required")
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise p.error(
+            _where("expose"),
+            f"expected an array of tables ([[expose]]), got {_type_name(raw)}",
+        )
+    if not raw:
+        raise p.error("[[expose]]", "at least one endpoint is required")
+    result: list[Expose] = []
+    by_name: dict[str, int] = {}
+    by_port: dict[int, int] = {}
+    for i, table in enumerate(raw, start=1):
+        section = f"[[expose]] #{i}"
+        p.check_keys(table, _EXPOSE_KEYS, section)
+        name = p.string(p.get(table, "name", section), "name", section)
+        if not _NAME_RE.fullmatch(name):
+            raise p.error(
+                _where("name", section),
+                f"{name!r} is not a valid endpoint name (1 to 64 of A-Z a-z 0-9 . _ -)",
+            )
+        if name in by_name:
+            raise p.error(
+                _where("name", section),
+                f"duplicate endpoint name {name!r} (also in [[expose]] #{by_name[name]})",
+            )
+        remote = p.string(p.get(table, "remote", section), "remote", section)
+        if remote != OWN_REPOSITORY and not _REMOTE_RE.fullmatch(remote):
+            raise p.error(
+                _where("remote", section),
+                f'{remote!r} is not "." or a remote name (A-Z a-z 0-9 . _ -, not starting with -)',
+            )
+        port = p.integer(p.get(table, "port", section), "port", section)
+        if not 1 <= port <= 65535:
+            raise p.error(_where("port", section), f"{port} is not a port number (1 to 65535)")
+        if port in by_port:
+            raise p.error(
+                _where("port", section),
+                f"duplicate port {port} (also in [[expose]] #{by_port[port]})",
+            )
+        by_name[name] = by_port[port] = i
+        result.append(Expose(name=name, remote=remote, port=port))
+    return tuple(result)
+
+
+def _parse_limits(p: _Parser, raw: Any) -> Limits:
+    if not isinstance(raw, dict):
+        raise p.error(_where("limits"), f"expected a table ([limits]), got {_type_name(raw)}")
+    section = "[limits]"
+    p.check_keys(raw, _LIMIT_KEYS, section)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _INT_LIMITS:
+            n: float = p.integer(value, key, section)
+        else:
+            n = p.number(value, key, section)
+            # TOML has inf and nan; a timeout must be a real duration.
+            if not math.isfinite(n):
+                raise p.error(_where(key, section), "must be a finite number")
+        if not n > 0:
+            raise p.error(_where(key, section), f"must be greater than 0, got {value}")
+        values[key] = n
+    return Limits(**values)
+
+
+# --- writing ----------------------------------------------------------------------
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string holding exactly *s*."""
+    out = ['"']
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            # A surrogate-escaped byte from a non-UTF-8 path: TOML is UTF-8 only.
+            raise ValueError(f"{s!r} cannot be written in a TOML file (not UTF-8)")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_number(value: float) -> str:
+    # repr of a float is valid TOML (10.0, 1e-05); whole seconds read better as 10.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+_LIMIT_COMMENTS = {
+    "auth_timeout": "seconds from accepting a connection to its AUTH",
+    "idle_timeout": "seconds of client silence between requests",
+    "peer_timeout": "seconds to wait for a peer's reply to a request",
+    "stall_timeout": "seconds without a byte of a DATA body moving",
+    "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
+    "max_sessions_per_token": "concurrent sessions of one token",
+}
+
+
+def dump_config(cfg: Config) -> str:
+    """A commented TOML text that ``load_config`` reads back as *cfg* (paths absolute)."""
+    lines = [
+        "# torbridge configuration",
+        "",
+        "# The proxy's own git-annex repository.",
+        f"repository = {_toml_string(str(cfg.repository))}",
+        "# Hashed tokens and keys; created with mode 0700.",
+        f"state_dir = {_toml_string(str(cfg.state_dir))}",
+        "# One socket per endpoint: <socket_dir>/<name>.sock",
+        f"socket_dir = {_toml_string(str(cfg.socket_dir))}",
+        "# Permissions of the sockets, as an octal string.",
+        f'socket_mode = "{cfg.socket_mode:04o}"',
+        '# "text" or "json"',
+        f"log_format = {_toml_string(cfg.log_format)}",
+    ]
+    for e in cfg.expose:
+        lines += [
+            "",
+            "[[expose]]",
+            f"name = {_toml_string(e.name)}",
+            '# "." is the proxy\'s own repository; otherwise a git remote or cluster name.',
+            f"remote = {_toml_string(e.remote)}",
+            "# The onion service's virtual port.",
+            f"port = {e.port}",
+        ]
+    lines += ["", "[limits]"]
+    for key in _LIMIT_KEYS:
+        value = getattr(cfg.limits, key)
+        lines.append(f"{key} = {_toml_number(value)}  # {_LIMIT_COMMENTS[key]}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,521 @@
+"""The server side of a bridged P2P session, as a state machine with no I/O.
+
+One ``Relay`` follows one client connection: authentication, version
+negotiation, server modes, and each request's whole exchange with the peer
+that serves the endpoint (a local ``git-annex-shell``, a tor-annex node, a
+cluster...). It is fed events and answers with ``Action`` objects that the
+I/O layer carries out in order; it never decides anything by looking at I/O.
+
+The loop is strictly request-synchronous, as git-annex's own proxy: one
+client request, its complete exchange with the peer, then the next request.
+``next_reader`` says whose line to read next (``None``: carry out actions
+first). Bodies of DATA messages are copied by the I/O layer (``CopyBody``)
+and it reports back with ``body_done``, so no line is read from a side while
+a body from it is still in flight (the waitv rule).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from torbridge.protocol import messages as m
+from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
+
+READ_ONLY_ERROR = "this repository is read-only; write access denied"
+APPEND_ONLY_ERROR = "this repository is append-only; removal denied"
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    PEER = "peer"
+
+
+class Mode(enum.Enum):
+    READ_WRITE = "rw"
+    APPEND_ONLY = "append"
+    READ_ONLY = "ro"
+
+
+# --- actions: what the I/O layer must do -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    to: Side
+    message: m.Message
+
+
+@dataclass(frozen=True)
+class CopyBody:
+    """Copy ``length`` body bytes from ``source`` to the other side, then call
+    ``body_done``. If the destination fails, report it with ``side_lost`` and
+    keep draining the source; if the source fails, report that instead."""
+
+    source: Side
+    length: int
+
+
+@dataclass(frozen=True)
+class DiscardBody:
+    """Read and drop ``length`` body bytes from the client (no report)."""
+
+    length: int
+
+
+@dataclass(frozen=True)
+class CheckAuth:
+    """Check the token; answer with ``auth_accepted`` or ``auth_rejected``."""
+
+    client_uuid: str
+    token: str
+
+
+@dataclass(frozen=True)
+class OpenPeer:
+    """Open the peer at ``version`` (no VERSION sent at 0), passing ``bypass``;
+    answer with ``peer_opened`` or ``side_lost(Side.PEER, ...)``."""
+
+    version: int
+    bypass: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClosePeer:
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunService:
+    """Run the git service in the proxy's own repository; the session ends after."""
+
+    service: str
+
+
+@dataclass(frozen=True)
+class RefuseService:
+    """Make the client's git fail with ``reason``; the session ends after."""
+
+    service: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The peer stored ``key`` (for the proxy's location log)."""
+
+    key: str
+    uuids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Removed:
+    """The peer no longer has ``key`` (for the proxy's location log)."""
+
+    key: str
+    uuids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EndSession:
+    reason: str
+    clean: bool = True
+    linger: float = 0.0  # seconds to wait before closing (failed AUTH)
+
+
+Action = (
+    Send
+    | CopyBody
+    | DiscardBody
+    | CheckAuth
+    | OpenPeer
+    | ClosePeer
+    | RunService
+    | RefuseService
+    | Stored
+    | Removed
+    | EndSession
+)
+
+InEvent = m.Message | BadLine | LineTooLong | EndOfStream
+
+
+class Phase(enum.Enum):
+    AUTH = "auth"  # waiting for the client's AUTH
+    AUTHENTICATING = "authenticating"  # waiting for CheckAuth's answer
+    IDLE = "idle"  # waiting for the client's next request
+    OPENING = "opening"  # waiting for OpenPeer's answer
+    PEER_REPLY = "peer-reply"  # waiting for the peer's answer to the request
+    CLIENT_UNLOCK = "client-unlock"  # LOCKCONTENT held: UNLOCKCONTENT must come
+    CLIENT_PUT_DATA = "client-put-data"  # after PUT-FROM: DATA or DATA-PRESENT
+    CLIENT_VALIDITY = "client-validity"  # after a PUT body (v1+): VALID/INVALID
+    PEER_PUT_RESULT = "peer-put-result"  # after a PUT body: SUCCESS/FAILURE
+    PEER_VALIDITY = "peer-validity"  # after a GET body (v1+): VALID/INVALID
+    CLIENT_GET_RESULT = "client-get-result"  # after a GET: the client's verdict
+    BODY = "body"  # a DATA body is being copied
+    SERVICE = "service"  # CONNECT: git runs, the session ends after
+    DONE = "done"
+
+
+# What the peer may answer, per request type, while in PEER_REPLY.
+_PEER_REPLIES: dict[type[m.Message], tuple[type[m.Message], ...]] = {
+    m.CheckPresent: (m.Success, m.Failure, m.Error),
+    m.LockContent: (m.Success, m.Failure, m.Error),
+    m.Remove: (m.Success, m.Failure, m.SuccessPlus, m.FailurePlus, m.Error),
+    m.RemoveBefore: (m.Success, m.Failure, m.SuccessPlus, m.FailurePlus, m.Error),
+    m.GetTimestamp: (m.Timestamp, m.Error),
+    m.Put: (m.AlreadyHave, m.AlreadyHavePlus, m.PutFrom, m.Failure, m.Error),
+    m.Get: (m.Data, m.Error),
+}
+_RESULTS = (m.Success, m.Failure, m.SuccessPlus, m.FailurePlus, m.Error)
+_CLIENT_VERDICTS = (m.Success, m.Failure, m.SuccessPlus, m.FailurePlus)
+_VALIDITY = (m.Valid, m.Invalid)
+_WRITES: dict[type[m.Message], dict[Mode, str]] = {
+    m.Put: {Mode.READ_ONLY: READ_ONLY_ERROR},
+    m.Remove: {Mode.READ_ONLY: READ_ONLY_ERROR, Mode.APPEND_ONLY: APPEND_ONLY_ERROR},
+    m.RemoveBefore: {Mode.READ_ONLY: READ_ONLY_ERROR, Mode.APPEND_ONLY: APPEND_ONLY_ERROR},
+}
+
+
+class RelayError(RuntimeError):
+    """The I/O layer called the state machine out of turn (a bug, not input)."""
+
+
+class Relay:
+    """State of one client session bridged to one peer."""
+
+    def __init__(self, server_uuid: str, peer_name: str) -> None:
+        self.server_uuid = server_uuid  # what AUTH-SUCCESS tells the client
+        self.peer_name = peer_name  # for error texts: which peer failed
+        self.phase = Phase.AUTH
+        self.mode = Mode.READ_ONLY  # until AUTH says otherwise
+        self.client_uuid: str | None = None
+        self.version = 0  # agreed with the client
+        self.negotiated = False  # VERSION is only valid as the first request
+        self.bypass: tuple[str, ...] = ()
+        self.peer_open = False
+        self.request: m.Message | None = None  # the request in progress
+        self._after_body = Phase.IDLE
+        self._pending: list[Action] = []  # to send once the peer is open
+        self._retry_allowed = False  # the request went out on a reused connection
+
+    # --- who speaks next --------------------------------------------------
+
+    @property
+    def next_reader(self) -> Side | None:
+        if self.phase in (
+            Phase.AUTH,
+            Phase.IDLE,
+            Phase.CLIENT_UNLOCK,
+            Phase.CLIENT_PUT_DATA,
+            Phase.CLIENT_VALIDITY,
+            Phase.CLIENT_GET_RESULT,
+        ):
+            return Side.CLIENT
+        if self.phase in (Phase.PEER_REPLY, Phase.PEER_PUT_RESULT, Phase.PEER_VALIDITY):
+            return Side.PEER
+        return None
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    # --- inputs -----------------------------------------------------------
+
+    def receive(self, side: Side, event: InEvent) -> list[Action]:
+        """An event read from ``side``, which must be ``next_reader``."""
+        if side is not self.next_reader:
+            raise RelayError(f"read from {side.value} in phase {self.phase.value}")
+        if side is Side.CLIENT:
+            return self._from_client(event)
+        return self._from_peer(event)
+
+    def auth_accepted(self, mode: Mode) -> list[Action]:
+        self._expect(Phase.AUTHENTICATING)
+        self.mode = mode
+        self.phase = Phase.IDLE
+        return [Send(Side.CLIENT, m.AuthSuccess(self.server_uuid))]
+
+    def auth_rejected(self) -> list[Action]:
+        self._expect(Phase.AUTHENTICATING)
+        return self._end("authentication failed", [Send(Side.CLIENT, m.AuthFailure())], 1.0)
+
+    def peer_opened(self, version: int) -> list[Action]:
+        self._expect(Phase.OPENING)
+        self.peer_open = True
+        pending, self._pending = self._pending, []
+        if not self.negotiated:
+            # The client's VERSION opened the peer: tell it what the peer agreed.
+            self.negotiated = True
+            self.version = min(self.version, version)
+            self.phase = Phase.IDLE
+            return [Send(Side.CLIENT, m.Version(self.version)), *pending]
+        if version != self.version:
+            self.peer_open = False
+            self.phase = Phase.IDLE
+            return [
+                ClosePeer("version changed"),
+                Send(Side.CLIENT, m.Error(f"{self.peer_name}: protocol version changed")),
+            ]
+        self.phase = Phase.PEER_REPLY
+        return pending
+
+    def body_done(self) -> list[Action]:
+        """The body announced by the last CopyBody has been copied."""
+        self._expect(Phase.BODY)
+        self.phase = self._after_body
+        if self.phase is Phase.PEER_PUT_RESULT and not self.peer_open:
+            return self._put_failed()
+        return []
+
+    def side_lost(self, side: Side, reason: str) -> list[Action]:
+        """``side`` failed: EOF, an I/O error, a deadline, or (peer) could not open."""
+        if self.phase is Phase.DONE:
+            return []
+        if side is Side.CLIENT:
+            return self._end(f"client lost: {reason}", [], clean=False)
+        return self._peer_lost(reason)
+
+    # --- the client's messages ------------------------------------------------
+
+    def _from_client(self, event: InEvent) -> list[Action]:
+        if isinstance(event, EndOfStream):
+            clean = event.clean and self.phase in (Phase.IDLE, Phase.AUTH)
+            why = "client closed" if clean else "client closed mid-exchange"
+            return self._end(why, [], clean=clean)
+        if isinstance(event, LineTooLong):
+            return self._end("client sent a line over the limit", [], clean=False)
+        if self.phase is Phase.AUTH:
+            return self._auth(event)
+        if isinstance(event, m.Error):
+            return self._end(f"client error: {event.text}", [])
+        if self.phase is Phase.IDLE:
+            return self._request(event)
+        if self.phase is Phase.CLIENT_UNLOCK:
+            self.phase = Phase.IDLE
+            if isinstance(event, m.UnlockContent):
+                return [Send(Side.PEER, event)] if self.peer_open else []
+            release: list[Action] = [Send(Side.PEER, m.UnlockContent())] if self.peer_open else []
+            return [*release, Send(Side.CLIENT, m.Error("expected UNLOCKCONTENT"))]
+        if self.phase is Phase.CLIENT_PUT_DATA:
+            return self._put_data(event)
+        if self.phase is Phase.CLIENT_VALIDITY:
+            if not isinstance(event, _VALIDITY):
+                return self._client_out_of_step(event)
+            if not self.peer_open:
+                return self._put_failed()
+            self.phase = Phase.PEER_PUT_RESULT
+            return [Send(Side.PEER, event)]
+        if self.phase is Phase.CLIENT_GET_RESULT:
+            if not isinstance(event, _CLIENT_VERDICTS):
+                return self._client_out_of_step(event)
+            self.phase = Phase.IDLE
+            return [Send(Side.PEER, event)] if self.peer_open else []
+        raise RelayError(f"client event in phase {self.phase.value}")
+
+    def _auth(self, event: InEvent) -> list[Action]:
+        if isinstance(event, m.Auth):
+            self.client_uuid = event.uuid
+            self.phase = Phase.AUTHENTICATING
+            return [CheckAuth(event.uuid, event.token)]
+        # Stock clients always start with AUTH: anything else is not one.
+        text = "unknown command" if isinstance(event, BadLine) else "unexpected command"
+        return self._end("no AUTH", [Send(Side.CLIENT, m.Error(text))], linger=1.0)
+
+    def _request(self, event: InEvent) -> list[Action]:
+        if isinstance(event, BadLine):
+            return [Send(Side.CLIENT, m.Error("unknown command"))]
+        if isinstance(event, (LineTooLong, EndOfStream)):
+            raise RelayError("handled by caller")
+        if isinstance(event, m.Version):
+            if self.negotiated:  # only as the first request, as stock clients send it
+                return [Send(Side.CLIENT, m.Error("unexpected command"))]
+            self.version = min(event.version, m.MAX_VERSION)
+            return self._open([])  # peer_opened answers with the agreed version
+        self.negotiated = True
+        if isinstance(event, m.Bypass):
+            if self.version < 2:
+                return [Send(Side.CLIENT, m.Error("unexpected command"))]
+            self.bypass = tuple(sorted(set(self.bypass) | set(event.uuids)))
+            return [Send(Side.PEER, event)] if self.peer_open else []
+        if isinstance(event, m.NotifyChange):
+            return self._end(
+                "NOTIFYCHANGE is not served", [Send(Side.CLIENT, m.Error("protocol error"))]
+            )
+        if isinstance(event, m.Connect):
+            return self._connect(event.service)
+        if isinstance(event, m.Data):
+            # A stray body must be skipped, or its bytes would be read as lines.
+            return [Send(Side.CLIENT, m.Error("unexpected command")), DiscardBody(event.length)]
+        if type(event) not in _PEER_REPLIES:
+            return [Send(Side.CLIENT, m.Error("unexpected command"))]
+        # REMOVE-BEFORE and GETTIMESTAMP pass at any version, as git-annex's server.
+        refusal = _WRITES.get(type(event), {}).get(self.mode)
+        if refusal is not None:
+            return [Send(Side.CLIENT, m.Error(refusal))]
+        self.request = event
+        if not self.peer_open:
+            return self._open([Send(Side.PEER, event)])
+        self.phase = Phase.PEER_REPLY
+        self._retry_allowed = True
+        return [Send(Side.PEER, event)]
+
+    def _connect(self, service: str) -> list[Action]:
+        self.phase = Phase.SERVICE
+        if service == "git-receive-pack" and self.mode is not Mode.READ_WRITE:
+            # git-annex's own text, also for append-only: receive-pack can rewrite refs.
+            action: Action = RefuseService(service, READ_ONLY_ERROR)
+        else:
+            action = RunService(service)
+        return self._end(f"CONNECT {service} done", [action])
+
+    def _put_data(self, event: InEvent) -> list[Action]:
+        if isinstance(event, m.Data):
+            if not self.peer_open:
+                # The peer went away after PUT-FROM: take the body, then say so.
+                if self.version >= 1:
+                    self.phase = Phase.CLIENT_VALIDITY
+                    return [DiscardBody(event.length)]
+                return [DiscardBody(event.length), *self._put_failed()]
+            self.phase = Phase.BODY
+            self._after_body = Phase.CLIENT_VALIDITY if self.version >= 1 else Phase.PEER_PUT_RESULT
+            return [Send(Side.PEER, event), CopyBody(Side.CLIENT, event.length)]
+        if isinstance(event, m.DataPresent) and self.version >= 4:
+            if not self.peer_open:
+                return self._put_failed()
+            self.phase = Phase.PEER_PUT_RESULT
+            return [Send(Side.PEER, event)]
+        return self._client_out_of_step(event)
+
+    def _client_out_of_step(self, event: InEvent) -> list[Action]:
+        """The client broke the exchange in the middle: the peer is mid-exchange
+        too and cannot be brought back in step, so its connection is dropped."""
+        self.phase = Phase.IDLE
+        actions: list[Action] = []
+        if self.peer_open:
+            self.peer_open = False
+            actions.append(ClosePeer("client broke the exchange"))
+        text = "unknown command" if isinstance(event, BadLine) else "unexpected command"
+        actions.append(Send(Side.CLIENT, m.Error(text)))
+        if isinstance(event, m.Data):
+            actions.append(DiscardBody(event.length))
+        return actions
+
+    # --- the peer's messages ------------------------------------------------------
+
+    def _from_peer(self, event: InEvent) -> list[Action]:
+        if isinstance(event, EndOfStream):
+            return self._peer_lost("connection closed")
+        if isinstance(event, LineTooLong):
+            return self._peer_lost("line over the limit")
+        if isinstance(event, BadLine):
+            return self._peer_broke(f"unparsable line ({event.reason})")
+        if self.phase is Phase.PEER_REPLY:
+            return self._peer_reply(event)
+        if self.phase is Phase.PEER_PUT_RESULT:
+            if not isinstance(event, _RESULTS):
+                return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
+            self.phase = Phase.IDLE
+            return [Send(Side.CLIENT, event), *self._observe(event)]
+        if self.phase is Phase.PEER_VALIDITY:
+            if not isinstance(event, _VALIDITY):
+                return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
+            self.phase = Phase.CLIENT_GET_RESULT
+            return [Send(Side.CLIENT, event)]
+        raise RelayError(f"peer event in phase {self.phase.value}")
+
+    def _peer_reply(self, event: m.Message) -> list[Action]:
+        request = self.request
+        assert request is not None
+        self._retry_allowed = False
+        if not isinstance(event, _PEER_REPLIES[type(request)]):
+            what = f"unexpected {type(event).__name__} to {type(request).__name__}"
+            return self._peer_broke(what)
+        if isinstance(request, m.LockContent) and isinstance(event, m.Success):
+            self.phase = Phase.CLIENT_UNLOCK
+            return [Send(Side.CLIENT, event)]
+        if isinstance(request, m.Put) and isinstance(event, m.PutFrom):
+            self.phase = Phase.CLIENT_PUT_DATA
+            return [Send(Side.CLIENT, event)]
+        if isinstance(request, m.Get) and isinstance(event, m.Data):
+            self.phase = Phase.BODY
+            self._after_body = Phase.PEER_VALIDITY if self.version >= 1 else Phase.CLIENT_GET_RESULT
+            return [Send(Side.CLIENT, event), CopyBody(Side.PEER, event.length)]
+        self.phase = Phase.IDLE
+        return [Send(Side.CLIENT, event), *self._observe(event)]
+
+    def _observe(self, result: m.Message) -> list[Action]:
+        """What the proxy's location log should learn from a result."""
+        request = self.request
+        ok = isinstance(result, (m.Success, m.SuccessPlus))
+        uuids = result.uuids if isinstance(result, (m.SuccessPlus, m.FailurePlus)) else ()
+        if isinstance(request, m.Put) and ok:
+            return [Stored(request.key, uuids)]
+        if isinstance(request, (m.Remove, m.RemoveBefore)) and (ok or uuids):
+            return [Removed(request.key, uuids)]
+        return []
+
+    def _peer_broke(self, what: str) -> list[Action]:
+        """The peer said something out of protocol: drop it, tell the client."""
+        return self._peer_lost(f"protocol error: {what}", close=True)
+
+    def _peer_lost(self, reason: str, close: bool = False) -> list[Action]:
+        was_open, self.peer_open = self.peer_open, False
+        actions: list[Action] = [ClosePeer(reason)] if close or was_open else []
+        error = m.Error(f"{self.peer_name}: {reason}")
+        phase = self.phase
+        if phase is Phase.OPENING:
+            pending, self._pending = self._pending, []
+            self.phase = Phase.IDLE
+            if not self.negotiated:
+                # VERSION was answered with ERROR: the client stays at version 0.
+                self.negotiated = True
+                self.version = 0
+            elif not pending:
+                raise RelayError("opening with nothing pending")
+            return [*actions, Send(Side.CLIENT, m.Error(f"{self.peer_name} unreachable: {reason}"))]
+        if phase is Phase.PEER_REPLY:
+            if self._retry_allowed and not close and self.request is not None:
+                # The connection may simply have gone stale between requests:
+                # every request is safe to repeat, so try once on a new one.
+                self._retry_allowed = False
+                return [*actions, *self._open([Send(Side.PEER, self.request)])]
+            self.phase = Phase.IDLE
+            return [*actions, Send(Side.CLIENT, error)]
+        if phase is Phase.PEER_PUT_RESULT:
+            self.phase = Phase.IDLE
+            return [*actions, Send(Side.CLIENT, error)]
+        if phase is Phase.PEER_VALIDITY:
+            # The body arrived whole but nobody vouches for it: INVALID makes
+            # the client verify the content itself before keeping it.
+            self.phase = Phase.CLIENT_GET_RESULT
+            return [*actions, Send(Side.CLIENT, m.Invalid())]
+        getting = self._after_body in (Phase.PEER_VALIDITY, Phase.CLIENT_GET_RESULT)
+        if phase is Phase.BODY and getting:
+            # A GET body cannot be completed: closing is the only honest option.
+            return self._end(f"{self.peer_name} lost during GET: {reason}", actions, clean=False)
+        # IDLE, a client phase, or the peer failed while a PUT body was copied
+        # to it (the body is drained, then the client is told).
+        return actions
+
+    def _put_failed(self) -> list[Action]:
+        self.phase = Phase.IDLE
+        return [Send(Side.CLIENT, m.Error(f"{self.peer_name}: connection lost during transfer"))]
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _open(self, pending: list[Action]) -> list[Action]:
+        self.phase = Phase.OPENING
+        self._pending = pending
+        return [OpenPeer(self.version, self.bypass)]
+
+    def _end(
+        self, reason: str, actions: list[Action], linger: float = 0.0, clean: bool = True
+    ) -> list[Action]:
+        self.phase = Phase.DONE
+        self.peer_open = False
+        return [*actions, EndSession(reason, clean=clean, linger=linger)]
+
+    def _expect(self, phase: Phase) -> None:
+        if self.phase is not phase:
+            raise RelayError(f"expected phase {phase.value}, in {self.phase.value}")

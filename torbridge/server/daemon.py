@@ -1,0 +1,182 @@
+"""The daemon: check the host, bind one unix socket per endpoint, serve."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import trio
+
+from torbridge.config import OWN_REPOSITORY, Config
+from torbridge.server.admission import Admission
+from torbridge.server.session import Endpoint, Session
+from torbridge.tokens import TokenStore
+from torbridge.transport.process import AnnexShellTransport
+
+log = logging.getLogger("torbridge")
+
+MIN_GIT_ANNEX = "10.20240701"  # the first release with P2P protocol v2-v4 proxies
+SOCKET_BACKLOG = 128
+_UNIX_PATH_MAX = 107
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the text is one line saying why and what to do."""
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def check_git_annex() -> str:
+    """The installed git-annex version, if it is new enough."""
+    for program in ("git", "git-annex", "git-annex-shell"):
+        if shutil.which(program) is None:
+            raise StartupError(
+                f"{program} not found on PATH: install git-annex {MIN_GIT_ANNEX} or newer"
+                " (for instance `pip install git-annex`)"
+            )
+    version = _run(["git-annex", "version", "--raw"]).stdout.strip()
+    if _version_key(version) < _version_key(MIN_GIT_ANNEX):
+        raise StartupError(
+            f"git-annex {version or '?'} is too old: {MIN_GIT_ANNEX} or newer needed"
+        )
+    return version
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("-")[0])[:2]) or (0,)
+
+
+def repository_uuid(repository: Path) -> str:
+    """The annex UUID of the proxy's own repository."""
+    if not repository.is_dir():
+        raise StartupError(f"repository {repository} does not exist")
+    result = _run(["git", "config", "--get", "annex.uuid"], cwd=repository)
+    uuid = result.stdout.strip()
+    if result.returncode != 0 or not uuid:
+        raise StartupError(
+            f"{repository} is not a git-annex repository (no annex.uuid): run `git annex init`"
+        )
+    return uuid
+
+
+def build_endpoints(config: Config, admission: Admission) -> list[Endpoint]:
+    own_uuid = repository_uuid(config.repository)
+    endpoints = []
+    for expose in config.expose:
+        if expose.remote != OWN_REPOSITORY:
+            raise StartupError(
+                f"{config.path}: expose {expose.name!r}: relaying to remote {expose.remote!r}"
+                ' is not supported yet; only remote = "." (the proxy\'s own repository)'
+            )
+        transport = AnnexShellTransport(expose.name, config.repository, own_uuid)
+        endpoints.append(
+            Endpoint(expose.name, own_uuid, transport, config.repository, admission, config.limits)
+        )
+    return endpoints
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket; refuse one a live daemon is listening on."""
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise StartupError(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes")
+    if not os.path.lexists(path):
+        return
+    if not path.is_socket():
+        raise StartupError(f"{path} exists and is not a socket; remove it or change socket_dir")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise StartupError(f"cannot check socket {path}: {e.strerror}") from e
+        path.unlink(missing_ok=True)  # stale: left by a daemon that was killed
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"socket {path} is in use: is another torbridge running?")
+
+
+async def bind_unix(path: Path, mode: int) -> trio.SocketListener:
+    """Listen on ``path``; the name appears only once it accepts connections."""
+    _claim_socket_path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(staging))
+        os.chmod(staging, mode)
+        sock.listen(SOCKET_BACKLOG)
+        os.replace(staging, path)
+    except BaseException:
+        sock.close()
+        staging.unlink(missing_ok=True)
+        raise
+    return trio.SocketListener(sock)
+
+
+async def serve(
+    config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until cancelled (SIGTERM/SIGINT are handled by run_daemon)."""
+    check_git_annex()
+    admission = Admission(TokenStore(config.state_dir), config.limits)
+    endpoints = build_endpoints(config, admission)
+    try:
+        config.socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"cannot create socket_dir {config.socket_dir}: {e.strerror}") from e
+    bound: list[Path] = []
+    try:
+        listeners = []
+        for endpoint, expose in zip(endpoints, config.expose, strict=True):
+            path = config.socket_path(expose)
+            try:
+                listeners.append(await bind_unix(path, config.socket_mode))
+            except OSError as e:
+                raise StartupError(f"cannot listen on {path}: {e.strerror}") from e
+            bound.append(path)
+            log.info(
+                "endpoint %s (repository %s) listening on %s", endpoint.name, endpoint.uuid, path
+            )
+        async with trio.open_nursery() as nursery:
+            for endpoint, listener in zip(endpoints, listeners, strict=True):
+                nursery.start_soon(_accept_loop, listener, endpoint, admission)
+            task_status.started()
+    finally:
+        for path in bound:
+            path.unlink(missing_ok=True)
+
+
+async def _accept_loop(
+    listener: trio.SocketListener, endpoint: Endpoint, admission: Admission
+) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        if not admission.enter_pre_auth():
+            log.warning("%s: too many unauthenticated connections, refusing one", endpoint.name)
+            await stream.aclose()
+            return
+        await Session(stream, endpoint).run()
+
+    async with listener:
+        await trio.serve_listeners(handle, [listener])
+
+
+async def run_daemon(config: Config) -> None:
+    """``serve`` until SIGTERM or SIGINT, then stop cleanly."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, config)
+            log.info("torbridge ready")
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,311 @@
+"""One client session: the I/O around a ``Relay`` state machine.
+
+Everything the session decides is decided by the Relay; this module only
+reads the side the Relay names, carries out its actions, and keeps every
+wait under a deadline. One nursery per session holds the helper tasks of
+its peer; leaving it, for any reason, closes the peer and the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from torbridge.config import Limits
+from torbridge.protocol import messages as m
+from torbridge.protocol import relay as r
+from torbridge.protocol.relay import Side
+from torbridge.server.gitservice import refuse_git_service, run_git_service
+from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
+from torbridge.transport.framed import FramedStream, StreamLost
+from torbridge.transport.process import argv_safe_uuid
+
+log = logging.getLogger("torbridge.session")
+
+BODY_CHUNK = 256 * 1024
+CLOSE_DRAIN = 2.0  # seconds to read what the client still sends before closing
+_session_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a valid token allows."""
+
+    token_name: str
+    mode: r.Mode
+
+
+class Admission(Protocol):
+    """Who may in: tokens and the caps on connections (server/admission.py)."""
+
+    def authorize(self, endpoint: str, token: str) -> Grant | None: ...
+
+    def release(self, grant: Grant) -> None: ...
+
+    def leave_pre_auth(self) -> None: ...
+
+
+@dataclass
+class Endpoint:
+    """One exposed repository: what clients of one socket (or onion port) reach."""
+
+    name: str
+    uuid: str  # announced in AUTH-SUCCESS
+    transport: Transport
+    repository: Path  # the proxy's own repository, for CONNECT
+    admission: Admission
+    limits: Limits = field(default_factory=Limits)
+
+
+class Session:
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
+        self.id = next(_session_ids)
+        self.endpoint = endpoint
+        self.limits = endpoint.limits
+        self.client = FramedStream(stream)
+        self.relay = r.Relay(endpoint.uuid, endpoint.name)
+        self.peer: PeerChannel | None = None
+        self.grant: Grant | None = None
+        self.outcome = "unfinished"
+        self.linger = 0.0
+        self.started = trio.current_time()
+        self._auth_deadline = self.started + self.limits.auth_timeout
+        self._nursery: trio.Nursery | None = None
+        self._pre_auth = True  # counted against the cap on unauthenticated connections
+
+    # --- the loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._loop()
+                finally:
+                    await self._close_peer()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._leave_pre_auth()
+            if self.grant is not None:
+                self.endpoint.admission.release(self.grant)
+            await self._close_client()
+            self._log_end()
+
+    def _leave_pre_auth(self) -> None:
+        if self._pre_auth:
+            self._pre_auth = False
+            self.endpoint.admission.leave_pre_auth()
+
+    async def _loop(self) -> None:
+        queue: deque[r.Action] = deque()
+        while True:
+            if not queue:
+                side = self.relay.next_reader
+                if side is None:
+                    raise r.RelayError(f"nothing to read in phase {self.relay.phase.value}")
+                queue.extend(await self._read(side))
+                continue
+            action = queue.popleft()
+            if isinstance(action, r.EndSession):
+                self.outcome = action.reason
+                self.linger = action.linger
+                return
+            queue.extendleft(reversed(await self._perform(action)))
+
+    async def _read(self, side: Side) -> list[r.Action]:
+        channel = self._channel(side)
+        if channel is None:
+            raise r.RelayError("read from a closed peer")
+        if self.relay.phase is r.Phase.AUTH:
+            deadline = self._auth_deadline
+        elif side is Side.CLIENT:
+            deadline = trio.current_time() + self.limits.idle_timeout
+        else:
+            deadline = trio.current_time() + self.limits.peer_timeout
+        try:
+            with trio.fail_at(deadline):
+                event = await channel.receive_event()
+        except trio.TooSlowError:
+            return await self._lost(side, "no message before the deadline")
+        except StreamLost as e:
+            return await self._lost(side, str(e))
+        if side is Side.CLIENT and isinstance(event, m.Message):
+            log.debug("[%d] client: %s", self.id, m.redacted(event))
+        return self.relay.receive(side, event)
+
+    async def _lost(self, side: Side, reason: str) -> list[r.Action]:
+        if side is Side.PEER:
+            log.warning("[%d] %s: %s", self.id, self.endpoint.name, reason)
+            await self._close_peer()
+        return self.relay.side_lost(side, reason)
+
+    def _channel(self, side: Side) -> FramedStream | PeerChannel | None:
+        return self.client if side is Side.CLIENT else self.peer
+
+    # --- actions ------------------------------------------------------------------
+
+    async def _perform(self, action: r.Action) -> list[r.Action]:
+        match action:
+            case r.Send(to=side, message=message):
+                return await self._send(side, message)
+            case r.CopyBody(source=source, length=length):
+                return await self._copy_body(source, length)
+            case r.DiscardBody(length=length):
+                return await self._discard_body(length)
+            case r.CheckAuth(client_uuid=uuid, token=token):
+                return self._check_auth(uuid, token)
+            case r.OpenPeer(version=version, bypass=bypass):
+                return await self._open_peer(version, bypass)
+            case r.ClosePeer():
+                await self._close_peer()
+                return []
+            case r.RunService(service=service):
+                await run_git_service(
+                    self.client, self.endpoint.repository, service, self.limits.idle_timeout
+                )
+                return []
+            case r.RefuseService(reason=reason):
+                await refuse_git_service(self.client, reason)
+                return []
+            case r.Stored() | r.Removed():
+                return []  # the own repository's git-annex records these itself
+            case _:
+                raise r.RelayError(f"unhandled action {action!r}")
+
+    async def _send(self, side: Side, message: m.Message) -> list[r.Action]:
+        channel = self._channel(side)
+        if channel is None:
+            return []  # the peer went away; the relay has been told already
+        try:
+            with trio.fail_after(self.limits.stall_timeout):
+                await channel.send(message)
+        except trio.TooSlowError:
+            return await self._lost(side, "not reading")
+        except StreamLost as e:
+            return await self._lost(side, str(e))
+        return []
+
+    async def _copy_body(self, source: Side, length: int) -> list[r.Action]:
+        """Copy one DATA body; the next line is read only after it is delivered."""
+        src = self._channel(source)
+        dst_side = Side.PEER if source is Side.CLIENT else Side.CLIENT
+        assert src is not None
+        remaining = length
+        while remaining:
+            try:
+                with trio.fail_after(self.limits.stall_timeout):
+                    chunk = await src.receive_body(min(remaining, BODY_CHUNK))
+            except trio.TooSlowError:
+                return await self._lost(source, "stalled inside a DATA body")
+            except StreamLost as e:
+                return await self._lost(source, str(e))
+            remaining -= len(chunk)
+            dst = self._channel(dst_side)
+            if dst is None:
+                continue  # the destination failed: drain the rest, then the relay says so
+            try:
+                with trio.fail_after(self.limits.stall_timeout):
+                    await dst.send_body(chunk)
+            except (trio.TooSlowError, StreamLost) as e:
+                follow = await self._lost(dst_side, str(e) or "not reading")
+                if any(isinstance(a, r.EndSession) for a in follow):
+                    return follow
+                for action in follow:  # ClosePeer: carried out now, draining goes on
+                    await self._perform(action)
+        return self.relay.body_done()
+
+    async def _discard_body(self, length: int) -> list[r.Action]:
+        remaining = length
+        while remaining:
+            try:
+                with trio.fail_after(self.limits.stall_timeout):
+                    remaining -= len(await self.client.receive_body(min(remaining, BODY_CHUNK)))
+            except (trio.TooSlowError, StreamLost) as e:
+                return await self._lost(Side.CLIENT, str(e) or "stalled")
+        return []
+
+    def _check_auth(self, client_uuid: str, token: str) -> list[r.Action]:
+        self._leave_pre_auth()
+        grant = None
+        if argv_safe_uuid(client_uuid):
+            grant = self.endpoint.admission.authorize(self.endpoint.name, token)
+        if grant is None:
+            log.warning("[%d] %s: authentication failed", self.id, self.endpoint.name)
+            return self.relay.auth_rejected()
+        self.grant = grant
+        log.info(
+            "[%d] %s: session start, token %s (%s), client %s",
+            self.id,
+            self.endpoint.name,
+            grant.token_name,
+            grant.mode.value,
+            client_uuid,
+        )
+        return self.relay.auth_accepted(grant.mode)
+
+    async def _open_peer(self, version: int, bypass: tuple[str, ...]) -> list[r.Action]:
+        assert self._nursery is not None and self.grant is not None
+        assert self.relay.client_uuid is not None
+        info = SessionInfo(self.relay.client_uuid, self.grant.mode)
+        try:
+            with trio.fail_after(self.limits.peer_timeout):
+                self.peer = await self.endpoint.transport.open(self._nursery, info, version, bypass)
+        except trio.TooSlowError:
+            return await self._lost(Side.PEER, "no answer before the deadline")
+        except PeerUnavailable as e:
+            return await self._lost(Side.PEER, str(e))
+        return self.relay.peer_opened(self.peer.version)
+
+    # --- cleanup that cannot be skipped ---------------------------------------------
+
+    async def _close_peer(self) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            with trio.CancelScope(shield=True):
+                await peer.aclose()
+
+    async def _close_client(self) -> None:
+        """Close so that what was sent last is read: half-close, drain, close."""
+        stream = self.client.stream
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.linger + CLOSE_DRAIN):
+                if self.linger:
+                    await trio.sleep(self.linger)
+                try:
+                    if isinstance(stream, trio.abc.HalfCloseableStream):
+                        await stream.send_eof()
+                    drained = 0
+                    while drained < 1 << 20 and (data := await stream.receive_some(65536)):
+                        drained += len(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await stream.aclose()
+
+    def _log_end(self) -> None:
+        if self.grant is None:
+            log.info(
+                "[%d] %s: unauthenticated connection closed: %s",
+                self.id,
+                self.endpoint.name,
+                self.outcome,
+            )
+            return
+        log.info(
+            "[%d] %s: session end, token %s, version %d, in %d B, out %d B, %.1fs: %s",
+            self.id,
+            self.endpoint.name,
+            self.grant.token_name,
+            self.relay.version,
+            self.client.bytes_in,
+            self.client.bytes_out,
+            trio.current_time() - self.started,
+            self.outcome,
+        )

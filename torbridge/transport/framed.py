@@ -1,0 +1,121 @@
+"""A P2P conversation over any trio byte stream: the Decoder plus the I/O."""
+
+from __future__ import annotations
+
+import trio
+
+from torbridge.protocol import messages as m
+from torbridge.protocol.framing import Chunk, Decoder, EndOfStream, LineEvent, NeedData
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class StreamLost(Exception):
+    """The stream broke (EOF inside a body, reset, closed under us)."""
+
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class FramedStream:
+    """Messages and DATA bodies over one trio ``Stream``.
+
+    A DATA header is held back and written together with the first bytes of
+    its body: the stock client writes them as two small packets, and a relay
+    that copies that pattern onto TCP meets Nagle and delayed ACKs.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._decoder = Decoder()
+        self._held = b""  # a DATA header waiting for its first body bytes
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # --- receiving ------------------------------------------------------------
+
+    async def receive_event(self) -> LineEvent:
+        """The next line event (bodies are read with receive_body)."""
+        if self._decoder.body_remaining:
+            raise RuntimeError("line read while a DATA body is unread")
+        while True:
+            event = self._decoder.next_event()
+            if isinstance(event, NeedData):
+                await self._fill()
+                continue
+            assert not isinstance(event, Chunk)
+            return event
+
+    async def receive_body(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of the current DATA body; StreamLost at EOF."""
+        remaining = self._decoder.body_remaining
+        if not remaining:
+            raise RuntimeError("no DATA body in progress")
+        want = min(max_bytes, remaining)
+        if self._decoder.buffered == 0:
+            data = await self._receive_some(want)
+            if not data:
+                raise StreamLost("closed inside a DATA body")
+            self._decoder.body_read_directly(len(data))
+            return data
+        event = self._decoder.next_event(want)
+        if isinstance(event, Chunk):
+            return event.data
+        raise StreamLost("closed inside a DATA body")
+
+    @property
+    def body_remaining(self) -> int:
+        return self._decoder.body_remaining
+
+    async def _fill(self) -> None:
+        data = await self._receive_some(RECEIVE_SIZE)
+        if data:
+            self._decoder.feed(data)
+        else:
+            self._decoder.feed_eof()
+
+    async def _receive_some(self, n: int) -> bytes:
+        try:
+            data = await self.stream.receive_some(n)
+        except _STREAM_ERRORS as e:
+            raise StreamLost(str(e) or type(e).__name__) from e
+        self.bytes_in += len(data)
+        return bytes(data)
+
+    # --- sending ----------------------------------------------------------------
+
+    async def send(self, message: m.Message) -> None:
+        wire = m.serialise(message)
+        if isinstance(message, m.Data) and message.length > 0:
+            self._held = wire
+            return
+        await self._send_all(wire)
+
+    async def send_body(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        await self._send_all(data)
+
+    async def _send_all(self, data: bytes) -> None:
+        if self._held:
+            raise RuntimeError("message sent before the held DATA body")
+        try:
+            await self.stream.send_all(data)
+        except _STREAM_ERRORS as e:
+            raise StreamLost(str(e) or type(e).__name__) from e
+        self.bytes_out += len(data)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def expect(framed: FramedStream, *types: type[m.Message]) -> m.Message:
+    """The next message, which must be one of ``types`` (handshakes only)."""
+    event = await framed.receive_event()
+    if isinstance(event, types):
+        return event
+    if isinstance(event, m.Error):
+        raise StreamLost(f"peer said ERROR {event.text}")
+    if isinstance(event, EndOfStream):
+        raise StreamLost("peer closed the connection")
+    raise StreamLost(f"unexpected {type(event).__name__} from peer")

@@ -1,0 +1,168 @@
+"""Peers that are local programs speaking P2P on stdin/stdout.
+
+``git-annex-shell p2pstdio`` serves the proxy's own repository (and, with
+``--uuid``, the remotes git-annex itself can proxy); later the generic
+``git-annex-p2p-NET`` programs run the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from torbridge.protocol import messages as m
+from torbridge.protocol.relay import Mode
+from torbridge.transport.base import (
+    PeerChannel,
+    PeerUnavailable,
+    SessionInfo,
+    StreamChannel,
+    Transport,
+    negotiate,
+)
+from torbridge.transport.framed import FramedStream
+
+log = logging.getLogger("torbridge.transport")
+
+EXIT_GRACE = 5.0  # seconds a peer program gets to exit after its stdin closes
+STDERR_KEEP = 4096  # bytes of a peer program's stderr kept for error texts
+
+# A client UUID goes into an argv: only the shape git-annex makes, so that it
+# can never be taken for an option or carry anything but a UUID.
+_ARGV_UUID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,63}")
+
+
+def argv_safe_uuid(uuid: str) -> bool:
+    return _ARGV_UUID.fullmatch(uuid) is not None
+
+
+class ProcessChannel(StreamChannel):
+    """A StreamChannel whose stream is a child process's stdin/stdout."""
+
+    def __init__(
+        self, framed: FramedStream, uuid: str, version: int, process: trio.Process
+    ) -> None:
+        super().__init__(framed, uuid, version)
+        self.process = process
+
+    async def aclose(self) -> None:
+        await stop_process(self.process, self.framed)
+
+
+async def stop_process(process: trio.Process, framed: FramedStream) -> None:
+    """EOF on stdin is how a P2P program is told to finish; kill if it lingers."""
+    with trio.CancelScope(shield=True):
+        await framed.aclose()
+        with trio.move_on_after(EXIT_GRACE):
+            await process.wait()
+            return
+        log.warning("peer program %s did not exit, killing it", process.args)
+        process.kill()
+        await process.wait()
+
+
+class StderrTail:
+    """Keeps the end of a child's stderr for error messages, and logs it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.data = b""
+        self.finished = trio.Event()
+
+    async def read(self, stream: trio.abc.ReceiveStream) -> None:
+        try:
+            while chunk := await stream.receive_some(STDERR_KEEP):
+                self.data = (self.data + chunk)[-STDERR_KEEP:]
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    log.debug("%s stderr: %s", self.name, line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.finished.set()
+
+    def text(self) -> str:
+        lines = self.data.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+async def open_process_channel(
+    nursery: trio.Nursery,
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    expected_uuid: str,
+    version: int,
+    bypass: tuple[str, ...],
+    auth: m.Auth | None,
+    cwd: Path | None = None,
+) -> PeerChannel:
+    try:
+        process = await trio.lowlevel.open_process(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+            cwd=cwd,
+        )
+    except OSError as e:
+        raise PeerUnavailable(f"{name}: cannot run {argv[0]}: {e.strerror}") from e
+    assert process.stdin and process.stdout and process.stderr
+    framed = FramedStream(trio.StapledStream(process.stdin, process.stdout))
+    stderr = StderrTail(name)
+    nursery.start_soon(stderr.read, process.stderr)
+    try:
+        agreed = await negotiate(framed, name, expected_uuid, version, bypass, auth)
+    except PeerUnavailable as e:
+        await stop_process(process, framed)
+        with trio.move_on_after(1):
+            await stderr.finished.wait()
+        detail = stderr.text()
+        raise PeerUnavailable(f"{e}: {detail}" if detail else str(e)) from None
+    except BaseException:
+        await stop_process(process, framed)
+        raise
+    return ProcessChannel(framed, expected_uuid, agreed, process)
+
+
+class AnnexShellTransport(Transport):
+    """A repository served by ``git-annex-shell p2pstdio`` on this host.
+
+    git-annex does the storage, content locking and drop safety; the bridge
+    only relays. The token's mode is passed down as a second wall.
+    """
+
+    def __init__(self, name: str, repository: Path, uuid: str, target: str | None = None):
+        self.name = name
+        self.repository = repository
+        self.uuid = uuid
+        self.target = target  # --uuid: a remote git-annex proxies for us
+
+    async def open(
+        self,
+        nursery: trio.Nursery,
+        session: SessionInfo,
+        version: int,
+        bypass: tuple[str, ...],
+    ) -> PeerChannel:
+        if not argv_safe_uuid(session.client_uuid):
+            raise PeerUnavailable(f"{self.name}: client UUID is not a UUID")
+        argv = ["git-annex-shell", "p2pstdio", str(self.repository), session.client_uuid]
+        if self.target is not None:
+            argv += ["--uuid", self.target]
+        env = dict(os.environ)
+        env.pop("GIT_ANNEX_SHELL_READONLY", None)
+        env.pop("GIT_ANNEX_SHELL_APPENDONLY", None)
+        if session.mode is Mode.READ_ONLY:
+            env["GIT_ANNEX_SHELL_READONLY"] = "1"
+        elif session.mode is Mode.APPEND_ONLY:
+            env["GIT_ANNEX_SHELL_APPENDONLY"] = "1"
+        return await open_process_channel(
+            nursery, self.name, argv, env, self.uuid, version, bypass, auth=None
+        )
