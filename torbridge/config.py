@@ -49,6 +49,12 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Tor:
+    # tor's SocksPort for reaching tor-annex nodes: "HOST:PORT" or "unix:/path".
+    socks: str = "127.0.0.1:9050"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     repository: Path
@@ -58,6 +64,7 @@ class Config:
     log_format: str
     expose: tuple[Expose, ...]
     limits: Limits = field(default_factory=Limits)
+    tor: Tor = field(default_factory=Tor)
 
     def socket_path(self, expose: Expose) -> Path:
         return self.socket_dir / f"{expose.name}.sock"
@@ -80,7 +87,10 @@ _TOP_KEYS = (
     "log_format",
     "expose",
     "limits",
+    "tor",
 )
+_TOR_KEYS = ("socks",)
+_SOCKS_RE = re.compile(r"unix:/.+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
 _EXPOSE_KEYS = ("name", "remote", "port")
 
 
@@ -208,6 +218,7 @@ def load_config(path: Path) -> Config:
 
     expose = _parse_expose(p, doc.get("expose"))
     limits = _parse_limits(p, doc.get("limits", {}))
+    tor = _parse_tor(p, doc.get("tor", {}))
     return Config(
         path=path,
         repository=repository,
@@ -217,7 +228,23 @@ def load_config(path: Path) -> Config:
         log_format=log_format,
         expose=expose,
         limits=limits,
+        tor=tor,
     )
+
+
+def _parse_tor(p: _Parser, raw: Any) -> Tor:
+    if not isinstance(raw, dict):
+        raise p.error("[tor]", f"expected a table, got {_type_name(raw)}")
+    p.check_keys(raw, _TOR_KEYS, "tor")
+    socks = Tor.socks
+    if "socks" in raw:
+        socks = p.string(raw["socks"], "socks", "tor")
+        if not _SOCKS_RE.fullmatch(socks):
+            raise p.error(
+                _where("socks", "tor"),
+                f'{socks!r} is neither "HOST:PORT" nor "unix:/path/to/socket"',
+            )
+    return Tor(socks=socks)
 
 
 def _parse_expose(p: _Parser, raw: Any) -> tuple[Expose, ...]:
@@ -353,6 +380,12 @@ def dump_config(cfg: Config) -> str:
             "# The onion service's virtual port.",
             f"port = {e.port}",
         ]
+    lines += [
+        "",
+        "[tor]",
+        '# tor\'s SocksPort, for tor-annex nodes: "HOST:PORT" or "unix:/path".',
+        f"socks = {_toml_string(cfg.tor.socks)}",
+    ]
     lines += ["", "[limits]"]
     for key in _LIMIT_KEYS:
         value = getattr(cfg.limits, key)

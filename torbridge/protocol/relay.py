@@ -102,7 +102,7 @@ class RefuseService:
 
 @dataclass(frozen=True)
 class Stored:
-    """The peer stored ``key`` (for the proxy's location log)."""
+    """``uuids`` now have ``key`` (for the proxy's location log)."""
 
     key: str
     uuids: tuple[str, ...]
@@ -110,7 +110,7 @@ class Stored:
 
 @dataclass(frozen=True)
 class Removed:
-    """The peer no longer has ``key`` (for the proxy's location log)."""
+    """``uuids`` no longer have ``key`` (for the proxy's location log)."""
 
     key: str
     uuids: tuple[str, ...]
@@ -448,10 +448,13 @@ class Relay:
         """What the proxy's location log should learn from a result."""
         request = self.request
         ok = isinstance(result, (m.Success, m.SuccessPlus))
-        uuids = result.uuids if isinstance(result, (m.SuccessPlus, m.FailurePlus)) else ()
+        plus = result.uuids if isinstance(result, (m.SuccessPlus, m.FailurePlus)) else ()
+        # SUCCESS[-PLUS]: the peer itself, and any others it names; FAILURE-PLUS
+        # names the ones that did it although the peer itself failed.
+        uuids = tuple(dict.fromkeys((self.server_uuid, *plus) if ok else plus))
         if isinstance(request, m.Put) and ok:
             return [Stored(request.key, uuids)]
-        if isinstance(request, (m.Remove, m.RemoveBefore)) and (ok or uuids):
+        if isinstance(request, (m.Remove, m.RemoveBefore)) and uuids:
             return [Removed(request.key, uuids)]
         return []
 

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import trio
 
-from torbridge.config import OWN_REPOSITORY, Config
+from torbridge.config import OWN_REPOSITORY, Config, Expose
+from torbridge.remotes import RemoteError, TorAddress, parse_p2p_address, proxied_remote, read_token
 from torbridge.server.admission import Admission
+from torbridge.server.locationlog import LocationLog
 from torbridge.server.session import Endpoint, Session
 from torbridge.tokens import TokenStore
+from torbridge.transport.base import Transport
+from torbridge.transport.network import P2PNetTransport, TorAnnexTransport
 from torbridge.transport.process import AnnexShellTransport
 
 log = logging.getLogger("torbridge")
@@ -68,20 +72,60 @@ def repository_uuid(repository: Path) -> str:
     return uuid
 
 
-def build_endpoints(config: Config, admission: Admission) -> list[Endpoint]:
+def build_endpoints(
+    config: Config, admission: Admission, location_log: LocationLog
+) -> list[Endpoint]:
     own_uuid = repository_uuid(config.repository)
-    endpoints = []
-    for expose in config.expose:
-        if expose.remote != OWN_REPOSITORY:
-            raise StartupError(
-                f"{config.path}: expose {expose.name!r}: relaying to remote {expose.remote!r}"
-                ' is not supported yet; only remote = "." (the proxy\'s own repository)'
-            )
-        transport = AnnexShellTransport(expose.name, config.repository, own_uuid)
-        endpoints.append(
-            Endpoint(expose.name, own_uuid, transport, config.repository, admission, config.limits)
+    return [
+        _build_endpoint(config, expose, own_uuid, admission, location_log)
+        for expose in config.expose
+    ]
+
+
+def _build_endpoint(
+    config: Config, expose: Expose, own_uuid: str, admission: Admission, location_log: LocationLog
+) -> Endpoint:
+    def endpoint(uuid: str, transport: Transport, records: bool = False) -> Endpoint:
+        return Endpoint(
+            expose.name,
+            uuid,
+            transport,
+            config.repository,
+            admission,
+            config.limits,
+            location_log if records else None,
         )
-    return endpoints
+
+    if expose.remote == OWN_REPOSITORY:
+        return endpoint(own_uuid, AnnexShellTransport(expose.name, config.repository, own_uuid))
+    try:
+        remote = proxied_remote(config.repository, expose.remote)
+        assert remote.uuid is not None
+        address = parse_p2p_address(remote.url or "")
+        if address is None:
+            # A remote git-annex can proxy itself (ssh, path, special remote):
+            # git-annex-shell reaches it and keeps its location log.
+            shell = AnnexShellTransport(remote.name, config.repository, remote.uuid, remote.uuid)
+            return endpoint(remote.uuid, shell)
+        token = read_token(config.repository, address)
+    except RemoteError as e:
+        raise StartupError(f"expose {expose.name!r}: {e}") from None
+    transport: Transport
+    if isinstance(address, TorAddress):
+        transport = TorAnnexTransport(
+            remote.name,
+            address,
+            remote.uuid,
+            token,
+            own_uuid,
+            config.tor.socks,
+            connect_timeout=config.limits.peer_timeout,
+        )
+    else:
+        transport = P2PNetTransport(
+            remote.name, address, remote.uuid, token, own_uuid, config.repository
+        )
+    return endpoint(remote.uuid, transport, records=True)
 
 
 def _claim_socket_path(path: Path) -> None:
@@ -129,7 +173,8 @@ async def serve(
     """Serve until cancelled (SIGTERM/SIGINT are handled by run_daemon)."""
     check_git_annex()
     admission = Admission(TokenStore(config.state_dir), config.limits)
-    endpoints = build_endpoints(config, admission)
+    location_log = LocationLog(config.repository)
+    endpoints = build_endpoints(config, admission, location_log)
     try:
         config.socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as e:
@@ -148,12 +193,14 @@ async def serve(
                 "endpoint %s (repository %s) listening on %s", endpoint.name, endpoint.uuid, path
             )
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(location_log.run)
             for endpoint, listener in zip(endpoints, listeners, strict=True):
                 nursery.start_soon(_accept_loop, listener, endpoint, admission)
             task_status.started()
     finally:
         for path in bound:
             path.unlink(missing_ok=True)
+        await location_log.flush()
 
 
 async def _accept_loop(

@@ -23,6 +23,7 @@ from torbridge.protocol import messages as m
 from torbridge.protocol import relay as r
 from torbridge.protocol.relay import Side
 from torbridge.server.gitservice import refuse_git_service, run_git_service
+from torbridge.server.locationlog import LocationLog
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import argv_safe_uuid
@@ -62,6 +63,8 @@ class Endpoint:
     repository: Path  # the proxy's own repository, for CONNECT
     admission: Admission
     limits: Limits = field(default_factory=Limits)
+    # Where what the relay saw is recorded; None where git-annex records it itself.
+    location_log: LocationLog | None = None
 
 
 class Session:
@@ -70,7 +73,7 @@ class Session:
         self.endpoint = endpoint
         self.limits = endpoint.limits
         self.client = FramedStream(stream)
-        self.relay = r.Relay(endpoint.uuid, endpoint.name)
+        self.relay = r.Relay(endpoint.uuid, endpoint.transport.name)
         self.peer: PeerChannel | None = None
         self.grant: Grant | None = None
         self.outcome = "unfinished"
@@ -174,10 +177,19 @@ class Session:
             case r.RefuseService(reason=reason):
                 await refuse_git_service(self.client, reason)
                 return []
-            case r.Stored() | r.Removed():
-                return []  # the own repository's git-annex records these itself
+            case r.Stored(key=key, uuids=uuids):
+                self._record(key, uuids, present=True)
+                return []
+            case r.Removed(key=key, uuids=uuids):
+                self._record(key, uuids, present=False)
+                return []
             case _:
                 raise r.RelayError(f"unhandled action {action!r}")
+
+    def _record(self, key: str, uuids: tuple[str, ...], present: bool) -> None:
+        if self.endpoint.location_log is not None:
+            for uuid in uuids:
+                self.endpoint.location_log.record(key, uuid, present)
 
     async def _send(self, side: Side, message: m.Message) -> list[r.Action]:
         channel = self._channel(side)

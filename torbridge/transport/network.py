@@ -1,0 +1,193 @@
+"""Peers reached over a network: tor-annex nodes (SOCKS5) and p2p-annex nodes.
+
+Both authenticate as git-annex does when it connects to a P2P remote: the
+proxy's UUID and the token stored when the operator linked the node.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import socks  # type: ignore[import-untyped]
+import trio
+
+from torbridge.protocol import messages as m
+from torbridge.remotes import NetAddress, TorAddress
+from torbridge.transport.base import (
+    PeerChannel,
+    PeerUnavailable,
+    SessionInfo,
+    StreamChannel,
+    Transport,
+    negotiate,
+)
+from torbridge.transport.framed import FramedStream
+from torbridge.transport.process import open_process_channel
+
+# SOCKS5 replies, with tor's extended codes for onion services (ExtendedErrors).
+SOCKS_REPLIES = {
+    0x01: "general SOCKS server failure",
+    0x02: "connection not allowed by ruleset",
+    0x03: "network unreachable",
+    0x04: "host unreachable",
+    0x05: "connection refused by the node",
+    0x06: "TTL expired (tor: the circuit timed out)",
+    0x07: "command not supported",
+    0x08: "address type not supported",
+    0xF0: "onion service descriptor not found (is the node online?)",
+    0xF1: "onion service descriptor is invalid",
+    0xF2: "onion service introduction failed",
+    0xF3: "onion service rendezvous failed",
+    0xF4: "onion service needs client authorization",
+    0xF5: "onion service rejected our client authorization",
+    0xF6: "invalid onion address",
+    0xF7: "onion service introduction timed out",
+}
+
+
+def socks_reply_text(code: int) -> str:
+    return SOCKS_REPLIES.get(code, f"SOCKS reply {code:#04x}")
+
+
+class _UnixSocksSocket(socks.socksocket):  # type: ignore[misc]
+    """pysocks over a unix-socket SocksPort (Debian's /run/tor/socks).
+
+    pysocks only dials TCP proxies; it asks ``_proxy_addr`` where the proxy
+    is, so answering with a path is all an AF_UNIX socket needs.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._unix_path = path
+
+    def _proxy_addr(self) -> str:
+        return self._unix_path
+
+
+def socks_connect(socks_address: str, host: str, port: int, timeout: float) -> socket.socket:
+    """Blocking SOCKS5 CONNECT (run it in a worker thread); a plain socket back."""
+    if socks_address.startswith("unix:"):
+        s: socks.socksocket = _UnixSocksSocket(socks_address[len("unix:") :])
+        s.set_proxy(socks.SOCKS5, "unix", 0, rdns=True)
+    else:
+        proxy_host, _, proxy_port = socks_address.rpartition(":")
+        s = socks.socksocket(socket.AF_INET6 if ":" in proxy_host else socket.AF_INET)
+        s.set_proxy(socks.SOCKS5, proxy_host.strip("[]"), int(proxy_port), rdns=True)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except socks.SOCKS5Error as e:
+        s.close()
+        code = _socks_code(str(e))
+        raise PeerUnavailable(socks_reply_text(code) if code is not None else str(e)) from None
+    except socks.ProxyConnectionError as e:
+        s.close()
+        raise PeerUnavailable(f"cannot reach tor's SOCKS port {socks_address}: {e.msg}") from None
+    except ValueError:
+        # pysocks words a failed dial to a unix SocksPort by unpacking the path.
+        s.close()
+        raise PeerUnavailable(f"cannot reach tor's SOCKS port {socks_address}") from None
+    except (socks.ProxyError, OSError) as e:
+        s.close()
+        raise PeerUnavailable(f"SOCKS connection failed: {e}") from None
+    s.settimeout(None)
+    # Hand trio a plain socket: pysocks' subclass overrides methods trio must not see.
+    family = s.family
+    return socket.socket(family, socket.SOCK_STREAM, fileno=s.detach())
+
+
+def _socks_code(text: str) -> int | None:
+    # pysocks words a SOCKS5 reply as "0xf0: Unknown error".
+    head = text.split(":", 1)[0].strip()
+    try:
+        return int(head, 16)
+    except ValueError:
+        return None
+
+
+class TorAnnexTransport(Transport):
+    """A tor-annex node, through tor's SocksPort."""
+
+    def __init__(
+        self,
+        name: str,
+        address: TorAddress,
+        uuid: str,
+        token: str,
+        proxy_uuid: str,
+        socks_address: str,
+        connect_timeout: float = 120.0,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.uuid = uuid
+        self.token = token
+        self.proxy_uuid = proxy_uuid
+        self.socks_address = socks_address
+        self.connect_timeout = connect_timeout
+
+    async def open(
+        self,
+        nursery: trio.Nursery,
+        session: SessionInfo,
+        version: int,
+        bypass: tuple[str, ...],
+    ) -> PeerChannel:
+        try:
+            sock = await trio.to_thread.run_sync(
+                socks_connect,
+                self.socks_address,
+                self.address.onion,
+                self.address.port,
+                self.connect_timeout,
+                abandon_on_cancel=True,
+            )
+        except PeerUnavailable as e:
+            raise PeerUnavailable(f"{self.name} ({self.address}): {e}") from None
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
+        framed = FramedStream(stream)
+        try:
+            agreed = await negotiate(
+                framed, self.name, self.uuid, version, bypass, m.Auth(self.proxy_uuid, self.token)
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await framed.aclose()
+            raise
+        return StreamChannel(framed, self.uuid, agreed)
+
+
+class P2PNetTransport(Transport):
+    """A p2p-annex node: ``git-annex-p2p-NET ADDR`` carries the bytes, as for git-annex."""
+
+    def __init__(
+        self, name: str, address: NetAddress, uuid: str, token: str, proxy_uuid: str, cwd: Path
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.uuid = uuid
+        self.token = token
+        self.proxy_uuid = proxy_uuid
+        self.cwd = cwd
+
+    async def open(
+        self,
+        nursery: trio.Nursery,
+        session: SessionInfo,
+        version: int,
+        bypass: tuple[str, ...],
+    ) -> PeerChannel:
+        argv = [f"git-annex-p2p-{self.address.net}", self.address.address]
+        return await open_process_channel(
+            nursery,
+            f"{self.name} ({self.address})",
+            argv,
+            dict(os.environ),
+            self.uuid,
+            version,
+            bypass,
+            auth=m.Auth(self.proxy_uuid, self.token),
+            cwd=self.cwd,
+        )
