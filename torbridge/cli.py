@@ -13,16 +13,34 @@ import trio
 
 from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
-from torbridge.server.daemon import StartupError, run_daemon
+from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
 from torbridge.tokens import MODES, TokenError, TokenStore
+from torbridge.tor.onion import TorError, torrc_snippet
 
 DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
+# Errors that are the operator's to fix: one line each, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StartupError, TokenError, TorError)
 
 
-def addresses(config: Config, token: str, endpoints: tuple[str, ...] | None) -> list[str]:
-    """One address per endpoint the token reaches, as `git annex p2p --link` reads them."""
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The errors inside (nested) exception groups, as trio's nurseries raise them."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]
+
+
+def addresses(
+    config: Config, token: str, endpoints: tuple[str, ...] | None, onion: str | None
+) -> list[str]:
+    """One address per endpoint the token reaches, as `git annex p2p --link` reads them.
+
+    With Tor, tor-annex addresses on the bridge's onion; without, the generic
+    transport to the endpoint's socket (for clients on the proxy host itself).
+    """
     return [
-        f"p2p-annex::torbridge:{config.socket_path(expose)}:{token}"
+        f"tor-annex::{onion}:{expose.port}:{token}"
+        if onion
+        else f"p2p-annex::torbridge:{config.socket_path(expose)}:{token}"
         for expose in config.expose
         if endpoints is None or expose.name in endpoints
     ]
@@ -58,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"torbridge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the daemon in the foreground")
+    sub.add_parser(
+        "onion-snippet", help='print the torrc lines for [tor] onion = "torrc" (torrc.d)'
+    )
     token = sub.add_parser("token", help="manage client tokens").add_subparsers(
         dest="token_command", required=True
     )
@@ -70,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_parser("list", help="list tokens (names and modes; secrets are not kept)")
     revoke = token.add_parser("revoke", help="revoke a token, at once")
     revoke.add_argument("name")
+    testnet = sub.add_parser(
+        "testnet", help="run a private Tor network on 127.0.0.1 (tests and demos)"
+    )
+    testnet.add_argument("--dir", type=Path, help="where to keep it (default: a temp dir)")
     demo = sub.add_parser("demo", help="set up a demo proxy repository and serve it")
     demo.add_argument("--dir", type=Path, help="where to put the demo (default: a temp dir)")
     demo.add_argument(
@@ -83,9 +108,10 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
     if args.token_command == "add":
         for name in args.endpoint or ():
             config.endpoint(name)  # KeyError -> reported by main
+        onion = current_onion(config)  # before the token: a Tor problem leaves nothing made
         token = store.add(args.name, args.mode, args.endpoint)
         endpoints = tuple(args.endpoint) if args.endpoint else None
-        for line in addresses(config, token, endpoints):
+        for line in addresses(config, token, endpoints, onion):
             print(line)
         print(
             f"token {args.name!r} ({args.mode}) created; it is shown only this once.\n"
@@ -111,14 +137,30 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging(level)
             return run_demo(args.dir, check_only=args.check)
+        if args.command == "testnet":
+            from torbridge.tor.testnet import cli_main
+
+            setup_logging(level)
+            return cli_main(args.dir)
         config = load_config(args.config)
         setup_logging(level, config.log_format)
         if args.command == "serve":
             trio.run(run_daemon, config)
             return 0
+        if args.command == "onion-snippet":
+            hs_dir = config.tor.hidden_service_dir or Path("/var/lib/tor/torbridge")
+            print(torrc_snippet(hs_dir, onion_ports(config)), end="")
+            return 0
         return _token_command(config, args)
-    except (ConfigError, StartupError, TokenError) as e:
+    except USER_ERRORS as e:
         print(f"torbridge: {e}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if not all(isinstance(leaf, USER_ERRORS) for leaf in leaves):
+            raise
+        for leaf in leaves:
+            print(f"torbridge: {leaf}", file=sys.stderr)
         return 1
     except KeyError as e:
         print(f"torbridge: no endpoint named {e}", file=sys.stderr)

@@ -52,6 +52,19 @@ class Limits:
 class Tor:
     # tor's SocksPort for reaching tor-annex nodes: "HOST:PORT" or "unix:/path".
     socks: str = "127.0.0.1:9050"
+    # tor's control port for publishing the onion: "unix:/run/tor/control" or
+    # "HOST:PORT"; None = no onion (the unix sockets only).
+    control: str | None = None
+    password: str | None = None  # control port password; cookie auth needs none
+    # "ephemeral": ADD_ONION with a key kept in state_dir; "torrc": the operator
+    # installs the snippet `torbridge onion-snippet` prints, torbridge reads hostname.
+    onion: str = "ephemeral"
+    hidden_service_dir: Path | None = None  # for onion = "torrc"
+    max_streams: int = 32  # concurrent streams per rendezvous circuit (0 = unlimited)
+
+    @property
+    def enabled(self) -> bool:
+        return self.control is not None or self.onion == "torrc"
 
 
 @dataclass(frozen=True)
@@ -89,7 +102,8 @@ _TOP_KEYS = (
     "limits",
     "tor",
 )
-_TOR_KEYS = ("socks",)
+_TOR_KEYS = ("socks", "control", "password", "onion", "hidden_service_dir", "max_streams")
+_ONION_MODES = ("ephemeral", "torrc")
 _SOCKS_RE = re.compile(r"unix:/.+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
 _EXPOSE_KEYS = ("name", "remote", "port")
 
@@ -244,7 +258,27 @@ def _parse_tor(p: _Parser, raw: Any) -> Tor:
                 _where("socks", "tor"),
                 f'{socks!r} is neither "HOST:PORT" nor "unix:/path/to/socket"',
             )
-    return Tor(socks=socks)
+    control = None
+    if "control" in raw:
+        control = p.string(raw["control"], "control", "tor")
+        if not _SOCKS_RE.fullmatch(control):
+            raise p.error(
+                _where("control", "tor"),
+                f'{control!r} is neither "HOST:PORT" nor "unix:/path/to/socket"',
+            )
+    password = p.string(raw["password"], "password", "tor") if "password" in raw else None
+    onion = p.string(raw.get("onion", "ephemeral"), "onion", "tor")
+    if onion not in _ONION_MODES:
+        raise p.error(_where("onion", "tor"), f"{onion!r} is not one of: {', '.join(_ONION_MODES)}")
+    hs_dir = p.path_value(raw, "hidden_service_dir") if "hidden_service_dir" in raw else None
+    if onion == "torrc" and hs_dir is None:
+        raise p.error(_where("hidden_service_dir", "tor"), 'required with onion = "torrc"')
+    max_streams = Tor.max_streams
+    if "max_streams" in raw:
+        max_streams = p.integer(raw["max_streams"], "max_streams", "tor")
+        if not 0 <= max_streams <= 65535:
+            raise p.error(_where("max_streams", "tor"), "must be between 0 and 65535")
+    return Tor(socks, control, password, onion, hs_dir, max_streams)
 
 
 def _parse_expose(p: _Parser, raw: Any) -> tuple[Expose, ...]:
@@ -385,7 +419,20 @@ def dump_config(cfg: Config) -> str:
         "[tor]",
         '# tor\'s SocksPort, for tor-annex nodes: "HOST:PORT" or "unix:/path".',
         f"socks = {_toml_string(cfg.tor.socks)}",
+        "# tor's control port, to publish the onion service (unset: no onion).",
+        (
+            f"control = {_toml_string(cfg.tor.control)}"
+            if cfg.tor.control
+            else '# control = "unix:/run/tor/control"'
+        ),
+        '# "ephemeral" (ADD_ONION, key kept in state_dir) or "torrc"',
+        f"onion = {_toml_string(cfg.tor.onion)}",
+        f"max_streams = {cfg.tor.max_streams}",
     ]
+    if cfg.tor.password is not None:
+        lines.append(f"password = {_toml_string(cfg.tor.password)}")
+    if cfg.tor.hidden_service_dir is not None:
+        lines.append(f"hidden_service_dir = {_toml_string(str(cfg.tor.hidden_service_dir))}")
     lines += ["", "[limits]"]
     for key in _LIMIT_KEYS:
         value = getattr(cfg.limits, key)

@@ -20,6 +20,14 @@ from torbridge.server.admission import Admission
 from torbridge.server.locationlog import LocationLog
 from torbridge.server.session import Endpoint, Session
 from torbridge.tokens import TokenStore
+from torbridge.tor.onion import (
+    ControlSpec,
+    OnionPublisher,
+    connect,
+    publish,
+    stored_onion,
+    torrc_onion,
+)
 from torbridge.transport.base import Transport
 from torbridge.transport.network import P2PNetTransport, TorAnnexTransport
 from torbridge.transport.process import AnnexShellTransport
@@ -128,6 +136,59 @@ def _build_endpoint(
     return endpoint(remote.uuid, transport, records=True)
 
 
+def _make_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"cannot create state_dir {path}: {e.strerror}") from e
+
+
+def onion_ports(config: Config) -> dict[int, Path]:
+    return {expose.port: config.socket_path(expose) for expose in config.expose}
+
+
+async def _publish_onion(config: Config, nursery: trio.Nursery) -> str | None:
+    """Publish (or find) the onion service; returns its address, None without Tor."""
+    tor = config.tor
+    if tor.onion == "torrc":
+        assert tor.hidden_service_dir is not None
+        return torrc_onion(tor.hidden_service_dir)
+    if tor.control is None:
+        return None
+    publisher = OnionPublisher(
+        ControlSpec(tor.control, tor.password),
+        config.state_dir,
+        onion_ports(config),
+        max_streams=tor.max_streams or None,
+    )
+    log.info("publishing the onion service through %s", tor.control)
+    onion: str = await nursery.start(publisher.run)
+    return onion
+
+
+def current_onion(config: Config) -> str | None:
+    """The bridge's onion address, creating its key through tor the first time.
+
+    Blocking (it may talk to tor's control port): for the CLI, not the daemon.
+    """
+    tor = config.tor
+    if tor.onion == "torrc":
+        assert tor.hidden_service_dir is not None
+        return torrc_onion(tor.hidden_service_dir)
+    if tor.control is None:
+        return None
+    onion = stored_onion(config.state_dir)
+    if onion is None:
+        _make_state_dir(config.state_dir)
+        controller = connect(ControlSpec(tor.control, tor.password))
+        try:
+            onion = publish(controller, config.state_dir, onion_ports(config), None, 60, wait=False)
+            controller.remove_ephemeral_hidden_service(onion.removesuffix(".onion"))
+        finally:
+            controller.close()
+    return onion
+
+
 def _claim_socket_path(path: Path) -> None:
     """Remove a stale socket; refuse one a live daemon is listening on."""
     if len(os.fsencode(path)) > _UNIX_PATH_MAX:
@@ -172,6 +233,7 @@ async def serve(
 ) -> None:
     """Serve until cancelled (SIGTERM/SIGINT are handled by run_daemon)."""
     check_git_annex()
+    _make_state_dir(config.state_dir)
     admission = Admission(TokenStore(config.state_dir), config.limits)
     location_log = LocationLog(config.repository)
     endpoints = build_endpoints(config, admission, location_log)
@@ -196,6 +258,10 @@ async def serve(
             nursery.start_soon(location_log.run)
             for endpoint, listener in zip(endpoints, listeners, strict=True):
                 nursery.start_soon(_accept_loop, listener, endpoint, admission)
+            onion = await _publish_onion(config, nursery)
+            if onion:
+                for expose in config.expose:
+                    log.info("endpoint %s: tor-annex::%s:%d", expose.name, onion, expose.port)
             task_status.started()
     finally:
         for path in bound:
