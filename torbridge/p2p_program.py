@@ -2,17 +2,24 @@
 
 For a remote ``p2p-annex::torbridge:ADDR`` git-annex runs
 ``git-annex-p2p-torbridge ADDR`` and speaks the P2P protocol on its
-stdin/stdout. ADDR is the path of a torbridge endpoint's unix socket; this
-program only copies bytes both ways. It exits non-zero if it cannot
-connect, and 0 once the bridge closes the connection.
+stdin/stdout. ADDR is the path of a torbridge endpoint's unix socket.
+
+When stdin and stdout are pipes (as git-annex makes them) they are handed
+to the bridge over the socket, so the bridge reads and writes git-annex's
+pipes itself and no message pays for an extra hop; this program then only
+waits for the bridge to close. Otherwise it copies bytes both ways. It
+exits non-zero if it cannot connect, and 0 once the bridge closes.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 import threading
+
+from torbridge.server.fdpass import MARKER
 
 CHUNK = 256 * 1024
 NAME = "git-annex-p2p-torbridge"
@@ -34,6 +41,34 @@ def _upstream(sock: socket.socket) -> None:
         pass
 
 
+def _pipes(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _hand_over(sock: socket.socket) -> int:
+    """Give git-annex's pipes to the bridge, then wait until it is done with them."""
+    try:
+        socket.send_fds(sock, [MARKER], [0, 1])
+    except OSError as e:
+        print(f"{NAME}: cannot hand over the connection: {e.strerror}", file=sys.stderr)
+        return 1
+    # Our copies must go, or git-annex would not see EOF when the bridge closes.
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["address"]:
@@ -53,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"{NAME}: cannot connect to {args[0]}: {e.strerror}", file=sys.stderr)
         return 1
+    if _pipes(0) and _pipes(1):
+        return _hand_over(sock)
     threading.Thread(target=_upstream, args=(sock,), daemon=True).start()
     try:
         while data := sock.recv(CHUNK):

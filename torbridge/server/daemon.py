@@ -17,6 +17,7 @@ import trio
 from torbridge.config import OWN_REPOSITORY, Config, Expose
 from torbridge.remotes import RemoteError, TorAddress, parse_p2p_address, proxied_remote, read_token
 from torbridge.server.admission import Admission
+from torbridge.server.fdpass import accept_stream
 from torbridge.server.locationlog import LocationLog
 from torbridge.server.session import Endpoint, Session
 from torbridge.tokens import TokenStore
@@ -277,7 +278,14 @@ async def _accept_loop(
             log.warning("%s: too many unauthenticated connections, refusing one", endpoint.name)
             await stream.aclose()
             return
-        await Session(stream, endpoint).run()
+        try:
+            with trio.fail_after(endpoint.limits.auth_timeout):
+                client, initial = await accept_stream(stream)
+        except (trio.TooSlowError, OSError):
+            admission.leave_pre_auth()
+            await stream.aclose()
+            return
+        await Session(client, endpoint, initial).run()
 
     async with listener:
         await trio.serve_listeners(handle, [listener])

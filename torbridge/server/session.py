@@ -68,11 +68,11 @@ class Endpoint:
 
 
 class Session:
-    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, initial: bytes = b"") -> None:
         self.id = next(_session_ids)
         self.endpoint = endpoint
         self.limits = endpoint.limits
-        self.client = FramedStream(stream)
+        self.client = FramedStream(stream, initial)
         self.relay = r.Relay(endpoint.uuid, endpoint.transport.name)
         self.peer: PeerChannel | None = None
         self.grant: Grant | None = None

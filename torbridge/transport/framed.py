@@ -25,9 +25,11 @@ class FramedStream:
     that copies that pattern onto TCP meets Nagle and delayed ACKs.
     """
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, initial: bytes = b"") -> None:
         self.stream = stream
         self._decoder = Decoder()
+        if initial:  # read already, before the stream was known to be P2P
+            self._decoder.feed(initial)
         self._held = b""  # a DATA header waiting for its first body bytes
         self.bytes_in = 0
         self.bytes_out = 0
