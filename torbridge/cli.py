@@ -13,6 +13,8 @@ import trio
 
 from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
+from torbridge.ops.doctor import doctor
+from torbridge.ops.init import init_config
 from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
 from torbridge.tokens import MODES, TokenError, TokenStore
 from torbridge.tor.onion import TorError, torrc_snippet
@@ -95,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
         "testnet", help="run a private Tor network on 127.0.0.1 (tests and demos)"
     )
     testnet.add_argument("--dir", type=Path, help="where to keep it (default: a temp dir)")
+    sub.add_parser("doctor", help="check the host and the config; one line each, with the fix")
+    init = sub.add_parser("init", help="print a commented config for a repository")
+    init.add_argument("repository", type=Path)
+    init.add_argument("--state-dir", type=Path, default=Path("/var/lib/torbridge"))
+    init.add_argument("--socket-dir", type=Path, default=Path("/run/torbridge"))
+    init.add_argument("--tor-control", help='e.g. "unix:/run/tor/control"')
     demo = sub.add_parser("demo", help="set up a demo proxy repository and serve it")
     demo.add_argument("--dir", type=Path, help="where to put the demo (default: a temp dir)")
     demo.add_argument(
@@ -137,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging(level)
             return run_demo(args.dir, check_only=args.check)
+        if args.command == "doctor":  # a config that does not load is one of its findings
+            return doctor(args.config)
+        if args.command == "init":
+            text = init_config(
+                args.repository.resolve(),
+                state_dir=args.state_dir,
+                socket_dir=args.socket_dir,
+                tor_control=args.tor_control,
+            )
+            print(text, end="")
+            return 0
         if args.command == "testnet":
             from torbridge.tor.testnet import cli_main
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from torbridge.config import OWN_REPOSITORY, Config, Expose
+from torbridge.ops import notify
 from torbridge.remotes import RemoteError, TorAddress, parse_p2p_address, proxied_remote, read_token
 from torbridge.server.admission import Admission
 from torbridge.server.fdpass import accept_stream
@@ -296,8 +297,12 @@ async def run_daemon(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, config)
+            # READY only now: every endpoint listens and the onion is published.
+            notify.ready(f"serving {len(config.expose)} endpoint(s)")
+            nursery.start_soon(notify.watchdog_loop)
             log.info("torbridge ready")
             async for signum in signals:
                 log.info("%s: stopping", signal.Signals(signum).name)
+                notify.stopping()
                 nursery.cancel_scope.cancel()
                 break

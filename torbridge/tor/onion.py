@@ -92,7 +92,7 @@ def connect(spec: ControlSpec) -> Any:  # a stem Controller
         controller.close()
         raise ControlAuthFailed(f"tor refused our authentication at {spec.address}: {e}") from None
     version = controller.get_version()
-    if tuple(version.version_tuple[:3]) < MIN_TOR:
+    if (version.major, version.minor, version.micro) < MIN_TOR:
         controller.close()
         raise TorTooOld(f"tor {version} is too old: {'.'.join(map(str, MIN_TOR))} or newer needed")
     return controller

@@ -1,0 +1,174 @@
+"""Fixtures for the ops tests: real git repositories, git-annex, fake tor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from torbridge.remotes import creds_escape
+
+GITCONFIG = """\
+[user]
+\tname = torbridge ops tests
+\temail = ops@torbridge.invalid
+[init]
+\tdefaultBranch = main
+[annex]
+\tautocommit = false
+"""
+
+ONION = "a" * 56 + ".onion"  # a syntactically valid v3 onion; nothing connects to it
+TOKEN = "0123456789abcdef" * 8
+
+
+def git(repo: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"git {' '.join(args)}: {result.stderr}"
+    return result.stdout.strip()
+
+
+@pytest.fixture(autouse=True)
+def git_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated HOME and git configuration for every test (and what it runs)."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".gitconfig").write_text(GITCONFIG)
+    for key in list(os.environ):
+        if key.startswith(("GIT_", "XDG_", "NOTIFY_SOCKET", "WATCHDOG_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    return home
+
+
+@pytest.fixture(scope="session")
+def annex_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `git init` + `git annex init` for the session; tests get copies."""
+    if shutil.which("git-annex") is None:
+        pytest.skip("git-annex is not installed")
+    root = tmp_path_factory.mktemp("template")
+    (root / ".gitconfig").write_text(GITCONFIG)
+    repo = root / "repo"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
+        "HOME": str(root),
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+    for argv in (
+        ["git", "init", "-q", str(repo)],
+        ["git", "-C", str(repo), "annex", "init", "hub"],
+    ):
+        subprocess.run(argv, env=env, capture_output=True, timeout=120, check=True)
+    return repo
+
+
+@pytest.fixture
+def make_repo(annex_template: Path, tmp_path: Path) -> Callable[[str], Path]:
+    """A fresh git-annex repository at tmp_path/NAME (a copy of the template)."""
+
+    def make(name: str = "hub") -> Path:
+        path = tmp_path / name
+        shutil.copytree(annex_template, path, symlinks=True)
+        return path
+
+    return make
+
+
+def add_tor_remote(repo: Path, name: str, *, token: str | None = TOKEN, proxy: bool = True) -> None:
+    """A linked tor-annex remote, as `git annex p2p --link` leaves it (no network)."""
+    git(repo, "remote", "add", name, f"tor-annex::{ONION}:5000")
+    git(repo, "config", f"remote.{name}.annex-uuid", "5f4e3d2c-0000-4000-8000-00000000beef")
+    if proxy:
+        git(repo, "config", f"remote.{name}.annex-proxy", "true")
+    if token is not None:
+        creds = repo / ".git" / "annex" / "creds"
+        creds.mkdir(parents=True, exist_ok=True)
+        (creds / creds_escape(ONION)).write_text(token + "\n")
+
+
+# --- a fake tor control port -------------------------------------------------------
+
+
+class FakeTor:
+    """Just enough of tor's control protocol for stem to connect and authenticate.
+
+    ``auth``: "NULL" (no authentication), "HASHEDPASSWORD", or "silent" (accept
+    connections and never answer).
+    """
+
+    def __init__(self, path: Path, auth: str = "NULL") -> None:
+        self.path = path
+        self.auth = auth
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.path}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            if self.auth != "silent":
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        replies = {
+            "PROTOCOLINFO": (
+                f"250-PROTOCOLINFO 1\r\n250-AUTH METHODS={self.auth}\r\n"
+                '250-VERSION Tor="0.4.8.10"\r\n250 OK\r\n'
+            ),
+            "AUTHENTICATE": "250 OK\r\n",
+            "GETINFO version": "250-version=0.4.8.10\r\n250 OK\r\n",
+            "QUIT": "250 closing connection\r\n",
+        }
+        with conn, conn.makefile("rb") as lines:
+            for raw in lines:
+                line = raw.decode().strip()
+                reply = next(
+                    (r for cmd, r in replies.items() if line.startswith(cmd)),
+                    "552 Unrecognized key\r\n" if line.startswith("GETINFO") else "250 OK\r\n",
+                )
+                try:
+                    conn.sendall(reply.encode())
+                except OSError:
+                    return
+                if line.startswith("QUIT"):
+                    return
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.connections:
+            conn.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def fake_tor(tmp_path: Path) -> Iterator[Callable[..., FakeTor]]:
+    started: list[FakeTor] = []
+
+    def start(auth: str = "NULL") -> FakeTor:
+        tor = FakeTor(tmp_path / f"control{len(started)}", auth)
+        started.append(tor)
+        return tor
+
+    yield start
+    for tor in started:
+        tor.close()

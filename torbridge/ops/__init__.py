@@ -1,0 +1,1 @@
+"""Operating torbridge on a host: systemd notification, ``doctor``, ``init``."""
