@@ -243,6 +243,7 @@ class Relay:
     def peer_opened(self, version: int) -> list[Action]:
         self._expect(Phase.OPENING)
         self.peer_open = True
+        self._retry_allowed = False  # a request on a new connection is never retried
         pending, self._pending = self._pending, []
         if not self.negotiated:
             # The client's VERSION opened the peer: tell it what the peer agreed.
@@ -296,7 +297,9 @@ class Relay:
             if isinstance(event, m.UnlockContent):
                 return [Send(Side.PEER, event)] if self.peer_open else []
             release: list[Action] = [Send(Side.PEER, m.UnlockContent())] if self.peer_open else []
-            return [*release, Send(Side.CLIENT, m.Error("expected UNLOCKCONTENT"))]
+            # A DATA's body must be skipped, or its bytes would be read as lines.
+            skip: list[Action] = [DiscardBody(event.length)] if isinstance(event, m.Data) else []
+            return [*release, Send(Side.CLIENT, m.Error("expected UNLOCKCONTENT")), *skip]
         if self.phase is Phase.CLIENT_PUT_DATA:
             return self._put_data(event)
         if self.phase is Phase.CLIENT_VALIDITY:

@@ -1,0 +1,885 @@
+"""The trio Session (torbridge/server/session.py) over in-memory streams.
+
+The client is the test, writing and reading raw bytes; the peer is the
+scripted git-annex server of tests/core/peers.py behind a fake Transport.
+Byte transcripts check exactly what a client sees; the time-related tests
+run on trio's autojump clock, so deadlines cost no real time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.core.peers import (
+    CLIENT_UUID,
+    PEER_NAME,
+    PEER_TOKEN,
+    PEER_UUID,
+    TOKEN,
+    FakeRepo,
+    FakeTransport,
+    OneToken,
+    PeerConnection,
+)
+from torbridge.config import Limits
+from torbridge.protocol import messages as m
+from torbridge.protocol.relay import Mode
+from torbridge.server.session import Endpoint, Session
+from torbridge.transport.framed import StreamLost
+
+KEY = "SHA256E-s11--2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90.txt"
+KEY2 = "SHA256E-s5--f2ca1bb6c7e907d06dafe4687e579fce76b37e4e93b7605022da52e6ccc26fd2.bin"
+LIMITS = Limits(auth_timeout=10.0, idle_timeout=300.0, peer_timeout=30.0, stall_timeout=20.0)
+GUARD = 10_000.0  # (virtual) seconds after which a test that waits is a test that hangs
+AUTH = f"AUTH {CLIENT_UUID} {TOKEN}\n".encode()
+AUTH_OK = f"AUTH-SUCCESS {PEER_UUID}\n".encode()
+READ_ONLY = b"ERROR this repository is read-only; write access denied\n"
+MiB = 1 << 20
+
+
+def blob(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+class Client:
+    """The client end of the connection: raw bytes in and out."""
+
+    def __init__(self, stream: trio.StapledStream[Any, Any]) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def send(self, *parts: bytes) -> None:
+        for part in parts:
+            await self.stream.send_all(part)
+
+    async def send_in_pieces(self, data: bytes, size: int, pause: float = 0.0) -> None:
+        for i in range(0, len(data), size):
+            await self.stream.send_all(data[i : i + size])
+            if pause:
+                await trio.sleep(pause)
+
+    async def _fill(self) -> bool:
+        data = await self.stream.receive_some(65536)
+        self.buffer += data
+        return bool(data)
+
+    async def read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            if not await self._fill():
+                raise AssertionError(f"EOF; wanted {n} bytes, got {bytes(self.buffer)!r}")
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    async def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            if not await self._fill():
+                raise AssertionError(f"EOF inside a line: {bytes(self.buffer)!r}")
+        end = self.buffer.index(b"\n") + 1
+        out = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return out
+
+    async def expect(self, *parts: bytes) -> None:
+        for part in parts:
+            got = await self.read(len(part))
+            assert got == part
+
+    async def rest(self) -> bytes:
+        """Everything until the bridge closes the connection."""
+        while await self._fill():
+            pass
+        out = bytes(self.buffer)
+        self.buffer.clear()
+        return out
+
+    async def expect_eof(self) -> None:
+        assert await self.rest() == b""
+
+    async def login(self, version: int | None = None, agreed: int | None = None) -> None:
+        await self.send(AUTH)
+        await self.expect(AUTH_OK)
+        if version is not None:
+            await self.send(b"VERSION %d\n" % version)
+            await self.expect(b"VERSION %d\n" % (version if agreed is None else agreed))
+
+
+@dataclass
+class RecordingLog:
+    """Stands in for the LocationLog."""
+
+    records: list[tuple[str, str, bool]] = field(default_factory=list)
+
+    def record(self, key: str, uuid: str, present: bool) -> None:
+        self.records.append((key, uuid, present))
+
+
+@dataclass
+class Bridge:
+    client: Client
+    session: Session
+    transport: FakeTransport
+    repo: FakeRepo
+    admission: OneToken
+    log: RecordingLog
+    finished: trio.Event
+
+    @property
+    def connections(self) -> list[PeerConnection]:
+        return self.repo.connections
+
+    async def wait_end(self) -> None:
+        with trio.fail_after(GUARD):
+            await self.finished.wait()
+
+
+@asynccontextmanager
+async def bridge(
+    repo: FakeRepo | None = None,
+    mode: Mode = Mode.READ_WRITE,
+    limits: Limits = LIMITS,
+    lockstep: bool = False,
+) -> AsyncIterator[Bridge]:
+    """A Session on one end of an in-memory connection, the test on the other.
+
+    On exit the client hangs up and everything (session, peer servers) must
+    finish: a test that leaves something hanging fails here.
+    """
+    repo = repo or FakeRepo()
+    log = RecordingLog()
+    with trio.fail_after(GUARD * 2):  # whatever hangs, the test fails (in virtual time)
+        async with trio.open_nursery() as nursery:
+            transport = FakeTransport(repo, server_nursery=nursery, lockstep=lockstep)
+            admission = OneToken(mode=mode)
+            endpoint = Endpoint("ep", PEER_UUID, transport, Path("/nonexistent"), admission, limits)
+            endpoint.location_log = log  # type: ignore[assignment]
+            ours: trio.StapledStream[Any, Any]
+            theirs: trio.StapledStream[Any, Any]
+            if lockstep:
+                ours, theirs = trio.testing.lockstep_stream_pair()
+            else:
+                ours, theirs = trio.testing.memory_stream_pair()
+            session = Session(theirs, endpoint)
+            finished = trio.Event()
+
+            async def run() -> None:
+                try:
+                    await session.run()
+                finally:
+                    finished.set()
+
+            nursery.start_soon(run)
+            b = Bridge(Client(ours), session, transport, repo, admission, log, finished)
+            yield b
+            with trio.fail_after(GUARD):
+                await ours.aclose()
+                await finished.wait()
+    # Every connection to the peer was closed by the bridge.
+    assert all(c.finished.is_set() for c in repo.connections)
+    assert all(ch.closed for ch in transport.channels)
+    assert admission.released == admission.granted
+    assert admission.left_pre_auth == 1
+
+
+def script(*parts: bytes) -> bytes:
+    return b"".join(parts)
+
+
+# --- byte transcripts ----------------------------------------------------------------
+
+
+async def test_put_v4_transcript(autojump_clock: trio.abc.Clock) -> None:
+    body = b"hello world"
+    async with bridge() as b:
+        # The whole client side at once: the session must take it one exchange at a time.
+        await b.client.send(
+            script(AUTH, b"VERSION 4\n", f"PUT  {KEY}\n".encode(), b"DATA 11\n", body, b"VALID\n")
+        )
+        await b.client.stream.send_eof()
+        seen = await b.client.rest()
+    assert seen == script(AUTH_OK, b"VERSION 4\n", b"PUT-FROM 0\n", b"SUCCESS\n")
+    assert b.repo.contents == {KEY: body}
+    [conn] = b.connections
+    assert conn.received == [m.Version(4), m.Put(None, KEY), m.Data(11), m.Valid()]
+    assert conn.bodies == [body]
+    assert b.transport.opens[0][:2] == (4, ())
+    assert b.log.records == [(KEY, PEER_UUID, True)]
+    assert b.session.outcome == "client closed"
+
+
+async def test_put_v0_transcript(autojump_clock: trio.abc.Clock) -> None:
+    body = b"hello world"
+    async with bridge() as b:
+        await b.client.send(script(AUTH, f"PUT file.txt {KEY}\n".encode(), b"DATA 11\n", body))
+        await b.client.stream.send_eof()
+        seen = await b.client.rest()
+    assert seen == script(AUTH_OK, b"PUT-FROM 0\n", b"SUCCESS\n")
+    [conn] = b.connections
+    assert conn.version == 0
+    assert conn.received == [m.Put("file.txt", KEY), m.Data(11)]  # no VERSION, no VALID
+    assert b.repo.contents == {KEY: body}
+    assert b.transport.opens[0][0] == 0
+
+
+async def test_get_v4_transcript(autojump_clock: trio.abc.Clock) -> None:
+    body = b"hello world"
+    repo = FakeRepo(contents={KEY: body})
+    async with bridge(repo) as b:
+        await b.client.send(script(AUTH, b"VERSION 4\n", f"GET 0 dir/f.txt {KEY}\n".encode()))
+        await b.client.expect(AUTH_OK, b"VERSION 4\n", b"DATA 11\n", body, b"VALID\n")
+        await b.client.send(b"SUCCESS\n")
+        await b.client.stream.send_eof()
+        assert await b.client.rest() == b""
+    [conn] = b.connections
+    assert conn.received == [m.Version(4), m.Get(0, "dir/f.txt", KEY), m.Success()]
+    assert b.log.records == []  # GET teaches the location log nothing
+
+
+async def test_get_v0_transcript(autojump_clock: trio.abc.Clock) -> None:
+    body = b"hello world"
+    repo = FakeRepo(contents={KEY: body})
+    async with bridge(repo) as b:
+        await b.client.send(script(AUTH, f"GET 6  {KEY}\n".encode(), b"SUCCESS\n"))
+        await b.client.stream.send_eof()
+        seen = await b.client.rest()
+    assert seen == script(AUTH_OK, b"DATA 5\n", b"world")  # no VALID at v0
+    [conn] = b.connections
+    assert conn.received == [m.Get(6, None, KEY), m.Success()]
+
+
+async def test_get_missing_content(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA 0\n", b"INVALID\n")
+        await b.client.send(b"FAILURE\n", f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"FAILURE\n")
+    assert b.connections[0].received[-2:] == [m.Failure(), m.CheckPresent(KEY)]
+
+
+async def test_version_is_what_the_peer_agrees(autojump_clock: trio.abc.Clock) -> None:
+    repo = FakeRepo(contents={KEY: b"abc"}, max_version=2)
+    async with bridge(repo) as b:
+        await b.client.login(4, agreed=2)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA 3\n", b"abc", b"VALID\n")
+        await b.client.send(b"SUCCESS\n")
+        await b.client.send(f"PUT  {KEY2}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        await b.client.send(b"DATA 5\n12345VALID\n")
+        await b.client.expect(b"SUCCESS\n")
+    assert b.connections[0].version == 2
+    assert b.repo.contents[KEY2] == b"12345"
+
+
+async def test_big_put_in_many_small_pieces(autojump_clock: trio.abc.Clock) -> None:
+    body = blob(MiB)
+    async with bridge(lockstep=True) as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        await b.client.send(b"DATA %d\n" % len(body))
+        await b.client.send_in_pieces(body, 4093)
+        await b.client.send(b"VALID\n")
+        await b.client.expect(b"SUCCESS\n")
+    assert b.repo.contents[KEY] == body
+    assert b.connections[0].received[-2:] == [m.Data(MiB), m.Valid()]
+
+
+async def test_big_get_in_many_small_pieces(autojump_clock: trio.abc.Clock) -> None:
+    body = blob(MiB, seed=2)
+    repo = FakeRepo(contents={KEY: body}, chunk=3001)
+    async with bridge(repo, lockstep=True) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA %d\n" % MiB)
+        got = await b.client.read(MiB)
+        assert got == body
+        await b.client.expect(b"VALID\n")
+        await b.client.send(b"SUCCESS\n")
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+
+
+async def test_big_put_resumed_v0(autojump_clock: trio.abc.Clock) -> None:
+    body = blob(MiB, seed=3)
+    repo = FakeRepo(partial={KEY: body[:1000]})
+    async with bridge(repo) as b:
+        await b.client.login()
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 1000\n")
+        await b.client.send(b"DATA %d\n" % (MiB - 1000))
+        await b.client.send_in_pieces(body[1000:], 65536, pause=0.001)
+        await b.client.expect(b"SUCCESS\n")
+    assert b.repo.contents[KEY] == body
+
+
+# --- the waitv rule: bodies are never read as lines --------------------------------------
+
+
+TRAP = b"SUCCESS\nVALID\nDATA 3\nERROR x\n\n"
+
+
+async def test_put_body_that_looks_like_messages(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        # Header and body arrive in pieces that end exactly at the fake lines.
+        await b.client.send(b"DATA %d\n" % len(TRAP))
+        for piece in TRAP.split(b"\n")[:-1]:
+            await b.client.send(piece + b"\n")
+            await trio.sleep(0.01)
+        await b.client.send(b"INVALID\n")
+        await b.client.expect(b"FAILURE\n")
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"FAILURE\n")
+    [conn] = b.connections
+    assert conn.bodies == [TRAP]
+    assert conn.received[-3:] == [m.Data(len(TRAP)), m.Invalid(), m.CheckPresent(KEY)]
+    assert b.repo.contents == {}
+
+
+async def test_get_body_that_looks_like_messages(autojump_clock: trio.abc.Clock) -> None:
+    repo = FakeRepo(contents={KEY: TRAP}, chunk=8, pause_between_chunks=True)
+    async with bridge(repo) as b:
+        await b.client.login(1)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA %d\n" % len(TRAP), TRAP, b"VALID\n")
+        await b.client.send(b"SUCCESS\n")
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+    assert b.connections[0].received[-2:] == [m.Success(), m.CheckPresent(KEY)]
+
+
+async def test_stray_data_body_is_skipped(autojump_clock: trio.abc.Clock) -> None:
+    hidden = f"CHECKPRESENT {KEY}\nNOTIFYCHANGE\n".encode()
+    async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
+        await b.client.login(4)
+        await b.client.send(b"DATA %d\n" % len(hidden), hidden, f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"ERROR unexpected command\n", b"SUCCESS\n")
+    assert b.connections[0].received == [m.Version(4), m.CheckPresent(KEY)]
+
+
+async def test_data_after_a_lock_is_skipped(autojump_clock: trio.abc.Clock) -> None:
+    hidden = b"NOTIFYCHANGE\n"
+    async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
+        await b.client.login(4)
+        await b.client.send(f"LOCKCONTENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+        await b.client.send(b"DATA %d\n" % len(hidden), hidden, f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"ERROR expected UNLOCKCONTENT\n", b"SUCCESS\n")
+    assert b.connections[0].received[1:] == [
+        m.LockContent(KEY),
+        m.UnlockContent(),
+        m.CheckPresent(KEY),
+    ]
+    assert not b.repo.locked
+
+
+# --- requests --------------------------------------------------------------------------
+
+
+async def test_lock_unlock_remove_and_timestamps(autojump_clock: trio.abc.Clock) -> None:
+    repo = FakeRepo(contents={KEY: b"x", KEY2: b"y"}, timestamp=5000)
+    async with bridge(repo) as b:
+        await b.client.login(4)
+        await b.client.send(f"LOCKCONTENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+        await trio.sleep(1)
+        assert repo.locked
+        await b.client.send(b"UNLOCKCONTENT\n", b"GETTIMESTAMP\n")
+        await b.client.expect(b"TIMESTAMP 5000\n")
+        assert not repo.locked
+        await b.client.send(f"REMOVE-BEFORE 5600 {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+        await b.client.send(f"REMOVE-BEFORE 4000 {KEY2}\n".encode())
+        await b.client.expect(b"FAILURE\n")
+        await b.client.send(f"REMOVE {KEY2}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+        await b.client.send(f"LOCKCONTENT {KEY}\n".encode())
+        await b.client.expect(b"FAILURE\n")
+    assert repo.contents == {}
+    assert b.log.records == [(KEY, PEER_UUID, False), (KEY2, PEER_UUID, False)]
+
+
+async def test_lock_then_something_else(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
+        await b.client.login(4)
+        await b.client.send(f"LOCKCONTENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+        await b.client.send(f"REMOVE {KEY}\n".encode())
+        await b.client.expect(b"ERROR expected UNLOCKCONTENT\n")
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")  # not removed
+    assert b.connections[0].received[1:] == [
+        m.LockContent(KEY),
+        m.UnlockContent(),
+        m.CheckPresent(KEY),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "request_line", "answer"),
+    [
+        (Mode.READ_ONLY, f"PUT  {KEY}\n", READ_ONLY),
+        (Mode.READ_ONLY, f"REMOVE {KEY}\n", READ_ONLY),
+        (Mode.READ_ONLY, f"REMOVE-BEFORE 9 {KEY}\n", READ_ONLY),
+        (
+            Mode.APPEND_ONLY,
+            f"REMOVE {KEY}\n",
+            b"ERROR this repository is append-only; removal denied\n",
+        ),
+    ],
+)
+async def test_modes(
+    autojump_clock: trio.abc.Clock, mode: Mode, request_line: str, answer: bytes
+) -> None:
+    async with bridge(FakeRepo(contents={KEY: b"x"}), mode=mode) as b:
+        await b.client.login()
+        await b.client.send(request_line.encode(), f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(answer, b"SUCCESS\n")
+    assert b.connections[0].received == [m.CheckPresent(KEY)]
+
+
+@pytest.mark.parametrize("mode", [Mode.READ_ONLY, Mode.APPEND_ONLY])
+async def test_receive_pack_refused(autojump_clock: trio.abc.Clock, mode: Mode) -> None:
+    async with bridge(mode=mode) as b:
+        await b.client.login()
+        await b.client.send(b"CONNECT git-receive-pack\n")
+        packet = b"ERR this repository is read-only; write access denied\n"
+        pkt = b"%04x" % (len(packet) + 4) + packet
+        assert await b.client.rest() == script(b"DATA %d\n" % len(pkt), pkt, b"CONNECTDONE 1\n")
+    assert b.transport.opens == []
+
+
+async def test_unknown_command_and_session_goes_on(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
+        await b.client.login()
+        await b.client.send(b"FROBNICATE\n", b"CHECKPRESENT not-a-key\n", b"SUCCESS\n")
+        await b.client.expect(
+            b"ERROR unknown command\n", b"ERROR unknown command\n", b"ERROR unexpected command\n"
+        )
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+
+
+async def test_notifychange(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.login()
+        await b.client.send(b"NOTIFYCHANGE\n")
+        assert await b.client.rest() == b"ERROR protocol error\n"
+    assert b.transport.opens == []
+    assert b.session.outcome == "NOTIFYCHANGE is not served"
+
+
+async def test_client_error_ends_the_session(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.login(4)
+        await b.client.send(b"ERROR bye\n")
+        assert await b.client.rest() == b""
+    assert b.session.outcome == "client error: bye"
+
+
+# --- AUTH --------------------------------------------------------------------------------
+
+
+async def test_wrong_token(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        start = trio.current_time()
+        await b.client.send(f"AUTH {CLIENT_UUID} 0badc0ffee\n".encode())
+        await b.client.expect(b"AUTH-FAILURE\n")
+        assert await b.client.rest() == b""
+        # Closed after the linger, not at once.
+        assert 1.0 <= trio.current_time() - start < 2.0
+    assert b.admission.granted == 0
+    assert b.transport.opens == []
+
+
+async def test_token_is_case_insensitive(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.send(f"AUTH {CLIENT_UUID} {TOKEN.upper()}\n".encode())
+        await b.client.expect(AUTH_OK)
+    assert b.admission.granted == 1
+
+
+async def test_first_message_not_auth(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        assert await b.client.rest() == b"ERROR unexpected command\n"
+    assert b.admission.endpoints == []
+
+
+@pytest.mark.parametrize("sent", [b"", b"AUTH " + CLIENT_UUID.encode()])
+async def test_auth_deadline(autojump_clock: trio.abc.Clock, sent: bytes) -> None:
+    async with bridge() as b:
+        start = trio.current_time()
+        await b.client.send(sent)
+        assert await b.client.rest() == b""
+        assert LIMITS.auth_timeout <= trio.current_time() - start < LIMITS.auth_timeout + 1
+    assert b.session.outcome.startswith("client lost")
+
+
+async def test_auth_deadline_is_not_reset_by_trickling(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        start = trio.current_time()
+
+        async def trickle() -> None:
+            try:
+                for byte in AUTH:  # one byte every 2 s: 256 s for the whole line
+                    await b.client.send(bytes([byte]))
+                    await trio.sleep(2)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            assert await b.client.rest() == b""
+            assert trio.current_time() - start < LIMITS.auth_timeout + 1
+            nursery.cancel_scope.cancel()
+    assert b.admission.granted == 0
+
+
+async def test_idle_timeout(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
+        await b.client.login()
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+        start = trio.current_time()
+        assert await b.client.rest() == b""
+        assert LIMITS.idle_timeout <= trio.current_time() - start < LIMITS.idle_timeout + 1
+    assert b.session.outcome.startswith("client lost")
+
+
+# --- peer failures ---------------------------------------------------------------------
+
+
+async def _silent_on_first_connection(conn: PeerConnection, message: m.Message) -> None:
+    if conn is conn.repo.connections[0]:
+        await conn.silent()
+    await conn.send(m.Success())
+
+
+async def test_peer_never_answers(autojump_clock: trio.abc.Clock) -> None:
+    repo = FakeRepo(hooks={m.CheckPresent: _silent_on_first_connection})
+    async with bridge(repo) as b:
+        await b.client.login()  # v0: the request opens a fresh connection
+        start = trio.current_time()
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(f"ERROR {PEER_NAME}: no message before the deadline\n".encode())
+        assert LIMITS.peer_timeout <= trio.current_time() - start < LIMITS.peer_timeout + 1
+        # The session goes on, with a new connection.
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+    assert len(b.connections) == 2
+    assert b.connections[0].eof
+
+
+async def test_peer_never_answers_on_a_reused_connection(autojump_clock: trio.abc.Clock) -> None:
+    # The connection VERSION opened may have gone stale: one retry on a new one.
+    repo = FakeRepo(hooks={m.CheckPresent: _silent_on_first_connection})
+    async with bridge(repo) as b:
+        await b.client.login(4)
+        start = trio.current_time()
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+        assert LIMITS.peer_timeout <= trio.current_time() - start < LIMITS.peer_timeout + 1
+    assert len(b.connections) == 2
+
+
+async def test_stale_connection_is_retried_once(autojump_clock: trio.abc.Clock) -> None:
+    async def hang_up_twice(conn: PeerConnection, message: m.Message) -> None:
+        if len(conn.repo.connections) <= 2:
+            await conn.hang_up()
+            raise StreamLost("hung up")
+        await conn.send(m.Success())
+
+    async with bridge(FakeRepo(hooks={m.CheckPresent: hang_up_twice})) as b:
+        await b.client.login(4)
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(f"ERROR {PEER_NAME}: connection closed\n".encode())
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+    assert len(b.connections) == 3
+
+
+@pytest.mark.parametrize(
+    ("configure", "reason"),
+    [
+        ({"greeting": "failure"}, f"{PEER_NAME} refused our token (AUTH-FAILURE)"),
+        ({"greeting": "wrong-uuid"}, f"{PEER_NAME} is repository 0ther-uuid, expected {PEER_UUID}"),
+        ({"greeting": "close"}, f"{PEER_NAME}: peer closed the connection"),
+        ({"greeting": "silent"}, "no answer before the deadline"),
+    ],
+)
+async def test_peer_unreachable(
+    autojump_clock: trio.abc.Clock, configure: dict[str, str], reason: str
+) -> None:
+    repo = FakeRepo(contents={KEY: b"x"}, **configure)  # type: ignore[arg-type]
+    async with bridge(repo) as b:
+        await b.client.login()
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(f"ERROR {PEER_NAME} unreachable: {reason}\n".encode())
+        # The next request tries again.
+        repo.greeting = "success"
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+    assert len(b.transport.opens) == 2
+
+
+async def test_peer_transport_refuses(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        b.transport.unreachable = "connection refused"
+        await b.client.login()
+        await b.client.send(b"VERSION 4\n")
+        await b.client.expect(
+            f"ERROR {PEER_NAME} unreachable: {PEER_NAME}: connection refused\n".encode()
+        )
+        b.transport.unreachable = None
+        # The client stays at version 0 and the next request opens the peer at 0.
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"FAILURE\n")
+    assert [v for v, _, _ in b.transport.opens] == [4, 0]
+
+
+async def test_peer_that_authenticates_us(autojump_clock: trio.abc.Clock) -> None:
+    repo = FakeRepo(contents={KEY: b"x"}, expects_auth=True)
+    async with bridge(repo) as b:
+        await b.client.login(4)
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+    assert b.connections[0].received[0] == m.Auth(CLIENT_UUID, PEER_TOKEN)
+    assert b.connections[0].authenticated
+
+
+async def test_peer_dies_mid_put_body(autojump_clock: trio.abc.Clock) -> None:
+    async def die_mid_body(conn: PeerConnection, message: m.Message) -> None:
+        if len(conn.repo.connections) > 1:
+            await conn.send(m.AlreadyHave())
+            return
+        await conn.send(m.PutFrom(0))
+        data = await conn.receive()
+        assert isinstance(data, m.Data)
+        await conn.receive_body(data.length, stop_after=1000)
+        await conn.hang_up()
+        raise StreamLost("hung up")
+
+    body = blob(100_000)
+    async with bridge(FakeRepo(hooks={m.Put: die_mid_body})) as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        await b.client.send(b"DATA %d\n" % len(body))
+        await b.client.send_in_pieces(body, 10_000, pause=0.01)
+        await b.client.send(b"VALID\n")
+        await b.client.expect(f"ERROR {PEER_NAME}: connection lost during transfer\n".encode())
+        # The next request reopens the peer.
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"ALREADY-HAVE\n")
+    assert len(b.connections) == 2
+    assert b.connections[0].bodies == [body[:1000]]
+    assert b.log.records == []
+
+
+async def test_client_vanishes_mid_put_body(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        await b.client.send(b"DATA 100000\n", blob(5000))
+        await trio.sleep(1)
+        await b.client.stream.aclose()
+        await b.wait_end()
+    [conn] = b.connections
+    assert b.transport.channels[0].closed
+    assert conn.eof and conn.lost_in_body
+    assert b.repo.contents == {}
+    assert b.session.outcome.startswith("client lost")
+
+
+async def test_peer_dies_mid_get_body(autojump_clock: trio.abc.Clock) -> None:
+    async def die_mid_body(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.Data(10_000))
+        await conn.framed.send_body(b"x" * 100)
+        await conn.hang_up()
+        raise StreamLost("hung up")
+
+    async with bridge(FakeRepo(hooks={m.Get: die_mid_body})) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        # A GET body cannot be completed: the client is disconnected.
+        assert await b.client.rest() == script(b"DATA 10000\n", b"x" * 100)
+    assert b.session.outcome.startswith(f"{PEER_NAME} lost during GET")
+
+
+async def test_peer_dies_before_valid(autojump_clock: trio.abc.Clock) -> None:
+    async def die_before_valid(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send_data(b"abc")
+        await conn.hang_up()
+        raise StreamLost("hung up")
+
+    async with bridge(FakeRepo(hooks={m.Get: die_before_valid})) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA 3\n", b"abc", b"INVALID\n")
+        await b.client.send(b"SUCCESS\n", b"GETTIMESTAMP\n")
+        await b.client.expect(b"TIMESTAMP 1000\n")
+    assert len(b.connections) == 2
+    assert b.connections[1].received == [m.Version(4), m.GetTimestamp()]
+
+
+async def test_peer_breaks_the_protocol(autojump_clock: trio.abc.Clock) -> None:
+    async def garbage(conn: PeerConnection, message: m.Message) -> None:
+        if len(conn.repo.connections) == 1:
+            await conn.send(m.PutFrom(0))  # not an answer to CHECKPRESENT
+            await conn.silent()
+        await conn.send(m.Failure())
+
+    async with bridge(FakeRepo(hooks={m.CheckPresent: garbage})) as b:
+        await b.client.login(4)
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        why = "protocol error: unexpected PutFrom to CheckPresent"
+        await b.client.expect(f"ERROR {PEER_NAME}: {why}\n".encode())
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"FAILURE\n")
+    assert len(b.connections) == 2
+
+
+# --- stalls ------------------------------------------------------------------------------
+
+
+async def test_client_stalls_mid_put_body(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        start = trio.current_time()
+        await b.client.send(b"DATA 100000\n", blob(5000))
+        assert await b.client.rest() == b""  # nothing more, then closed
+        assert LIMITS.stall_timeout <= trio.current_time() - start < LIMITS.stall_timeout + 1
+    assert b.connections[0].lost_in_body
+    assert b.session.outcome.startswith("client lost")
+
+
+async def test_peer_stalls_mid_get_body(autojump_clock: trio.abc.Clock) -> None:
+    async def stall(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.Data(10_000))
+        await conn.framed.send_body(b"y" * 10)
+        await conn.silent()
+
+    async with bridge(FakeRepo(hooks={m.Get: stall})) as b:
+        await b.client.login(4)
+        start = trio.current_time()
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        assert await b.client.rest() == script(b"DATA 10000\n", b"y" * 10)
+        assert LIMITS.stall_timeout <= trio.current_time() - start < LIMITS.stall_timeout + 1
+    assert b.session.outcome.startswith(f"{PEER_NAME} lost during GET")
+
+
+async def test_client_that_does_not_read_a_get_body(autojump_clock: trio.abc.Clock) -> None:
+    repo = FakeRepo(contents={KEY: blob(MiB)})
+    async with bridge(repo, lockstep=True) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA %d\n" % MiB)
+        await b.wait_end()  # the client reads no more: the bridge gives up on it
+        assert trio.current_time() < LIMITS.stall_timeout + 10
+    assert b.session.outcome.startswith("client lost")
+    assert b.transport.channels[0].closed
+
+
+# --- more AUTH ------------------------------------------------------------------------------
+
+
+async def test_line_over_the_limit_before_auth(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.send(b"AUTH " + b"a" * (m.MAX_LINE + 10))
+        assert await b.client.rest() == b""
+        assert trio.current_time() < LIMITS.auth_timeout  # not the deadline: the cap
+    assert b.session.outcome == "client sent a line over the limit"
+
+
+async def test_client_uuid_that_is_not_a_uuid(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge() as b:
+        await b.client.send(f"AUTH --upload-pack=evil {TOKEN}\n".encode())
+        await b.client.expect(b"AUTH-FAILURE\n")
+        assert await b.client.rest() == b""
+    assert b.admission.granted == 0
+
+
+async def test_bytes_read_before_the_session(autojump_clock: trio.abc.Clock) -> None:
+    # The daemon may have read the first bytes already (session.py's ``initial``).
+    repo = FakeRepo(contents={KEY: b"x"})
+    async with trio.open_nursery() as nursery:
+        transport = FakeTransport(repo, server_nursery=nursery)
+        admission = OneToken()
+        endpoint = Endpoint("ep", PEER_UUID, transport, Path("/nonexistent"), admission, LIMITS)
+        ours, theirs = trio.testing.memory_stream_pair()
+        session = Session(theirs, endpoint, initial=AUTH + b"VERS")
+        nursery.start_soon(session.run)
+        client = Client(ours)
+        await client.send(f"ION 4\nCHECKPRESENT {KEY}\n".encode())
+        await client.expect(AUTH_OK, b"VERSION 4\n", b"SUCCESS\n")
+        await ours.aclose()
+    assert session.outcome == "client closed"
+
+
+# --- a whole session at once -----------------------------------------------------------------
+
+
+async def test_pipelined_v4_session_transcript(autojump_clock: trio.abc.Clock) -> None:
+    """Everything a client would send in one write: each exchange still runs in turn."""
+    repo = FakeRepo(contents={KEY: b"0123456789a"}, timestamp=77)
+    new = blob(70_000, seed=9)
+    client_bytes = script(
+        AUTH,
+        b"VERSION 4\n",
+        f"CHECKPRESENT {KEY}\n".encode(),
+        f"CHECKPRESENT {KEY2}\n".encode(),
+        f"LOCKCONTENT {KEY}\n".encode(),
+        b"UNLOCKCONTENT\n",
+        b"GETTIMESTAMP\n",
+        f"PUT  {KEY}\n".encode(),
+        f"PUT new.bin {KEY2}\n".encode(),
+        b"DATA 70000\n",
+        new,
+        b"VALID\n",
+        f"GET 3 f {KEY}\n".encode(),
+        b"SUCCESS\n",
+        f"PUT  {KEY2}\n".encode(),
+        f"REMOVE-BEFORE 700 {KEY}\n".encode(),
+        b"NOTIFYCHANGE\n",
+        f"CHECKPRESENT {KEY}\n".encode(),  # never read: NOTIFYCHANGE ended the session
+    )
+    async with bridge(repo) as b:
+        await b.client.send(client_bytes)
+        seen = await b.client.rest()
+    assert seen == script(
+        AUTH_OK,
+        b"VERSION 4\n",
+        b"SUCCESS\n",
+        b"FAILURE\n",
+        b"SUCCESS\n",
+        b"TIMESTAMP 77\n",
+        b"ALREADY-HAVE\n",
+        b"PUT-FROM 0\n",
+        b"SUCCESS\n",
+        b"DATA 8\n",
+        b"3456789a",
+        b"VALID\n",
+        b"ALREADY-HAVE\n",
+        b"SUCCESS\n",
+        b"ERROR protocol error\n",
+    )
+    assert repo.contents == {KEY2: new}
+    assert b.log.records == [(KEY2, PEER_UUID, True), (KEY, PEER_UUID, False)]
+    assert len(b.connections) == 1
