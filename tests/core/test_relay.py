@@ -901,6 +901,17 @@ def test_peer_lost_during_get_body_ends_the_session(version: int) -> None:
     assert relay.done
 
 
+def test_peer_lost_before_the_client_saw_the_get_header() -> None:
+    relay = session(4)
+    request(relay, m.Get(0, None, KEY))
+    peer(relay, m.Data(1 << 20))
+    assert relay.side_lost(P, "closed inside a DATA body", header_unsent=True) == [
+        ClosePeer("closed inside a DATA body"),
+        error(f"{PEER}: closed inside a DATA body"),
+    ]
+    assert relay.next_reader is C
+
+
 @pytest.mark.parametrize(
     "lose",
     [

@@ -721,6 +721,24 @@ async def test_peer_dies_mid_get_body(autojump_clock: trio.abc.Clock) -> None:
     assert b.session.outcome.startswith(f"{PEER_NAME} lost during GET")
 
 
+async def test_peer_dies_before_the_first_get_byte(autojump_clock: trio.abc.Clock) -> None:
+    async def die_after_header(conn: PeerConnection, message: m.Message) -> None:
+        # A header, and not one byte of the body (raw: FramedStream would hold it).
+        await conn.framed.stream.send_all(m.serialise(m.Data(10_000)))
+        await conn.hang_up()
+        raise StreamLost("hung up")
+
+    async with bridge(FakeRepo(hooks={m.Get: die_after_header})) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        # The client never saw DATA: it is told in words, and the session goes on.
+        reply = await b.client.line()
+        assert reply.startswith(f"ERROR {PEER_NAME}: ".encode()), reply
+        await b.client.send(b"GETTIMESTAMP\n")
+        await b.client.expect(b"TIMESTAMP 1000\n")
+    assert [c.received[-1] for c in b.connections] == [m.Get(0, None, KEY), m.GetTimestamp()]
+
+
 async def test_peer_dies_before_valid(autojump_clock: trio.abc.Clock) -> None:
     async def die_before_valid(conn: PeerConnection, message: m.Message) -> None:
         await conn.send_data(b"abc")

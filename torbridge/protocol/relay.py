@@ -269,13 +269,17 @@ class Relay:
             return self._put_failed()
         return []
 
-    def side_lost(self, side: Side, reason: str) -> list[Action]:
-        """``side`` failed: EOF, an I/O error, a deadline, or (peer) could not open."""
+    def side_lost(self, side: Side, reason: str, header_unsent: bool = False) -> list[Action]:
+        """``side`` failed: EOF, an I/O error, a deadline, or (peer) could not open.
+
+        ``header_unsent``: the peer failed before any byte of a GET body, and
+        the I/O layer has not yet sent the client the DATA header.
+        """
         if self.phase is Phase.DONE:
             return []
         if side is Side.CLIENT:
             return self._end(f"client lost: {reason}", [], clean=False)
-        return self._peer_lost(reason)
+        return self._peer_lost(reason, header_unsent=header_unsent)
 
     # --- the client's messages ------------------------------------------------
 
@@ -465,7 +469,9 @@ class Relay:
         """The peer said something out of protocol: drop it, tell the client."""
         return self._peer_lost(f"protocol error: {what}", close=True)
 
-    def _peer_lost(self, reason: str, close: bool = False) -> list[Action]:
+    def _peer_lost(
+        self, reason: str, close: bool = False, header_unsent: bool = False
+    ) -> list[Action]:
         was_open, self.peer_open = self.peer_open, False
         actions: list[Action] = [ClosePeer(reason)] if close or was_open else []
         error = m.Error(f"{self.peer_name}: {reason}")
@@ -497,6 +503,10 @@ class Relay:
             self.phase = Phase.CLIENT_GET_RESULT
             return [*actions, Send(Side.CLIENT, m.Invalid())]
         getting = self._after_body in (Phase.PEER_VALIDITY, Phase.CLIENT_GET_RESULT)
+        if phase is Phase.BODY and getting and header_unsent:
+            # The client has not seen DATA yet: it can simply be told.
+            self.phase = Phase.IDLE
+            return [*actions, Send(Side.CLIENT, error)]
         if phase is Phase.BODY and getting:
             # A GET body cannot be completed: closing is the only honest option.
             return self._end(f"{self.peer_name} lost during GET: {reason}", actions, clean=False)

@@ -143,11 +143,11 @@ class Session:
             log.debug("[%d] client: %s", self.id, m.redacted(event))
         return self.relay.receive(side, event)
 
-    async def _lost(self, side: Side, reason: str) -> list[r.Action]:
+    async def _lost(self, side: Side, reason: str, header_unsent: bool = False) -> list[r.Action]:
         if side is Side.PEER:
             log.warning("[%d] %s: %s", self.id, self.endpoint.name, reason)
             await self._close_peer()
-        return self.relay.side_lost(side, reason)
+        return self.relay.side_lost(side, reason, header_unsent)
 
     def _channel(self, side: Side) -> FramedStream | PeerChannel | None:
         return self.client if side is Side.CLIENT else self.peer
@@ -214,10 +214,10 @@ class Session:
             try:
                 with trio.fail_after(self.limits.stall_timeout):
                     chunk = await src.receive_body(min(remaining, BODY_CHUNK))
-            except trio.TooSlowError:
-                return await self._lost(source, "stalled inside a DATA body")
-            except StreamLost as e:
-                return await self._lost(source, str(e))
+            except (trio.TooSlowError, StreamLost) as e:
+                reason = str(e) or "stalled inside a DATA body"
+                unsent = source is Side.PEER and self.client.discard_held()
+                return await self._lost(source, reason, header_unsent=unsent)
             remaining -= len(chunk)
             dst = self._channel(dst_side)
             if dst is None:

@@ -107,6 +107,11 @@ class FramedStream:
             raise StreamLost(str(e) or type(e).__name__) from e
         self.bytes_out += len(data)
 
+    def discard_held(self) -> bool:
+        """Forget a DATA header not yet sent; True if there was one."""
+        held, self._held = self._held, b""
+        return bool(held)
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
