@@ -286,7 +286,11 @@ async def _accept_loop(
             admission.leave_pre_auth()
             await stream.aclose()
             return
-        await Session(client, endpoint, initial).run()
+        try:
+            await Session(client, endpoint, initial).run()
+        except Exception:
+            # A bug in one session must never take the others down with it.
+            log.exception("%s: session failed", endpoint.name)
 
     async with listener:
         await trio.serve_listeners(handle, [listener])

@@ -90,27 +90,41 @@ async def run_git_service(
 
     stderr = StderrTail(service)
     code: int | None = None
+    client_gone = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client_to_git)
             nursery.start_soon(stderr.read, process.stderr)
             nursery.start_soon(watchdog, nursery.cancel_scope)
-            while data := await process.stdout.receive_some(CHUNK):
-                last_activity = trio.current_time()
-                await client.send(m.Data(len(data)))
-                await client.send_body(bytes(data))
-            # stdout is at EOF: every byte git wrote has been sent.
-            code = await process.wait()
-            nursery.cancel_scope.cancel()
+            try:
+                while data := await process.stdout.receive_some(CHUNK):
+                    last_activity = trio.current_time()
+                    await client.send(m.Data(len(data)))
+                    await client.send_body(bytes(data))
+            except StreamLost as e:
+                # The client went away (killed git fetch, lost circuit): git
+                # is stopped below; there is nobody to send CONNECTDONE to.
+                log.info("%s: client lost: %s", service, e)
+                client_gone = True
+                nursery.cancel_scope.cancel()
+            else:
+                # stdout is at EOF: every byte git wrote has been sent.
+                code = await process.wait()
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             if process.returncode is None:
                 process.kill()
             await process.wait()
             await process.stdout.aclose()
+    if client_gone:
+        return 1
     if code is None:  # stopped by the watchdog: git's output is incomplete
         code = 1
-    await client.send(m.ConnectDone(code))
     if code:
         log.info("%s exited %d: %s", service, code, stderr.text())
+    try:
+        await client.send(m.ConnectDone(code))
+    except StreamLost:
+        log.info("%s: client gone before CONNECTDONE", service)
     return code

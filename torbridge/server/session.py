@@ -175,7 +175,8 @@ class Session:
                 )
                 return []
             case r.RefuseService(reason=reason):
-                await refuse_git_service(self.client, reason)
+                with contextlib.suppress(StreamLost):  # the session ends next anyway
+                    await refuse_git_service(self.client, reason)
                 return []
             case r.Stored(key=key, uuids=uuids):
                 self._record(key, uuids, present=True)
