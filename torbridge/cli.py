@@ -15,7 +15,9 @@ from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
+from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
+from torbridge.server.status import render
 from torbridge.tokens import MODES, TokenError, TokenStore
 from torbridge.tor.onion import TorError, torrc_snippet
 
@@ -97,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         "testnet", help="run a private Tor network on 127.0.0.1 (tests and demos)"
     )
     testnet.add_argument("--dir", type=Path, help="where to keep it (default: a temp dir)")
+    status = sub.add_parser("status", help="what the running daemon is doing")
+    status.add_argument("--json", action="store_true", help="the raw snapshot")
+    status.add_argument("--metrics", action="store_true", help="Prometheus text")
     sub.add_parser("doctor", help="check the host and the config; one line each, with the fix")
     init = sub.add_parser("init", help="print a commented config for a repository")
     init.add_argument("repository", type=Path)
@@ -136,6 +141,20 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(config: Config, args: argparse.Namespace) -> int:
+    path = control_socket(config)
+    try:
+        text = query(path, "metrics" if args.metrics else "status")
+    except OSError as e:
+        print(
+            f"torbridge: cannot reach the daemon at {path}: {e.strerror}; is it running?",
+            file=sys.stderr,
+        )
+        return 1
+    print(text if args.json or args.metrics else render(json.loads(text)), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             trio.run(run_daemon, config)
             return 0
+        if args.command == "status":
+            return _status(config, args)
         if args.command == "onion-snippet":
             hs_dir = config.tor.hidden_service_dir or Path("/var/lib/tor/torbridge")
             print(torrc_snippet(hs_dir, onion_ports(config)), end="")

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -18,9 +19,18 @@ from torbridge.config import OWN_REPOSITORY, Config, Expose
 from torbridge.ops import notify
 from torbridge.remotes import RemoteError, TorAddress, parse_p2p_address, proxied_remote, read_token
 from torbridge.server.admission import Admission
+from torbridge.server.control import (
+    ControlServer,
+    control_socket,
+    log_progress,
+    metrics_socket,
+    serve_control,
+    serve_metrics,
+)
 from torbridge.server.fdpass import accept_stream
 from torbridge.server.locationlog import LocationLog
 from torbridge.server.session import Endpoint, Session
+from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
 from torbridge.tor.onion import (
     ControlSpec,
@@ -82,28 +92,31 @@ def repository_uuid(repository: Path) -> str:
     return uuid
 
 
-def build_endpoints(
-    config: Config, admission: Admission, location_log: LocationLog
-) -> list[Endpoint]:
+@dataclass
+class Shared:
+    """What all the endpoints of one daemon share."""
+
+    admission: Admission
+    location_log: LocationLog
+    registry: Registry
+
+
+def build_endpoints(config: Config, shared: Shared) -> list[Endpoint]:
     own_uuid = repository_uuid(config.repository)
-    return [
-        _build_endpoint(config, expose, own_uuid, admission, location_log)
-        for expose in config.expose
-    ]
+    return [_build_endpoint(config, expose, own_uuid, shared) for expose in config.expose]
 
 
-def _build_endpoint(
-    config: Config, expose: Expose, own_uuid: str, admission: Admission, location_log: LocationLog
-) -> Endpoint:
+def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Shared) -> Endpoint:
     def endpoint(uuid: str, transport: Transport, records: bool = False) -> Endpoint:
         return Endpoint(
             expose.name,
             uuid,
             transport,
             config.repository,
-            admission,
+            shared.admission,
             config.limits,
-            location_log if records else None,
+            shared.location_log if records else None,
+            shared.registry,
         )
 
     if expose.remote == OWN_REPOSITORY:
@@ -236,14 +249,27 @@ async def serve(
     """Serve until cancelled (SIGTERM/SIGINT are handled by run_daemon)."""
     check_git_annex()
     _make_state_dir(config.state_dir)
-    admission = Admission(TokenStore(config.state_dir), config.limits)
-    location_log = LocationLog(config.repository)
-    endpoints = build_endpoints(config, admission, location_log)
+    shared = Shared(
+        Admission(TokenStore(config.state_dir), config.limits),
+        LocationLog(config.repository),
+        Registry(),
+    )
+    endpoints = build_endpoints(config, shared)
+    shared.registry.endpoints = [
+        {
+            "name": e.name,
+            "port": x.port,
+            "target": "own repository" if x.remote == OWN_REPOSITORY else f"remote {x.remote}",
+            "socket": str(config.socket_path(x)),
+        }
+        for e, x in zip(endpoints, config.expose, strict=True)
+    ]
     try:
         config.socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as e:
         raise StartupError(f"cannot create socket_dir {config.socket_dir}: {e.strerror}") from e
     bound: list[Path] = []
+    listeners_of_ours: list[tuple[trio.SocketListener, ControlServer]] = []
     try:
         listeners = []
         for endpoint, expose in zip(endpoints, config.expose, strict=True):
@@ -256,11 +282,22 @@ async def serve(
             log.info(
                 "endpoint %s (repository %s) listening on %s", endpoint.name, endpoint.uuid, path
             )
+        ours: list[tuple[Path, int, ControlServer]] = [
+            (control_socket(config), 0o600, serve_control),
+            (metrics_socket(config), 0o660, serve_metrics),
+        ]
+        for path, mode, server in ours:
+            listeners_of_ours.append((await bind_unix(path, mode), server))
+            bound.append(path)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(location_log.run)
+            nursery.start_soon(shared.location_log.run)
+            nursery.start_soon(log_progress, shared.registry)
+            for listener, serve_it in listeners_of_ours:
+                nursery.start_soon(serve_it, listener, shared.registry)
             for endpoint, listener in zip(endpoints, listeners, strict=True):
-                nursery.start_soon(_accept_loop, listener, endpoint, admission)
+                nursery.start_soon(_accept_loop, listener, endpoint, shared)
             onion = await _publish_onion(config, nursery)
+            shared.registry.onion = onion
             if onion:
                 for expose in config.expose:
                     log.info("endpoint %s: tor-annex::%s:%d", expose.name, onion, expose.port)
@@ -268,15 +305,16 @@ async def serve(
     finally:
         for path in bound:
             path.unlink(missing_ok=True)
-        await location_log.flush()
+        await shared.location_log.flush()
 
 
-async def _accept_loop(
-    listener: trio.SocketListener, endpoint: Endpoint, admission: Admission
-) -> None:
+async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared: Shared) -> None:
+    admission = shared.admission
+
     async def handle(stream: trio.SocketStream) -> None:
         if not admission.enter_pre_auth():
             log.warning("%s: too many unauthenticated connections, refusing one", endpoint.name)
+            shared.registry.connection_refused()
             await stream.aclose()
             return
         try:

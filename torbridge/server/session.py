@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torbridge.protocol import relay as r
 from torbridge.protocol.relay import Side
 from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.locationlog import LocationLog
+from torbridge.server.status import Registry
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import argv_safe_uuid
@@ -65,6 +67,7 @@ class Endpoint:
     limits: Limits = field(default_factory=Limits)
     # Where what the relay saw is recorded; None where git-annex records it itself.
     location_log: LocationLog | None = None
+    registry: Registry = field(default_factory=Registry)
 
 
 class Session:
@@ -82,6 +85,28 @@ class Session:
         self._auth_deadline = self.started + self.limits.auth_timeout
         self._nursery: trio.Nursery | None = None
         self._pre_auth = True  # counted against the cap on unauthenticated connections
+        self.started_wall = time.time()
+        self.endpoint_name = endpoint.name
+        self.token_name: str | None = None
+        self._clean = True
+
+    # --- what the status registry reads (server/status.py) -------------------------
+
+    @property
+    def version(self) -> int:
+        return self.relay.version
+
+    @property
+    def bytes_in(self) -> int:
+        return self.client.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self.client.bytes_out
+
+    @property
+    def current_request(self) -> m.Message | None:
+        return None if self.relay.phase is r.Phase.IDLE else self.relay.request
 
     # --- the loop ---------------------------------------------------------------
 
@@ -98,6 +123,7 @@ class Session:
             self._leave_pre_auth()
             if self.grant is not None:
                 self.endpoint.admission.release(self.grant)
+                self.endpoint.registry.session_ended(self, self.outcome, self._clean)
             await self._close_client()
             self._log_end()
 
@@ -118,6 +144,7 @@ class Session:
             action = queue.popleft()
             if isinstance(action, r.EndSession):
                 self.outcome = action.reason
+                self._clean = action.clean
                 self.linger = action.linger
                 return
             queue.extendleft(reversed(await self._perform(action)))
@@ -146,6 +173,7 @@ class Session:
     async def _lost(self, side: Side, reason: str, header_unsent: bool = False) -> list[r.Action]:
         if side is Side.PEER:
             log.warning("[%d] %s: %s", self.id, self.endpoint.name, reason)
+            self.endpoint.registry.peer_failed(self.endpoint.transport.name, reason)
             await self._close_peer()
         return self.relay.side_lost(side, reason, header_unsent)
 
@@ -251,8 +279,11 @@ class Session:
             grant = self.endpoint.admission.authorize(self.endpoint.name, token)
         if grant is None:
             log.warning("[%d] %s: authentication failed", self.id, self.endpoint.name)
+            self.endpoint.registry.auth_failed()
             return self.relay.auth_rejected()
         self.grant = grant
+        self.token_name = grant.token_name
+        self.endpoint.registry.session_started(self)
         log.info(
             "[%d] %s: session start, token %s (%s), client %s",
             self.id,
@@ -267,6 +298,7 @@ class Session:
         assert self._nursery is not None and self.grant is not None
         assert self.relay.client_uuid is not None
         info = SessionInfo(self.relay.client_uuid, self.grant.mode)
+        opening = trio.current_time()
         try:
             with trio.fail_after(self.limits.peer_timeout):
                 self.peer = await self.endpoint.transport.open(self._nursery, info, version, bypass)
@@ -274,6 +306,9 @@ class Session:
             return await self._lost(Side.PEER, "no answer before the deadline")
         except PeerUnavailable as e:
             return await self._lost(Side.PEER, str(e))
+        self.endpoint.registry.peer_opened(
+            self.endpoint.transport.name, trio.current_time() - opening
+        )
         return self.relay.peer_opened(self.peer.version)
 
     # --- cleanup that cannot be skipped ---------------------------------------------

@@ -1,0 +1,245 @@
+"""What the running daemon can tell about itself: sessions, peers, totals.
+
+The registry reads live sessions' own counters when asked, so a session
+pays nothing per message for being observable. It is served on a local
+control socket (``torbridge status``) and as Prometheus text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torbridge.protocol import messages as m
+
+
+class Observable(Protocol):
+    """What a Session exposes to the registry (server/session.py)."""
+
+    id: int
+    endpoint_name: str
+    token_name: str | None
+    started_wall: float
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def bytes_in(self) -> int: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+    @property
+    def current_request(self) -> m.Message | None: ...
+
+
+@dataclass
+class PeerHealth:
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_open_seconds: float | None = None
+    opens: int = 0
+    failures: int = 0
+
+
+@dataclass
+class Registry:
+    started: float = field(default_factory=time.time)
+    sessions: dict[int, Observable] = field(default_factory=dict)
+    peers: dict[str, PeerHealth] = field(default_factory=dict)
+    counters: Counter[str] = field(default_factory=Counter)
+    onion: str | None = None
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
+
+    # --- what sessions report -----------------------------------------------------
+
+    def session_started(self, session: Observable) -> None:
+        self.sessions[session.id] = session
+        self.counters["sessions_total"] += 1
+
+    def session_ended(self, session: Observable, outcome: str, clean: bool) -> None:
+        self.sessions.pop(session.id, None)
+        self.counters["bytes_in_total"] += session.bytes_in
+        self.counters["bytes_out_total"] += session.bytes_out
+        if not clean:
+            self.counters["sessions_failed_total"] += 1
+
+    def auth_failed(self) -> None:
+        self.counters["auth_failures_total"] += 1
+
+    def connection_refused(self) -> None:
+        self.counters["connections_refused_total"] += 1
+
+    def peer_opened(self, peer: str, seconds: float) -> None:
+        health = self.peers.setdefault(peer, PeerHealth())
+        health.opens += 1
+        health.last_open_seconds = seconds
+
+    def peer_failed(self, peer: str, reason: str) -> None:
+        health = self.peers.setdefault(peer, PeerHealth())
+        health.failures += 1
+        health.last_error = reason
+        health.last_error_at = time.time()
+
+    # --- what operators read ---------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        live_in = sum(s.bytes_in for s in self.sessions.values())
+        live_out = sum(s.bytes_out for s in self.sessions.values())
+        return {
+            "uptime_seconds": round(now - self.started, 1),
+            "onion": self.onion,
+            "endpoints": self.endpoints,
+            "sessions": [
+                {
+                    "id": s.id,
+                    "endpoint": s.endpoint_name,
+                    "token": s.token_name,
+                    "version": s.version,
+                    "seconds": round(now - s.started_wall, 1),
+                    "request": m.redacted(s.current_request) if s.current_request else None,
+                    "bytes_in": s.bytes_in,
+                    "bytes_out": s.bytes_out,
+                }
+                for s in sorted(self.sessions.values(), key=lambda s: s.id)
+            ],
+            "peers": {
+                name: {
+                    "opens": h.opens,
+                    "failures": h.failures,
+                    "last_open_seconds": h.last_open_seconds,
+                    "last_error": h.last_error,
+                    "last_error_age_seconds": (
+                        round(now - h.last_error_at, 1) if h.last_error_at else None
+                    ),
+                }
+                for name, h in sorted(self.peers.items())
+            },
+            "totals": {
+                **dict(self.counters),
+                "bytes_in_total": self.counters["bytes_in_total"] + live_in,
+                "bytes_out_total": self.counters["bytes_out_total"] + live_out,
+            },
+        }
+
+    def metrics(self) -> str:
+        """Prometheus text exposition format."""
+        snap = self.snapshot()
+        totals = snap["totals"]
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP torbridge_{name} {help_text}")
+            lines.append(f"# TYPE torbridge_{name} {kind}")
+            lines.extend(f"torbridge_{name}{labels} {_number(value)}" for labels, value in samples)
+
+        per_endpoint = Counter(s["endpoint"] for s in snap["sessions"])
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the daemon started.",
+            [("", snap["uptime_seconds"])],
+        )
+        metric(
+            "sessions",
+            "gauge",
+            "Authenticated sessions in flight.",
+            [(f'{{endpoint="{_label(e)}"}}', n) for e, n in sorted(per_endpoint.items())]
+            or [("", 0)],
+        )
+        for key, help_text in (
+            ("sessions_total", "Authenticated sessions started."),
+            ("sessions_failed_total", "Sessions that ended uncleanly."),
+            ("auth_failures_total", "Failed AUTH attempts."),
+            ("connections_refused_total", "Connections refused over the pre-auth cap."),
+            ("bytes_in_total", "Bytes received from clients."),
+            ("bytes_out_total", "Bytes sent to clients."),
+        ):
+            metric(key, "counter", help_text, [("", totals.get(key, 0))])
+        peers = snap["peers"]
+        metric(
+            "peer_failures_total",
+            "counter",
+            "Failures reaching or talking to a peer.",
+            [(f'{{peer="{_label(p)}"}}', h["failures"]) for p, h in peers.items()],
+        )
+        metric(
+            "peer_open_seconds",
+            "gauge",
+            "Time the last connection to a peer took to open.",
+            [
+                (f'{{peer="{_label(p)}"}}', h["last_open_seconds"])
+                for p, h in peers.items()
+                if h["last_open_seconds"] is not None
+            ],
+        )
+        return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    # Counters stay exact integers; %g would round a byte count to 6 digits.
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    """``torbridge status`` for a person."""
+    lines = [f"torbridge up {_duration(snapshot['uptime_seconds'])}"]
+    if snapshot["onion"]:
+        lines.append(f"onion: {snapshot['onion']}")
+    for e in snapshot["endpoints"]:
+        lines.append(f"endpoint {e['name']}: port {e['port']}, {e['target']}, {e['socket']}")
+    sessions = snapshot["sessions"]
+    lines.append(f"sessions in flight: {len(sessions)}")
+    for s in sessions:
+        rate = (s["bytes_in"] + s["bytes_out"]) / max(s["seconds"], 0.1)
+        lines.append(
+            f"  [{s['id']}] {s['endpoint']} token {s['token']} v{s['version']}"
+            f" {_duration(s['seconds'])} in {_size(s['bytes_in'])} out {_size(s['bytes_out'])}"
+            f" ({_size(rate)}/s) {s['request'] or 'idle'}"
+        )
+    for name, p in snapshot["peers"].items():
+        state = (
+            f"last error {p['last_error_age_seconds']}s ago: {p['last_error']}"
+            if p["last_error"]
+            else "no errors"
+        )
+        opened = p["last_open_seconds"]
+        latency = f", opens in {opened:.2f}s" if opened is not None else ""
+        lines.append(f"peer {name}: {p['opens']} opens, {p['failures']} failures{latency}; {state}")
+    t = snapshot["totals"]
+    lines.append(
+        f"totals: {t.get('sessions_total', 0)} sessions ({t.get('sessions_failed_total', 0)}"
+        f" failed), {t.get('auth_failures_total', 0)} failed AUTH,"
+        f" in {_size(t['bytes_in_total'])}, out {_size(t['bytes_out_total'])}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return (
+        f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+        if s >= 3600
+        else f"{s // 60}m{s % 60:02d}s"
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def as_json(snapshot: dict[str, Any]) -> str:
+    return json.dumps(snapshot, indent=2, sort_keys=True)
