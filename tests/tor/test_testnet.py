@@ -1,0 +1,411 @@
+"""The private Tor network: its safety checks (unit tests, no tor needed) and
+the network itself (marked ``tor``: a real private network on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.tor.conftest import echo_roundtrip, require_tor
+from torbridge.tor.testnet import (
+    Authority,
+    Network,
+    Node,
+    TestNet,
+    TorProcess,
+    TorTestNetError,
+    Watchdog,
+    authority_torrc,
+    check_torrc_safe,
+    client_torrc,
+    in_host_netns,
+    keygen_torrc,
+    relay_torrc,
+    service_torrc,
+    ss_sockets,
+    unsafe_sockets,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")  # stem 1.8
+
+# --------------------------------------------------------------------------
+# torrc safety (no tor needed)
+
+
+@pytest.fixture
+def network(tmp_path: Path) -> Network:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    authorities = tuple(
+        Authority(f"auth{i}", 5000 + i, 6000 + i, f"{i:040X}", f"{i + 10:040X}") for i in range(3)
+    )
+    return Network(authorities, empty, os.getpid())
+
+
+def _node(network: Network, name: str) -> Node:
+    return Node(name, network.empty_file.parent / name, 7000)
+
+
+@pytest.fixture
+def torrcs(network: Network) -> dict[str, str]:
+    """A torrc of every role, as the testnet writes them."""
+    bandwidths = network.empty_file.parent / "bandwidths"
+    return {
+        "authority": authority_torrc(
+            network,
+            _node(network, "auth0"),
+            or_port=5000,
+            dir_port=6000,
+            vote_offset=3,
+            bandwidth_file=bandwidths,
+        ),
+        "relay": relay_torrc(network, _node(network, "relay0"), or_port=5003),
+        "client": client_torrc(network, _node(network, "client"), socks_port=7001),
+        "service": service_torrc(network, _node(network, "service")),
+        "keygen": keygen_torrc(network.empty_file.parent, "relay0", 5003, network.empty_file),
+        "annex node": client_torrc(
+            network,
+            _node(network, "annex"),
+            socks_port=7002,
+            extra=["HiddenServiceDir /tmp/hs", "HiddenServicePort 80 unix:/tmp/hs/annex.sock"],
+        ),
+    }
+
+
+def test_generated_torrcs_are_safe(torrcs: dict[str, str], network: Network) -> None:
+    for role, text in torrcs.items():
+        check_torrc_safe(text)  # raises if not
+        assert "TestingTorNetwork 1\n" in text, role
+        assert re.search(r"^DirAuthority .* 127\.0\.0\.1:\d+ ", text, re.M), role
+    for role in ("authority", "relay", "client", "service"):
+        assert f"__OwningControllerProcess {os.getpid()}\n" in torrcs[role]
+        assert "ControlPort 127.0.0.1:7000\n" in torrcs[role]
+    for role in ("authority", "relay"):
+        assert f"ServerDNSResolvConfFile {network.empty_file}\n" in torrcs[role]
+    assert "SocksPort 127.0.0.1:7001 ExtendedErrors\n" in torrcs["client"]
+    assert "VanguardsLiteEnabled 0\n" in torrcs["service"]
+
+
+def _without(pattern: str) -> Callable[[str], str]:
+    return lambda text: re.sub(pattern, "", text, flags=re.M)
+
+
+def _plus(*lines: str) -> Callable[[str], str]:
+    return lambda text: text + "".join(line + "\n" for line in lines)
+
+
+MORIA1 = "DirAuthority moria1 orport=9201 v3ident=F533C81CEF0BC0267857C99B2F471ADF249FA232 "
+MORIA1 += "128.31.0.39:9231 1A25 C613 3E22 F73F 2E10 6FE2 BFA5 3FFA 3D52 7C24"
+
+UNSAFE_CLIENT_VARIANTS: dict[str, Callable[[str], str]] = {
+    "no TestingTorNetwork": _without(r"^TestingTorNetwork 1\n"),
+    "TestingTorNetwork 0": _plus("TestingTorNetwork 0"),
+    "no UseDefaultFallbackDirs 0": _without(r"^UseDefaultFallbackDirs 0\n"),
+    "UseDefaultFallbackDirs 1": _plus("UseDefaultFallbackDirs 1"),
+    "no DirAuthority": _without(r"^DirAuthority .*\n"),
+    "a public DirAuthority": _plus(MORIA1),
+    "a public DirServer (tor's alias)": _plus(MORIA1.replace("DirAuthority", "DirServer", 1)),
+    "an IPv6 DirAuthority": _plus(
+        "DirAuthority x orport=1 ipv6=[2001:db8::1]:9001 v3ident="
+        + "A" * 40
+        + " 127.0.0.1:9 "
+        + "B" * 40
+    ),
+    "SocksPort 0.0.0.0": _plus("SocksPort 0.0.0.0:9150"),
+    "SocksPort as a bare port": _plus("SocksPort 9150"),
+    "SocksPort on [::]": _plus("SocksPort [::]:9150"),
+    "ControlPort on a public address": _plus("ControlPort 192.0.2.1:9051"),
+    "DNSPort 0.0.0.0": _plus("DNSPort 0.0.0.0:53"),
+    "a hidden listener": _plus("__SocksPort 0.0.0.0:9150"),
+    "HiddenServicePort to a public target": _plus("HiddenServicePort 80 192.0.2.7:80"),
+    "FallbackDir": _plus("FallbackDir 192.0.2.1:80 orport=9001 id=" + "C" * 40),
+    "a Bridge": _plus("UseBridges 1", "Bridge 192.0.2.1:443"),
+    "UseBridges 1": _plus("UseBridges 1"),
+    "a proxy": _plus("Socks5Proxy 192.0.2.1:1080"),
+    "a transport plugin": _plus("ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy"),
+    "a public Address": _plus("Address 192.0.2.5"),
+    "OutboundBindAddress": _plus("OutboundBindAddress 0.0.0.0"),
+    "an abbreviated SocksPort": _plus("SocksPor 0.0.0.0:9150"),
+    "an abbreviated TestingTorNetwork": _plus("TestingTorNet 0"),
+    "an abbreviated DirAuthority": _plus("DirAuth x 192.0.2.1:80 " + "D" * 40),
+    "%include": _plus("%include /etc/tor/torrc"),
+    "a +prefixed option": _plus("+SocksPort 0.0.0.0:9150"),
+    "a continuation line": _plus("ContactInfo a \\", "SocksPort 0.0.0.0:9150"),
+    "RunAsDaemon 1": _plus("RunAsDaemon 1"),
+    "an ORPort off loopback (a relay)": _plus("ORPort 9001"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(UNSAFE_CLIENT_VARIANTS))
+def test_unsafe_client_torrc_refused(torrcs: dict[str, str], variant: str) -> None:
+    text = UNSAFE_CLIENT_VARIANTS[variant](torrcs["client"])
+    assert text != torrcs["client"]
+    with pytest.raises(TorTestNetError, match="unsafe torrc"):
+        check_torrc_safe(text)
+
+
+UNSAFE_RELAY_VARIANTS: dict[str, Callable[[str], str]] = {
+    "no ServerDNSResolvConfFile": _without(r"^ServerDNSResolvConfFile .*\n"),
+    "the system resolver": lambda text: re.sub(
+        r"^ServerDNSResolvConfFile .*$",
+        "ServerDNSResolvConfFile /etc/resolv.conf",
+        text,
+        flags=re.M,
+    ),
+    "no ExitRelay 0": _without(r"^ExitRelay 0\n"),
+    "ExitRelay 1": _plus("ExitRelay 1"),
+    "ORPort on all addresses": _plus("ORPort 0.0.0.0:9001"),
+    "DirPort as a bare port": _plus("DirPort 9030"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(UNSAFE_RELAY_VARIANTS))
+def test_unsafe_relay_torrc_refused(torrcs: dict[str, str], variant: str) -> None:
+    text = UNSAFE_RELAY_VARIANTS[variant](torrcs["relay"])
+    assert text != torrcs["relay"]
+    with pytest.raises(TorTestNetError, match="unsafe torrc"):
+        check_torrc_safe(text)
+
+
+def test_safe_variations_accepted(torrcs: dict[str, str]) -> None:
+    check_torrc_safe(
+        torrcs["client"]
+        + "# a comment\n\n"
+        + "SocksPort unix:/tmp/tb/socks.sock\n"
+        + "ControlSocket /tmp/tb/control\n"
+        + "SocksPort 127.0.0.1:auto IsolateDestAddr\n"
+        + "HiddenServiceDir /tmp/tb/hs\n"
+        + "HiddenServicePort 80\n"
+        + "HiddenServicePort 81 8081\n"
+        + "HiddenServicePort 82 127.0.0.1:8082\n"
+        + "hiddenserviceport 83 unix:/tmp/tb/hs.sock\n"
+        + "ClientPreferIPv6ORPort 0\n"
+        + "Log info file /tmp/tb/info.log\n"
+        + "ORPort 0\n"
+    )
+
+
+# --------------------------------------------------------------------------
+# the watchdog (fake `ss` output; no traffic)
+
+
+def _ss(pid: int, local: str, peer: str, state: str = "ESTAB", netid: str = "tcp") -> str:
+    return f'{netid} {state} 0 0 {local} {peer} users:(("tor",pid={pid},fd=7))'
+
+
+@pytest.mark.parametrize(
+    ("line", "unsafe"),
+    [
+        (_ss(100, "127.0.0.1:9001", "0.0.0.0:*", "LISTEN"), False),
+        (_ss(100, "127.0.0.1:41234", "127.0.0.1:9001"), False),
+        (_ss(100, "127.0.0.1:44366", "127.0.0.1:53", netid="udp"), False),
+        (_ss(100, "[::1]:9001", "[::]:*", "LISTEN"), False),
+        (_ss(100, "[::ffff:127.0.0.1]:9001", "[::ffff:127.0.0.1]:4000"), False),
+        (_ss(100, "127.0.0.53%lo:53", "0.0.0.0:*", "UNCONN", "udp"), False),
+        (_ss(100, "10.0.0.5:41234", "127.0.0.1:9001"), True),
+        (_ss(100, "127.0.0.1:41234", "192.0.2.10:443"), True),
+        (_ss(100, "0.0.0.0:9001", "0.0.0.0:*", "LISTEN"), True),
+        (_ss(100, "*:9001", "*:*", "LISTEN"), True),
+        (_ss(100, "[::]:9001", "[::]:*", "LISTEN"), True),
+        (_ss(100, "10.0.0.5:5353", "8.8.8.8:53", netid="udp"), True),
+        (_ss(100, "[2001:db8::1]:4000", "[2001:db8::2]:443"), True),
+        (_ss(999, "10.0.0.5:41234", "192.0.2.10:443"), False),  # not ours
+        ("tcp ESTAB users:((pid=100))", True),  # ours but unreadable: fail closed
+    ],
+)
+def test_unsafe_sockets(line: str, unsafe: bool) -> None:
+    other = _ss(555, "0.0.0.0:2024", "0.0.0.0:*", "LISTEN")  # someone else's listener
+    assert unsafe_sockets(f"{other}\n{line}\n", {100, 101}) == ([line] if unsafe else [])
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A stand-in for a tor process (we only need a PID to kill)."""
+    p = subprocess.Popen(["sleep", "60"])
+    yield p
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_watchdog_kills_on_non_loopback_socket(sleeper: subprocess.Popen[bytes]) -> None:
+    outputs = [
+        _ss(sleeper.pid, "127.0.0.1:41234", "127.0.0.1:9001"),
+        _ss(sleeper.pid, "127.0.0.1:41234", "127.0.0.1:9001"),
+        _ss(sleeper.pid, "10.0.0.5:41234", "192.0.2.10:443"),
+    ]
+    violations: list[str] = []
+    dog = Watchdog(
+        lambda: [sleeper], violations.append, interval=0.02, sample=lambda: outputs.pop(0)
+    )
+    dog.start()
+    try:
+        assert _wait_until(lambda: sleeper.poll() is not None)
+    finally:
+        dog.stop()
+    assert sleeper.returncode == -signal.SIGKILL
+    assert dog.checks == 3
+    assert len(violations) == 1 and "192.0.2.10:443" in violations[0]
+
+
+def test_watchdog_leaves_loopback_alone(sleeper: subprocess.Popen[bytes]) -> None:
+    line = _ss(sleeper.pid, "127.0.0.1:9001", "0.0.0.0:*", "LISTEN")
+    dog = Watchdog(lambda: [sleeper], pytest.fail, interval=0.01, sample=lambda: line)
+    dog.start()
+    try:
+        assert _wait_until(lambda: dog.checks >= 5)
+    finally:
+        dog.stop()
+    assert sleeper.poll() is None
+
+
+def test_watchdog_fails_closed_without_ss(sleeper: subprocess.Popen[bytes]) -> None:
+    def broken() -> str:
+        raise FileNotFoundError("ss")
+
+    violations: list[str] = []
+    dog = Watchdog(lambda: [sleeper], violations.append, interval=0.01, sample=broken)
+    assert dog.check_once() is False
+    assert sleeper.wait(timeout=5) == -signal.SIGKILL
+    assert violations and "cannot list sockets" in violations[0]
+
+
+# --------------------------------------------------------------------------
+# the network (real tors on 127.0.0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.tor
+def test_network_is_up_and_on_loopback(testnet: TestNet) -> None:
+    assert len(testnet.authorities) == 3 and len(testnet.relays) == 2
+    for authority in testnet.authorities:
+        ns = authority.controller().get_info("ns/all")
+        assert len(re.findall(r"^r ", ns, re.M)) == 5
+    assert testnet.watchdog is not None and testnet.watchdog.checks > 0
+    sockets = ss_sockets()
+    for tor in testnet.tors:  # the watchdog sees every tor's sockets...
+        assert f"pid={tor.pid}," in sockets, tor.name
+    assert unsafe_sockets(sockets, [t.pid for t in testnet.tors]) == []  # ...all on loopback
+    testnet.check()
+
+
+@pytest.mark.tor
+def test_tor_runs_on_our_torrc_only(testnet: TestNet, client_tor: TorProcess) -> None:
+    assert testnet.workdir is not None and client_tor in testnet.tors
+    for tor in testnet.tors:
+        argv = Path(f"/proc/{tor.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        assert [a.decode() for a in argv[1:]] == [
+            "--defaults-torrc",
+            str(testnet.workdir / "empty"),
+            "-f",
+            str(tor.torrc),
+        ]
+        assert (testnet.workdir / "empty").stat().st_size == 0
+        environ = Path(f"/proc/{tor.pid}/environ").read_bytes().split(b"\0")
+        assert b"MALLOC_ARENA_MAX=1" in environ
+        assert b"MALLOC_MMAP_THRESHOLD_=131072" in environ
+        check_torrc_safe(tor.torrc.read_text())
+
+
+@pytest.mark.tor
+def test_onion_service_reachable_through_client(
+    testnet: TestNet,
+    client_tor: TorProcess,
+    service_tor: TorProcess,
+    tcp_echo: str,
+    unix_echo: Path,
+) -> None:
+    with service_tor.controller() as controller:
+        service = controller.create_ephemeral_hidden_service(
+            {80: tcp_echo, 81: f"unix:{unix_echo}"},
+            key_type="NEW",
+            key_content="ED25519-V3",
+            await_publication=True,
+        )
+        onion = f"{service.service_id}.onion"
+        testnet.wait_for_descriptor(service_tor, onion)
+        assert echo_roundtrip(client_tor, onion, 80, b"hello over tcp\n") == b"hello over tcp\n"
+        payload = os.urandom(200_000)
+        assert echo_roundtrip(client_tor, onion, 81, payload) == payload
+    testnet.check()
+
+
+@pytest.mark.tor
+def test_client_with_torrc_onion_service(
+    testnet: TestNet, client_tor: TorProcess, unix_echo: Path
+) -> None:
+    """The shape of a git-annex node: HiddenServiceDir/Port lines in its torrc."""
+    assert testnet.workdir is not None
+    hs_dir = testnet.workdir / "annexnode-hs"
+    node = testnet.start_client(
+        "annexnode",
+        extra=[f"HiddenServiceDir {hs_dir}", f"HiddenServicePort 5000 unix:{unix_echo}"],
+    )
+    onion = (hs_dir / "hostname").read_text().strip()
+    testnet.wait_for_descriptor(node, onion)
+    assert echo_roundtrip(client_tor, onion, 5000, b"annex\n") == b"annex\n"
+
+
+@pytest.mark.tor
+def test_unsafe_extra_lines_are_refused(testnet: TestNet) -> None:
+    before = list(testnet.tors)
+    with pytest.raises(TorTestNetError, match="unsafe torrc"):
+        testnet.start_client("bad", extra=["SocksPort 0.0.0.0:19999"])
+    if in_host_netns():
+        with pytest.raises(TorTestNetError, match="9050"):
+            testnet.start_client("bad2", socks_port=9050)
+    assert testnet.tors == before
+
+
+@pytest.mark.tor
+def test_stop_leaves_no_process_and_no_directory() -> None:
+    require_tor()
+    net = TestNet()
+    net.start()
+    client = net.start_client("client")
+    assert client.socks is not None
+    pids = [t.pid for t in net.tors]
+    workdir = net.workdir
+    assert len(pids) == 6 and all(_alive(p) for p in pids)
+    assert workdir is not None and workdir.is_dir()
+    started = time.monotonic()
+    net.stop()
+    assert time.monotonic() - started < 5
+    assert not any(_alive(p) for p in pids)
+    assert not workdir.exists()
+    net.stop()  # idempotent
+    with pytest.raises(TorTestNetError):
+        net.start()
+
+
+@pytest.mark.tor
+def test_failed_start_leaves_nothing() -> None:
+    require_tor()
+    net = TestNet()
+    with pytest.raises(TorTestNetError, match="timed out"):
+        net.start(timeout=0.3)
+    assert not any(_alive(t.pid) for t in net.tors)
+    assert net.workdir is not None and not net.workdir.exists()
