@@ -69,6 +69,7 @@ def setup_logging(level: int, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("stem").setLevel(logging.WARNING)  # it logs every command at DEBUG
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--check", action="store_true", help="exit after the self-check instead of serving"
     )
+    demo.add_argument("--no-tor", action="store_true", help="the local socket only")
     return p
 
 
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             from torbridge.demo import run_demo
 
             setup_logging(level)
-            return run_demo(args.dir, check_only=args.check)
+            return run_demo(args.dir, check_only=args.check, use_tor=not args.no_tor)
         if args.command == "doctor":  # a config that does not load is one of its findings
             return doctor(args.config)
         if args.command == "init":
