@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(config, args)
         if args.command == "onion-snippet":
             hs_dir = config.tor.hidden_service_dir or Path("/var/lib/tor/torbridge")
-            print(torrc_snippet(hs_dir, onion_ports(config)), end="")
+            snippet = torrc_snippet(
+                hs_dir, onion_ports(config), config.tor.max_streams, config.tor.export_circuit_id
+            )
+            print(snippet, end="")
             return 0
         return _token_command(config, args)
     except USER_ERRORS as e:

@@ -46,6 +46,7 @@ class Limits:
     stall_timeout: float = 300.0  # no byte of a DATA body moved
     max_unauthenticated: int = 64  # connections not yet past AUTH, all endpoints
     max_sessions_per_token: int = 16
+    max_per_circuit: int = 8  # connections per Tor circuit (with export_circuit_id)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class Tor:
     onion: str = "ephemeral"
     hidden_service_dir: Path | None = None  # for onion = "torrc"
     max_streams: int = 32  # concurrent streams per rendezvous circuit (0 = unlimited)
+    # With onion = "torrc" only: tor prepends a PROXY line carrying the circuit
+    # id (HiddenServiceExportCircuitID haproxy), for per-circuit caps and backoff.
+    export_circuit_id: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -90,7 +94,7 @@ class Config:
         raise KeyError(name)
 
 
-_INT_LIMITS = frozenset({"max_unauthenticated", "max_sessions_per_token"})
+_INT_LIMITS = frozenset({"max_unauthenticated", "max_sessions_per_token", "max_per_circuit"})
 _LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 _TOP_KEYS = (
     "repository",
@@ -102,7 +106,15 @@ _TOP_KEYS = (
     "limits",
     "tor",
 )
-_TOR_KEYS = ("socks", "control", "password", "onion", "hidden_service_dir", "max_streams")
+_TOR_KEYS = (
+    "socks",
+    "control",
+    "password",
+    "onion",
+    "hidden_service_dir",
+    "max_streams",
+    "export_circuit_id",
+)
 _ONION_MODES = ("ephemeral", "torrc")
 _SOCKS_RE = re.compile(r"unix:/.+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
 _EXPOSE_KEYS = ("name", "remote", "port")
@@ -278,7 +290,17 @@ def _parse_tor(p: _Parser, raw: Any) -> Tor:
         max_streams = p.integer(raw["max_streams"], "max_streams", "tor")
         if not 0 <= max_streams <= 65535:
             raise p.error(_where("max_streams", "tor"), "must be between 0 and 65535")
-    return Tor(socks, control, password, onion, hs_dir, max_streams)
+    export = raw.get("export_circuit_id", False)
+    if not isinstance(export, bool):
+        raise p.error(
+            _where("export_circuit_id", "tor"), f"expected a boolean, got {_type_name(export)}"
+        )
+    if export and onion != "torrc":
+        raise p.error(
+            _where("export_circuit_id", "tor"),
+            'needs onion = "torrc": tor exports circuit ids only for torrc onion services',
+        )
+    return Tor(socks, control, password, onion, hs_dir, max_streams, export)
 
 
 def _parse_expose(p: _Parser, raw: Any) -> tuple[Expose, ...]:
@@ -385,6 +407,7 @@ _LIMIT_COMMENTS = {
     "stall_timeout": "seconds without a byte of a DATA body moving",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
+    "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
 }
 
 
@@ -433,6 +456,8 @@ def dump_config(cfg: Config) -> str:
         lines.append(f"password = {_toml_string(cfg.tor.password)}")
     if cfg.tor.hidden_service_dir is not None:
         lines.append(f"hidden_service_dir = {_toml_string(str(cfg.tor.hidden_service_dir))}")
+    if cfg.tor.export_circuit_id:
+        lines.append("export_circuit_id = true")
     lines += ["", "[limits]"]
     for key in _LIMIT_KEYS:
         value = getattr(cfg.limits, key)

@@ -55,6 +55,8 @@ class OneToken:
     released: int = 0
     left_pre_auth: int = 0
     endpoints: list[str] = field(default_factory=list)
+    failed_circuits: list[int | None] = field(default_factory=list)
+    good_circuits: list[int | None] = field(default_factory=list)
 
     def authorize(self, endpoint: str, token: str) -> Grant | None:
         self.endpoints.append(endpoint)
@@ -68,6 +70,12 @@ class OneToken:
 
     def leave_pre_auth(self) -> None:
         self.left_pre_auth += 1
+
+    def auth_failed(self, circuit: int | None) -> None:
+        self.failed_circuits.append(circuit)
+
+    def auth_succeeded(self, circuit: int | None) -> None:
+        self.good_circuits.append(circuit)
 
 
 # --- the scripted server ------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from torbridge.config import Limits
@@ -19,6 +20,15 @@ class Admission:
         self.limits = limits
         self.unauthenticated = 0
         self.sessions: Counter[str] = Counter()
+        self.circuits = CircuitGuard(limits.max_per_circuit)
+
+    def auth_failed(self, circuit: int | None) -> None:
+        if circuit is not None:
+            self.circuits.auth_failed(circuit, time.monotonic())
+
+    def auth_succeeded(self, circuit: int | None) -> None:
+        if circuit is not None:
+            self.circuits.auth_succeeded(circuit)
 
     def enter_pre_auth(self) -> bool:
         """A new connection; False if too many are still unauthenticated."""
@@ -47,3 +57,62 @@ class Admission:
 
     def release(self, grant: Grant) -> None:
         self.sessions[grant.token_name] -= 1
+
+
+class CircuitGuard:
+    """Per-circuit caps and failed-AUTH backoff (tor's exported circuit ids).
+
+    A circuit is the only per-client key an onion service sees. Each failed
+    AUTH doubles how long that circuit is turned away; memory stays bounded
+    however many circuits an attacker builds.
+    """
+
+    MAX_TRACKED = 65536
+
+    def __init__(
+        self, max_per_circuit: int, backoff_start: float = 1.0, backoff_max: float = 300.0
+    ) -> None:
+        self.max_per_circuit = max_per_circuit
+        self.backoff_start = backoff_start
+        self.backoff_max = backoff_max
+        self.open: Counter[int] = Counter()
+        self.failures: Counter[int] = Counter()
+        self.blocked_until: dict[int, float] = {}
+
+    def admit(self, circuit: int, now: float) -> str | None:
+        """None if the connection may go on, else why not."""
+        until = self.blocked_until.get(circuit)
+        if until is not None and now < until:
+            return f"circuit {circuit} backing off after failed AUTH ({until - now:.0f}s left)"
+        if self.open[circuit] >= self.max_per_circuit:
+            return f"circuit {circuit} already has {self.open[circuit]} connections"
+        self.open[circuit] += 1
+        return None
+
+    def leave(self, circuit: int) -> None:
+        self.open[circuit] -= 1
+        if self.open[circuit] <= 0:
+            del self.open[circuit]
+
+    def auth_failed(self, circuit: int, now: float) -> None:
+        self.failures[circuit] += 1
+        delay = self.backoff_start * 2 ** (self.failures[circuit] - 1)
+        self.blocked_until[circuit] = now + min(delay, self.backoff_max)
+        if len(self.blocked_until) > self.MAX_TRACKED:
+            self._prune(now)
+
+    def auth_succeeded(self, circuit: int) -> None:
+        self.failures.pop(circuit, None)
+        self.blocked_until.pop(circuit, None)
+
+    def _prune(self, now: float) -> None:
+        for circuit, until in list(self.blocked_until.items()):
+            if until <= now:
+                del self.blocked_until[circuit]
+                self.failures.pop(circuit, None)
+        # Still too many: forget the ones that would be let in soonest.
+        excess = len(self.blocked_until) - self.MAX_TRACKED // 2
+        if excess > 0:
+            for circuit, _ in sorted(self.blocked_until.items(), key=lambda kv: kv[1])[:excess]:
+                del self.blocked_until[circuit]
+                self.failures.pop(circuit, None)

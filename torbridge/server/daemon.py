@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import trio
 
 from torbridge.config import OWN_REPOSITORY, Config, Expose
 from torbridge.ops import notify
+from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
 from torbridge.remotes import RemoteError, TorAddress, parse_p2p_address, proxied_remote, read_token
 from torbridge.server.admission import Admission
 from torbridge.server.control import (
@@ -27,7 +29,7 @@ from torbridge.server.control import (
     serve_control,
     serve_metrics,
 )
-from torbridge.server.fdpass import accept_stream
+from torbridge.server.fdpass import PassedPipes, accept_stream
 from torbridge.server.locationlog import LocationLog
 from torbridge.server.session import Endpoint, Session
 from torbridge.server.status import Registry
@@ -99,6 +101,7 @@ class Shared:
     admission: Admission
     location_log: LocationLog
     registry: Registry
+    export_circuit_id: bool = False  # tor prepends a PROXY line with the circuit id
 
 
 def build_endpoints(config: Config, shared: Shared) -> list[Endpoint]:
@@ -253,6 +256,7 @@ async def serve(
         Admission(TokenStore(config.state_dir), config.limits),
         LocationLog(config.repository),
         Registry(),
+        config.tor.export_circuit_id,
     )
     endpoints = build_endpoints(config, shared)
     shared.registry.endpoints = [
@@ -317,21 +321,47 @@ async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared
             shared.registry.connection_refused()
             await stream.aclose()
             return
+        circuit = None
         try:
             with trio.fail_after(endpoint.limits.auth_timeout):
                 client, initial = await accept_stream(stream)
-        except (trio.TooSlowError, OSError):
+                if shared.export_circuit_id and not isinstance(client, PassedPipes):
+                    circuit, initial = await _read_proxy_line(client, initial)
+        except (trio.TooSlowError, OSError, ProxyLineError) as e:
+            if isinstance(e, ProxyLineError):
+                log.warning("%s: %s; closing", endpoint.name, e)
             admission.leave_pre_auth()
             await stream.aclose()
             return
+        if circuit is not None:
+            refusal = admission.circuits.admit(circuit, time.monotonic())
+            if refusal is not None:
+                log.warning("%s: %s; refusing a connection", endpoint.name, refusal)
+                shared.registry.connection_refused()
+                admission.leave_pre_auth()
+                await client.aclose()
+                return
         try:
-            await Session(client, endpoint, initial).run()
+            await Session(client, endpoint, initial, circuit).run()
         except Exception:
             # A bug in one session must never take the others down with it.
             log.exception("%s: session failed", endpoint.name)
+        finally:
+            if circuit is not None:
+                admission.circuits.leave(circuit)
 
     async with listener:
         await trio.serve_listeners(handle, [listener])
+
+
+async def _read_proxy_line(stream: trio.abc.Stream, data: bytes) -> tuple[int, bytes]:
+    """tor's PROXY line off the front of the stream: (circuit id, the bytes after it)."""
+    while (line := parse_proxy_line(data)) is None:
+        more = await stream.receive_some(MAX_PROXY_LINE)
+        if not more:
+            raise ProxyLineError("closed before the PROXY line ended")
+        data += more
+    return line.circuit, data[line.length :]
 
 
 async def run_daemon(config: Config) -> None:

@@ -54,6 +54,10 @@ class Admission(Protocol):
 
     def leave_pre_auth(self) -> None: ...
 
+    def auth_failed(self, circuit: int | None) -> None: ...
+
+    def auth_succeeded(self, circuit: int | None) -> None: ...
+
 
 @dataclass
 class Endpoint:
@@ -71,8 +75,15 @@ class Endpoint:
 
 
 class Session:
-    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, initial: bytes = b"") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        endpoint: Endpoint,
+        initial: bytes = b"",
+        circuit: int | None = None,
+    ) -> None:
         self.id = next(_session_ids)
+        self.circuit = circuit  # tor's rendezvous circuit, when tor exports it
         self.endpoint = endpoint
         self.limits = endpoint.limits
         self.client = FramedStream(stream, initial)
@@ -280,7 +291,9 @@ class Session:
         if grant is None:
             log.warning("[%d] %s: authentication failed", self.id, self.endpoint.name)
             self.endpoint.registry.auth_failed()
+            self.endpoint.admission.auth_failed(self.circuit)
             return self.relay.auth_rejected()
+        self.endpoint.admission.auth_succeeded(self.circuit)
         self.grant = grant
         self.token_name = grant.token_name
         self.endpoint.registry.session_started(self)

@@ -164,14 +164,24 @@ def publish(
     return onion
 
 
-def torrc_snippet(hidden_service_dir: Path, ports: dict[int, Path]) -> str:
+def torrc_snippet(
+    hidden_service_dir: Path,
+    ports: dict[int, Path],
+    max_streams: int = 32,
+    export_circuit_id: bool = False,
+) -> str:
     """For operators who keep onion services in torrc: lines for /etc/tor/torrc.d/."""
     lines = [
         "# torbridge onion service: put this in /etc/tor/torrc.d/torbridge.conf",
         f"HiddenServiceDir {hidden_service_dir}",
     ]
     lines += [f"HiddenServicePort {port} unix:{path}" for port, path in sorted(ports.items())]
-    lines += ["HiddenServiceMaxStreams 32", "HiddenServiceMaxStreamsCloseCircuit 1"]
+    if max_streams:
+        lines += [f"HiddenServiceMaxStreams {max_streams}", "HiddenServiceMaxStreamsCloseCircuit 1"]
+    # Abuse controls of tor itself (tor >= 0.4.8 for proof-of-work).
+    lines += ["HiddenServiceEnableIntroDoSDefense 1", "HiddenServicePoWDefensesEnabled 1"]
+    if export_circuit_id:
+        lines.append("HiddenServiceExportCircuitID haproxy")
     return "\n".join(lines) + "\n"
 
 
