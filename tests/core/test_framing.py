@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from torbridge.protocol.framing import (
     NEED_DATA,
     BadLine,
@@ -43,7 +44,9 @@ from torbridge.protocol.messages import (
     serialise,
 )
 
-PROPS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 KEY = "SHA256E-s11--e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855.txt"
 UUID = "f9e4ee1a-3a2e-4e5b-8f42-2d2d0b1f6c11"

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
 from torbridge.protocol.relay import (
@@ -957,7 +958,7 @@ def test_peer_protocol_violation(req: m.Message, reply: m.Message) -> None:
 # --- the rules, at random ------------------------------------------------------------------
 
 PROPS = settings(
-    max_examples=200,
+    max_examples=examples(200),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
