@@ -46,6 +46,8 @@ class Limits:
     stall_timeout: float = 300.0  # no byte of a DATA body moved
     max_unauthenticated: int = 64  # connections not yet past AUTH, all endpoints
     max_sessions_per_token: int = 16
+    # Authenticated sessions in all: each runs its own git-annex-shell (10-20 MiB).
+    max_sessions: int = 256
     max_per_circuit: int = 8  # connections per Tor circuit (with export_circuit_id)
 
 
@@ -94,7 +96,9 @@ class Config:
         raise KeyError(name)
 
 
-_INT_LIMITS = frozenset({"max_unauthenticated", "max_sessions_per_token", "max_per_circuit"})
+_INT_LIMITS = frozenset(
+    {"max_unauthenticated", "max_sessions_per_token", "max_sessions", "max_per_circuit"}
+)
 _LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 _TOP_KEYS = (
     "repository",
@@ -407,6 +411,7 @@ _LIMIT_COMMENTS = {
     "stall_timeout": "seconds without a byte of a DATA body moving",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
+    "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",
     "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
 }
 

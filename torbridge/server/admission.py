@@ -49,6 +49,10 @@ class Admission:
         if info.endpoints is not None and endpoint not in info.endpoints:
             log.warning("token %s is not valid for endpoint %s", info.name, endpoint)
             return None
+        total = sum(self.sessions.values())
+        if total >= self.limits.max_sessions:
+            log.warning("%d sessions in flight (max_sessions): refusing token %s", total, info.name)
+            return None
         if self.sessions[info.name] >= self.limits.max_sessions_per_token:
             log.warning("token %s already has %d sessions", info.name, self.sessions[info.name])
             return None
