@@ -50,6 +50,14 @@ def addresses(
     ]
 
 
+_JOURNAL_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_JOURNAL_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(
@@ -62,8 +70,8 @@ def setup_logging(level: int, log_format: str = "text") -> None:
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     elif os.environ.get("JOURNAL_STREAM"):
-        # journald stamps lines itself; a priority prefix lets it grade them.
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        # journald stamps lines itself; a <priority> prefix lets it grade them.
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

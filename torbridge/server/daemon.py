@@ -86,6 +86,11 @@ def repository_uuid(repository: Path) -> str:
     if not repository.is_dir():
         raise StartupError(f"repository {repository} does not exist")
     result = _run(["git", "config", "--get", "annex.uuid"], cwd=repository)
+    if "dubious ownership" in result.stderr:
+        raise StartupError(
+            f"git refuses {repository}: it belongs to another user; run torbridge as the"
+            " repository's owner (e.g. sudo -u torbridge)"
+        )
     uuid = result.stdout.strip()
     if result.returncode != 0 or not uuid:
         raise StartupError(

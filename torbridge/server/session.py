@@ -209,8 +209,11 @@ class Session:
                 await self._close_peer()
                 return []
             case r.RunService(service=service):
+                # stall_timeout, not idle_timeout: a git client that gave up (a
+                # failed fetch leaves git-annex's helper running) must not hold
+                # the session, and its token's slot, for an hour.
                 await run_git_service(
-                    self.client, self.endpoint.repository, service, self.limits.idle_timeout
+                    self.client, self.endpoint.repository, service, self.limits.stall_timeout
                 )
                 return []
             case r.RefuseService(reason=reason):

@@ -99,10 +99,16 @@ def connect(spec: ControlSpec) -> Any:  # a stem Controller
 
 
 def read_key(state_dir: Path) -> str | None:
+    path = state_dir / KEY_FILE
     try:
-        return (state_dir / KEY_FILE).read_text().strip() or None
+        return path.read_text().strip() or None
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise TorError(
+            f"cannot read the onion key {path}: {e.strerror}; it must belong to the user"
+            " torbridge runs as (run torbridge commands as that user, e.g. sudo -u torbridge)"
+        ) from None
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -174,6 +180,8 @@ def torrc_snippet(
     lines = [
         "# torbridge onion service: put this in /etc/tor/torrc.d/torbridge.conf",
         f"HiddenServiceDir {hidden_service_dir}",
+        # torbridge (in group debian-tor) reads the hostname file; keys stay 0600.
+        "HiddenServiceDirGroupReadable 1",
     ]
     lines += [f"HiddenServicePort {port} unix:{path}" for port, path in sorted(ports.items())]
     if max_streams:
