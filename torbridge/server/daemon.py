@@ -135,7 +135,13 @@ def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Share
         address = parse_p2p_address(remote.url or "")
         if address is None:
             # A remote git-annex can proxy itself (ssh, path, special remote):
-            # git-annex-shell reaches it and keeps its location log.
+            # git-annex-shell reaches it and keeps its location log, but only
+            # once `git annex updateproxy` has listed it in proxy.log.
+            if remote.uuid not in _proxy_log(config.repository):
+                raise RemoteError(
+                    f"git-annex does not proxy remote {remote.name!r} yet: run"
+                    " `git annex updateproxy` in the proxy repository"
+                )
             shell = AnnexShellTransport(remote.name, config.repository, remote.uuid, remote.uuid)
             return endpoint(remote.uuid, shell)
         token = read_token(config.repository, address)
@@ -157,6 +163,11 @@ def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Share
             remote.name, address, remote.uuid, token, own_uuid, config.repository
         )
     return endpoint(remote.uuid, transport, records=True)
+
+
+def _proxy_log(repository: Path) -> str:
+    """git-annex's proxy.log (the remotes git-annex-shell will proxy to)."""
+    return _run(["git", "cat-file", "-p", "git-annex:proxy.log"], cwd=repository).stdout
 
 
 def _make_state_dir(path: Path) -> None:

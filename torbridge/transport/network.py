@@ -7,6 +7,7 @@ proxy's UUID and the token stored when the operator linked the node.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -78,10 +79,6 @@ def socks_connect(socks_address: str, host: str, port: int, timeout: float) -> s
     s.settimeout(timeout)
     try:
         s.connect((host, port))
-    except socks.SOCKS5Error as e:
-        s.close()
-        code = _socks_code(str(e))
-        raise PeerUnavailable(socks_reply_text(code) if code is not None else str(e)) from None
     except socks.ProxyConnectionError as e:
         s.close()
         raise PeerUnavailable(f"cannot reach tor's SOCKS port {socks_address}: {e.msg}") from None
@@ -90,7 +87,12 @@ def socks_connect(socks_address: str, host: str, port: int, timeout: float) -> s
         s.close()
         raise PeerUnavailable(f"cannot reach tor's SOCKS port {socks_address}") from None
     except (socks.ProxyError, OSError) as e:
+        # pysocks wraps the SOCKS5 reply ("0xf0: Unknown error") in a
+        # GeneralProxyError("Socket error", ...): find the code wherever it is.
         s.close()
+        code = _socks_code(str(e))
+        if code is not None:
+            raise PeerUnavailable(socks_reply_text(code)) from None
         raise PeerUnavailable(f"SOCKS connection failed: {e}") from None
     s.settimeout(None)
     # Hand trio a plain socket: pysocks' subclass overrides methods trio must not see.
@@ -100,11 +102,8 @@ def socks_connect(socks_address: str, host: str, port: int, timeout: float) -> s
 
 def _socks_code(text: str) -> int | None:
     # pysocks words a SOCKS5 reply as "0xf0: Unknown error".
-    head = text.split(":", 1)[0].strip()
-    try:
-        return int(head, 16)
-    except ValueError:
-        return None
+    match = re.search(r"\b0x([0-9a-fA-F]{2}):", text)
+    return int(match.group(1), 16) if match else None
 
 
 class TorAnnexTransport(Transport):
