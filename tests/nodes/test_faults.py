@@ -1,0 +1,306 @@
+"""Faults between the bridge and a node, and clients dying mid-transfer.
+
+Each fault is injected at an exact point of the byte stream by the relay
+that carries the node's connection (tbnode.py: the ``git-annex-p2p-tbnode``
+program for p2p nodes, the SOCKS server for tor nodes); it SIGKILLs the
+node's remotedaemon, the relay itself, or the client's git-annex. Every test
+then checks: what the client was told (``P2P < ERROR`` lines of ``--debug``
+name the node and the cause, where the protocol allows a message at all),
+that no object is corrupt (fsck in the node and the client), what the
+proxy's location log says, and that the bridge serves the next session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import Result
+from tests.nodes.conftest import Setup
+from tests.nodes.nodes import (
+    AnnexProcess,
+    NodeServer,
+    error_naming,
+    get_offsets,
+    p2p_errors,
+    put_offsets,
+    wait_for,
+    wait_location,
+    whereis_uuids,
+)
+
+pytestmark = pytest.mark.annex
+
+MiB = 1024 * 1024
+BIG = 50 * MiB
+CUT = 20 * MiB  # where a transfer is cut
+
+
+def server_of(s: Setup) -> NodeServer:
+    assert s.node.server is not None
+    return s.node.server
+
+
+def add_big(s: Setup, name: str = "big") -> tuple[str, bytes]:
+    data = os.urandom(BIG)
+    s.client.add_file(name, data)
+    return s.client.key(name), data
+
+
+def restart_after_kill(s: Setup) -> None:
+    server = server_of(s)
+    server.wait_dead()
+    server.start()
+
+
+def assert_no_object(s: Setup, key: str) -> None:
+    assert key not in s.node.objects(), f"{key} in {s.node.name} after a failed transfer"
+    assert s.node.uuid not in whereis_uuids(s.node.repo, key)
+
+
+def assert_next_session_works(s: Setup) -> None:
+    """The bridge is alive and serves a new session to the node."""
+    s.bridge.assert_alive()
+    result = s.client.annex("copy", "--to", s.remote, "--debug", "--", "probe")
+    assert not p2p_errors(result), result.describe()
+
+
+def add_probe(s: Setup) -> None:
+    s.client.add_file("probe", os.urandom(1000))
+
+
+# --- the node is not there at all ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["p2p", "tor"])
+def test_node_down_at_session_start(kind: str, setup_node: Callable[..., Setup]) -> None:
+    s = setup_node(kind)
+    s.client.add_file("f", b"content\n")
+    key = s.client.key("f")
+    server_of(s).stop()
+
+    down = s.client.annex("copy", "--to", s.remote, "--debug", "f", check=False)
+    assert not down.ok, down.describe()
+    assert_no_object(s, key)
+    assert s.node.uuid not in whereis_uuids(s.proxy, key)
+    assert s.node.uuid not in whereis_uuids(s.client, key)
+
+    # The node comes back: the bridge reaches it on the next session.
+    server_of(s).start()
+    s.client.annex("copy", "--to", s.remote, "f")
+    s.node.assert_holds({key: b"content\n"})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    s.node.assert_sound()
+    s.bridge.assert_alive()
+
+    if kind == "p2p":
+        # The transport program's own words reach the client.
+        error_naming(down, s.node.name, "unreachable", "not listening", "Connection refused")
+    else:
+        # tor (our SOCKS server) answers 0xF0 for an onion whose service is down.
+        assert s.node.onion is not None and f"{s.node.onion}:5555" in s.socks.requests
+        error_naming(down, s.node.name, "unreachable", "descriptor not found")
+
+
+# --- the node dies in the middle of an exchange ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "victim"),
+    [("p2p", "remotedaemon"), ("tor", "remotedaemon"), ("p2p", "relay")],
+)
+def test_node_killed_mid_put(kind: str, victim: str, setup_node: Callable[..., Setup]) -> None:
+    s = setup_node(kind)
+    key, data = add_big(s)
+    add_probe(s)
+    kill = server_of(s).pid if victim == "remotedaemon" else 0
+    s.net.set_fault(s.node.name, up_bytes=CUT, kill=kill)
+
+    first = s.client.annex("copy", "--to", s.remote, "--debug", "big", check=False, timeout=180)
+    assert s.net.fired(s.node.name), "the fault never fired"
+    error_naming(first, s.node.name, "connection lost during transfer")
+    if victim == "remotedaemon":
+        assert not first.ok, first.describe()
+        assert_no_object(s, key)
+        partial = s.node.repo.tmp_files().get(key, 0)
+        assert 0 < partial < BIG, f"partial upload in the node: {s.node.repo.tmp_files()}"
+        assert s.node.uuid not in whereis_uuids(s.proxy, key)
+        s.node.assert_sound()
+        restart_after_kill(s)
+        second = s.client.annex("copy", "--to", s.remote, "--debug", "big", timeout=180)
+        # The node kept the partial file: the upload resumes from it.
+        assert put_offsets(second) == [partial], second.describe()
+    else:
+        # Only the relay died: git-annex retried at once, on a new connection
+        # through the bridge, and the node resumed from what it had received.
+        assert first.ok, first.describe()
+        offsets = put_offsets(first)
+        assert len(offsets) == 2 and offsets[0] == 0 and 0 < offsets[1] <= CUT, offsets
+    s.node.assert_holds({key: data})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    s.node.assert_sound()
+    assert_next_session_works(s)
+
+
+@pytest.mark.parametrize(
+    ("kind", "victim"),
+    [("p2p", "remotedaemon"), ("tor", "remotedaemon"), ("p2p", "relay")],
+)
+def test_node_killed_mid_get(kind: str, victim: str, setup_node: Callable[..., Setup]) -> None:
+    s = setup_node(kind)
+    key, data = add_big(s)
+    add_probe(s)
+    s.client.annex("copy", "--to", s.remote, "big", timeout=180)
+    s.client.annex("drop", "big")
+    kill = server_of(s).pid if victim == "remotedaemon" else 0
+    s.net.set_fault(s.node.name, down_bytes=CUT, kill=kill)
+
+    first = s.client.annex("get", "--from", s.remote, "--debug", "big", check=False, timeout=180)
+    assert s.net.fired(s.node.name), "the fault never fired"
+    assert not first.ok, first.describe()
+    # Inside a DATA body the protocol has no way to say why: the bridge can only
+    # close the connection (the client sees "Transfer failed"); its log says why.
+    assert f"{s.node.name} lost during GET" in s.bridge.log(), s.bridge.log()[-3000:]
+    assert "big" not in s.client.present_here()
+    partial = s.client.tmp_files().get(key, 0)
+    assert 0 < partial < BIG, f"client's partial download: {s.client.tmp_files()}"
+    s.client.fsck_content()
+    s.node.assert_holds({key: data})
+    s.node.assert_sound()
+
+    if victim == "remotedaemon":
+        restart_after_kill(s)
+    second = s.client.annex("get", "--from", s.remote, "--debug", "big", timeout=180)
+    assert get_offsets(second) == [partial], second.describe()  # resumed
+    assert s.client.read("big") == data
+    s.client.fsck_content()
+    assert_next_session_works(s)
+
+
+def test_node_killed_right_before_remove(setup_node: Callable[..., Setup]) -> None:
+    s = setup_node("p2p")
+    s.client.add_file("f", b"keep me\n")
+    key = s.client.key("f")
+    add_probe(s)
+    s.client.annex("copy", "--to", s.remote, "f")
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    # The REMOVE never reaches the node: its remotedaemon dies first.
+    s.net.set_fault(s.node.name, up_line="REMOVE", kill=server_of(s).pid)
+
+    first = s.client.annex("drop", "--from", s.remote, "--debug", "f", check=False)
+    assert s.net.fired(s.node.name), "the fault never fired"
+    assert not first.ok, first.describe()
+    error_naming(first, s.node.name, "unreachable", "Connection refused")
+    s.node.assert_holds({key: b"keep me\n"})
+    assert s.node.uuid in whereis_uuids(s.client, key)
+    assert s.node.uuid in whereis_uuids(s.proxy, key)  # nothing was removed
+    s.node.assert_sound()
+
+    restart_after_kill(s)
+    s.client.annex("drop", "--from", s.remote, "f")
+    s.node.assert_holds({})
+    wait_location(s.proxy, key, s.node.uuid, present=False)
+    assert s.client.read("f") == b"keep me\n"
+    assert_next_session_works(s)
+
+
+def test_node_killed_while_lockcontent_held(setup_node: Callable[..., Setup]) -> None:
+    """A local drop with the node as the only other copy; the node dies holding the lock.
+
+    What git-annex does: it locks the content on the node (LOCKCONTENT ->
+    SUCCESS), drops its own copy under that lock, then sends UNLOCKCONTENT
+    (which goes nowhere). The drop succeeds; the node's content was never at
+    risk (a dead node removes nothing; git-annex also leaves ``KEY.rtm``/
+    ``.rtl`` beside the object to protect it for 10 minutes after a lock
+    holder dies). Nothing is lost: the node still has it, byte for byte.
+    """
+    s = setup_node("p2p")
+    content = os.urandom(100_000)
+    s.client.add_file("f", content)
+    key = s.client.key("f")
+    add_probe(s)
+    s.client.annex("copy", "--to", s.remote, "f")
+    s.net.set_fault(s.node.name, down_after_up_line="LOCKCONTENT", kill=server_of(s).pid)
+
+    drop = s.client.annex("drop", "--debug", "f", check=False)
+    assert s.net.fired(s.node.name), "the fault never fired"
+    assert "P2P < SUCCESS" in drop.output and "P2P > UNLOCKCONTENT" in drop.output, drop.describe()
+    if drop.ok:
+        assert "f" not in s.client.present_here()
+    else:
+        assert s.client.read("f") == content
+    # Whatever the client did, the node's copy is there and sound.
+    s.node.assert_holds({key: content})
+    s.node.assert_sound()
+    s.client.fsck_content()
+
+    restart_after_kill(s)
+    s.client.annex("get", "--from", s.remote, "f")
+    assert s.client.read("f") == content
+    assert_next_session_works(s)
+
+
+# --- the client dies ------------------------------------------------------------------------
+
+
+def _kill_client_mid_transfer(s: Setup, tmp_path: Path, *args: str, **fault: int) -> Result:
+    """Run ``git-annex ARGS`` and SIGKILL it when the node's relay has seen ``fault``."""
+    pidfile = tmp_path / "client.pid"
+    s.net.set_fault(s.node.name, kill_file=str(pidfile), stop=False, **fault)
+    pidfile.write_text("0")
+    proc = AnnexProcess(s.client, *args, "--debug")
+    pidfile.write_text(str(proc.pid))
+    result = proc.wait(timeout=180)
+    assert s.net.fired(s.node.name), "the fault never fired"
+    assert result.returncode == -9, result.describe()
+    return result
+
+
+def _session_ended(s: Setup, text: str) -> None:
+    """The bridge noticed the dead client and ended its session promptly."""
+    wait_for(lambda: text in s.bridge.log(), 30, f"{text!r} in the bridge log")
+    left = s.bridge.wait_idle(30)
+    assert not left, left
+    wait_for(lambda: not s.bridge.relay_helpers(), 30, "the node connection to close")
+
+
+def test_client_killed_mid_put(setup_node: Callable[..., Setup], tmp_path: Path) -> None:
+    s = setup_node("p2p")
+    key, data = add_big(s)
+    add_probe(s)
+    _kill_client_mid_transfer(s, tmp_path, "copy", "--to", s.remote, "big", up_bytes=CUT)
+    _session_ended(s, "client lost")
+    assert_no_object(s, key)
+    assert s.node.uuid not in whereis_uuids(s.proxy, key)
+    s.node.assert_sound()
+    s.client.fsck_content()
+
+    again = s.client.annex("copy", "--to", s.remote, "--debug", "big", timeout=180)
+    offsets = put_offsets(again)
+    assert len(offsets) == 1 and CUT <= offsets[0] < BIG, again.describe()  # resumed
+    s.node.assert_holds({key: data})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    s.node.assert_sound()
+    assert_next_session_works(s)
+
+
+def test_client_killed_mid_get(setup_node: Callable[..., Setup], tmp_path: Path) -> None:
+    s = setup_node("p2p")
+    key, data = add_big(s)
+    add_probe(s)
+    s.client.annex("copy", "--to", s.remote, "big", timeout=180)
+    s.client.annex("drop", "big")
+    _kill_client_mid_transfer(s, tmp_path, "get", "--from", s.remote, "big", down_bytes=CUT)
+    _session_ended(s, "client lost")
+    s.node.assert_holds({key: data})
+    s.node.assert_sound()
+    s.client.fsck_content()
+    partial = s.client.tmp_files().get(key, 0)
+
+    again = s.client.annex("get", "--from", s.remote, "--debug", "big", timeout=180)
+    assert get_offsets(again) == [partial], again.describe()
+    assert s.client.read("big") == data
+    assert_next_session_works(s)

@@ -1,0 +1,146 @@
+"""A stock client works with each kind of node through the node's own bridge endpoint.
+
+copy --to, get --from, drop --from, fsck --from, move --to / --from; then the
+node holds exactly the right objects (checked in the node itself, byte for
+byte), and the proxy's location log agrees (for p2p/tor nodes the bridge
+writes it with ``setpresentkey --batch``; for a local node git-annex-shell's
+own proxying does).
+
+``git annex testremote`` is not tested: it fails before connecting to a
+p2p-annex remote ("failed disabling exportree"), the same way through a
+node endpoint as through the bridge's own one (tried on a node endpoint
+with git-annex 10.20261026).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+
+from tests.e2e.harness import Client, Expose
+from tests.nodes.conftest import Setup
+from tests.nodes.nodes import (
+    KINDS,
+    Node,
+    NodeBridge,
+    error_naming,
+    p2p_errors,
+    wait_location,
+    whereis_uuids,
+)
+
+pytestmark = pytest.mark.annex
+
+FILES: dict[str, bytes] = {
+    "small.txt": b"small content\n",
+    "with space.bin": os.urandom(300_000),  # more than one 256 KiB relay chunk
+    "empty": b"",
+    "moved.dat": os.urandom(70_000),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_roundtrip(kind: str, setup_node: Callable[..., Setup]) -> None:
+    s = setup_node(kind)
+    client, node, proxy, remote = s.client, s.node, s.proxy, s.remote
+    client.add_files(FILES)
+    keys = {name: client.key(name) for name in FILES}
+    content = {keys[name]: data for name, data in FILES.items()}
+
+    # copy --to: everything but moved.dat
+    copied = [n for n in FILES if n != "moved.dat"]
+    client.annex("copy", "--to", remote, "--", *copied)
+    node.assert_holds({keys[n]: FILES[n] for n in copied})
+    for n in copied:
+        assert node.uuid in whereis_uuids(client, keys[n]), f"client does not log {n} on {remote}"
+        wait_location(proxy, keys[n], node.uuid, present=True)
+    node.assert_sound()
+
+    # copy again: nothing to do (CHECKPRESENT says SUCCESS)
+    again = client.annex("copy", "--to", remote, "--debug", "--", *copied)
+    assert "PUT " not in again.output, again.describe()
+
+    # drop locally with the node as the only other copy (LOCKCONTENT), get back
+    client.annex("drop", "--", "with space.bin", "small.txt")
+    assert client.present_here() == set(FILES) - {"with space.bin", "small.txt"}
+    client.annex("get", "--from", remote, "--", "with space.bin", "small.txt")
+    assert client.read("with space.bin") == FILES["with space.bin"]
+    assert client.read("small.txt") == FILES["small.txt"]
+
+    # fsck --from downloads and checks every copy the node has
+    fsck = client.annex("fsck", "--from", remote, "--", *copied)
+    assert "failed" not in fsck.output, fsck.describe()
+
+    # drop --from (the client's own copy satisfies numcopies)
+    client.annex("drop", "--from", remote, "--", "small.txt")
+    node.assert_holds({keys[n]: FILES[n] for n in ("with space.bin", "empty")})
+    assert node.uuid not in whereis_uuids(client, keys["small.txt"])
+    wait_location(proxy, keys["small.txt"], node.uuid, present=False)
+
+    # move --to: the node gets it, the client loses it
+    client.annex("move", "--to", remote, "--", "moved.dat")
+    assert "moved.dat" not in client.present_here()
+    node.assert_holds({keys[n]: FILES[n] for n in ("with space.bin", "empty", "moved.dat")})
+    wait_location(proxy, keys["moved.dat"], node.uuid, present=True)
+
+    # move --from: back again
+    client.annex("move", "--from", remote, "--", "moved.dat")
+    assert client.read("moved.dat") == FILES["moved.dat"]
+    final = {keys[n]: FILES[n] for n in ("with space.bin", "empty")}
+    node.assert_holds(final)
+    wait_location(proxy, keys["moved.dat"], node.uuid, present=False)
+    for key in content:
+        assert (node.uuid in whereis_uuids(proxy, key)) == (key in final), key
+
+    node.assert_sound()
+    s.client.fsck_content()
+    assert client.present_here() == set(FILES)
+    s.bridge.assert_alive()
+
+
+def test_bridge_endpoints_side_by_side(setup_node: Callable[..., Setup]) -> None:
+    """One p2p node, and the proxy's own endpoint: each gets only its own content."""
+    s = setup_node("p2p")
+    client = s.client
+    client.link(s.bridge.add_token("hub-client", "rw", endpoint="hub").line, "hub")
+    client.add_files({"a": b"to the node\n", "b": b"to the proxy\n"})
+    ka, kb = client.key("a"), client.key("b")
+    client.annex("copy", "--to", s.remote, "a")
+    client.annex("copy", "--to", "hub", "b")
+    s.node.assert_holds({ka: b"to the node\n"})
+    assert s.proxy.has_key(kb) and not s.proxy.has_key(ka)
+    wait_location(s.proxy, ka, s.node.uuid, present=True)
+    assert s.node.uuid not in whereis_uuids(s.proxy, kb)
+    result = client.annex("whereis", "--debug", "a")
+    assert not p2p_errors(result), result.describe()
+
+
+def test_local_node_without_updateproxy_is_explained(
+    make_nodes: Callable[..., Node],
+    make_node_bridge: Callable[..., NodeBridge],
+    make_client: Callable[[str], Client],
+) -> None:
+    """A path remote with annex-proxy=true that the proxy never ran updateproxy for.
+
+    git-annex-shell only proxies remotes listed in the proxy's proxy.log
+    (``git annex updateproxy``); the bridge accepts the remote at start-up
+    (annex-proxy=true and an annex-uuid is all it checks) and every session
+    then fails with git-annex-shell's "expected repository UUID <node> but
+    found UUID <proxy>". The operator should be told what to run, at start-up
+    or in the client's error.
+    """
+    node = make_nodes("local", "n-local", update_proxy=False)
+    bridge = make_node_bridge([Expose("n-local", "n-local", 5001)])
+    try:
+        bridge.start()
+    except AssertionError:
+        assert "n-local" in bridge.log() and "updateproxy" in bridge.log(), bridge.log()
+        return
+    client = make_client("client")
+    client.link(bridge.add_token("client", "rw").line, "n-local")
+    client.add_file("f", b"content\n")
+    result = client.annex("copy", "--to", "n-local", "--debug", "f", check=False)
+    assert not result.ok and not node.objects(), result.describe()
+    error_naming(result, "n-local", "updateproxy")
