@@ -269,7 +269,9 @@ class Relay:
             return self._put_failed()
         return []
 
-    def side_lost(self, side: Side, reason: str, header_unsent: bool = False) -> list[Action]:
+    def side_lost(
+        self, side: Side, reason: str, header_unsent: bool = False, retry: bool = True
+    ) -> list[Action]:
         """``side`` failed: EOF, an I/O error, a deadline, or (peer) could not open.
 
         ``header_unsent``: the peer failed before any byte of a GET body, and
@@ -279,6 +281,8 @@ class Relay:
             return []
         if side is Side.CLIENT:
             return self._end(f"client lost: {reason}", [], clean=False)
+        if not retry:
+            self._retry_allowed = False
         return self._peer_lost(reason, header_unsent=header_unsent)
 
     # --- the client's messages ------------------------------------------------

@@ -332,6 +332,7 @@ async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared
     admission = shared.admission
 
     async def handle(stream: trio.SocketStream) -> None:
+        accepted_at = trio.current_time()
         if not admission.enter_pre_auth():
             log.warning("%s: too many unauthenticated connections, refusing one", endpoint.name)
             shared.registry.connection_refused()
@@ -358,7 +359,7 @@ async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared
                 await client.aclose()
                 return
         try:
-            await Session(client, endpoint, initial, circuit).run()
+            await Session(client, endpoint, initial, circuit, accepted_at).run()
         except Exception:
             # A bug in one session must never take the others down with it.
             log.exception("%s: session failed", endpoint.name)

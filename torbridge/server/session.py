@@ -81,6 +81,7 @@ class Session:
         endpoint: Endpoint,
         initial: bytes = b"",
         circuit: int | None = None,
+        accepted_at: float | None = None,
     ) -> None:
         self.id = next(_session_ids)
         self.circuit = circuit  # tor's rendezvous circuit, when tor exports it
@@ -93,7 +94,8 @@ class Session:
         self.outcome = "unfinished"
         self.linger = 0.0
         self.started = trio.current_time()
-        self._auth_deadline = self.started + self.limits.auth_timeout
+        # The AUTH deadline counts from accept, not from when reading began.
+        self._auth_deadline = (accepted_at or self.started) + self.limits.auth_timeout
         self._nursery: trio.Nursery | None = None
         self._pre_auth = True  # counted against the cap on unauthenticated connections
         self.started_wall = time.time()
@@ -174,19 +176,22 @@ class Session:
             with trio.fail_at(deadline):
                 event = await channel.receive_event()
         except trio.TooSlowError:
-            return await self._lost(side, "no message before the deadline")
+            # A silent peer is not a stale connection: no retry.
+            return await self._lost(side, "no message before the deadline", retry=False)
         except StreamLost as e:
             return await self._lost(side, str(e))
         if side is Side.CLIENT and isinstance(event, m.Message):
             log.debug("[%d] client: %s", self.id, m.redacted(event))
         return self.relay.receive(side, event)
 
-    async def _lost(self, side: Side, reason: str, header_unsent: bool = False) -> list[r.Action]:
+    async def _lost(
+        self, side: Side, reason: str, header_unsent: bool = False, retry: bool = True
+    ) -> list[r.Action]:
         if side is Side.PEER:
             log.warning("[%d] %s: %s", self.id, self.endpoint.name, reason)
             self.endpoint.registry.peer_failed(self.endpoint.transport.name, reason)
             await self._close_peer()
-        return self.relay.side_lost(side, reason, header_unsent)
+        return self.relay.side_lost(side, reason, header_unsent, retry)
 
     def _channel(self, side: Side) -> FramedStream | PeerChannel | None:
         return self.client if side is Side.CLIENT else self.peer
