@@ -1,0 +1,633 @@
+"""Load helpers: many raw P2P sessions and a pre-auth flood against one daemon.
+
+Used by the tests in this directory and by ``bench/bench_load.py``. The
+daemon and the repositories come from :mod:`tests.e2e.harness`; this module
+adds what load needs on top:
+
+- :class:`LoadBridge`: a :class:`~tests.e2e.harness.Bridge` whose config has a
+  ``[limits]`` table, plus its RSS, ``torbridge status --json`` and metrics.
+- :class:`AsyncSession`: a trio client of the unix socket (the blocking
+  :class:`~tests.e2e.harness.RawSession` costs a thread per connection).
+- :func:`run_mix`: one authenticated session doing the mixed sequence
+  (VERSION 4, CHECKPRESENT present + absent, GET, PUT, close), timing each
+  request into a :class:`Stats`.
+- :func:`flood`: a bounded flood of unauthenticated connections (idle,
+  garbage, a partial AUTH that stalls, a 40000-byte line).
+
+Safety: unix sockets only; every loop is bounded in count and in time; a
+connection is never left open past the deadline its caller gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Expose
+
+MIB = 1024 * 1024
+
+
+# --- the daemon -------------------------------------------------------------------------
+
+
+class LoadBridge(Bridge):
+    """A Bridge with a ``[limits]`` table in its config."""
+
+    def __init__(
+        self,
+        env: AnnexEnv,
+        repository: Path,
+        workdir: Path,
+        limits: Mapping[str, float] | None = None,
+        exposes: Iterable[Expose] = (Expose(),),
+    ) -> None:
+        self.limits: dict[str, float] = dict(limits or {})
+        super().__init__(env, repository, workdir, exposes)
+
+    def config_text(self) -> str:
+        text = super().config_text()
+        if not self.limits:
+            return text
+        lines = ["", "[limits]"]
+        for key, value in sorted(self.limits.items()):
+            lines.append(f"{key} = {int(value) if float(value).is_integer() else value}")
+        return text + "\n".join(lines) + "\n"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "daemon never started"
+        return self.proc.pid
+
+    def proc_status(self) -> dict[str, int]:
+        """VmRSS, VmHWM, ... of the daemon process in KiB (``/proc/PID/status``)."""
+        return proc_status_kib(self.pid)
+
+    def rss_kib(self) -> int:
+        return self.proc_status().get("VmRSS", 0)
+
+    def status(self) -> dict[str, object]:
+        """``torbridge status --json``."""
+        snapshot: dict[str, object] = json.loads(self.cli("status", "--json").stdout)
+        return snapshot
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """The sessions in flight, as ``torbridge status --json`` lists them."""
+        sessions = self.status()["sessions"]
+        assert isinstance(sessions, list)
+        return sessions
+
+    def totals(self) -> dict[str, int]:
+        totals = self.status()["totals"]
+        assert isinstance(totals, dict)
+        return {str(k): int(v) for k, v in totals.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """The samples of ``<state_dir>/metrics.sock`` (Prometheus text over HTTP)."""
+        return read_metrics(self.state_dir / "metrics.sock")
+
+
+def proc_status_kib(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[name] = int(parts[0])
+    return out
+
+
+def read_metrics(path: Path, timeout: float = 10.0) -> dict[str, float]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(os.fspath(path))
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (chunk := s.recv(65536)):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.0 200 OK"), head
+    samples: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+class RssSampler:
+    """Samples a process's VmRSS every ``interval`` s while its ``run`` task lives."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = 0
+        self.samples = 0
+
+    def sample(self) -> None:
+        rss = proc_status_kib(self.pid).get("VmRSS", 0)
+        self.peak_kib = max(self.peak_kib, rss)
+        self.samples += 1
+
+    async def run(self, limit: float = 3600.0) -> None:
+        """Until cancelled (or ``limit`` s, whatever comes first)."""
+        with trio.move_on_after(limit):
+            while True:
+                self.sample()
+                await trio.sleep(self.interval)
+
+
+# --- objects ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Obj:
+    """An annexed object: its SHA256E key and its bytes."""
+
+    key: str
+    content: bytes
+
+    @classmethod
+    def of(cls, content: bytes, ext: str = ".bin") -> Obj:
+        digest = hashlib.sha256(content).hexdigest()
+        return cls(f"SHA256E-s{len(content)}--{digest}{ext}", content)
+
+    @classmethod
+    def random(cls, rng: random.Random, low: int = 64, high: int = 4096) -> Obj:
+        return cls.of(rng.randbytes(rng.randint(low, high)))
+
+
+def seed_proxy(repo: AnnexRepo, count: int, rng: random.Random) -> list[Obj]:
+    """``count`` small files annexed (and committed) in the proxy's repository."""
+    objs = [Obj.random(rng) for _ in range(count)]
+    repo.add_files({f"seed/{i:04d}.bin": o.content for i, o in enumerate(objs)}, "seed")
+    found = repo.annex("find", "--format=${key}\\n", "seed").stdout.split()
+    assert sorted(found) == sorted(o.key for o in objs), "key computed here != git-annex's"
+    return objs
+
+
+def absent_keys(repo: AnnexRepo, keys: Sequence[str], timeout: float = 120.0) -> list[str]:
+    """The keys whose content ``repo`` does not have (one batch process)."""
+    if not keys:
+        return []
+    result = repo.annex("contentlocation", "--batch", input="".join(k + "\n" for k in keys),
+                        timeout=timeout)
+    lines = result.stdout.split("\n")
+    assert len(lines) >= len(keys), result.describe()
+    return [k for k, loc in zip(keys, lines, strict=False) if not loc.strip()]
+
+
+# --- statistics ----------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass
+class Stats:
+    """Per-request latencies (seconds) by operation, and errors."""
+
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    sessions_ok: int = 0
+    connect_retries: int = 0
+    stored: list[str] = field(default_factory=list)  # keys the daemon said SUCCESS to PUT
+    open_now: int = 0
+    peak_open: int = 0  # sessions connected at the same time, at most
+
+    def opened(self) -> None:
+        self.open_now += 1
+        self.peak_open = max(self.peak_open, self.open_now)
+
+    def closed(self) -> None:
+        self.open_now -= 1
+
+    def add(self, op: str, seconds: float) -> None:
+        self.latencies.setdefault(op, []).append(seconds)
+
+    def all(self, ops: Iterable[str] | None = None) -> list[float]:
+        wanted = set(ops) if ops is not None else None
+        return [v for op, vs in self.latencies.items()
+                if wanted is None or op in wanted for v in vs]
+
+    @property
+    def requests(self) -> int:
+        """Requests of the mix done (AUTH and VERSION not counted)."""
+        return len(self.all(REQUEST_OPS))
+
+    @property
+    def exchanges(self) -> int:
+        """Every timed exchange, AUTH and VERSION included."""
+        return len(self.all())
+
+    def p(self, q: float, ops: Iterable[str] | None = None) -> float:
+        return percentile(self.all(ops), q)
+
+    def table(self, title: str) -> str:
+        rows = [f"{title}: {self.sessions_ok} sessions ok, {len(self.errors)} errors, "
+                f"{self.requests} requests, at most {self.peak_open} sessions open at once, "
+                f"{self.connect_retries} connect retries (backlog full)"]
+        for op in [*REQUEST_OPS, *sorted(set(self.latencies) - set(REQUEST_OPS))]:
+            vs = self.latencies.get(op)
+            if vs:
+                rows.append(f"  {op:<14} n={len(vs):<5} p50={percentile(vs, 50) * 1000:8.1f} ms"
+                            f"  p99={percentile(vs, 99) * 1000:8.1f} ms"
+                            f"  max={max(vs) * 1000:8.1f} ms")
+        vs = self.all(REQUEST_OPS)
+        if vs:
+            rows.append(f"  {'all requests':<14} n={len(vs):<5} "
+                        f"p50={percentile(vs, 50) * 1000:8.1f} ms"
+                        f"  p99={percentile(vs, 99) * 1000:8.1f} ms")
+        for e in self.errors[:10]:
+            rows.append(f"  error: {e}")
+        if len(self.errors) > 10:
+            rows.append(f"  ... {len(self.errors) - 10} more errors")
+        return "\n".join(rows)
+
+
+# The requests of the mix (AUTH and VERSION are timed too, under their names,
+# but "per-request latency" means these: VERSION also spawns the peer process).
+REQUEST_OPS = ("checkpresent", "checkabsent", "get", "put")
+
+
+# --- the wire, with trio ------------------------------------------------------------
+
+
+class SessionClosed(EOFError):
+    """The daemon closed the connection."""
+
+
+class ProtocolMismatch(AssertionError):
+    """The daemon answered something else than expected."""
+
+
+CONNECT_RETRY = 0.01  # seconds between attempts while the listen backlog is full
+
+
+async def connect_unix(path: Path | str, seconds: float = 30.0,
+                       stats: Stats | None = None) -> trio.SocketStream:
+    """Connect to a unix socket; retries (for up to ``seconds``) while its backlog is full.
+
+    A non-blocking AF_UNIX connect fails with EAGAIN instead of waiting when
+    the listener's backlog is full; this is retried rather than reported.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(os.fspath(path))
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"backlog of {path} full for {seconds}s") from None
+            if stats is not None:
+                stats.connect_retries += 1
+            await trio.sleep(CONNECT_RETRY)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+class AsyncSession:
+    """The P2P protocol by hand over one trio stream; every read has a deadline."""
+
+    def __init__(self, stream: trio.SocketStream, reply_timeout: float = 30.0) -> None:
+        self.stream = stream
+        self.reply_timeout = reply_timeout  # default deadline of every read
+        self.buf = bytearray()
+        self.eof = False
+        self.client_uuid = str(uuid.uuid4())
+
+    @classmethod
+    async def open(cls, path: Path | str, seconds: float = 30.0,
+                   stats: Stats | None = None, reply_timeout: float = 30.0) -> AsyncSession:
+        return cls(await connect_unix(path, seconds, stats), reply_timeout)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.stream.aclose()
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as e:
+            raise SessionClosed(f"send failed: {e.__cause__ or e}") from None
+
+    async def send_line(self, line: str) -> None:
+        await self.send(line.encode() + b"\n")
+
+    async def _fill(self) -> None:
+        if self.eof:
+            raise SessionClosed("connection closed by the daemon")
+        try:
+            chunk = await self.stream.receive_some(1 << 16)
+        except trio.BrokenResourceError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            raise SessionClosed("connection closed by the daemon"
+                                + (f" after {bytes(self.buf)[:100]!r}" if self.buf else ""))
+        self.buf += chunk
+
+    async def read_line(self, seconds: float | None = None) -> str:
+        with trio.fail_after(self.reply_timeout if seconds is None else seconds):
+            while (nl := self.buf.find(b"\n")) < 0:
+                await self._fill()
+        line = bytes(self.buf[:nl])
+        del self.buf[: nl + 1]
+        return line.rstrip(b"\r").decode("utf-8", errors="replace")
+
+    async def read_exact(self, n: int, seconds: float | None = None) -> bytes:
+        with trio.fail_after(self.reply_timeout if seconds is None else seconds):
+            while len(self.buf) < n:
+                await self._fill()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def expect(self, want: str, seconds: float | None = None) -> None:
+        got = await self.read_line(seconds)
+        if got != want:
+            raise ProtocolMismatch(f"expected {want!r}, got {got!r}")
+
+    async def wait_closed(self, seconds: float) -> bool:
+        """Read (and drop) until the daemon closes; False if it did not within ``seconds``."""
+        with trio.move_on_after(seconds):
+            try:
+                while True:
+                    await self._fill()
+                    self.buf.clear()
+            except SessionClosed:
+                return True
+        return False
+
+    # protocol steps
+    async def auth(self, token: str, server_uuid: str, seconds: float | None = None) -> None:
+        await self.send_line(f"AUTH {self.client_uuid} {token}")
+        await self.expect(f"AUTH-SUCCESS {server_uuid}", seconds)
+
+    async def version(self, seconds: float | None = None) -> None:
+        await self.send_line("VERSION 4")
+        await self.expect("VERSION 4", seconds)
+
+    async def checkpresent(self, key: str, present: bool) -> None:
+        await self.send_line(f"CHECKPRESENT {key}")
+        await self.expect("SUCCESS" if present else "FAILURE")
+
+    async def get(self, obj: Obj, af: str = "file.bin") -> None:
+        await self.send_line(f"GET 0 {af} {obj.key}")
+        line = await self.read_line()
+        m = re.fullmatch(r"DATA (\d+)", line)
+        if not m:
+            raise ProtocolMismatch(f"GET: expected DATA n, got {line!r}")
+        data = await self.read_exact(int(m.group(1)))
+        if data != obj.content:
+            raise ProtocolMismatch(f"GET {obj.key}: {len(data)} bytes differ from the object")
+        await self.expect("VALID")
+        await self.send_line("SUCCESS")
+
+    async def put(self, obj: Obj, af: str = "new.bin") -> None:
+        await self.send_line(f"PUT {af} {obj.key}")
+        await self.expect("PUT-FROM 0")
+        await self.send(b"DATA %d\n" % len(obj.content) + obj.content + b"VALID\n")
+        await self.expect("SUCCESS")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and as whom the sessions connect."""
+
+    socket: Path
+    token: str
+    server_uuid: str
+
+
+class Gate:
+    """Holds sessions until ``parties`` have arrived (a failed one arrives too)."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self.arrived = 0
+        self.event = trio.Event()
+
+    def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.parties:
+            self.event.set()
+
+    async def wait(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self.event.wait()
+
+
+async def run_mix(
+    target: Target,
+    present: Obj,
+    absent_key: str,
+    fresh: Obj,
+    stats: Stats,
+    *,
+    name: str = "session",
+    gate: Gate | None = None,
+    end_gate: Gate | None = None,
+    gate_timeout: float = 120.0,
+    connect_limiter: trio.CapacityLimiter | None = None,
+    work_limiter: trio.CapacityLimiter | None = None,
+    reply_timeout: float = 120.0,
+) -> bool:
+    """One authenticated session doing the mix; True if every step went as expected.
+
+    With a ``gate`` the session waits after VERSION until every session of the
+    gate is established, and with an ``end_gate`` it stays open after its mix
+    until every session is done: so all of them are open at the same time.
+    ``work_limiter`` bounds how many sessions do their mix at once (the others
+    stay connected, idle); ``connect_limiter`` how many connect and AUTH at once.
+    """
+    arrived = arrived_end = False
+    session: AsyncSession | None = None
+    op = "connect"
+    try:
+        async with connect_limiter or contextlib.nullcontext():
+            # "auth" is connect + AUTH + AUTH-SUCCESS (the wait for the limiter,
+            # on this side, is not counted).
+            start = time.monotonic()
+            session = await AsyncSession.open(target.socket, stats=stats,
+                                              reply_timeout=reply_timeout)
+            stats.opened()
+            op = "auth"
+            await session.auth(target.token, target.server_uuid)
+            stats.add("auth", time.monotonic() - start)
+        op = "version"
+        t = time.monotonic()
+        await session.version()
+        stats.add("version", time.monotonic() - t)
+        if gate is not None:
+            arrived = True
+            gate.arrive()
+            await gate.wait(gate_timeout)
+        s = session
+        steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+            ("checkpresent", lambda: s.checkpresent(present.key, True)),
+            ("checkabsent", lambda: s.checkpresent(absent_key, False)),
+            ("get", lambda: s.get(present)),
+            ("put", lambda: s.put(fresh)),
+        )
+        async with work_limiter or contextlib.nullcontext():
+            for op, step in steps:  # op names the step in an error
+                t = time.monotonic()
+                await step()
+                stats.add(op, time.monotonic() - t)
+        stats.stored.append(fresh.key)
+        stats.sessions_ok += 1
+        if end_gate is not None:
+            arrived_end = True
+            end_gate.arrive()
+            await end_gate.wait(gate_timeout)
+        return True
+    except (OSError, EOFError, AssertionError, trio.TooSlowError) as e:
+        stats.errors.append(f"{name}: {op}: {type(e).__name__}: {e}")
+        return False
+    finally:
+        if gate is not None and not arrived:
+            gate.arrive()
+        if end_gate is not None and not arrived_end:
+            end_gate.arrive()
+        if session is not None:
+            stats.closed()
+            await session.aclose()
+
+
+# --- the flood -------------------------------------------------------------------------
+
+FLOOD_KINDS = ("idle", "garbage", "partial-auth", "long-line")
+LONG_LINE = 40_000
+
+
+@dataclass
+class FloodStats:
+    started: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    # seconds from connect to the daemon's close, by kind (refusals included)
+    close_times: dict[str, list[float]] = field(default_factory=dict)
+    peak_open: int = 0
+    open_now: int = 0
+    elapsed: float = 0.0
+    # set once ``busy_at`` connections are open at the same time
+    busy_at: int = 1
+    busy: trio.Event = field(default_factory=trio.Event)
+
+    def summary(self) -> str:
+        parts = [f"{self.started} connections in {self.elapsed:.1f}s, "
+                 f"at most {self.peak_open} open at once; outcomes {dict(self.outcomes)}"]
+        for kind, ts in sorted(self.close_times.items()):
+            parts.append(f"  {kind:<12} closed by the daemon after p50={percentile(ts, 50):.2f}s"
+                         f" max={max(ts):.2f}s (n={len(ts)})")
+        return "\n".join(parts)
+
+
+async def _flood_one(path: Path, kind: str, hold: float, rng: random.Random,
+                     stats: FloodStats) -> None:
+    stats.open_now += 1
+    stats.peak_open = max(stats.peak_open, stats.open_now)
+    if stats.open_now >= stats.busy_at:
+        stats.busy.set()
+    try:
+        start = time.monotonic()
+        try:
+            session = await AsyncSession.open(path, seconds=hold)
+        except (OSError, TimeoutError):
+            stats.outcomes["connect-failed"] += 1
+            return
+        try:
+            try:
+                if kind == "garbage":
+                    await session.send(rng.randbytes(rng.randint(1, 200)) + b"\n")
+                elif kind == "partial-auth":
+                    await session.send(f"AUTH {session.client_uuid} 0123abc".encode())
+                elif kind == "long-line":
+                    await session.send(b"A" * LONG_LINE)
+            except SessionClosed:
+                pass  # refused (or dropped) while sending
+            closed = await session.wait_closed(hold)
+        finally:
+            await session.aclose()
+        if closed:
+            stats.outcomes[f"{kind}: closed by the daemon"] += 1
+            stats.close_times.setdefault(kind, []).append(time.monotonic() - start)
+        else:
+            stats.outcomes[f"{kind}: still open after {hold:.0f}s"] += 1
+    finally:
+        stats.open_now -= 1
+
+
+async def flood(path: Path, total: int, concurrency: int, hold: float, stats: FloodStats,
+                *, rate: float | None = None, seed: int = 1,
+                kinds: Sequence[str] = FLOOD_KINDS, time_limit: float = 600.0) -> None:
+    """``total`` unauthenticated connections, at most ``concurrency`` open at once.
+
+    Each is of one of ``kinds`` (round robin) and waits at most ``hold`` s for
+    the daemon to close it. With ``rate``, new connections start at most that
+    many per second. The whole flood stops after ``time_limit`` s.
+    """
+    rng = random.Random(seed)
+    limiter = trio.Semaphore(concurrency)
+    start = time.monotonic()
+    with trio.move_on_after(time_limit):
+        async with trio.open_nursery() as nursery:
+            for i in range(total):
+                if rate:
+                    await trio.sleep_until(trio.current_time() + max(
+                        0.0, start + i / rate - time.monotonic()))
+                await limiter.acquire()
+                stats.started += 1
+
+                async def one(kind: str = kinds[i % len(kinds)]) -> None:
+                    try:
+                        await _flood_one(path, kind, hold, rng, stats)
+                    finally:
+                        limiter.release()
+
+                nursery.start_soon(one)
+    stats.elapsed = time.monotonic() - start
+
+
+def raise_nofile(want: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE towards ``want`` (never above the hard one)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def is_backlog_full(e: OSError) -> bool:
+    return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
