@@ -17,7 +17,7 @@ import socket
 import socketserver
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -135,3 +135,36 @@ def echo_roundtrip(client: TorProcess, onion: str, port: int, payload: bytes) ->
                 break
             got += chunk
         return got
+
+
+# --------------------------------------------------------------------------
+# the bridge over Tor (test_bridge_over_tor.py): logs on failure, and a leak
+# check once the session (and its testnet) is over
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On failure, attach what a fixture value offers as ``failure_sections()``
+    (TorWorld: the daemons' logs and the tail of its tors' logs)."""
+    report = yield
+    if report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            sections = getattr(value, "failure_sections", None)
+            if callable(sections):
+                with contextlib.suppress(Exception):
+                    report.sections.extend(sections())
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After every fixture is torn down: no tor of our testnets, no daemon or
+    forwarder and no network namespace that torpath started may be left."""
+    from tests.tor import torpath
+
+    left = torpath.leftovers()
+    if left:
+        writer = session.config.get_terminal_writer()
+        writer.line("tests/tor: left behind after the session:\n  " + "\n  ".join(left), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

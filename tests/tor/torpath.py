@@ -1,0 +1,715 @@
+"""The whole Tor path, for the Tor tier's end-to-end tests and bench/bench_tor.py.
+
+    stock git-annex (in a private network namespace, SOCKS hard-coded to
+    127.0.0.1:9050) -> forwarder -> unix SocksPort -> client tor -> bridge's
+    onion -> torbridge -> (node endpoint) SOCKS -> client tor -> node's onion
+    -> a second torbridge serving the node repository -> git-annex-shell
+
+Everything runs on a private Tor network (:class:`TestNet`) on 127.0.0.1:
+
+* The git-annex client runs inside a network namespace of its own
+  (``ip netns add tb-XXXX``) that has nothing but ``lo``: port 9050 there is
+  ours, and nothing it does can leave the machine. A small forwarder inside
+  the namespace listens on 127.0.0.1:9050 and passes each connection to the
+  client tor's unix-socket SocksPort (unix sockets cross network namespaces).
+* The bridge (``torbridge serve``) and the node (a second ``torbridge serve``,
+  remote ".") each publish their onion through the control port of their own
+  service tor; the bridge reaches the node through the client tor's TCP
+  SocksPort on 127.0.0.1.
+* After each step the caller can check that no process of ours (the
+  daemons and their children) holds a socket off loopback
+  (:meth:`TorWorld.assert_loopback_only`).
+
+Synchronous on purpose, like tests/e2e/harness.py, whose AnnexEnv, AnnexRepo,
+Client and Bridge this reuses. A few private parts of TestNet (``_launch``,
+``_finish_start``, ``_terminate``, ``_hs_events``) are used to stop and
+restart one service tor on its own data directory and control port.
+
+Run as a script, this module is the forwarder: ``python -m tests.tor.torpath
+forward --netns NAME --port 9050 --unix PATH`` (started inside the namespace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.e2e.harness import (
+    DEFAULT_TIMEOUT,
+    GIT_ANNEX_BINARY,
+    AnnexEnv,
+    AnnexRepo,
+    Bridge,
+    Client,
+    Expose,
+    Result,
+    descendants,
+    toml_str,
+)
+from torbridge.tor.testnet import (
+    LOOPBACK,
+    Node,
+    TestNet,
+    TorProcess,
+    TorTestNetError,
+    ss_sockets,
+    unsafe_sockets,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NETNS_SOCKS_PORT = 9050  # git-annex's hard-coded SOCKS port: ours only inside the namespace
+NETNS_PREFIX = "tb-"
+READY_LINE = "torbridge ready"
+PUBLISH_TIMEOUT = 180.0  # serve -> ready (descriptor uploaded); ~5-15 s seen
+TOR_COMMAND_TIMEOUT = 240.0  # one git-annex command through Tor (first circuits can take 30 s)
+STOP_TIMEOUT = 30.0  # SIGTERM -> exit of a daemon (15 s is short on a loaded machine)
+
+HUB_PORT = 5000  # the bridge: the proxy's own repository
+NODE_VIA_BRIDGE_PORT = 5001  # the bridge: the proxied node
+NODE_PORT = 6000  # the node torbridge: its own repository
+
+_TOR_LINE = re.compile(r"tor-annex::([a-z2-7]{56}\.onion):(\d{1,5}):([A-Za-z0-9]+)")
+
+# What this process started, for the end-of-session leak check (conftest).
+STARTED: dict[str, set[str]] = {"netns": set(), "workdirs": set()}
+STARTED_PIDS: set[int] = set()
+
+
+class TorPathError(Exception):
+    """Setting up the path failed; the message says where."""
+
+
+# --------------------------------------------------------------------------
+# the private network namespace
+
+
+def netns_unavailable() -> str | None:
+    """Why a private network namespace cannot be made here (None: it can)."""
+    if shutil.which("ip") is None:
+        return "`ip` (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "`ip netns add` needs root"
+    name = f"{NETNS_PREFIX}probe{secrets.token_hex(3)}"
+    probe = subprocess.run(
+        ["ip", "netns", "add", name], capture_output=True, text=True, timeout=30, check=False
+    )
+    if probe.returncode != 0:
+        return f"`ip netns add` failed: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=30, check=False)
+    return None
+
+
+def _netns_inode(name: str) -> int:
+    return os.stat(f"/run/netns/{name}").st_ino
+
+
+def _own_netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+class PrivateNetns:
+    """``ip netns add tb-XXXX`` with ``lo`` up and nothing else; ``close()``
+    kills what is left in it (by PID: only our processes are in it) and
+    deletes it."""
+
+    def __init__(self) -> None:
+        self.name = f"{NETNS_PREFIX}{secrets.token_hex(4)}"
+        self.forwarder: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self._ip("netns", "add", self.name)
+        STARTED["netns"].add(self.name)
+        try:
+            self._ip("netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+            links = self._ip("netns", "exec", self.name, "ip", "-o", "link", "show")
+            names = re.findall(r"^\d+: ([^:@]+)", links, re.M)
+            if names != ["lo"]:
+                raise TorPathError(f"namespace {self.name} has links {names}, not just lo")
+            if _netns_inode(self.name) == _own_netns_inode():
+                raise TorPathError(f"namespace {self.name} is the host's")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _ip(*args: str) -> str:
+        result = subprocess.run(
+            ["ip", *args], capture_output=True, text=True, timeout=30, check=False
+        )
+        if result.returncode != 0:
+            raise TorPathError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
+
+    def argv(self, cmd: Sequence[str | os.PathLike[str]]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *(os.fspath(c) for c in cmd)]
+
+    def start_forwarder(self, unix_path: Path, timeout: float = 20.0) -> None:
+        """127.0.0.1:9050 inside the namespace -> ``unix_path`` (tor's SocksPort)."""
+        assert self.forwarder is None
+        argv = self.argv(
+            [
+                sys.executable,
+                "-m",
+                "tests.tor.torpath",
+                "forward",
+                "--netns",
+                self.name,
+                "--port",
+                str(NETNS_SOCKS_PORT),
+                "--unix",
+                str(unix_path),
+            ]
+        )
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        self.forwarder = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        STARTED_PIDS.add(self.forwarder.pid)
+        assert self.forwarder.stdout is not None
+        ready: list[str] = []
+        reader = threading.Thread(
+            target=lambda: ready.append(self.forwarder.stdout.readline().decode()),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        reader.join(timeout)
+        if not ready or not ready[0].startswith("ready"):
+            self._stop_forwarder()
+            raise TorPathError(f"the SOCKS forwarder in {self.name} did not start: {ready}")
+
+    def pids(self) -> list[int]:
+        try:
+            out = self._ip("netns", "pids", self.name)
+        except TorPathError:
+            return []
+        return [int(p) for p in out.split()]
+
+    def _stop_forwarder(self) -> None:
+        p = self.forwarder
+        if p is None:
+            return
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_forwarder()
+        for pid in self.pids():  # leftovers of ours (a git-annex killed mid-way, say)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(TorPathError):
+            self._ip("netns", "delete", self.name)
+
+    @staticmethod
+    def exists(name: str) -> bool:
+        return Path("/run/netns", name).exists()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 18):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def _forward(conn: socket.socket, unix_path: str) -> None:
+    try:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(unix_path)
+    except OSError:
+        conn.close()
+        return
+    back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
+    back.start()
+    _pump(conn, upstream)
+    back.join()
+    conn.close()
+    upstream.close()
+
+
+def forward_main(netns: str, port: int, unix_path: str) -> int:
+    """The forwarder: refuses to run anywhere but inside the namespace ``netns``
+    (port 9050 of the host is not ours), then serves until SIGTERM."""
+    if _own_netns_inode() != _netns_inode(netns):
+        print(f"refusing: not inside network namespace {netns}", flush=True)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((LOOPBACK, port))
+    server.listen(64)
+    print(f"ready {LOOPBACK}:{port} -> {unix_path}", flush=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=_forward, args=(conn, unix_path), daemon=True).start()
+
+
+# --------------------------------------------------------------------------
+# git-annex inside the namespace
+
+
+@dataclass
+class NetnsAnnexEnv(AnnexEnv):
+    """An AnnexEnv whose every command runs inside the private namespace."""
+
+    netns: str = ""
+
+    @classmethod
+    def inside(cls, base: AnnexEnv, netns: PrivateNetns) -> NetnsAnnexEnv:
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(AnnexEnv)}
+        return cls(**fields, netns=netns.name)
+
+    def run(
+        self,
+        cmd: Sequence[str | os.PathLike[str]],
+        cwd: Path | None = None,
+        *,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        input: bytes | str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> Result:
+        argv = ["ip", "netns", "exec", self.netns, *(os.fspath(c) for c in cmd)]
+        return super().run(
+            argv, cwd, check=check, timeout=timeout, input=input, extra_env=extra_env
+        )
+
+
+# --------------------------------------------------------------------------
+# torbridge with an onion
+
+
+@dataclass(frozen=True)
+class TorLine:
+    """One line of ``torbridge token add`` with [tor] control set."""
+
+    line: str
+    onion: str
+    port: int
+    token: str
+
+
+def parse_tor_lines(text: str) -> list[TorLine]:
+    found = []
+    for raw in text.splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        m = _TOR_LINE.fullmatch(raw)
+        if m is None:
+            raise AssertionError(f"not a tor-annex address line: {raw!r}")
+        found.append(TorLine(raw, m.group(1), int(m.group(2)), m.group(3)))
+    return found
+
+
+class TorBridge(Bridge):
+    """A ``torbridge serve`` that publishes its onion through ``control``
+    (a tor control port, cookie auth) and dials tor-annex nodes through
+    ``socks``. ``start()`` returns once the daemon logs "torbridge ready"
+    (every endpoint listens and the descriptor is uploaded)."""
+
+    def __init__(
+        self,
+        env: AnnexEnv,
+        repository: Path,
+        workdir: Path,
+        exposes: Sequence[Expose],
+        *,
+        control: str,
+        socks: str,
+        max_streams: int = 32,
+    ) -> None:
+        self.control = control
+        self.socks = socks
+        self.max_streams = max_streams
+        self.ready_seconds: list[float] = []  # serve start -> ready, per start
+        super().__init__(env, repository, workdir, exposes)
+
+    def config_text(self) -> str:
+        return super().config_text() + (
+            "\n[tor]\n"
+            f"control = {toml_str(self.control)}\n"
+            f"socks = {toml_str(self.socks)}\n"
+            f"max_streams = {self.max_streams}\n"
+        )
+
+    def set_control(self, control: str) -> None:
+        self.control = control
+        self.write_config()
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def start(self, timeout: float = PUBLISH_TIMEOUT) -> None:
+        offset = self._log_size()
+        t0 = time.monotonic()
+        super().start(timeout)  # the unix sockets listen
+        deadline = t0 + timeout
+        while READY_LINE not in self.log_since(offset):
+            if self.proc is not None and self.proc.poll() is not None:
+                self.returncode = self.proc.returncode
+                raise AssertionError(
+                    f"torbridge serve exited with {self.returncode} before ready:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(
+                    f"torbridge serve not ready within {timeout:.0f}s:\n{self.log()}"
+                )
+            time.sleep(0.05)
+        self.ready_seconds.append(time.monotonic() - t0)
+        assert self.proc is not None
+        STARTED_PIDS.add(self.proc.pid)
+
+    @property
+    def onion(self) -> str:
+        return (self.state_dir / "onion_hostname").read_text().strip()
+
+    def tor_lines(self, name: str, mode: str = "rw") -> dict[int, TorLine]:
+        """``torbridge token add NAME``: the address line of each endpoint, by port."""
+        result = self.cli("token", "add", name, "--mode", mode, timeout=90)
+        lines = parse_tor_lines(result.stdout)
+        assert len(lines) == len(self.exposes), result.describe()
+        return {line.port: line for line in lines}
+
+    def process_tree(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *(pid for pid, _ in descendants(self.proc.pid))]
+
+
+# --------------------------------------------------------------------------
+# tors: restart one, wait for a new descriptor upload
+
+
+def restart_tor(net: TestNet, tor: TorProcess, timeout: float = 90.0) -> TorProcess:
+    """Stop ``tor`` (SIGTERM, by PID) and start it again on the same torrc,
+    data directory and control port; our monitor connection owns it again.
+    Returns the new TorProcess (the old one is dead)."""
+    node = Node(tor.name, tor.datadir, tor.control_port)
+    text = tor.torrc.read_text()
+    net._terminate(tor)
+    with contextlib.suppress(OSError):  # _launch truncates stdout.log: keep the old one
+        shutil.copy(tor.datadir / "stdout.log", tor.datadir / f"stdout.{tor.pid}.log")
+    new = net._launch(node, text, role=tor.role, or_port=tor.or_port, socks=tor.socks)
+    net._finish_start(new, time.monotonic() + timeout)
+    return new
+
+
+def stop_tor(net: TestNet, tor: TorProcess) -> None:
+    net._terminate(tor)
+
+
+def hs_event_count(tor: TorProcess) -> int:
+    with tor._hs_changed:
+        return len(tor._hs_events)
+
+
+def wait_for_upload(
+    net: TestNet, tor: TorProcess, onion: str, since: int, timeout: float = 120.0
+) -> None:
+    """Like TestNet.wait_for_descriptor, counting only HS_DESC events after
+    the first ``since`` ones: a NEW upload of ``onion`` went through and no
+    upload is in flight."""
+    address = onion.removesuffix(".onion")
+    deadline = time.monotonic() + timeout
+    while True:
+        net.check()
+        with tor._hs_changed:
+            pending: dict[str, int] = {}
+            uploaded = 0
+            for action, addr, hsdir, _reason in tor._hs_events[since:]:
+                if addr != address:
+                    continue
+                if action == "UPLOAD":
+                    pending[hsdir] = pending.get(hsdir, 0) + 1
+                elif action in ("UPLOADED", "FAILED"):
+                    pending[hsdir] = pending.get(hsdir, 0) - 1
+                    uploaded += action == "UPLOADED"
+            if uploaded and all(n <= 0 for n in pending.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TorTestNetError(
+                    f"no new descriptor upload of {onion} by {tor.name} in {timeout:.0f}s"
+                    f"\n{tor.log_tail()}"
+                )
+            tor._hs_changed.wait(timeout=0.2)
+
+
+# --------------------------------------------------------------------------
+# the whole path
+
+
+def object_keys(repo: AnnexRepo) -> set[str]:
+    """The keys whose content is in ``repo`` (files under .git/annex/objects)."""
+    objects = repo.path / ".git" / "annex" / "objects"
+    if not objects.is_dir():
+        return set()
+    return {p.name for p in objects.rglob("*") if p.is_file() and p.parent.name == p.name}
+
+
+class TorWorld:
+    """The path of the module docstring, built on a running TestNet.
+
+    Three tors of its own on the network (a client with a TCP and a unix
+    SocksPort, and a service tor for each daemon), the namespace and its
+    forwarder, the proxy and node repositories, the node daemon (linked
+    into the proxy as ``node1`` with ``git annex p2p --link``, annex-proxy
+    true) and the bridge daemon (``hub`` = own repository on 5000, ``node1``
+    on 5001). ``close()`` undoes all of it; the TestNet itself stays up.
+    """
+
+    def __init__(
+        self, net: TestNet, root: Path, *, progress: Callable[[str], None] | None = None
+    ) -> None:
+        self.net = net
+        self.root = root
+        self._say = progress or (lambda _m: None)
+        self._t0 = time.monotonic()
+        self._closed = False
+        self.netns: PrivateNetns | None = None
+        self.bridge: TorBridge | None = None
+        self.node: TorBridge | None = None
+        self.tors: dict[str, TorProcess] = {}
+        self.timings: dict[str, float] = {}
+        if net.workdir is not None:
+            STARTED["workdirs"].add(str(net.workdir))
+        # AF_UNIX paths are short (108 bytes): the SocksPort lives in /tmp.
+        self.socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
+        os.chmod(self.socks_dir, 0o700)  # tor wants a private directory for unix sockets
+        try:
+            self._build()
+        except BaseException:
+            self.close(check=False)
+            raise
+
+    def say(self, message: str) -> None:
+        self._say(f"[{time.monotonic() - self._t0:6.1f}s] {message}")
+
+    @property
+    def socks_unix(self) -> Path:
+        return self.socks_dir / "socks.sock"
+
+    def _build(self) -> None:
+        if not GIT_ANNEX_BINARY.exists():
+            raise TorPathError(f"git-annex binary not found at {GIT_ANNEX_BINARY}")
+        t = time.monotonic()
+        client = self.net.start_client(
+            "annexclient", extra=[f"SocksPort unix:{self.socks_unix} ExtendedErrors"]
+        )
+        self.tors["client"] = client
+        self.tors["bridge"] = self.net.start_service_tor("bridgehs")
+        self.tors["node"] = self.net.start_service_tor("nodehs")
+        self.timings["tors"] = time.monotonic() - t
+        self.say("client and service tors bootstrapped")
+
+        self.netns = PrivateNetns()
+        self.netns.start_forwarder(self.socks_unix)
+        self.say(f"namespace {self.netns.name}: 127.0.0.1:9050 -> {self.socks_unix}")
+
+        self.env = AnnexEnv.create(self.root / "env")
+        self.client_env = NetnsAnnexEnv.inside(self.env, self.netns)
+        assert client.socks is not None
+        self.client_socks = client.socks
+
+        # The node: a second torbridge serving its own repository on its own onion.
+        self.node_repo = AnnexRepo.create(self.env, self.root / "node", "node")
+        self.node = TorBridge(
+            self.env,
+            self.node_repo.path,
+            self.root / "nodebridge",
+            [Expose("node", ".", NODE_PORT)],
+            control=self.tors["node"].control,
+            socks=self.client_socks,
+        )
+        self.node.start()
+        self.timings["node ready"] = self.node.ready_seconds[-1]
+        self.net.wait_for_descriptor(self.tors["node"], self.node.onion)
+        self.say(f"node ready ({self.node.ready_seconds[-1]:.1f}s): {self.node.onion}")
+
+        # The proxy links the node with git-annex's own p2p --link, through Tor.
+        self.proxy = AnnexRepo.create(self.env, self.root / "proxy", "proxy")
+        node_line = self.node.tor_lines("proxy")[NODE_PORT]
+        t = time.monotonic()
+        AnnexRepo(self.client_env, self.proxy.path).annex(
+            "p2p",
+            "--link",
+            "--name",
+            "node1",
+            input=node_line.line + "\n",
+            timeout=TOR_COMMAND_TIMEOUT,
+        )
+        self.timings["proxy links node"] = time.monotonic() - t
+        self.proxy.git("config", "remote.node1.annex-proxy", "true")
+        self.say(f"proxy linked node1 ({self.timings['proxy links node']:.1f}s)")
+
+        self.bridge = TorBridge(
+            self.env,
+            self.proxy.path,
+            self.root / "bridge",
+            [Expose("hub", ".", HUB_PORT), Expose("node1", "node1", NODE_VIA_BRIDGE_PORT)],
+            control=self.tors["bridge"].control,
+            socks=self.client_socks,
+        )
+        self.bridge.start()
+        self.timings["bridge ready"] = self.bridge.ready_seconds[-1]
+        self.net.wait_for_descriptor(self.tors["bridge"], self.bridge.onion)
+        self.say(f"bridge ready ({self.bridge.ready_seconds[-1]:.1f}s): {self.bridge.onion}")
+
+    # clients
+    def client(self, name: str) -> Client:
+        """A fresh client repository; its git and git-annex run in the namespace."""
+        return Client.create(self.client_env, self.root / "clients" / name, name)
+
+    # the daemons
+    def daemons(self) -> list[TorBridge]:
+        return [b for b in (self.bridge, self.node) if b is not None]
+
+    def restart_hs_tor(self, which: str) -> TorProcess:
+        """Restart the service tor of "bridge" or "node"; the daemon must republish."""
+        new = restart_tor(self.net, self.tors[which])
+        self.tors[which] = new
+        return new
+
+    def our_pids(self) -> list[int]:
+        return [pid for b in self.daemons() for pid in b.process_tree()]
+
+    def assert_loopback_only(self) -> None:
+        """No process of ours (the daemons and their children) has a socket
+        off loopback (the tors are watched by the TestNet's watchdog; the
+        client side lives in a namespace with nothing but lo)."""
+        self.net.check()
+        pids = set(self.our_pids())
+        if pids:
+            bad = unsafe_sockets(ss_sockets(), pids)
+            assert not bad, f"a socket of ours is not on loopback: {bad}"
+
+    def failure_sections(self) -> list[tuple[str, str]]:
+        sections = [(f"torbridge log ({b.log_path})", b.log()[-20000:]) for b in self.daemons()]
+        sections += [(f"tor {t.name}", t.log_tail(30)) for t in self.tors.values()]
+        return sections
+
+    def close(self, *, check: bool = True) -> None:
+        """Stop the daemons (cleanly: exit 0, sockets removed, when ``check``),
+        the namespace and forwarder, and our three tors."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[str] = []
+        for b in self.daemons():
+            try:
+                if b.proc is not None and b.returncode is None and b.running:
+                    if check:
+                        b.stop(timeout=STOP_TIMEOUT)
+                    else:
+                        b.kill()
+                elif check and b.proc is not None and b.returncode is None:
+                    errors.append(f"{b.workdir.name} had died:\n{b.log()[-5000:]}")
+            except AssertionError as e:
+                errors.append(str(e))
+            finally:
+                b.close()
+        if self.netns is not None:
+            self.netns.close()
+        for tor in self.tors.values():
+            stop_tor(self.net, tor)
+        shutil.rmtree(self.socks_dir, ignore_errors=True)
+        if errors and check:
+            raise AssertionError("daemon did not stop cleanly:\n" + "\n".join(errors))
+
+
+# --------------------------------------------------------------------------
+# the end-of-session check
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
+
+
+def tor_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-x", "tor"], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def leftovers() -> list[str]:
+    """What this process started and is still there: tors of our testnets,
+    daemons and forwarders, network namespaces."""
+    found = []
+    for pid in tor_pids():
+        cmd = _cmdline(pid)
+        if any(w in cmd for w in STARTED["workdirs"]):
+            found.append(f"tor process {pid}: {cmd}")
+    found += [f"process {pid}: {_cmdline(pid)}" for pid in STARTED_PIDS if _alive(pid)]
+    found += [f"network namespace {n}" for n in STARTED["netns"] if PrivateNetns.exists(n)]
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.tor.torpath")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fwd = sub.add_parser("forward", help="127.0.0.1:PORT (inside NETNS) -> a unix socket")
+    fwd.add_argument("--netns", required=True)
+    fwd.add_argument("--port", type=int, required=True)
+    fwd.add_argument("--unix", required=True)
+    args = parser.parse_args(argv)
+    return forward_main(args.netns, args.port, args.unix)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
