@@ -1,0 +1,151 @@
+"""A stock client and a 3-node cluster behind the bridge (p2p, tor and local nodes).
+
+The proxy is the cluster's gateway, configured with git-annex's own
+commands (tests/nodes/clusters.py). The client links the cluster endpoint
+and uses it as one remote; the nodes' contents are checked in the nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+
+from tests.e2e.harness import AnnexRepo, Client, RawSession
+from tests.nodes.clusters import ENDPOINT, ClusterSetup, setup_cluster
+from tests.nodes.nodes import Node, NodeBridge, NodeNet, wait_for, whereis_uuids
+
+pytestmark = pytest.mark.annex
+
+ALL = {"c1-p2p", "c2-tor", "c3-local"}
+
+
+@pytest.fixture
+def cluster(
+    make_nodes: Callable[..., Node],
+    make_node_bridge: Callable[..., NodeBridge],
+    make_client: Callable[[str], Client],
+    proxy_repo: AnnexRepo,
+    node_net: NodeNet,
+) -> Callable[..., ClusterSetup]:
+    def make(**kwargs: object) -> ClusterSetup:
+        return setup_cluster(
+            make_nodes, make_node_bridge, make_client, proxy_repo, node_net,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    return make
+
+
+def wait_logged(s: ClusterSetup, key: str, names: set[str]) -> None:
+    wait_for(lambda: s.logged(key) == names, 30, f"the proxy's log to list {names} for {key}",
+             interval=0.25)
+
+
+def test_copy_get_drop_through_the_cluster(cluster: Callable[..., ClusterSetup]) -> None:
+    s = cluster()
+    files = {"a.bin": os.urandom(300_000), "b.txt": b"small\n", "empty": b""}
+    s.client.add_files(files)
+    keys = {name: s.client.key(name) for name in files}
+
+    s.client.annex("copy", "--to", ENDPOINT, "--", *files)
+    for name, key in keys.items():
+        assert s.holding(key) == ALL, f"{name} is on {s.holding(key)}"
+        # SUCCESS-PLUS told the client which nodes have it; the proxy logged them too.
+        assert {n.uuid for n in s.nodes} <= whereis_uuids(s.client, key)
+        wait_logged(s, key, ALL)
+    for node in s.nodes:
+        node.assert_holds({keys[n]: files[n] for n in files})
+
+    # The cluster cannot lock (LOCKCONTENT is refused): drop the local copy by force.
+    s.client.annex("drop", "--force", "--", "a.bin", "b.txt")
+    s.client.annex("get", "--from", ENDPOINT, "--", "a.bin", "b.txt")
+    assert s.client.read("a.bin") == files["a.bin"]
+    fsck = s.client.annex("fsck", "--from", ENDPOINT, "--", *files)
+    assert "failed" not in fsck.output, fsck.describe()
+
+    # drop --from: gone from every node, and from the logs.
+    s.client.annex("drop", "--from", ENDPOINT, "--", "a.bin")
+    assert s.holding(keys["a.bin"]) == set()
+    wait_logged(s, keys["a.bin"], set())
+    assert not {n.uuid for n in s.nodes} & whereis_uuids(s.client, keys["a.bin"])
+    for node in s.nodes:
+        node.assert_sound()
+
+
+def test_drop_reaches_a_node_the_log_does_not_know(cluster: Callable[..., ClusterSetup]) -> None:
+    s = cluster()
+    content = os.urandom(50_000)
+    s.client.add_file("x.dat", content)
+    key = s.client.key("x.dat")
+    s.client.annex("copy", "--to", ENDPOINT, "--", "x.dat")
+    # A node gets the same object by its own means: the proxy's log does not know.
+    extra = s.node("c3-local")
+    s.client.annex("drop", "--from", ENDPOINT, "--", "x.dat")
+    extra.repo.add_file("x.dat", content)
+    assert extra.repo.key("x.dat") == key and s.logged(key) == set()
+    s.client.annex("copy", "--to", ENDPOINT, "--", "x.dat")  # c3 answers ALREADY-HAVE
+    assert s.holding(key) == ALL
+    s.client.annex("drop", "--from", ENDPOINT, "--", "x.dat")
+    assert s.holding(key) == set()
+
+
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4])
+def test_client_versions(version: int, cluster: Callable[..., ClusterSetup]) -> None:
+    """PUT, CHECKPRESENT, GET, LOCKCONTENT, GETTIMESTAMP, REMOVE at every version."""
+    s = cluster()
+    data = os.urandom(10_000)
+    s.client.add_file("v.bin", data)
+    key = s.client.key("v.bin")
+    token = s.bridge.add_token(f"raw{version}", "rw", endpoint=ENDPOINT)
+    names = {n.uuid for n in s.nodes}
+    with RawSession(token.socket) as r:
+        r.auth(token.token, s.uuid)
+        if version:
+            assert r.version(version) == f"VERSION {version}"
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("FAILURE")
+        r.send_line(f"PUT v.bin {key}")
+        r.expect("PUT-FROM 0")
+        r.send_line(f"DATA {len(data)}")
+        r.send_raw(data)
+        if version >= 1:
+            r.send_line("VALID")
+        reply = r.read_line()
+        if version >= 2:
+            assert reply.startswith("SUCCESS-PLUS ") and set(reply.split()[1:]) == names, reply
+        else:
+            assert reply == "SUCCESS"
+        wait_for(lambda: s.logged(key) == ALL, 30, "the log")
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("SUCCESS")
+        r.send_line(f"PUT v.bin {key}")
+        reply = r.read_line()
+        if version >= 2:
+            # Every node is logged: all are asked, all have it.
+            assert reply.startswith("ALREADY-HAVE-PLUS ") and set(reply.split()[1:]) == names, reply
+        else:
+            assert reply == "ALREADY-HAVE"
+        r.send_line(f"GET 0 v.bin {key}")
+        assert r.read_line() == f"DATA {len(data)}"
+        assert r.read_exact(len(data)) == data
+        if version >= 1:
+            r.expect("VALID")
+        r.send_line("SUCCESS")
+        r.send_line(f"LOCKCONTENT {key}")
+        r.expect("FAILURE")
+        r.send_line("FROBNICATE")
+        r.expect("ERROR unknown command")
+        if version >= 3:
+            r.send_line("GETTIMESTAMP")
+            ts = int(r.read_line().split()[1])
+            r.send_line(f"REMOVE-BEFORE {ts + 60} {key}")
+        else:
+            r.send_line(f"REMOVE {key}")
+        reply = r.read_line()
+        if version >= 2:
+            assert reply.startswith("SUCCESS-PLUS ") and set(reply.split()[1:]) == names, reply
+        else:
+            assert reply == "SUCCESS"
+    assert s.holding(key) == set()
