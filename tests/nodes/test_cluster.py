@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.harness import AnnexRepo, Client, RawSession
 from tests.nodes.clusters import ENDPOINT, ClusterSetup, setup_cluster
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, wait_for, whereis_uuids
+from tests.nodes.nodes import Node, NodeBridge, NodeNet, put_offsets, wait_for, whereis_uuids
 
 pytestmark = pytest.mark.annex
 
@@ -149,3 +149,103 @@ def test_client_versions(version: int, cluster: Callable[..., ClusterSetup]) -> 
         else:
             assert reply == "SUCCESS"
     assert s.holding(key) == set()
+
+
+def test_preferred_content_chooses_the_targets(cluster: Callable[..., ClusterSetup]) -> None:
+    s = cluster()
+    s.proxy.annex("wanted", "c1-p2p", "largerthan=100kb")
+    s.proxy.annex("wanted", "c2-tor", "include=*.bin")
+    files = {"small.txt": b"x" * 1000, "big.bin": os.urandom(200_000), "mid.bin": b"y" * 5000}
+    s.client.add_files(files)
+    keys = {name: s.client.key(name) for name in files}
+    s.client.annex("copy", "--to", ENDPOINT, "--", *files)
+    assert s.holding(keys["small.txt"]) == {"c3-local"}
+    assert s.holding(keys["big.bin"]) == ALL
+    assert s.holding(keys["mid.bin"]) == {"c2-tor", "c3-local"}
+    # Nobody wants it: it still goes somewhere (every node not logged).
+    s.proxy.annex("wanted", "c3-local", "nothing")
+    s.proxy.annex("wanted", "c2-tor", "nothing")
+    s.client.add_file("other.txt", b"z" * 10)
+    key = s.client.key("other.txt")
+    s.bridge.stop()
+    s.bridge.start()  # forget the cached expressions
+    s.client.annex("copy", "--to", ENDPOINT, "--", "other.txt")
+    assert s.holding(key) == ALL
+
+
+def test_partial_uploads_at_different_offsets(cluster: Callable[..., ClusterSetup]) -> None:
+    s = cluster()
+    data = os.urandom(400_000)
+    s.client.add_file("p.bin", data)
+    key = s.client.key("p.bin")
+    # Interrupted uploads left each node a different amount (git-annex resumes
+    # from the size of .git/annex/tmp/KEY).
+    for name, have in {"c1-p2p": 50_000, "c2-tor": 300_000, "c3-local": 120_000}.items():
+        tmp = s.node(name).repo.path / ".git" / "annex" / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / key).write_bytes(data[:have])
+    copy = s.client.annex("copy", "--to", ENDPOINT, "--debug", "--", "p.bin")
+    assert put_offsets(copy) == [50_000], copy.describe()
+    for node in s.nodes:
+        node.assert_holds({key: data})
+        node.assert_sound()
+
+
+def test_a_node_down_at_the_start(cluster: Callable[..., ClusterSetup]) -> None:
+    s = cluster()
+    down = s.node("c1-p2p")
+    assert down.server is not None
+    down.server.stop()
+    s.client.add_file("d.bin", os.urandom(20_000))
+    key = s.client.key("d.bin")
+    s.client.annex("copy", "--to", ENDPOINT, "--", "d.bin")
+    assert s.holding(key) == ALL - {"c1-p2p"}
+    assert down.uuid not in whereis_uuids(s.client, key)
+    assert "c1-p2p unreachable" in s.bridge.log()
+    # The drop cannot reach c1: the client hears that it did not finish.
+    drop = s.client.annex("drop", "--from", ENDPOINT, "--", "d.bin", check=False)
+    assert not drop.ok
+    assert s.holding(key) == set()
+    down.server.start()
+    s.client.annex("drop", "--from", ENDPOINT, "--", "d.bin")
+
+
+def test_a_node_killed_mid_transfer(cluster: Callable[..., ClusterSetup]) -> None:
+    s = cluster()
+    victim = s.node("c2-tor")
+    assert victim.server is not None
+    size = 30 * 1024 * 1024
+    data = os.urandom(size)
+    s.client.add_file("k.bin", data)
+    key = s.client.key("k.bin")
+    s.net.set_fault(victim.name, up_bytes=5 * 1024 * 1024, kill=victim.server.pid)
+    copy = s.client.annex("copy", "--to", ENDPOINT, "--", "k.bin", timeout=300)
+    assert s.net.fired(victim.name), "the fault never fired"
+    assert s.holding(key) == ALL - {victim.name}
+    assert victim.uuid not in whereis_uuids(s.client, key), copy.describe()
+    for node in s.nodes:
+        if node is not victim:
+            node.assert_holds({key: data})
+    victim.server.wait_dead()
+    victim.server.start()
+    victim.assert_sound()
+    # The bridge goes on: the next upload reaches every node.
+    s.client.add_file("next.bin", b"next\n")
+    s.client.annex("copy", "--to", ENDPOINT, "--", "next.bin")
+    assert s.holding(s.client.key("next.bin")) == ALL
+
+
+def test_already_there_and_the_rest_failing(cluster: Callable[..., ClusterSetup]) -> None:
+    """git-annex's gateway crashes here (`minimum []`); the content is in the cluster."""
+    s = cluster()
+    content = b"already\n" * 100
+    s.client.add_file("a.txt", content)
+    key = s.client.key("a.txt")
+    s.node("c3-local").repo.add_file("a.txt", content)
+    for name in ("c1-p2p", "c2-tor"):
+        server = s.node(name).server
+        assert server is not None
+        server.stop()
+    copy = s.client.annex("copy", "--to", ENDPOINT, "--debug", "--", "a.txt")
+    assert "ALREADY-HAVE-PLUS " + s.node("c3-local").uuid in copy.output, copy.describe()
+    assert s.node("c3-local").uuid in whereis_uuids(s.client, key)
