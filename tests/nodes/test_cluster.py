@@ -8,13 +8,24 @@ and uses it as one remote; the nodes' contents are checked in the nodes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client, RawSession
-from tests.nodes.clusters import ENDPOINT, ClusterSetup, setup_cluster
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, put_offsets, wait_for, whereis_uuids
+from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, Expose, RawSession
+from tests.nodes import tbnode
+from tests.nodes.clusters import CLUSTER, ENDPOINT, ClusterSetup, init_cluster, setup_cluster
+from tests.nodes.nodes import (
+    Node,
+    NodeBridge,
+    NodeNet,
+    make_node,
+    put_offsets,
+    wait_for,
+    whereis_uuids,
+)
 
 pytestmark = pytest.mark.annex
 
@@ -249,3 +260,78 @@ def test_already_there_and_the_rest_failing(cluster: Callable[..., ClusterSetup]
     copy = s.client.annex("copy", "--to", ENDPOINT, "--debug", "--", "a.txt")
     assert "ALREADY-HAVE-PLUS " + s.node("c3-local").uuid in copy.output, copy.describe()
     assert s.node("c3-local").uuid in whereis_uuids(s.client, key)
+
+
+def test_two_gateways(
+    make_nodes: Callable[..., Node],
+    make_node_bridge: Callable[..., NodeBridge],
+    make_client: Callable[[str], Client],
+    proxy_repo: AnnexRepo,
+    node_net: NodeNet,
+    annex_env: AnnexEnv,
+    socks_server: tbnode.SocksServer,
+    tmp_path: Path,
+) -> None:
+    """A copy through either gateway reaches every node once: BYPASS breaks the loop.
+
+    Gateway A (the proxy) has node c1, gateway B node c2; each links the
+    other's own and cluster endpoints and runs ``git annex extendcluster``.
+    """
+    gw_a = proxy_repo
+    c1 = make_nodes("p2p", "c1-p2p")
+    uuid = init_cluster(gw_a, [c1])
+    bridge_a = make_node_bridge([Expose("hub", ".", 5000), Expose(ENDPOINT, CLUSTER, 5001)])
+    bridge_a.start()
+
+    gw_b = AnnexRepo.create(annex_env, tmp_path / "gwB", "gateway B")
+    c2 = make_node("p2p", "c2-p2p", annex_env, node_net, gw_b, tmp_path / "nodesB")
+    bridge_b = NodeBridge(
+        annex_env, gw_b.path, tmp_path / "bridgeB",
+        [Expose("hub", ".", 5000), Expose(ENDPOINT, CLUSTER, 5001)], socks=socks_server.address,
+    )
+    try:
+        link_gateway(gw_b, "gwA", bridge_a)
+        gw_b.annex("extendcluster", "gwA", CLUSTER)
+        gw_b.git("config", "remote.c2-p2p.annex-cluster-node", CLUSTER)
+        gw_b.annex("updatecluster")
+        assert gw_b.git("config", f"annex.cluster.{CLUSTER}").stdout.strip() == uuid
+        bridge_b.start()
+        link_gateway(gw_a, "gwB", bridge_b)
+        gw_a.annex("extendcluster", "gwB", CLUSTER)
+        bridge_a.stop()
+        bridge_a.start()
+
+        nodes = {"c1-p2p": c1, "c2-p2p": c2}
+        for gateway, bridge in (("A", bridge_a), ("B", bridge_b)):
+            client = make_client(f"client{gateway}")
+            client.link(bridge.add_token(f"client{gateway}", "rw", endpoint=ENDPOINT).line,
+                        ENDPOINT)
+            assert client.remote_uuid(ENDPOINT) == uuid
+            data = os.urandom(100_000)
+            client.add_file(f"via-{gateway}.bin", data)
+            key = client.key(f"via-{gateway}.bin")
+            copy = client.annex("copy", "--to", ENDPOINT, "--debug", "--", f"via-{gateway}.bin")
+            plus = re.findall(r"P2P < SUCCESS-PLUS (.*)", copy.output)
+            assert plus and set(plus[0].split()) == {c1.uuid, c2.uuid}, copy.describe()
+            for name, node in nodes.items():
+                node.assert_holds({**node_keys(node, exclude=key), key: data})
+                assert node.server is not None
+                puts = node.server.log().count(f"P2P < PUT via-{gateway}.bin {key}")
+                assert puts == 1, f"{name} got {puts} PUTs of {key} through gateway {gateway}"
+    finally:
+        bridge_b.stop()
+        bridge_b.close()
+        assert c2.server is not None
+        c2.server.stop()
+
+
+def link_gateway(repo: AnnexRepo, name: str, bridge: NodeBridge) -> None:
+    """Link the other gateway's own endpoint as NAME, its cluster endpoint as NAME-CLUSTER."""
+    for remote, endpoint in ((name, "hub"), (f"{name}-{CLUSTER}", ENDPOINT)):
+        line = bridge.add_token(f"{remote}-link", "rw", endpoint=endpoint).line
+        repo.annex("p2p", "--link", "--name", remote, input=line + "\n")
+
+
+def node_keys(node: Node, exclude: str) -> dict[str, bytes]:
+    """What ``node`` holds already, but ``exclude``: for assert_holds."""
+    return {k: node.repo.key_content(k) for k in node.objects() if k != exclude}
