@@ -405,6 +405,9 @@ class ClusterChannel(PeerChannel):
             if told is None:
                 if isinstance(message, m.DataPresent):
                     put.fail(node.ref.uuid, "DATA-PRESENT needs protocol version 4")
+                    # It answered PUT-FROM and waits for DATA: closed, or it
+                    # would take the next request as that DATA.
+                    await self._drop(node, "DATA-PRESENT needs protocol version 4")
                 return  # below v1 a node has no VALID to be told
             if not await self._guard(node, self.t.stall_timeout, channel.send(told)):
                 put.fail(node.ref.uuid, f"lost at {type(message).__name__}")
