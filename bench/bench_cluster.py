@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -61,6 +62,7 @@ WORKLOADS = ("big", "small")
 BIG_TARGET = "big.bin"
 SMALL_TARGET = "small"
 COMMAND_TIMEOUT = 3600.0  # one copy of --big-mib on a loaded machine
+REAP_WAIT = 1.0  # seconds after a copy before its CPU is counted (not timed)
 QUICK = {"big_mib": 64, "small": 100, "rounds": 2}
 
 
@@ -86,7 +88,9 @@ class Workload:
 class Results:
     seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     rss_kib: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # VmHWM per run
-    cpu_secs: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # daemon's own
+    # CPU seconds per run and part: "daemon" (its own), "relays" (its reaped
+    # children: node transports, git-annex queries), "nodes", "client".
+    cpu: dict[tuple[str, str], dict[str, list[float]]] = field(default_factory=dict)
     rss_idle_kib: int = 0
     rss_resettable: bool = True
 
@@ -204,11 +208,25 @@ def proc_status_kib(pid: int, key: str) -> int:
     raise BenchError(f"no {key} in /proc/{pid}/status")
 
 
-def proc_cpu_secs(pid: int) -> float:
-    """utime + stime of the process itself (not its children)."""
+def proc_cpu_secs(pid: int) -> tuple[float, float]:
+    """(utime + stime of the process, of its reaped children)."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def cpu_parts(rig: Rig, path: str) -> dict[str, float]:
+    """CPU seconds so far of each part of the data path (see Results.cpu)."""
+    pid = rig.bridge.proc.pid if rig.bridge.proc is not None else 0
+    own, children = proc_cpu_secs(pid)
+    nodes = 0.0
+    for node in rig.nodes_of(path):
+        if node.server is not None and node.server.proc is not None:
+            nodes += sum(proc_cpu_secs(node.server.proc.pid))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"daemon": own, "relays": children, "nodes": nodes,
+            "client": usage.ru_utime + usage.ru_stime}
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -259,12 +277,15 @@ def measure(rig: Rig, path: str, workload: Workload, keys: set[str], results: Re
     remote = ENDPOINTS[path]
     pid = rig.bridge.proc.pid if rig.bridge.proc is not None else 0
     results.rss_resettable &= reset_peak_rss(pid)
-    cpu = proc_cpu_secs(pid)
+    before = cpu_parts(rig, path)
     secs = annex_json(rig.client, ["copy", "--to", remote, workload.target], workload.files)
-    cpu = proc_cpu_secs(pid) - cpu
-    results.seconds.setdefault((path, workload.name), []).append(secs)
-    results.cpu_secs.setdefault((path, workload.name), []).append(cpu)
     results.rss_kib.setdefault((path, workload.name), []).append(proc_status_kib(pid, "VmHWM"))
+    time.sleep(REAP_WAIT)  # the session's helpers are reaped (and counted) once it ends
+    after = cpu_parts(rig, path)
+    results.seconds.setdefault((path, workload.name), []).append(secs)
+    cpu = results.cpu.setdefault((path, workload.name), {})
+    for part, value in after.items():
+        cpu.setdefault(part, []).append(value - before[part])
     nodes = rig.nodes_of(path)
     check_nodes(nodes, keys, present=True)
     annex_json(rig.client, ["drop", "--from", remote, "--force", workload.target], workload.files)
@@ -304,7 +325,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def report(results: Results, workloads: Sequence[Workload], nodes: int) -> None:
     print()
     print(f"{'path':8} {'workload':22} {'seconds':>9} {'rate':>13} {'spread':>7}"
-          f" {'daemon cpu s':>12} {'VmHWM KiB':>10}")
+          f" {'VmHWM KiB':>10}   CPU s: daemon relays nodes client (median)")
     for workload in workloads:
         for path in PATHS:
             secs = results.median(path, workload.name)
@@ -316,11 +337,13 @@ def report(results: Results, workloads: Sequence[Workload], nodes: int) -> None:
                 rate = f"{workload.files / secs:.1f} files/s"
             spread = results.spread(path, workload.name)
             spread_text = "-" if spread is None else f"{spread * 100:.0f}%"
-            cpu = statistics.median(results.cpu_secs[(path, workload.name)])
+            parts = results.cpu[(path, workload.name)]
+            cpu = " ".join(f"{statistics.median(parts[p]):6.2f}"
+                           for p in ("daemon", "relays", "nodes", "client"))
             rss = max(results.rss_kib[(path, workload.name)])
             print(
                 f"{path:8} {workload.label:22} {secs:9.3f} {rate:>13} {spread_text:>7}"
-                f" {cpu:12.2f} {rss:10d}"
+                f" {rss:10d}   {cpu}"
             )
     print()
     print(f"cluster ({nodes} nodes) / single node, throughput (medians; target >= 0.8):")
