@@ -970,3 +970,34 @@ async def test_data_present_node_below_v4_is_not_left_mid_put(
         assert await cl.client.line() == b"FAILURE\n"
     assert cl.received("n3") == [m.Put(None, KEY), m.CheckPresent(KEY)]
     assert len(cl.conns("n3")) == 2  # the first connection was closed, a new one asked
+
+
+@pytest.mark.parametrize("version", [0, 1, 4])
+async def test_put_empty_file(version: int, autojump_clock: trio.abc.Clock) -> None:
+    async with cluster() as cl:
+        await login(cl, version)
+        tail = b"VALID\n" if version else b""
+        await cl.client.send(f"PUT  {KEY}\n".encode(), b"DATA 0\n", tail)
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        expected = ("SUCCESS-PLUS", {A, B, C}) if version >= 2 else ("SUCCESS", set())
+        assert plus(await cl.client.line()) == expected
+    for name in NODE_UUIDS:
+        assert cl.repos[name].contents == {KEY: b""}
+
+
+async def test_put_node_with_the_whole_object_partial(autojump_clock: trio.abc.Clock) -> None:
+    """A node whose partial upload is already complete gets DATA 0 and no bytes."""
+    content = blob(1000)
+    repos = {
+        "n1": FakeRepo(uuid=A, partial={KEY: content}),
+        "n2": FakeRepo(uuid=B, partial={KEY: content[:600]}),
+    }
+    async with cluster(repos) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode())
+        assert await cl.client.line() == b"PUT-FROM 600\n"
+        await cl.client.send(b"DATA 400\n", content[600:], b"VALID\n")
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, B})
+    assert cl.received("n1") == [m.Put(None, KEY), m.Data(0), m.Valid()]
+    assert cl.conns("n1")[0].bodies == [b""]
+    assert repos["n1"].contents == repos["n2"].contents == {KEY: content}
