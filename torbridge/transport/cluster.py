@@ -14,6 +14,7 @@ own, so a slow node is dropped before the session gives up on the cluster.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -30,6 +31,11 @@ from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, 
 from torbridge.transport.framed import StreamLost
 
 log = logging.getLogger("torbridge.cluster")
+
+# The share of the channel's own deadline that one node may use up: each
+# node's waits end first, so a silent node is dropped and the others'
+# answers are still used.
+NODE_SHARE = 0.8
 
 
 class QueryFailed(Exception):
@@ -124,6 +130,7 @@ class ClusterChannel(PeerChannel):
         self._pending: Pending | None = None
         self._out: deque[LineEvent] = deque()
         self._timestamps = c.TimestampMap()
+        self._node_deadline = math.inf  # no node wait outlasts the current answer
         # GET in progress: the node it comes from, and what of its body is left.
         self._get: tuple[ClusterNode, PeerChannel] | None = None
         self._get_verdict_owed = False  # the client's SUCCESS/FAILURE goes to the node
@@ -155,8 +162,10 @@ class ClusterChannel(PeerChannel):
             pending, self._pending = self._pending, None
             if pending is None:
                 raise StreamLost(f"{self.t.name}: asked for an answer to nothing")
+            self._node_deadline = trio.current_time() + self.t.node_timeout * NODE_SHARE
             with trio.move_on_after(self.t.node_timeout) as scope:
                 self._out.extend(await self._answer(pending))
+            self._node_deadline = math.inf
             if scope.cancelled_caught:
                 # Some node is mid-exchange and out of step: start afresh.
                 self._reset()
@@ -396,6 +405,9 @@ class ClusterChannel(PeerChannel):
             if told is None:
                 if isinstance(message, m.DataPresent):
                     put.fail(node.ref.uuid, "DATA-PRESENT needs protocol version 4")
+                    # It answered PUT-FROM and waits for DATA: closed, or it
+                    # would take the next request as that DATA.
+                    await self._drop(node, "DATA-PRESENT needs protocol version 4")
                 return  # below v1 a node has no VALID to be told
             if not await self._guard(node, self.t.stall_timeout, channel.send(told)):
                 put.fail(node.ref.uuid, f"lost at {type(message).__name__}")
@@ -456,7 +468,7 @@ class ClusterChannel(PeerChannel):
         if channel is not None:
             return channel
         try:
-            with trio.fail_after(self.t.node_timeout):
+            with trio.fail_at(self._node_wait_deadline()):
                 channel = await node.transport.open(
                     self._nursery, self._session, self.version, tuple(sorted(self._bypass))
                 )
@@ -466,6 +478,9 @@ class ClusterChannel(PeerChannel):
             return None
         self._open[node.ref.uuid] = channel
         return channel
+
+    def _node_wait_deadline(self) -> float:
+        return min(trio.current_time() + self.t.node_timeout, self._node_deadline)
 
     async def _request(self, node: ClusterNode, message: m.Message) -> m.Message | str:
         channel = await self._channel(node)
@@ -482,7 +497,7 @@ class ClusterChannel(PeerChannel):
 
     async def _read(self, node: ClusterNode, channel: PeerChannel) -> m.Message | str:
         try:
-            with trio.fail_after(self.t.node_timeout):
+            with trio.fail_at(self._node_wait_deadline()):
                 event = await channel.receive_event()
         except (StreamLost, trio.TooSlowError) as e:
             await self._drop(node, str(e) or "no answer before the deadline")
