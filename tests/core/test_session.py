@@ -33,7 +33,7 @@ from tests.core.peers import (
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol.relay import Mode
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.transport.framed import StreamLost
 
 KEY = "SHA256E-s11--2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90.txt"
@@ -547,6 +547,41 @@ async def test_auth_deadline_is_not_reset_by_trickling(autojump_clock: trio.abc.
             assert trio.current_time() - start < LIMITS.auth_timeout + 1
             nursery.cancel_scope.cancel()
     assert b.admission.granted == 0
+
+
+@pytest.mark.parametrize("sent", [b"", b"AUTH " + CLIENT_UUID.encode()])
+async def test_evicted_before_auth(autojump_clock: trio.abc.Clock, sent: bytes) -> None:
+    # The oldest unauthenticated connection, when max_unauthenticated is full
+    # (server/admission.py): closed at once, without a word, nothing started.
+    async with bridge() as b:
+        await b.client.send(sent)
+        await trio.sleep(1)
+        start = trio.current_time()
+        b.session.pending.evict()
+        assert await b.client.rest() == b""
+        assert trio.current_time() - start < 0.1  # neither the deadline nor a drain
+        await b.wait_end()
+    assert b.session.outcome == "client lost: evicted: too many unauthenticated connections"
+    assert b.admission.granted == 0 and b.admission.endpoints == []
+    assert b.transport.opens == []
+
+
+async def test_eviction_after_auth_changes_nothing(autojump_clock: trio.abc.Clock) -> None:
+    # AUTH takes the connection off the pre-auth list; a late evict() is moot.
+    async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
+        await b.client.login(4)
+        b.session.pending.evict()
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+    assert b.session.outcome == "client closed"
+
+
+async def test_evicted_before_the_session_reads() -> None:
+    pending = PendingAuth()
+    pending.evict()
+    with pending.evictable() as scope:
+        await trio.sleep_forever()
+    assert scope.cancelled_caught
 
 
 async def test_idle_timeout(autojump_clock: trio.abc.Clock) -> None:

@@ -13,6 +13,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +46,36 @@ class Grant:
     mode: r.Mode
 
 
+class PendingAuth:
+    """A connection not yet past AUTH, as the cap on such connections sees it.
+
+    When ``max_unauthenticated`` is reached the oldest one is evicted
+    (server/admission.py): whatever it is waiting for is cancelled and it is
+    closed at once, and its session ends like one whose client left.
+    """
+
+    def __init__(self) -> None:
+        self.evicted = False
+        self._scope: trio.CancelScope | None = None
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @contextlib.contextmanager
+    def evictable(self) -> Iterator[trio.CancelScope]:
+        """A scope that eviction cancels (at once if evicted already)."""
+        with trio.CancelScope() as scope:
+            if self.evicted:
+                scope.cancel()
+            self._scope = scope
+            try:
+                yield scope
+            finally:
+                self._scope = None
+
+
 class Admission(Protocol):
     """Who may in: tokens and the caps on connections (server/admission.py)."""
 
@@ -52,7 +83,7 @@ class Admission(Protocol):
 
     def release(self, grant: Grant) -> None: ...
 
-    def leave_pre_auth(self) -> None: ...
+    def leave_pre_auth(self, connection: PendingAuth) -> None: ...
 
     def auth_failed(self, circuit: int | None) -> None: ...
 
@@ -82,6 +113,7 @@ class Session:
         initial: bytes = b"",
         circuit: int | None = None,
         accepted_at: float | None = None,
+        pending: PendingAuth | None = None,
     ) -> None:
         self.id = next(_session_ids)
         self.circuit = circuit  # tor's rendezvous circuit, when tor exports it
@@ -97,7 +129,9 @@ class Session:
         # The AUTH deadline counts from accept, not from when reading began.
         self._auth_deadline = (accepted_at or self.started) + self.limits.auth_timeout
         self._nursery: trio.Nursery | None = None
-        self._pre_auth = True  # counted against the cap on unauthenticated connections
+        # Counted against the cap on unauthenticated connections until AUTH.
+        self.pending = pending or PendingAuth()
+        self._pre_auth = True
         self.started_wall = time.time()
         self.endpoint_name = endpoint.name
         self.token_name: str | None = None
@@ -143,7 +177,7 @@ class Session:
     def _leave_pre_auth(self) -> None:
         if self._pre_auth:
             self._pre_auth = False
-            self.endpoint.admission.leave_pre_auth()
+            self.endpoint.admission.leave_pre_auth(self.pending)
 
     async def _loop(self) -> None:
         queue: deque[r.Action] = deque()
@@ -172,9 +206,15 @@ class Session:
             deadline = trio.current_time() + self.limits.idle_timeout
         else:
             deadline = trio.current_time() + self.limits.peer_timeout
+        evictable: contextlib.AbstractContextManager[object] = (
+            self.pending.evictable() if self._pre_auth else contextlib.nullcontext()
+        )
         try:
-            with trio.fail_at(deadline):
+            with evictable, trio.fail_at(deadline):
                 event = await channel.receive_event()
+            if self.pending.evicted and self._pre_auth:
+                self.linger = 0.0
+                return await self._lost(side, "evicted: too many unauthenticated connections")
         except trio.TooSlowError:
             # A silent peer is not a stale connection: no retry.
             return await self._lost(side, "no message before the deadline", retry=False)
@@ -344,7 +384,10 @@ class Session:
         """Close so that what was sent last is read: half-close, drain, close."""
         stream = self.client.stream
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.linger + CLOSE_DRAIN):
+            # An evicted connection has nothing to read: close it at once, so
+            # a flood holds no descriptors for the drain.
+            drain = 0.0 if self.pending.evicted and self.grant is None else CLOSE_DRAIN
+            with trio.move_on_after(self.linger + drain):
                 if self.linger:
                     await trio.sleep(self.linger)
                 try:
