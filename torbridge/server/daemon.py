@@ -43,7 +43,7 @@ from torbridge.server.control import (
 )
 from torbridge.server.fdpass import PassedPipes, accept_stream
 from torbridge.server.locationlog import LocationLog
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
 from torbridge.tor.onion import (
@@ -391,21 +391,28 @@ async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared
 
     async def handle(stream: trio.SocketStream) -> None:
         accepted_at = trio.current_time()
-        if not admission.enter_pre_auth():
-            log.warning("%s: too many unauthenticated connections, refusing one", endpoint.name)
+        pending = PendingAuth()
+        if admission.enter_pre_auth(pending):
+            log.warning(
+                "%s: too many unauthenticated connections, closing the oldest", endpoint.name
+            )
             shared.registry.connection_refused()
-            await stream.aclose()
-            return
         circuit = None
+        client: trio.abc.Stream = stream
         try:
-            with trio.fail_after(endpoint.limits.auth_timeout):
+            with pending.evictable(), trio.fail_after(endpoint.limits.auth_timeout):
                 client, initial = await accept_stream(stream)
                 if shared.export_circuit_id and not isinstance(client, PassedPipes):
                     circuit, initial = await _read_proxy_line(client, initial)
         except (trio.TooSlowError, OSError, ProxyLineError) as e:
             if isinstance(e, ProxyLineError):
                 log.warning("%s: %s; closing", endpoint.name, e)
-            admission.leave_pre_auth()
+            admission.leave_pre_auth(pending)
+            await stream.aclose()
+            return
+        if pending.evicted:  # before its AUTH could even be read
+            admission.leave_pre_auth(pending)
+            await client.aclose()
             await stream.aclose()
             return
         if circuit is not None:
@@ -413,11 +420,11 @@ async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared
             if refusal is not None:
                 log.warning("%s: %s; refusing a connection", endpoint.name, refusal)
                 shared.registry.connection_refused()
-                admission.leave_pre_auth()
+                admission.leave_pre_auth(pending)
                 await client.aclose()
                 return
         try:
-            await Session(client, endpoint, initial, circuit, accepted_at).run()
+            await Session(client, endpoint, initial, circuit, accepted_at, pending).run()
         except Exception:
             # A bug in one session must never take the others down with it.
             log.exception("%s: session failed", endpoint.name)
