@@ -209,21 +209,32 @@ def tail(data: bytes, lines: int = 20) -> str:
 # ---------------------------------------------------------------- repositories
 
 
-def make_repos(runner: Runner, root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+def make_repos(
+    runner: Runner, root: Path, args: argparse.Namespace
+) -> tuple[Path, Path, list[Workload]]:
     server = root / "server"
     client = root / "client"
     for repo in (server, client):
         runner.run(["git", "init", "-q", str(repo)], root)
         runner.run(["git", "annex", "init", repo.name], repo)
+    workloads = add_workload(runner, client, args.big_mib, args.small)
+    return server, client, workloads
+
+
+def add_workload(runner: Runner, client: Path, big_mib: int, small: int) -> list[Workload]:
+    """Add the big file and the small files to ``client`` (committed); their Workloads."""
     with open(client / BIG_TARGET, "wb") as out:
-        for _ in range(args.big_mib):
+        for _ in range(big_mib):
             out.write(os.urandom(MIB))
     (client / SMALL_TARGET).mkdir()
-    for i in range(args.small):
+    for i in range(small):
         (client / SMALL_TARGET / f"f{i:05d}").write_bytes(os.urandom(SMALL_SIZE))
     runner.run(["git", "annex", "add", "--quiet", BIG_TARGET, SMALL_TARGET], client)
     runner.run(["git", "commit", "-q", "-m", "bench workload"], client)
-    return server, client
+    return [
+        Workload("big", BIG_TARGET, 1, big_mib * MIB),
+        Workload("small", SMALL_TARGET, small, small * SMALL_SIZE),
+    ]
 
 
 def link_direct(runner: Runner, client: Path, server: Path) -> None:
@@ -375,21 +386,21 @@ def run_rounds(
     paths: Sequence[str],
     workloads: Sequence[Workload],
     rounds: int,
-    daemon: Daemon | None,
+    daemon_pid: int | None,
 ) -> Results:
     results = Results()
-    if daemon is not None:
-        results.rss_idle_kib = proc_status_kib(daemon.pid, "VmHWM")
+    if daemon_pid is not None:
+        results.rss_idle_kib = proc_status_kib(daemon_pid, "VmHWM")
     for rnd in range(rounds):
         order = list(paths) if rnd % 2 == 0 else list(reversed(paths))
         for workload in workloads:
             for path in order:
                 print(f"  round {rnd + 1}/{rounds}: {path:6} {workload.label}", flush=True)
-                if path == "bridge" and daemon is not None:
-                    results.rss_peak_resettable &= reset_peak_rss(daemon.pid)
+                if path == "bridge" and daemon_pid is not None:
+                    results.rss_peak_resettable &= reset_peak_rss(daemon_pid)
                 measure_path(runner, client, path, workload, results)
-                if path == "bridge" and daemon is not None:
-                    hwm = proc_status_kib(daemon.pid, "VmHWM")
+                if path == "bridge" and daemon_pid is not None:
+                    hwm = proc_status_kib(daemon_pid, "VmHWM")
                     results.rss_kib[workload.name] = max(results.rss_kib.get(workload.name, 0), hwm)
     return results
 
@@ -496,11 +507,7 @@ def bench(root: Path, args: argparse.Namespace) -> None:
     print(f"big file {args.big_mib} MiB, {args.small} small files, {args.rounds} round(s)")
     print(f"temp dir {root}")
     print("setting up repositories...", flush=True)
-    server, client = make_repos(runner, root, args)
-    workloads = [
-        Workload("big", BIG_TARGET, 1, args.big_mib * MIB),
-        Workload("small", SMALL_TARGET, args.small, args.small * SMALL_SIZE),
-    ]
+    server, client, workloads = make_repos(runner, root, args)
     daemon: Daemon | None = None
     try:
         if "direct" in paths:
@@ -508,7 +515,8 @@ def bench(root: Path, args: argparse.Namespace) -> None:
         if "bridge" in paths:
             daemon = start_bridge(runner, root, client, server, args)
         print("measuring...", flush=True)
-        results = run_rounds(runner, client, paths, workloads, args.rounds, daemon)
+        pid = daemon.pid if daemon is not None else None
+        results = run_rounds(runner, client, paths, workloads, args.rounds, pid)
     finally:
         if daemon is not None:
             daemon.stop()
