@@ -29,7 +29,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,38 +46,22 @@ from bench_transfer import (  # noqa: E402 (after the sys.path set-up)
     add_workload,
     check_disk,
     fmt,
-    remove_tree,
+    parse_workload_args,
     report,
+    run_in_temp_dir,
     run_rounds,
-    sigterm_as_interrupt,
+    workload_parser,
 )
 
 from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, CommandError, Expose  # noqa: E402
 from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
 
 NODE = "node"  # the node's name: the proxy's remote and the bridge endpoint
-QUICK = {"big_mib": 20, "small": 50, "rounds": 1}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--big-mib", type=int, default=1024, help="big file size (default 1024)")
-    parser.add_argument("--small", type=int, default=1000, help="number of 4 KiB files")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (median over them)")
-    parser.add_argument("--only", choices=PATHS, help="run one path only (no ratios)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: --big-mib 20 --small 50 --rounds 1 (figures mean little)",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    if args.big_mib < 1 or args.small < 1 or args.rounds < 1:
-        parser.error("--big-mib, --small and --rounds must be at least 1")
-    return args
+    parser = workload_parser(__doc__.split("\n\n")[0])
+    return parse_workload_args(parser, argv)
 
 
 class World:
@@ -200,23 +183,7 @@ def bench(root: Path, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="tb-bench-nodes-"))
-    try:
-        with sigterm_as_interrupt():
-            bench(root, args)
-    except BenchError as exc:
-        print(f"bench_nodes: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench_nodes: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            remove_tree(root)
-    return 0
+    return run_in_temp_dir("bench_nodes", "tb-bench-nodes-", bench, parse_args(argv))
 
 
 if __name__ == "__main__":

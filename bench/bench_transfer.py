@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,21 +104,44 @@ class Results:
         return statistics.median(values) if values else None
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+QUICK = {"big_mib": 20, "small": 50, "rounds": 1}  # --quick: a smoke run
+
+
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """The options every bridge-vs-direct bench takes (sizes, rounds, paths, --keep)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--big-mib", type=int, default=1024, help="big file size (default 1024)")
     parser.add_argument("--small", type=int, default=1000, help="number of 4 KiB files")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median over them)")
     parser.add_argument("--only", choices=PATHS, help="run one path only (no ratios)")
     parser.add_argument(
-        "--torbridge",
-        help="torbridge command (default: `torbridge` on PATH, else python -m torbridge)",
+        "--quick",
+        action="store_true",
+        help="smoke run: --big-mib 20 --small 50 --rounds 1 (the figures mean little)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
+    return parser
+
+
+def parse_workload_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     if args.big_mib < 1 or args.small < 1 or args.rounds < 1:
         parser.error("--big-mib, --small and --rounds must be at least 1")
     return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = workload_parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--torbridge",
+        help="torbridge command (default: `torbridge` on PATH, else python -m torbridge)",
+    )
+    return parse_workload_args(parser, argv)
 
 
 # ---------------------------------------------------------------- environment
@@ -530,17 +553,22 @@ def remove_tree(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="tb-bench-"))  # short: unix socket paths
+def run_in_temp_dir(
+    prog: str,
+    prefix: str,
+    body: Callable[[Path, argparse.Namespace], None],
+    args: argparse.Namespace,
+) -> int:
+    """Run ``body(root, args)`` in a fresh temp dir, removed after (unless --keep); exit code."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))  # short: unix socket paths
     try:
         with sigterm_as_interrupt():
-            bench(root, args)
+            body(root, args)
     except BenchError as exc:
-        print(f"bench_transfer: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench_transfer: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
         if args.keep:
@@ -548,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             remove_tree(root)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_in_temp_dir("bench_transfer", "tb-bench-", bench, parse_args(argv))
 
 
 if __name__ == "__main__":
