@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,21 +104,44 @@ class Results:
         return statistics.median(values) if values else None
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+QUICK = {"big_mib": 20, "small": 50, "rounds": 1}  # --quick: a smoke run
+
+
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """The options every bridge-vs-direct bench takes (sizes, rounds, paths, --keep)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--big-mib", type=int, default=1024, help="big file size (default 1024)")
     parser.add_argument("--small", type=int, default=1000, help="number of 4 KiB files")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median over them)")
     parser.add_argument("--only", choices=PATHS, help="run one path only (no ratios)")
     parser.add_argument(
-        "--torbridge",
-        help="torbridge command (default: `torbridge` on PATH, else python -m torbridge)",
+        "--quick",
+        action="store_true",
+        help="smoke run: --big-mib 20 --small 50 --rounds 1 (the figures mean little)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
+    return parser
+
+
+def parse_workload_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     if args.big_mib < 1 or args.small < 1 or args.rounds < 1:
         parser.error("--big-mib, --small and --rounds must be at least 1")
     return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = workload_parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--torbridge",
+        help="torbridge command (default: `torbridge` on PATH, else python -m torbridge)",
+    )
+    return parse_workload_args(parser, argv)
 
 
 # ---------------------------------------------------------------- environment
@@ -209,21 +232,32 @@ def tail(data: bytes, lines: int = 20) -> str:
 # ---------------------------------------------------------------- repositories
 
 
-def make_repos(runner: Runner, root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+def make_repos(
+    runner: Runner, root: Path, args: argparse.Namespace
+) -> tuple[Path, Path, list[Workload]]:
     server = root / "server"
     client = root / "client"
     for repo in (server, client):
         runner.run(["git", "init", "-q", str(repo)], root)
         runner.run(["git", "annex", "init", repo.name], repo)
+    workloads = add_workload(runner, client, args.big_mib, args.small)
+    return server, client, workloads
+
+
+def add_workload(runner: Runner, client: Path, big_mib: int, small: int) -> list[Workload]:
+    """Add the big file and the small files to ``client`` (committed); their Workloads."""
     with open(client / BIG_TARGET, "wb") as out:
-        for _ in range(args.big_mib):
+        for _ in range(big_mib):
             out.write(os.urandom(MIB))
     (client / SMALL_TARGET).mkdir()
-    for i in range(args.small):
+    for i in range(small):
         (client / SMALL_TARGET / f"f{i:05d}").write_bytes(os.urandom(SMALL_SIZE))
     runner.run(["git", "annex", "add", "--quiet", BIG_TARGET, SMALL_TARGET], client)
     runner.run(["git", "commit", "-q", "-m", "bench workload"], client)
-    return server, client
+    return [
+        Workload("big", BIG_TARGET, 1, big_mib * MIB),
+        Workload("small", SMALL_TARGET, small, small * SMALL_SIZE),
+    ]
 
 
 def link_direct(runner: Runner, client: Path, server: Path) -> None:
@@ -375,21 +409,21 @@ def run_rounds(
     paths: Sequence[str],
     workloads: Sequence[Workload],
     rounds: int,
-    daemon: Daemon | None,
+    daemon_pid: int | None,
 ) -> Results:
     results = Results()
-    if daemon is not None:
-        results.rss_idle_kib = proc_status_kib(daemon.pid, "VmHWM")
+    if daemon_pid is not None:
+        results.rss_idle_kib = proc_status_kib(daemon_pid, "VmHWM")
     for rnd in range(rounds):
         order = list(paths) if rnd % 2 == 0 else list(reversed(paths))
         for workload in workloads:
             for path in order:
                 print(f"  round {rnd + 1}/{rounds}: {path:6} {workload.label}", flush=True)
-                if path == "bridge" and daemon is not None:
-                    results.rss_peak_resettable &= reset_peak_rss(daemon.pid)
+                if path == "bridge" and daemon_pid is not None:
+                    results.rss_peak_resettable &= reset_peak_rss(daemon_pid)
                 measure_path(runner, client, path, workload, results)
-                if path == "bridge" and daemon is not None:
-                    hwm = proc_status_kib(daemon.pid, "VmHWM")
+                if path == "bridge" and daemon_pid is not None:
+                    hwm = proc_status_kib(daemon_pid, "VmHWM")
                     results.rss_kib[workload.name] = max(results.rss_kib.get(workload.name, 0), hwm)
     return results
 
@@ -496,11 +530,7 @@ def bench(root: Path, args: argparse.Namespace) -> None:
     print(f"big file {args.big_mib} MiB, {args.small} small files, {args.rounds} round(s)")
     print(f"temp dir {root}")
     print("setting up repositories...", flush=True)
-    server, client = make_repos(runner, root, args)
-    workloads = [
-        Workload("big", BIG_TARGET, 1, args.big_mib * MIB),
-        Workload("small", SMALL_TARGET, args.small, args.small * SMALL_SIZE),
-    ]
+    server, client, workloads = make_repos(runner, root, args)
     daemon: Daemon | None = None
     try:
         if "direct" in paths:
@@ -508,7 +538,8 @@ def bench(root: Path, args: argparse.Namespace) -> None:
         if "bridge" in paths:
             daemon = start_bridge(runner, root, client, server, args)
         print("measuring...", flush=True)
-        results = run_rounds(runner, client, paths, workloads, args.rounds, daemon)
+        pid = daemon.pid if daemon is not None else None
+        results = run_rounds(runner, client, paths, workloads, args.rounds, pid)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -522,17 +553,22 @@ def remove_tree(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="tb-bench-"))  # short: unix socket paths
+def run_in_temp_dir(
+    prog: str,
+    prefix: str,
+    body: Callable[[Path, argparse.Namespace], None],
+    args: argparse.Namespace,
+) -> int:
+    """Run ``body(root, args)`` in a fresh temp dir, removed after (unless --keep); exit code."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))  # short: unix socket paths
     try:
         with sigterm_as_interrupt():
-            bench(root, args)
+            body(root, args)
     except BenchError as exc:
-        print(f"bench_transfer: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench_transfer: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
         if args.keep:
@@ -540,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             remove_tree(root)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_in_temp_dir("bench_transfer", "tb-bench-", bench, parse_args(argv))
 
 
 if __name__ == "__main__":
