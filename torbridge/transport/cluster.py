@@ -129,6 +129,8 @@ class ClusterChannel(PeerChannel):
         self._open: dict[str, PeerChannel] = {}
         self._pending: Pending | None = None
         self._out: deque[LineEvent] = deque()
+        self._answering: trio.Event | None = None  # set when the answer is out
+        self._work_scope = trio.CancelScope()  # the answering task's, for aclose
         self._timestamps = c.TimestampMap()
         self._node_deadline = math.inf  # no node wait outlasts the current answer
         # GET in progress: the node it comes from, and what of its body is left.
@@ -158,20 +160,44 @@ class ClusterChannel(PeerChannel):
             self._pending = message
 
     async def receive_event(self) -> LineEvent:
+        """The answer to the last request; cancel-safe.
+
+        The session may cancel this wait and ask again (it watches the
+        client for a hang-up meanwhile): the answer is worked out by a task
+        of its own, which a cancelled wait leaves running, so no node is
+        left mid-exchange and no request is lost.
+        """
         if not self._out:
-            pending, self._pending = self._pending, None
-            if pending is None:
-                raise StreamLost(f"{self.t.name}: asked for an answer to nothing")
-            self._node_deadline = trio.current_time() + self.t.node_timeout * NODE_SHARE
-            with trio.move_on_after(self.t.node_timeout) as scope:
-                self._out.extend(await self._answer(pending))
-            self._node_deadline = math.inf
-            if scope.cancelled_caught:
-                # Some node is mid-exchange and out of step: start afresh.
-                self._reset()
-                await self.aclose()
-                self._out.append(m.Error(f"{self.t.name}: no answer from the nodes in time"))
+            if self._answering is None:
+                pending, self._pending = self._pending, None
+                if pending is None:
+                    raise StreamLost(f"{self.t.name}: asked for an answer to nothing")
+                self._answering = trio.Event()
+                self._work_scope = trio.CancelScope()
+                self._nursery.start_soon(self._work_out, pending, self._answering)
+            await self._answering.wait()
+            self._answering = None
         return self._out.popleft()
+
+    async def _work_out(self, pending: Pending, done: trio.Event) -> None:
+        try:
+            with self._work_scope:
+                self._node_deadline = trio.current_time() + self.t.node_timeout * NODE_SHARE
+                with trio.move_on_after(self.t.node_timeout) as scope:
+                    self._out.extend(await self._answer(pending))
+                self._node_deadline = math.inf
+                if scope.cancelled_caught:
+                    # Some node is mid-exchange and out of step: start afresh.
+                    self._reset()
+                    await self._close_nodes()
+                    self._out.append(m.Error(f"{self.t.name}: no answer from the nodes in time"))
+        except Exception:
+            log.exception("%s: answering %s failed", self.t.name, pending)
+            self._reset()
+            await self._close_nodes()
+            self._out.append(m.Error(f"{self.t.name}: internal error"))
+        finally:
+            done.set()
 
     async def send_body(self, data: bytes) -> None:
         put = self._put
@@ -208,6 +234,10 @@ class ClusterChannel(PeerChannel):
         return data
 
     async def aclose(self) -> None:
+        self._work_scope.cancel()
+        await self._close_nodes()
+
+    async def _close_nodes(self) -> None:
         with trio.CancelScope(shield=True):
             for channel in self._open.values():
                 await channel.aclose()
