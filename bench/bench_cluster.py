@@ -50,6 +50,7 @@ from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
     Client,
     CommandError,
     Expose,
+    descendants,
 )
 from tests.nodes.clusters import CLUSTER, init_cluster  # noqa: E402
 from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
@@ -88,8 +89,8 @@ class Workload:
 class Results:
     seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     rss_kib: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # VmHWM per run
-    # CPU seconds per run and part: "daemon" (its own), "relays" (its reaped
-    # children: node transports, git-annex queries), "nodes", "client".
+    # CPU seconds per run and part: "daemon" (its own), "relays" (its
+    # helpers: node transports, git-annex queries), "nodes", "client".
     cpu: dict[tuple[str, str], dict[str, list[float]]] = field(default_factory=dict)
     rss_idle_kib: int = 0
     rss_resettable: bool = True
@@ -209,21 +210,34 @@ def proc_status_kib(pid: int, key: str) -> int:
 
 
 def proc_cpu_secs(pid: int) -> tuple[float, float]:
-    """(utime + stime of the process, of its reaped children)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
+    """(utime + stime of the process, of its reaped children); zeros if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def helpers_cpu(pid: int) -> float:
+    """CPU of everything ``pid`` started: reaped, and still running (such as
+    git-annex's long-lived `git cat-file --batch` or `whereis --batch`)."""
+    total = proc_cpu_secs(pid)[1]
+    for child, _cmd in descendants(pid):
+        total += sum(proc_cpu_secs(child))
+    return total
 
 
 def cpu_parts(rig: Rig, path: str) -> dict[str, float]:
     """CPU seconds so far of each part of the data path (see Results.cpu)."""
     pid = rig.bridge.proc.pid if rig.bridge.proc is not None else 0
-    own, children = proc_cpu_secs(pid)
+    own = proc_cpu_secs(pid)[0]
+    children = helpers_cpu(pid)
     nodes = 0.0
     for node in rig.nodes_of(path):
         if node.server is not None and node.server.proc is not None:
-            nodes += sum(proc_cpu_secs(node.server.proc.pid))
+            nodes += proc_cpu_secs(node.server.proc.pid)[0] + helpers_cpu(node.server.proc.pid)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"daemon": own, "relays": children, "nodes": nodes,
             "client": usage.ru_utime + usage.ru_stime}
@@ -318,6 +332,17 @@ def ratio(results: Results, workload: str) -> float | None:
     return single / cluster
 
 
+def total_cpu(results: Results, path: str, workload: str) -> float:
+    parts = results.cpu.get((path, workload), {})
+    return sum(statistics.median(values) for values in parts.values())
+
+
+def cpu_ratio(results: Results, workload: str) -> float | None:
+    """CPU seconds of the cluster path over the single node's, for the same bytes."""
+    single = total_cpu(results, "single", workload)
+    return total_cpu(results, "cluster", workload) / single if single else None
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "nan" if value is None else f"{value:.{digits}f}"
 
@@ -349,6 +374,16 @@ def report(results: Results, workloads: Sequence[Workload], nodes: int) -> None:
     print(f"cluster ({nodes} nodes) / single node, throughput (medians; target >= 0.8):")
     for workload in workloads:
         print(f"  {workload.name:5}  {fmt(ratio(results, workload.name))}")
+    print("CPU seconds of the whole data path (daemon + relays + nodes + client), medians:")
+    for workload in workloads:
+        totals = {p: total_cpu(results, p, workload.name) for p in PATHS}
+        busy = {p: totals[p] / (results.median(p, workload.name) or 1.0) for p in PATHS}
+        print(
+            f"  {workload.name:5}  cluster {totals['cluster']:.1f} s, single"
+            f" {totals['single']:.1f} s: x{fmt(cpu_ratio(results, workload.name), 2)};"
+            f" cores busy on average: cluster {busy['cluster']:.2f},"
+            f" single {busy['single']:.2f} (of {os.cpu_count()})"
+        )
     note = "" if results.rss_resettable else " (peak since start: clear_refs unavailable)"
     peaks = {key: max(v) for key, v in results.rss_kib.items()}
     print(
@@ -363,6 +398,8 @@ def report(results: Results, workloads: Sequence[Workload], nodes: int) -> None:
     print(
         "RESULT "
         + " ".join(f"{w}_ratio={fmt(ratio(results, w))}" for w in WORKLOADS)
+        + " "
+        + " ".join(f"{w}_cpu_ratio={fmt(cpu_ratio(results, w), 2)}" for w in WORKLOADS)
         + " "
         + " ".join(
             f"{p}_{w}_mibs={fmt(w_size / MIB / s if (s := results.median(p, w)) else None, 1)}"
