@@ -615,6 +615,8 @@ def proc_sockets(pids: Collection[int]) -> list[InetSocket]:
         tables = tables_by_netns.get(netns)
         if tables is None:
             tables = {t: _read_table(pid, t) for t in (*INET_TABLES, "packet")}
+            if not os.path.isdir(f"/proc/{pid}"):
+                continue  # exited while we read: its tables may be cut short, not the others'
             tables_by_netns[netns] = tables
         for table in INET_TABLES:
             for inode, (local, peer) in parse_proc_net(tables[table]).items():
