@@ -18,6 +18,8 @@ exits non-zero if it cannot connect, and 0 once the bridge closes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -30,6 +32,7 @@ from torbridge.server.fdpass import MARKER
 ONION_ADDRESS = re.compile(r"([a-z2-7]{16,56}\.onion):(\d{1,5})")
 
 CHUNK = 256 * 1024
+PIPE_SIZE = 256 * 1024
 NAME = "git-annex-p2p-torbridge"
 
 
@@ -59,6 +62,11 @@ def _pipes(fd: int) -> bool:
 
 def _hand_over(sock: socket.socket) -> int:
     """Give git-annex's pipes to the bridge, then wait until it is done with them."""
+    for fd in (0, 1):
+        # 256 KiB, not 64: the bridge then moves a DATA body in fewer, larger
+        # pieces (see PIPE_SIZE in torbridge/transport/process.py). Best effort.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     try:
         socket.send_fds(sock, [MARKER], [0, 1])
     except OSError as e:

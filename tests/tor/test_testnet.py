@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from tests.tor.conftest import echo_roundtrip, require_tor
 from torbridge.tor.testnet import (
     Authority,
+    InetSocket,
     Network,
     Node,
     TestNet,
@@ -27,9 +30,10 @@ from torbridge.tor.testnet import (
     client_torrc,
     in_host_netns,
     keygen_torrc,
+    parse_proc_net,
+    proc_sockets,
     relay_torrc,
     service_torrc,
-    ss_sockets,
     unsafe_sockets,
 )
 
@@ -193,36 +197,135 @@ def test_safe_variations_accepted(torrcs: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------
-# the watchdog (fake `ss` output; no traffic)
+# the watchdog (socket tables from /proc; no traffic off loopback)
+
+# Lines of /proc/net/{tcp,tcp6,udp}, as the kernel writes them (header first).
+TCP_TABLE = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:2329 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0
+   1: 0100007F:A0B2 0100007F:2329 01 00000000:00000000 00:00000000 00000000     0        0 1002 1 0
+   2: 0500000A:A0B2 0A0200C0:01BB 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0
+   3: 00000000:2329 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1004 1 0
+"""
+TCP6_TABLE = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:2329 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 2001 1 0
+   1: 0000000000000000FFFF00000100007F:2329 0000000000000000FFFF00000100007F:0FA0 01 00000000:00000000 00:00000000 00000000 0 0 2002 1 0
+   2: 00000000000000000000000000000000:2329 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 2003 1 0
+   3: B80D0120000000000000000001000000:0FA0 B80D0120000000000000000002000000:01BB 01 00000000:00000000 00:00000000 00000000 0 0 2004 1 0
+"""  # noqa: E501
 
 
-def _ss(pid: int, local: str, peer: str, state: str = "ESTAB", netid: str = "tcp") -> str:
-    return f'{netid} {state} 0 0 {local} {peer} users:(("tor",pid={pid},fd=7))'
+def _native(words: str) -> str:
+    """The kernel prints each 32-bit word in host order: the tables above are
+    little-endian; on a big-endian host, flip every word."""
+    if sys.byteorder == "little":
+        return words
+    return re.sub(
+        r"\b([0-9A-F]{8}|[0-9A-F]{32}):",
+        lambda m: (
+            "".join(
+                bytes.fromhex(m.group(1)[i : i + 8])[::-1].hex().upper()
+                for i in range(0, len(m.group(1)), 8)
+            )
+            + ":"
+        ),
+        words,
+    )
+
+
+def test_parse_proc_net_ipv4() -> None:
+    table = parse_proc_net(_native(TCP_TABLE))
+    assert table == {
+        1001: (("127.0.0.1", 9001), None),  # a listener: no peer
+        1002: (("127.0.0.1", 41138), ("127.0.0.1", 9001)),
+        1003: (("10.0.0.5", 41138), ("192.0.2.10", 443)),
+        1004: (("0.0.0.0", 9001), None),
+    }
+
+
+def test_parse_proc_net_ipv6() -> None:
+    table = parse_proc_net(_native(TCP6_TABLE))
+    assert table == {
+        2001: (("::1", 9001), None),
+        2002: (("::ffff:127.0.0.1", 9001), ("::ffff:127.0.0.1", 4000)),
+        2003: (("::", 9001), None),
+        2004: (("2001:db8::1", 4000), ("2001:db8::2", 443)),
+    }
 
 
 @pytest.mark.parametrize(
-    ("line", "unsafe"),
+    "line",
     [
-        (_ss(100, "127.0.0.1:9001", "0.0.0.0:*", "LISTEN"), False),
-        (_ss(100, "127.0.0.1:41234", "127.0.0.1:9001"), False),
-        (_ss(100, "127.0.0.1:44366", "127.0.0.1:53", netid="udp"), False),
-        (_ss(100, "[::1]:9001", "[::]:*", "LISTEN"), False),
-        (_ss(100, "[::ffff:127.0.0.1]:9001", "[::ffff:127.0.0.1]:4000"), False),
-        (_ss(100, "127.0.0.53%lo:53", "0.0.0.0:*", "UNCONN", "udp"), False),
-        (_ss(100, "10.0.0.5:41234", "127.0.0.1:9001"), True),
-        (_ss(100, "127.0.0.1:41234", "192.0.2.10:443"), True),
-        (_ss(100, "0.0.0.0:9001", "0.0.0.0:*", "LISTEN"), True),
-        (_ss(100, "*:9001", "*:*", "LISTEN"), True),
-        (_ss(100, "[::]:9001", "[::]:*", "LISTEN"), True),
-        (_ss(100, "10.0.0.5:5353", "8.8.8.8:53", netid="udp"), True),
-        (_ss(100, "[2001:db8::1]:4000", "[2001:db8::2]:443"), True),
-        (_ss(999, "10.0.0.5:41234", "192.0.2.10:443"), False),  # not ours
-        ("tcp ESTAB users:((pid=100))", True),  # ours but unreadable: fail closed
+        "   0: 0100007F:2329 00000000:0000 0A",  # cut short
+        "   0: 0100:2329 00000000:0000 0A 0 0 0 0 0 1001",  # a 16-bit address
+        "   0: 0100007F:2329 00000000:0000 0A 0 0 0 0 0 x",  # no inode
     ],
 )
-def test_unsafe_sockets(line: str, unsafe: bool) -> None:
-    other = _ss(555, "0.0.0.0:2024", "0.0.0.0:*", "LISTEN")  # someone else's listener
-    assert unsafe_sockets(f"{other}\n{line}\n", {100, 101}) == ([line] if unsafe else [])
+def test_parse_proc_net_refuses_garbage(line: str) -> None:
+    with pytest.raises(ValueError):
+        parse_proc_net(f"header\n{line}\n")
+
+
+@pytest.mark.parametrize(
+    ("sock", "safe"),
+    [
+        (InetSocket(1, "tcp", ("127.0.0.1", 9001), None), True),
+        (InetSocket(1, "tcp", ("127.0.0.1", 41234), ("127.0.0.1", 9001)), True),
+        (InetSocket(1, "udp", ("127.0.0.1", 44366), ("127.0.0.53", 53)), True),
+        (InetSocket(1, "tcp6", ("::1", 9001), None), True),
+        (InetSocket(1, "tcp6", ("::ffff:127.0.0.1", 9001), ("::ffff:127.0.0.1", 4000)), True),
+        (InetSocket(1, "tcp", ("10.0.0.5", 41234), ("127.0.0.1", 9001)), False),
+        (InetSocket(1, "tcp", ("127.0.0.1", 41234), ("192.0.2.10", 443)), False),
+        (InetSocket(1, "tcp", ("0.0.0.0", 9001), None), False),
+        (InetSocket(1, "tcp6", ("::", 9001), None), False),
+        (InetSocket(1, "udp", ("10.0.0.5", 5353), ("8.8.8.8", 53)), False),
+        (InetSocket(1, "tcp6", ("2001:db8::1", 4000), ("2001:db8::2", 443)), False),
+        (InetSocket(1, "raw", ("0.0.0.0", 1), None), False),
+        (InetSocket(1, "packet", ("*", 0), None), False),  # below IP: never ours
+    ],
+)
+def test_socket_on_loopback(sock: InetSocket, safe: bool) -> None:
+    assert sock.on_loopback is safe
+
+
+def test_proc_sockets_sees_our_own_sockets() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    # A UDP socket "connected" off loopback: connect() only records the peer,
+    # no packet is sent.
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            udp.connect(("192.0.2.10", 9))  # TEST-NET-1
+        except OSError:
+            udp.close()
+            udp = None  # no route at all: nothing to see
+        found = {str(sock) for sock in proc_sockets([os.getpid()])}
+        port = listener.getsockname()[1]
+        assert f"tcp 127.0.0.1:{port} -> * (pid {os.getpid()})" in found
+        assert (
+            f"tcp 127.0.0.1:{client.getsockname()[1]} -> 127.0.0.1:{port} (pid {os.getpid()})"
+            in found
+        )
+        bad = unsafe_sockets([os.getpid()])
+        if udp is None:
+            assert bad == []
+        else:
+            host, local_port = udp.getsockname()
+            assert bad == [f"udp {host}:{local_port} -> 192.0.2.10:9 (pid {os.getpid()})"]
+    finally:
+        for sock in (listener, client, server, udp):
+            if sock is not None:
+                sock.close()
+    assert not any(f"127.0.0.1:{port}" in str(sock) for sock in proc_sockets([os.getpid()]))
+
+
+def test_proc_sockets_of_an_exited_process() -> None:
+    p = subprocess.Popen(["true"])
+    p.wait()  # reaped: /proc/PID is gone
+    assert proc_sockets([p.pid]) == []
 
 
 @pytest.fixture
@@ -244,15 +347,23 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 5) -> bool:
     return True
 
 
+def _sample(*sockets: InetSocket) -> Callable[[Collection[int]], list[InetSocket]]:
+    return lambda pids: [s for s in sockets if s.pid in pids]
+
+
 def test_watchdog_kills_on_non_loopback_socket(sleeper: subprocess.Popen[bytes]) -> None:
-    outputs = [
-        _ss(sleeper.pid, "127.0.0.1:41234", "127.0.0.1:9001"),
-        _ss(sleeper.pid, "127.0.0.1:41234", "127.0.0.1:9001"),
-        _ss(sleeper.pid, "10.0.0.5:41234", "192.0.2.10:443"),
+    pid = sleeper.pid
+    samples = [
+        _sample(InetSocket(pid, "tcp", ("127.0.0.1", 41234), ("127.0.0.1", 9001))),
+        _sample(InetSocket(pid, "tcp", ("127.0.0.1", 41234), ("127.0.0.1", 9001))),
+        _sample(InetSocket(pid, "tcp", ("10.0.0.5", 41234), ("192.0.2.10", 443))),
     ]
     violations: list[str] = []
     dog = Watchdog(
-        lambda: [sleeper], violations.append, interval=0.02, sample=lambda: outputs.pop(0)
+        lambda: [sleeper],
+        violations.append,
+        interval=0.02,
+        sample=lambda pids: samples.pop(0)(pids),
     )
     dog.start()
     try:
@@ -265,25 +376,57 @@ def test_watchdog_kills_on_non_loopback_socket(sleeper: subprocess.Popen[bytes])
 
 
 def test_watchdog_leaves_loopback_alone(sleeper: subprocess.Popen[bytes]) -> None:
-    line = _ss(sleeper.pid, "127.0.0.1:9001", "0.0.0.0:*", "LISTEN")
-    dog = Watchdog(lambda: [sleeper], pytest.fail, interval=0.01, sample=lambda: line)
+    asked: list[Collection[int]] = []
+
+    def sample(pids: Collection[int]) -> list[InetSocket]:
+        asked.append(pids)
+        return [
+            InetSocket(sleeper.pid, "tcp", ("127.0.0.1", 9001), None),
+            InetSocket(999_999_999, "tcp", ("0.0.0.0", 22), None),  # not ours: ignored
+        ]
+
+    dog = Watchdog(lambda: [sleeper], pytest.fail, interval=0.01, sample=sample)
     dog.start()
     try:
         assert _wait_until(lambda: dog.checks >= 5)
     finally:
         dog.stop()
     assert sleeper.poll() is None
+    assert all(set(pids) == {sleeper.pid} for pids in asked)
 
 
-def test_watchdog_fails_closed_without_ss(sleeper: subprocess.Popen[bytes]) -> None:
-    def broken() -> str:
-        raise FileNotFoundError("ss")
+def test_watchdog_watches_real_processes(sleeper: subprocess.Popen[bytes]) -> None:
+    """The default sample (/proc) on a live process: no sockets, no violation."""
+    dog = Watchdog(lambda: [sleeper], pytest.fail, interval=0.01)
+    assert dog.check_once() is True and dog.checks == 1
+    assert sleeper.poll() is None
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "denied"), ValueError("garbled table")])
+def test_watchdog_fails_closed_when_it_cannot_look(
+    sleeper: subprocess.Popen[bytes], error: Exception
+) -> None:
+    def broken(pids: Collection[int]) -> list[InetSocket]:
+        raise error
 
     violations: list[str] = []
     dog = Watchdog(lambda: [sleeper], violations.append, interval=0.01, sample=broken)
     assert dog.check_once() is False
     assert sleeper.wait(timeout=5) == -signal.SIGKILL
     assert violations and "cannot list sockets" in violations[0]
+
+
+def test_watchdog_survives_a_transient_failure(sleeper: subprocess.Popen[bytes]) -> None:
+    failures = [OSError("EAGAIN"), OSError("EAGAIN")]  # two in a row: not yet a verdict
+
+    def flaky(pids: Collection[int]) -> list[InetSocket]:
+        if failures:
+            raise failures.pop(0)
+        return []
+
+    dog = Watchdog(lambda: [sleeper], pytest.fail, interval=0.01, sample=flaky)
+    assert dog.check_once() is True
+    assert sleeper.poll() is None
 
 
 # --------------------------------------------------------------------------
@@ -305,10 +448,12 @@ def test_network_is_up_and_on_loopback(testnet: TestNet) -> None:
         ns = authority.controller().get_info("ns/all")
         assert len(re.findall(r"^r ", ns, re.M)) == 5
     assert testnet.watchdog is not None and testnet.watchdog.checks > 0
-    sockets = ss_sockets()
-    for tor in testnet.tors:  # the watchdog sees every tor's sockets...
-        assert f"pid={tor.pid}," in sockets, tor.name
-    assert unsafe_sockets(sockets, [t.pid for t in testnet.tors]) == []  # ...all on loopback
+    pids = [t.pid for t in testnet.tors]
+    sockets = proc_sockets(pids)
+    for tor in testnet.tors:  # the watchdog sees every tor's sockets (a listener at least)...
+        assert any(s.pid == tor.pid and s.table.startswith("tcp") for s in sockets), tor.name
+    assert [str(s) for s in sockets if not s.on_loopback] == []  # ...all on loopback
+    assert unsafe_sockets(pids) == []
     testnet.check()
 
 

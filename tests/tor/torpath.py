@@ -67,7 +67,6 @@ from torbridge.tor.testnet import (
     TestNet,
     TorProcess,
     TorTestNetError,
-    ss_sockets,
     unsafe_sockets,
 )
 
@@ -625,7 +624,7 @@ class TorWorld:
         self.net.check()
         pids = set(self.our_pids())
         if pids:
-            bad = unsafe_sockets(ss_sockets(), pids)
+            bad = unsafe_sockets(pids)
             assert not bad, f"a socket of ours is not on loopback: {bad}"
 
     def failure_sections(self) -> list[tuple[str, str]]:

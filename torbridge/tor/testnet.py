@@ -11,10 +11,11 @@ started here can reach the public Tor network:
   an empty ``ServerDNSResolvConfFile`` and never exit;
 * ``check_torrc_safe`` reads back every torrc before its tor starts, and tor
   always runs as ``tor --defaults-torrc EMPTY -f TORRC``;
-* a watchdog thread lists the sockets of our tors every second (``ss``) and
-  SIGKILLs all of them, by PID, if one has a local or peer address outside
-  loopback (the last line of defence, e.g. against an ADD_ONION target or a
-  SETCONF sent over a control port);
+* a watchdog thread lists the sockets of our tors every second (from
+  /proc/PID/fd and /proc/PID/net) and SIGKILLs all of them, by PID, if one
+  has a local or peer address outside loopback, or if it cannot tell (the
+  last line of defence, e.g. against an ADD_ONION target or a SETCONF sent
+  over a control port);
 * every tor is told ``__OwningControllerProcess``, and our first control
   connection to it takes ownership (stem sends TAKEOWNERSHIP): it exits
   when we do.
@@ -486,12 +487,6 @@ def in_host_netns() -> bool:
 # the watchdog
 
 
-def _host(address: str) -> str:
-    """The host part of "127.0.0.1:80", "[::1]:80", "127.0.0.53%lo:53" or "*:*"."""
-    host = address.rsplit(":", 1)[0]
-    return host.split("%", 1)[0].strip("[]")
-
-
 def _is_loopback(host: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
@@ -502,38 +497,149 @@ def _is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
-def unsafe_sockets(ss_output: str, pids: Collection[int]) -> list[str]:
-    """The lines of ``ss -tunapH`` output owned by one of pids whose local or
-    peer address is outside loopback (a listener has no peer: ``*``)."""
-    bad = []
-    for line in ss_output.splitlines():
-        owners = {int(p) for p in re.findall(r"\bpid=(\d+)", line)}
-        if not owners.intersection(pids):
-            continue
-        fields = line.split()
-        if len(fields) < 6:
-            bad.append(line)  # ours, but unreadable: fail closed
-            continue
-        local, peer = fields[4], fields[5]
-        peer_port = peer.rsplit(":", 1)[-1]
-        if not _is_loopback(_host(local)) or (peer_port != "*" and not _is_loopback(_host(peer))):
-            bad.append(line)
-    return bad
+# The socket tables of /proc/PID/net/ the watchdog reads; packet sockets
+# (which bypass IP altogether) are listed separately and are never ours.
+INET_TABLES = ("tcp", "tcp6", "udp", "udp6", "raw", "raw6")
 
 
-def ss_sockets() -> str:
-    result = subprocess.run(
-        ["ss", "-tunapH"], capture_output=True, text=True, timeout=10, check=True
+@dataclass(frozen=True)
+class InetSocket:
+    """One IP socket a process holds, as /proc/PID/net/* shows it."""
+
+    pid: int
+    table: str  # "tcp", "udp6", ... or "packet"
+    local: tuple[str, int]  # (address, port)
+    peer: tuple[str, int] | None  # None: no peer (a listener, an unconnected socket)
+
+    @property
+    def on_loopback(self) -> bool:
+        if self.table == "packet":
+            return False
+        return _is_loopback(self.local[0]) and (self.peer is None or _is_loopback(self.peer[0]))
+
+    def __str__(self) -> str:
+        def show(end: tuple[str, int] | None) -> str:
+            if end is None:
+                return "*"
+            host, port = end
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+        return f"{self.table} {show(self.local)} -> {show(self.peer)} (pid {self.pid})"
+
+
+def _proc_address(field_text: str) -> tuple[str, int]:
+    """ "0100007F:1F90" -> ("127.0.0.1", 8080): each 32-bit word is printed in
+    host byte order, so packing it natively gives back the network bytes."""
+    hex_address, hex_port = field_text.split(":")
+    if len(hex_address) not in (8, 32):
+        raise ValueError(f"not an address: {field_text!r}")
+    raw = b"".join(
+        int(hex_address[i : i + 8], 16).to_bytes(4, sys.byteorder)
+        for i in range(0, len(hex_address), 8)
     )
-    return result.stdout
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(hex_port, 16)
+
+
+def parse_proc_net(text: str) -> dict[int, tuple[tuple[str, int], tuple[str, int] | None]]:
+    """A /proc/net/{tcp,tcp6,udp,udp6,raw,raw6} table: inode -> (local, peer).
+
+    ValueError if a line cannot be read (the caller fails closed).
+    """
+    sockets: dict[int, tuple[tuple[str, int], tuple[str, int] | None]] = {}
+    for line in text.splitlines()[1:]:  # the first line is a header
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 10:
+            raise ValueError(f"unreadable socket table line: {line!r}")
+        local, peer = _proc_address(fields[1]), _proc_address(fields[2])
+        # An unspecified peer address with port 0: a listener or an unconnected socket.
+        no_peer = peer[1] == 0 and ipaddress.ip_address(peer[0]).is_unspecified
+        sockets[int(fields[9])] = (local, None if no_peer else peer)
+    return sockets
+
+
+def _packet_inodes(text: str) -> set[int]:
+    """Inodes in /proc/net/packet (its last column)."""
+    return {int(line.split()[-1]) for line in text.splitlines()[1:] if line.strip()}
+
+
+def _socket_inodes(pid: int) -> set[int] | None:
+    """Inodes of the sockets among pid's open files; None if pid has exited."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        return None
+    inodes = set()
+    for name in names:
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except FileNotFoundError:
+            continue  # closed since the listing
+        if target.startswith("socket:[") and target.endswith("]"):
+            inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def _read_table(pid: int, table: str) -> str:
+    # A table the kernel does not have (no IPv6, no AF_PACKET) holds no socket.
+    try:
+        with open(f"/proc/{pid}/net/{table}") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def proc_sockets(pids: Collection[int]) -> list[InetSocket]:
+    """Every IP (and packet) socket the processes ``pids`` hold, read from /proc.
+
+    No subprocess: each process's socket inodes (``/proc/PID/fd``) are looked
+    up in the socket tables of its own network namespace (``/proc/PID/net``,
+    read once per namespace). A process that has exited holds nothing.
+    Raises OSError or ValueError when a live process cannot be inspected.
+    """
+    found: list[InetSocket] = []
+    tables_by_netns: dict[int, dict[str, str]] = {}
+    for pid in pids:
+        # The fds first: a socket they name is in the tables read after, unless
+        # it was closed in between (then it is gone, which is as good).
+        inodes = _socket_inodes(pid)
+        if not inodes:
+            continue
+        try:
+            netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except FileNotFoundError:
+            continue  # exited since
+        tables = tables_by_netns.get(netns)
+        if tables is None:
+            tables = {t: _read_table(pid, t) for t in (*INET_TABLES, "packet")}
+            if not os.path.isdir(f"/proc/{pid}"):
+                continue  # exited while we read: its tables may be cut short, not the others'
+            tables_by_netns[netns] = tables
+        for table in INET_TABLES:
+            for inode, (local, peer) in parse_proc_net(tables[table]).items():
+                if inode in inodes:
+                    found.append(InetSocket(pid, table, local, peer))
+        for inode in _packet_inodes(tables["packet"]) & inodes:
+            found.append(InetSocket(pid, "packet", ("*", inode), None))
+    return found
+
+
+def unsafe_sockets(pids: Collection[int]) -> list[str]:
+    """The sockets of ``pids`` with a local or peer address off loopback."""
+    return [str(s) for s in proc_sockets(pids) if not s.on_loopback]
 
 
 class Watchdog:
     """A thread that SIGKILLs every process we started (by PID) as soon as one
     of them has a socket off loopback, then reports it to on_violation.
 
-    ``sample`` returns ``ss -tunapH`` output. Three failed samples in a row
-    count as a violation too: we do not run tors we cannot watch.
+    ``sample`` lists the sockets of the given PIDs (``proc_sockets``: /proc,
+    no subprocess that a loaded machine could time out). Three failed
+    samples in a row count as a violation too: we do not run tors we cannot
+    watch.
     """
 
     def __init__(
@@ -542,7 +648,7 @@ class Watchdog:
         on_violation: Callable[[str], None],
         *,
         interval: float = WATCHDOG_INTERVAL,
-        sample: Callable[[], str] = ss_sockets,
+        sample: Callable[[Collection[int]], list[InetSocket]] = proc_sockets,
     ) -> None:
         self._processes = processes
         self._on_violation = on_violation
@@ -566,18 +672,19 @@ class Watchdog:
         live = [p for p in self._processes() if p.poll() is None]
         if not live:
             return True
+        pids = {p.pid for p in live}  # not reaped: no other process can have these PIDs
         failures = 0
         while True:
             try:
-                output = self._sample()
+                sockets = self._sample(pids)
                 break
-            except (OSError, subprocess.SubprocessError) as e:
+            except (OSError, ValueError) as e:
                 failures += 1
                 if failures >= 3:
                     return self._violate(live, f"cannot list sockets ({e})")
                 time.sleep(0.1)
         self.checks += 1
-        bad = unsafe_sockets(output, {p.pid for p in live})
+        bad = [str(s) for s in sockets if s.pid in pids and not s.on_loopback]
         return self._violate(live, "non-loopback socket: " + "; ".join(bad)) if bad else True
 
     def _violate(self, live: list[subprocess.Popen[bytes]], why: str) -> bool:
@@ -896,7 +1003,7 @@ class TestNet:
 
     # ---------------------------------------------------------- bring-up
     def _start(self, deadline: float) -> None:
-        for tool in ("tor", "tor-gencert", "ss"):
+        for tool in ("tor", "tor-gencert"):
             if shutil.which(tool) is None:
                 raise TorTestNetError(f"{tool} not found on PATH")
         self._t0 = time.monotonic()

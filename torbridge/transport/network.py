@@ -6,9 +6,11 @@ proxy's UUID and the token stored when the operator linked the node.
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import socks  # type: ignore[import-untyped]
@@ -106,26 +108,25 @@ def _socks_code(text: str) -> int | None:
     return int(match.group(1), 16) if match else None
 
 
-class TorAnnexTransport(Transport):
-    """A tor-annex node, through tor's SocksPort."""
+@dataclass(eq=False)  # compared by identity, as before; the token stays out of repr
+class LinkedNodeTransport(Transport):
+    """A node the operator linked with ``git annex p2p --link``.
 
-    def __init__(
-        self,
-        name: str,
-        address: TorAddress,
-        uuid: str,
-        token: str,
-        proxy_uuid: str,
-        socks_address: str,
-        connect_timeout: float = 120.0,
-    ) -> None:
-        self.name = name
-        self.address = address
-        self.uuid = uuid
-        self.token = token
-        self.proxy_uuid = proxy_uuid
-        self.socks_address = socks_address
-        self.connect_timeout = connect_timeout
+    We authenticate as git-annex does when it connects to a P2P remote: the
+    proxy's UUID and the token stored at link time. The session's client is
+    not the node's business, so ``open`` only needs a way to reach the node.
+    """
+
+    name: str
+    address: TorAddress | NetAddress
+    uuid: str
+    token: str = field(repr=False)
+    proxy_uuid: str
+
+    @property
+    def label(self) -> str:
+        """How errors name the node: the remote and its address."""
+        return f"{self.name} ({self.address})"
 
     async def open(
         self,
@@ -133,6 +134,26 @@ class TorAnnexTransport(Transport):
         session: SessionInfo,
         version: int,
         bypass: tuple[str, ...],
+    ) -> PeerChannel:
+        return await self.reach(nursery, version, bypass, m.Auth(self.proxy_uuid, self.token))
+
+    @abc.abstractmethod
+    async def reach(
+        self, nursery: trio.Nursery, version: int, bypass: tuple[str, ...], auth: m.Auth
+    ) -> PeerChannel:
+        """Connect and negotiate with ``auth``; PeerUnavailable naming ``label`` on failure."""
+
+
+@dataclass(eq=False)
+class TorAnnexTransport(LinkedNodeTransport):
+    """A tor-annex node, through tor's SocksPort."""
+
+    address: TorAddress
+    socks_address: str
+    connect_timeout: float = 120.0
+
+    async def reach(
+        self, nursery: trio.Nursery, version: int, bypass: tuple[str, ...], auth: m.Auth
     ) -> PeerChannel:
         try:
             sock = await trio.to_thread.run_sync(
@@ -144,13 +165,11 @@ class TorAnnexTransport(Transport):
                 abandon_on_cancel=True,
             )
         except PeerUnavailable as e:
-            raise PeerUnavailable(f"{self.name} ({self.address}): {e}") from None
+            raise PeerUnavailable(f"{self.label}: {e}") from None
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
         framed = FramedStream(stream)
         try:
-            agreed = await negotiate(
-                framed, self.name, self.uuid, version, bypass, m.Auth(self.proxy_uuid, self.token)
-            )
+            agreed = await negotiate(framed, self.name, self.uuid, version, bypass, auth)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await framed.aclose()
@@ -158,35 +177,25 @@ class TorAnnexTransport(Transport):
         return StreamChannel(framed, self.uuid, agreed)
 
 
-class P2PNetTransport(Transport):
+@dataclass(eq=False)
+class P2PNetTransport(LinkedNodeTransport):
     """A p2p-annex node: ``git-annex-p2p-NET ADDR`` carries the bytes, as for git-annex."""
 
-    def __init__(
-        self, name: str, address: NetAddress, uuid: str, token: str, proxy_uuid: str, cwd: Path
-    ) -> None:
-        self.name = name
-        self.address = address
-        self.uuid = uuid
-        self.token = token
-        self.proxy_uuid = proxy_uuid
-        self.cwd = cwd
+    address: NetAddress
+    cwd: Path
 
-    async def open(
-        self,
-        nursery: trio.Nursery,
-        session: SessionInfo,
-        version: int,
-        bypass: tuple[str, ...],
+    async def reach(
+        self, nursery: trio.Nursery, version: int, bypass: tuple[str, ...], auth: m.Auth
     ) -> PeerChannel:
         argv = [f"git-annex-p2p-{self.address.net}", self.address.address]
         return await open_process_channel(
             nursery,
-            f"{self.name} ({self.address})",
+            self.label,
             argv,
             dict(os.environ),
             self.uuid,
             version,
             bypass,
-            auth=m.Auth(self.proxy_uuid, self.token),
+            auth=auth,
             cwd=self.cwd,
         )
