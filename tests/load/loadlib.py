@@ -216,6 +216,9 @@ class Stats:
     sessions_ok: int = 0
     connect_retries: int = 0
     stored: list[str] = field(default_factory=list)  # keys the daemon said SUCCESS to PUT
+    # GET bodies compared with their object, and PUT bodies (the tests
+    # compare those in the repository afterwards).
+    verified_bytes: int = 0
     open_now: int = 0
     peak_open: int = 0  # sessions connected at the same time, at most
 
@@ -250,7 +253,8 @@ class Stats:
     def table(self, title: str) -> str:
         rows = [f"{title}: {self.sessions_ok} sessions ok, {len(self.errors)} errors, "
                 f"{self.requests} requests, at most {self.peak_open} sessions open at once, "
-                f"{self.connect_retries} connect retries (backlog full)"]
+                f"{self.connect_retries} connect retries (backlog full), "
+                f"{self.verified_bytes} bytes of GET/PUT bodies verified"]
         for op in [*REQUEST_OPS, *sorted(set(self.latencies) - set(REQUEST_OPS))]:
             vs = self.latencies.get(op)
             if vs:
@@ -505,6 +509,7 @@ async def run_mix(
                 await step()
                 stats.add(op, time.monotonic() - t)
         stats.stored.append(fresh.key)
+        stats.verified_bytes += len(present.content) + len(fresh.content)
         stats.sessions_ok += 1
         if end_gate is not None:
             arrived_end = True
