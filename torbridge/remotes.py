@@ -165,3 +165,107 @@ def proxied_remote(repository: Path, name: str) -> Remote:
             f"remote {name!r} has no annex-uuid: run `git annex sync {name}` or re-link it"
         )
     return remote
+
+
+# --- clusters ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster this repository is a gateway for, as git-annex configures it."""
+
+    name: str
+    uuid: str  # annex.cluster.NAME
+    nodes: tuple[Remote, ...]  # remotes with remote.N.annex-cluster-node naming it
+    # The same cluster through another gateway: the remote reaching that
+    # gateway's cluster endpoint, and the gateway's own repository UUID.
+    via_gateways: tuple[tuple[Remote, str], ...] = ()
+
+
+def parse_cluster_log(text: str) -> dict[str, frozenset[str]]:
+    """cluster.log: ``<clock>s <cluster-uuid> <node-uuid>...``; the newest line wins."""
+    newest: dict[str, tuple[float, frozenset[str]]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or not fields[0].endswith("s"):
+            continue
+        try:
+            clock = float(fields[0][:-1])
+        except ValueError:
+            continue
+        cluster = fields[1]
+        if cluster not in newest or clock >= newest[cluster][0]:
+            newest[cluster] = (clock, frozenset(fields[2:]))
+    return {cluster: nodes for cluster, (_, nodes) in newest.items()}
+
+
+def read_cluster_names(repository: Path) -> dict[str, str]:
+    """annex.cluster.NAME = UUID: the clusters this repository is a gateway for."""
+    out = subprocess.run(
+        ["git", "config", "-z", "--get-regexp", r"^annex\.cluster\."],
+        cwd=repository,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    clusters = {}
+    for entry in out.stdout.split(b"\0"):
+        key, _, value = entry.decode("utf-8", "surrogateescape").partition("\n")
+        if key.startswith("annex.cluster."):
+            clusters[key[len("annex.cluster.") :]] = value.strip()
+    return clusters
+
+
+def read_cluster(repository: Path, name: str, cluster_log: str) -> Cluster:
+    """Cluster ``name`` with its nodes, checked against git-annex's cluster.log.
+
+    A node is a remote whose ``annex-cluster-node`` names the cluster and
+    which ``git annex updatecluster`` has recorded; the same cluster behind
+    another gateway (``git annex extendcluster GW NAME``) is the remote
+    ``GW-NAME`` whose UUID is the cluster's, ``GW`` being a remote with
+    ``annex-cluster-gateway`` set to it.
+    """
+    uuid = read_cluster_names(repository).get(name)
+    if uuid is None:
+        raise RemoteError(f"no cluster named {name!r}: run `git annex initcluster {name}`")
+    remotes = read_remotes(repository)
+    recorded = parse_cluster_log(cluster_log).get(uuid, frozenset())
+    nodes = []
+    for remote in sorted(remotes.values(), key=lambda r: r.name):
+        if name not in remote.settings.get("annex-cluster-node", "").split():
+            continue
+        if not _REMOTE_NAME.fullmatch(remote.name):
+            raise RemoteError(f"cluster {name}: {remote.name!r} is not a valid remote name")
+        if not remote.uuid:
+            raise RemoteError(f"cluster {name}: node {remote.name!r} has no annex-uuid")
+        if remote.uuid not in recorded:
+            raise RemoteError(
+                f"cluster {name}: node {remote.name!r} is not in cluster.log yet: run"
+                " `git annex updatecluster` in the proxy repository"
+            )
+        nodes.append(remote)
+    gateways = []
+    for gateway in sorted(remotes.values(), key=lambda r: r.name):
+        if uuid not in gateway.settings.get("annex-cluster-gateway", "").split():
+            continue
+        via = remotes.get(f"{gateway.name}-{name}")
+        if via is None or via.uuid != uuid or not gateway.uuid:
+            raise RemoteError(
+                f"cluster {name}: gateway {gateway.name!r} needs its cluster endpoint linked"
+                f" as remote {gateway.name}-{name} (and its own as {gateway.name}), each with"
+                " `git annex p2p --link`"
+            )
+        gateways.append((via, gateway.uuid))
+    if not nodes and not gateways:
+        raise RemoteError(
+            f"cluster {name} has no nodes: `git config remote.NODE.annex-cluster-node {name}`"
+            " then `git annex updatecluster`"
+        )
+    return Cluster(name, uuid, tuple(nodes), tuple(gateways))
+
+
+def remote_cost(remote: Remote, default: float = 200.0) -> float:
+    try:
+        return float(remote.settings.get("annex-cost", default))
+    except ValueError:
+        return default

@@ -24,7 +24,7 @@ import trio.testing
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import BadLine, EndOfStream, LineEvent, LineTooLong
 from torbridge.protocol.relay import Mode
-from torbridge.server.session import Grant
+from torbridge.server.session import Grant, PendingAuth
 from torbridge.transport.base import (
     PeerChannel,
     PeerUnavailable,
@@ -68,7 +68,7 @@ class OneToken:
     def release(self, grant: Grant) -> None:
         self.released += 1
 
-    def leave_pre_auth(self) -> None:
+    def leave_pre_auth(self, connection: PendingAuth) -> None:
         self.left_pre_auth += 1
 
     def auth_failed(self, circuit: int | None) -> None:

@@ -33,9 +33,47 @@ def test_a_token_limited_to_an_endpoint(tmp_path: Path) -> None:
     assert admission.authorize("node1", token) is not None
 
 
-def test_unauthenticated_cap(tmp_path: Path) -> None:
+class Conn:
+    """Stands in for session.PendingAuth: records its eviction."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.evicted = 0
+
+    def evict(self) -> None:
+        self.evicted += 1
+
+
+def test_unauthenticated_cap_evicts_the_oldest(tmp_path: Path) -> None:
     admission = Admission(TokenStore(tmp_path / "state"), Limits(max_unauthenticated=2))
-    assert admission.enter_pre_auth() and admission.enter_pre_auth()
-    assert not admission.enter_pre_auth()
-    admission.leave_pre_auth()
-    assert admission.enter_pre_auth()
+    a, b, c, d = (Conn(n) for n in "abcd")
+    assert not admission.enter_pre_auth(a)
+    assert not admission.enter_pre_auth(b)
+    assert admission.unauthenticated == 2
+    # Full: the newest gets in, the oldest is evicted.
+    assert admission.enter_pre_auth(c)
+    assert (a.evicted, b.evicted, c.evicted) == (1, 0, 0)
+    assert admission.unauthenticated == 2
+    # The evicted one's own leaving later changes nothing.
+    admission.leave_pre_auth(a)
+    assert admission.unauthenticated == 2
+    # b authenticates: its slot is free, so d evicts no one.
+    admission.leave_pre_auth(b)
+    assert not admission.enter_pre_auth(d)
+    assert (b.evicted, c.evicted, d.evicted) == (0, 0, 0)
+    # Order is by arrival: c is now the oldest.
+    assert admission.enter_pre_auth(Conn("e"))
+    assert (c.evicted, d.evicted) == (1, 0)
+
+
+def test_a_flood_never_evicts_twice_nor_grows(tmp_path: Path) -> None:
+    admission = Admission(TokenStore(tmp_path / "state"), Limits(max_unauthenticated=32))
+    conns = [Conn(str(i)) for i in range(1000)]
+    evictions = sum(admission.enter_pre_auth(conn) for conn in conns)
+    assert evictions == 1000 - 32
+    assert admission.unauthenticated == 32
+    assert all(c.evicted == 1 for c in conns[:-32])
+    assert not any(c.evicted for c in conns[-32:])
+    for conn in conns:
+        admission.leave_pre_auth(conn)
+    assert admission.unauthenticated == 0

@@ -8,6 +8,7 @@ run on trio's autojump clock, so deadlines cost no real time.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,7 +34,8 @@ from tests.core.peers import (
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol.relay import Mode
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.session import WATCH_CLIENT_AFTER, Endpoint, PendingAuth, Session
+from torbridge.server.watched import READ_AHEAD_LIMIT
 from torbridge.transport.framed import StreamLost
 
 KEY = "SHA256E-s11--2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90.txt"
@@ -204,9 +206,11 @@ async def test_put_v4_transcript(autojump_clock: trio.abc.Clock) -> None:
         await b.client.send(
             script(AUTH, b"VERSION 4\n", f"PUT  {KEY}\n".encode(), b"DATA 11\n", body, b"VALID\n")
         )
+        # The client's EOF comes once it has its answers, as a stock client's:
+        # an EOF while the peer works means it left (test_client_leaves_*).
+        await b.client.expect(AUTH_OK, b"VERSION 4\n", b"PUT-FROM 0\n", b"SUCCESS\n")
         await b.client.stream.send_eof()
-        seen = await b.client.rest()
-    assert seen == script(AUTH_OK, b"VERSION 4\n", b"PUT-FROM 0\n", b"SUCCESS\n")
+        assert await b.client.rest() == b""
     assert b.repo.contents == {KEY: body}
     [conn] = b.connections
     assert conn.received == [m.Version(4), m.Put(None, KEY), m.Data(11), m.Valid()]
@@ -220,9 +224,9 @@ async def test_put_v0_transcript(autojump_clock: trio.abc.Clock) -> None:
     body = b"hello world"
     async with bridge() as b:
         await b.client.send(script(AUTH, f"PUT file.txt {KEY}\n".encode(), b"DATA 11\n", body))
+        await b.client.expect(AUTH_OK, b"PUT-FROM 0\n", b"SUCCESS\n")
         await b.client.stream.send_eof()
-        seen = await b.client.rest()
-    assert seen == script(AUTH_OK, b"PUT-FROM 0\n", b"SUCCESS\n")
+        assert await b.client.rest() == b""
     [conn] = b.connections
     assert conn.version == 0
     assert conn.received == [m.Put("file.txt", KEY), m.Data(11)]  # no VERSION, no VALID
@@ -549,6 +553,41 @@ async def test_auth_deadline_is_not_reset_by_trickling(autojump_clock: trio.abc.
     assert b.admission.granted == 0
 
 
+@pytest.mark.parametrize("sent", [b"", b"AUTH " + CLIENT_UUID.encode()])
+async def test_evicted_before_auth(autojump_clock: trio.abc.Clock, sent: bytes) -> None:
+    # The oldest unauthenticated connection, when max_unauthenticated is full
+    # (server/admission.py): closed at once, without a word, nothing started.
+    async with bridge() as b:
+        await b.client.send(sent)
+        await trio.sleep(1)
+        start = trio.current_time()
+        b.session.pending.evict()
+        assert await b.client.rest() == b""
+        assert trio.current_time() - start < 0.1  # neither the deadline nor a drain
+        await b.wait_end()
+    assert b.session.outcome == "client lost: evicted: too many unauthenticated connections"
+    assert b.admission.granted == 0 and b.admission.endpoints == []
+    assert b.transport.opens == []
+
+
+async def test_eviction_after_auth_changes_nothing(autojump_clock: trio.abc.Clock) -> None:
+    # AUTH takes the connection off the pre-auth list; a late evict() is moot.
+    async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
+        await b.client.login(4)
+        b.session.pending.evict()
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"SUCCESS\n")
+    assert b.session.outcome == "client closed"
+
+
+async def test_evicted_before_the_session_reads() -> None:
+    pending = PendingAuth()
+    pending.evict()
+    with pending.evictable() as scope:
+        await trio.sleep_forever()
+    assert scope.cancelled_caught
+
+
 async def test_idle_timeout(autojump_clock: trio.abc.Clock) -> None:
     async with bridge(FakeRepo(contents={KEY: b"x"})) as b:
         await b.client.login()
@@ -598,6 +637,102 @@ async def test_peer_never_answers_on_a_reused_connection(autojump_clock: trio.ab
         await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
         await b.client.expect(b"SUCCESS\n")
     assert len(b.connections) == 2
+
+
+# --- a client that leaves while its session waits on the peer ----------------------------
+
+
+async def _silent(conn: PeerConnection, message: m.Message) -> None:
+    await conn.silent()
+
+
+@pytest.mark.parametrize("how", ["close", "half-close"])
+@pytest.mark.parametrize("after", [0.0, 3.0])
+async def test_client_leaves_while_the_peer_is_silent(
+    autojump_clock: trio.abc.Clock, how: str, after: float
+) -> None:
+    # Without the watch, the session (and its peer, a git-annex-shell or a
+    # node connection) would stay until peer_timeout.
+    async with bridge(FakeRepo(hooks={m.Get: _silent})) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0 f {KEY}\n".encode())
+        await trio.sleep(after)
+        start = trio.current_time()
+        if how == "close":
+            await b.client.stream.aclose()
+        else:  # an EOF is leaving too: a stock client never half-closes mid-request
+            await b.client.stream.send_eof()
+        await b.wait_end()
+        # Noticed once the peer has been silent for WATCH_CLIENT_AFTER, at the latest.
+        assert trio.current_time() - start <= WATCH_CLIENT_AFTER + 0.01
+    assert b.session.outcome.startswith("client lost: hung up while waiting for the peer")
+    assert b.transport.channels[0].closed and b.connections[0].eof
+    assert b.admission.released == 1
+
+
+async def test_client_leaves_while_the_peer_opens(autojump_clock: trio.abc.Clock) -> None:
+    async with bridge(FakeRepo(greeting="silent")) as b:
+        await b.client.login()  # v0: the request opens the peer
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await trio.sleep(1)
+        start = trio.current_time()
+        await b.client.stream.aclose()
+        await b.wait_end()
+        assert trio.current_time() - start < 1
+    assert b.session.outcome.startswith("client lost: hung up while waiting for the peer")
+    assert b.connections[0].eof and b.transport.channels == []
+
+
+async def test_client_leaves_after_a_put_body(autojump_clock: trio.abc.Clock) -> None:
+    # The body and VALID reached the peer: it stores; only its answer is lost.
+    async def slow_result(conn: PeerConnection, message: m.Message) -> None:
+        await conn.receive_body(11)
+        assert await conn.receive() == m.Valid()
+        await trio.sleep(LIMITS.peer_timeout / 2)
+        conn.repo.contents[KEY] = conn.bodies[-1]
+        with contextlib.suppress(StreamLost, trio.BrokenResourceError):
+            await conn.send(m.Success())
+
+    async def put(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.PutFrom(0))
+        assert isinstance(await conn.receive(), m.Data)
+        await slow_result(conn, message)
+
+    async with bridge(FakeRepo(hooks={m.Put: put})) as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        await b.client.send(b"DATA 11\n", b"hello world", b"VALID\n")
+        await trio.sleep(1)
+        start = trio.current_time()
+        await b.client.stream.aclose()
+        await b.wait_end()
+        assert trio.current_time() - start < 1
+    assert b.session.outcome.startswith("client lost: hung up while waiting for the peer")
+    assert b.log.records == []  # not recorded: the peer's SUCCESS never came
+
+
+async def test_bytes_sent_while_the_peer_works_are_kept(autojump_clock: trio.abc.Clock) -> None:
+    # Out of step, but nothing read while watching may be lost or reordered,
+    # also past the read-ahead limit (the watch then stops reading).
+    async def slow(conn: PeerConnection, message: m.Message) -> None:
+        if message == m.CheckPresent(KEY):
+            await trio.sleep(5)
+            await conn.send(m.Success())
+        else:
+            await conn.send(m.Failure())
+
+    n = 3 * READ_AHEAD_LIMIT // len(f"CHECKPRESENT {KEY2}\n") + 1
+    async with bridge(FakeRepo(hooks={m.CheckPresent: slow})) as b:
+        await b.client.login(4)
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await trio.sleep(1)  # the session waits on the peer now
+        await b.client.send(f"CHECKPRESENT {KEY2}\n".encode() * n, b"GETTIMESTAMP\n")
+        await b.client.expect(b"SUCCESS\n", *[b"FAILURE\n"] * n)
+        assert (await b.client.line()).startswith(b"TIMESTAMP ")
+    [conn] = b.connections
+    assert conn.received[1:] == [m.CheckPresent(KEY), *[m.CheckPresent(KEY2)] * n, m.GetTimestamp()]
+    assert b.session.outcome == "client closed"
 
 
 async def test_stale_connection_is_retried_once(autojump_clock: trio.abc.Clock) -> None:

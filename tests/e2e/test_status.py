@@ -43,6 +43,9 @@ def _status(bridge: Bridge) -> dict[str, object]:
 
 def test_status_and_metrics_show_a_transfer_in_flight(bridge: Bridge, rw_client: Client) -> None:
     rw_client.add_file("big.bin", os.urandom(SIZE))
+    # Slow enough (8 s) that a poll, which runs `torbridge status`, sees it
+    # in flight even on a loaded machine: at full speed it took under 2 s.
+    rw_client.git("config", "remote.hub.annex-bwlimit", "10MiB/s")
     copy = subprocess.Popen(
         ["git", "annex", "copy", "--to", "hub", "big.bin"],
         cwd=rw_client.path,

@@ -86,13 +86,6 @@ def test_peer_timeout_is_reported_once(make_load_bridge: Callable[..., LoadBridg
     bridge.assert_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known bug: a client that leaves while the session waits on its peer is"
-        " noticed only when the peer answers"
-    ),
-)
 def test_client_leaving_ends_a_waiting_session(make_load_bridge: Callable[..., LoadBridge],
                                                proxy_repo: AnnexRepo) -> None:
     proxy_repo.add_file("f.bin", b"some content\n")

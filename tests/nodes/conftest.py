@@ -73,14 +73,14 @@ def make_nodes(
     nodes: list[Node] = []
     logs = _logs(request)
 
-    def make(kind: str, name: str, **kwargs: object) -> Node:
+    def make(kind: str, name: str, root: Path | None = None, **kwargs: object) -> Node:
         node = make_node(
             kind,
             name,
             annex_env,
             node_net,
             proxy_repo,
-            tmp_path / "nodes",
+            root or tmp_path / "nodes",
             socks=socks_server,
             **kwargs,  # type: ignore[arg-type]
         )
@@ -176,10 +176,12 @@ def setup_node(
 ) -> Callable[..., Setup]:
     """Factory: ``setup_node(kind)``: node ``n-KIND``, a bridge, a linked client."""
 
-    def make(kind: str, **node_kwargs: object) -> Setup:
+    def make(kind: str, limits: dict[str, float] | None = None, **node_kwargs: object) -> Setup:
         name = f"n-{kind}"
         node = make_nodes(kind, name, **node_kwargs)
-        bridge = make_node_bridge([Expose("hub", ".", 5000), Expose(name, name, 5001)])
+        bridge = make_node_bridge(
+            [Expose("hub", ".", 5000), Expose(name, name, 5001)], limits=limits
+        )
         bridge.start()
         client = make_client("client")
         client.link(bridge.add_token("client", "rw", endpoint=name).line, name)

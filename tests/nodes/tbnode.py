@@ -90,10 +90,14 @@ class Fault:
     ``kill_file`` holds it; 0 kills the relay itself (this program, or the SOCKS connection with a
     reset). After a fault the relay passes nothing more, unless ``stop`` is
     false (for a fault that kills a third party: the client, say).
+    ``signal``: sent instead of SIGKILL (SIGSTOP: the process stalls, and
+    the relay, with ``stop`` false, passes on what it holds, as a kernel
+    would, so a stalled node has the line that made it stop).
     """
 
     kill: int = 0
     kill_file: str | None = None  # or: the pid is in this file (read when firing)
+    signal: int = signal.SIGKILL
     stop: bool = True
     up_bytes: int | None = None
     down_bytes: int | None = None
@@ -261,8 +265,9 @@ def fire_default(
             pid = int(Path(f.kill_file).read_text())
         if pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            wait_dead(pid)
+                os.kill(pid, f.signal)
+            if f.signal == signal.SIGKILL:
+                wait_dead(pid)
         else:
             on_self()
 

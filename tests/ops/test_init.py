@@ -53,6 +53,21 @@ def test_exposes_the_repository_and_its_proxied_remotes(
     assert "middle" not in text
 
 
+def test_exposes_the_clusters_it_is_a_gateway_for(
+    make_repo: Callable[[str], Path], tmp_path: Path
+) -> None:
+    repo = make_repo("hub")
+    add_tor_remote(repo, "node1")
+    git(repo, "annex", "initcluster", "mycluster")
+    text = init_config(repo, state_dir=tmp_path / "state", socket_dir=tmp_path / "sock")
+    config = load_config(_write(tmp_path, text))
+    assert [(e.name, e.remote, e.port) for e in config.expose] == [
+        ("hub", ".", 5000),
+        ("node1", "node1", 5001),
+        ("mycluster", "mycluster", 5002),
+    ]
+
+
 def test_header_says_what_to_do_next(make_repo: Callable[[str], Path], tmp_path: Path) -> None:
     text = init_config(
         make_repo("hub"), state_dir=tmp_path / "s", socket_dir=tmp_path / "k", tor_control=None

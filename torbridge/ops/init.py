@@ -1,8 +1,9 @@
 """``torbridge init``: a first config, written from what the repository says.
 
-It exposes the proxy's own repository and every remote the operator marked
-with ``remote.NAME.annex-proxy=true`` (git-annex's own switch), each on its
-own onion-service port. The text is ``dump_config``'s, after a header that
+It exposes the proxy's own repository, every remote the operator marked
+with ``remote.NAME.annex-proxy=true`` (git-annex's own switch) and every
+cluster the repository is a gateway for (``git annex initcluster``), each on
+its own onion-service port. The text is ``dump_config``'s, after a header that
 says what to do next; it is checked by loading it back before it is returned.
 """
 
@@ -21,7 +22,7 @@ from torbridge.config import (
     dump_config,
     load_config,
 )
-from torbridge.remotes import read_remotes
+from torbridge.remotes import read_cluster_names, read_remotes
 from torbridge.server.daemon import StartupError, repository_uuid
 
 DEFAULT_STATE_DIR = Path("/var/lib/torbridge")
@@ -76,6 +77,12 @@ def init_config(
             )
         port = FIRST_PORT + len(expose)
         expose.append(Expose(_unique(_endpoint_name(name), used), name, port))
+    for name in sorted(read_cluster_names(repository)):
+        if not _REMOTE_RE.fullmatch(name):
+            notes.append(f"cluster {name!r}: torbridge cannot expose that name")
+            continue
+        port = FIRST_PORT + len(expose)
+        expose.append(Expose(_unique(_endpoint_name(name), used), name, port))
 
     config = Config(
         path=DEFAULT_CONFIG_PATH,
@@ -119,7 +126,10 @@ def _header(config: Config, notes: list[str]) -> str:
         ),
     ]
     if others:
-        lines.append("# with remote.NAME.annex-proxy=true, in name order.")
+        lines.append(
+            "# with remote.NAME.annex-proxy=true, in name order, then its clusters"
+            " (docs/clusters.md)."
+        )
     lines += [
         "#",
         "# Next steps:",

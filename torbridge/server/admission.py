@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from typing import Protocol
 
 from torbridge.config import Limits
 from torbridge.protocol.relay import Mode
@@ -14,11 +15,18 @@ from torbridge.tokens import TokenStore
 log = logging.getLogger("torbridge.admission")
 
 
+class Evictable(Protocol):
+    """A connection not yet past AUTH (session.PendingAuth)."""
+
+    def evict(self) -> None: ...
+
+
 class Admission:
     def __init__(self, tokens: TokenStore, limits: Limits) -> None:
         self.tokens = tokens
         self.limits = limits
-        self.unauthenticated = 0
+        # Connections not yet past AUTH, oldest first.
+        self._pre_auth: OrderedDict[Evictable, None] = OrderedDict()
         self.sessions: Counter[str] = Counter()
         self.circuits = CircuitGuard(limits.max_per_circuit)
 
@@ -30,15 +38,29 @@ class Admission:
         if circuit is not None:
             self.circuits.auth_succeeded(circuit)
 
-    def enter_pre_auth(self) -> bool:
-        """A new connection; False if too many are still unauthenticated."""
-        if self.unauthenticated >= self.limits.max_unauthenticated:
-            return False
-        self.unauthenticated += 1
-        return True
+    @property
+    def unauthenticated(self) -> int:
+        return len(self._pre_auth)
 
-    def leave_pre_auth(self) -> None:
-        self.unauthenticated -= 1
+    def enter_pre_auth(self, connection: Evictable) -> bool:
+        """Count a new connection; True if that evicted the oldest one.
+
+        At the cap the NEWEST connection is let in and the oldest is evicted:
+        refusing new ones would let a flood of idle connections, renewed
+        faster than auth_timeout, lock every real client out. A real client
+        sends AUTH at once, so it is never the oldest for long.
+        """
+        evicted = False
+        while len(self._pre_auth) >= self.limits.max_unauthenticated:
+            oldest, _ = self._pre_auth.popitem(last=False)
+            oldest.evict()
+            evicted = True
+        self._pre_auth[connection] = None
+        return evicted
+
+    def leave_pre_auth(self, connection: Evictable) -> None:
+        """The connection authenticated or ended (a no-op once evicted)."""
+        self._pre_auth.pop(connection, None)
 
     def authorize(self, endpoint: str, token: str) -> Grant | None:
         # The store is re-read when its file changes: a revoke takes effect

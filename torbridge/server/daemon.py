@@ -18,9 +18,21 @@ import trio
 
 from torbridge.config import OWN_REPOSITORY, Config, Expose
 from torbridge.ops import notify
+from torbridge.protocol.cluster import NodeRef
 from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
-from torbridge.remotes import RemoteError, TorAddress, parse_p2p_address, proxied_remote, read_token
+from torbridge.remotes import (
+    Remote,
+    RemoteError,
+    TorAddress,
+    parse_p2p_address,
+    proxied_remote,
+    read_cluster,
+    read_cluster_names,
+    read_token,
+    remote_cost,
+)
 from torbridge.server.admission import Admission
+from torbridge.server.annexquery import AnnexQuery
 from torbridge.server.control import (
     ControlServer,
     control_socket,
@@ -31,7 +43,7 @@ from torbridge.server.control import (
 )
 from torbridge.server.fdpass import PassedPipes, accept_stream
 from torbridge.server.locationlog import LocationLog
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
 from torbridge.tor.onion import (
@@ -43,6 +55,7 @@ from torbridge.tor.onion import (
     torrc_onion,
 )
 from torbridge.transport.base import Transport
+from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.network import P2PNetTransport, TorAnnexTransport
 from torbridge.transport.process import AnnexShellTransport
 
@@ -107,6 +120,7 @@ class Shared:
     location_log: LocationLog
     registry: Registry
     export_circuit_id: bool = False  # tor prepends a PROXY line with the circuit id
+    query: AnnexQuery | None = None  # the location log and preferred content, for clusters
 
 
 def build_endpoints(config: Config, shared: Shared) -> list[Endpoint]:
@@ -130,26 +144,35 @@ def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Share
     if expose.remote == OWN_REPOSITORY:
         return endpoint(own_uuid, AnnexShellTransport(expose.name, config.repository, own_uuid))
     try:
+        if expose.remote in read_cluster_names(config.repository):
+            # The cluster's channel records what its nodes did itself.
+            cluster = _cluster_transport(config, expose.remote, own_uuid, shared)
+            return endpoint(cluster.uuid, cluster)
         remote = proxied_remote(config.repository, expose.remote)
-        assert remote.uuid is not None
-        address = parse_p2p_address(remote.url or "")
-        if address is None:
-            # A remote git-annex can proxy itself (ssh, path, special remote):
-            # git-annex-shell reaches it and keeps its location log, but only
-            # once `git annex updateproxy` has listed it in proxy.log.
-            if remote.uuid not in _proxy_log(config.repository):
-                raise RemoteError(
-                    f"git-annex does not proxy remote {remote.name!r} yet: run"
-                    " `git annex updateproxy` in the proxy repository"
-                )
-            shell = AnnexShellTransport(remote.name, config.repository, remote.uuid, remote.uuid)
-            return endpoint(remote.uuid, shell)
-        token = read_token(config.repository, address)
+        transport, records = _remote_transport(config, remote, own_uuid)
     except RemoteError as e:
         raise StartupError(f"expose {expose.name!r}: {e}") from None
-    transport: Transport
+    return endpoint(transport.uuid, transport, records)
+
+
+def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Transport, bool]:
+    """How to reach one remote, and whether the bridge must keep its location log."""
+    assert remote.uuid is not None
+    address = parse_p2p_address(remote.url or "")
+    if address is None:
+        # A remote git-annex can proxy itself (ssh, path, special remote):
+        # git-annex-shell reaches it and keeps its location log, but only
+        # once `git annex updateproxy` has listed it in proxy.log.
+        if remote.uuid not in _proxy_log(config.repository):
+            raise RemoteError(
+                f"git-annex does not proxy remote {remote.name!r} yet: run"
+                " `git annex updateproxy` in the proxy repository"
+            )
+        shell = AnnexShellTransport(remote.name, config.repository, remote.uuid, remote.uuid)
+        return shell, False
+    token = read_token(config.repository, address)
     if isinstance(address, TorAddress):
-        transport = TorAnnexTransport(
+        tor = TorAnnexTransport(
             remote.name,
             address,
             remote.uuid,
@@ -158,16 +181,49 @@ def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Share
             config.tor.socks,
             connect_timeout=config.limits.peer_timeout,
         )
-    else:
-        transport = P2PNetTransport(
-            remote.name, address, remote.uuid, token, own_uuid, config.repository
-        )
-    return endpoint(remote.uuid, transport, records=True)
+        return tor, True
+    net = P2PNetTransport(remote.name, address, remote.uuid, token, own_uuid, config.repository)
+    return net, True
+
+
+def _cluster_transport(
+    config: Config, name: str, own_uuid: str, shared: Shared
+) -> ClusterTransport:
+    cluster = read_cluster(config.repository, name, _annex_log(config.repository, "cluster.log"))
+    nodes = []
+    for remote in cluster.nodes:
+        transport, _ = _remote_transport(config, remote, own_uuid)
+        assert remote.uuid is not None
+        ref = NodeRef(remote.uuid, remote.name, remote_cost(remote))
+        nodes.append(ClusterNode(ref, transport))
+    for remote, gateway_uuid in cluster.via_gateways:
+        transport, _ = _remote_transport(config, remote, own_uuid)
+        ref = NodeRef(cluster.uuid, remote.name, remote_cost(remote))
+        nodes.append(ClusterNode(ref, transport, gateway=gateway_uuid))
+    limits = config.limits
+    assert shared.query is not None
+    return ClusterTransport(
+        name,
+        cluster.uuid,
+        own_uuid,
+        nodes,
+        shared.query,
+        shared.location_log,
+        # Shorter than the session's own deadlines: a slow node is dropped
+        # before the session gives up on the whole cluster.
+        node_timeout=limits.peer_timeout * 0.8,
+        stall_timeout=limits.stall_timeout * 0.8,
+    )
 
 
 def _proxy_log(repository: Path) -> str:
     """git-annex's proxy.log (the remotes git-annex-shell will proxy to)."""
-    return _run(["git", "cat-file", "-p", "git-annex:proxy.log"], cwd=repository).stdout
+    return _annex_log(repository, "proxy.log")
+
+
+def _annex_log(repository: Path, name: str) -> str:
+    """A log file of the git-annex branch, as committed ("" if there is none)."""
+    return _run(["git", "cat-file", "-p", f"git-annex:{name}"], cwd=repository).stdout
 
 
 def _make_state_dir(path: Path) -> None:
@@ -274,6 +330,7 @@ async def serve(
         Registry(),
         config.tor.export_circuit_id,
     )
+    shared.query = AnnexQuery(config.repository, shared.location_log)
     endpoints = build_endpoints(config, shared)
     shared.registry.endpoints = [
         {
@@ -326,6 +383,7 @@ async def serve(
         for path in bound:
             path.unlink(missing_ok=True)
         await shared.location_log.flush()
+        await shared.query.aclose()
 
 
 async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared: Shared) -> None:
@@ -333,21 +391,28 @@ async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared
 
     async def handle(stream: trio.SocketStream) -> None:
         accepted_at = trio.current_time()
-        if not admission.enter_pre_auth():
-            log.warning("%s: too many unauthenticated connections, refusing one", endpoint.name)
+        pending = PendingAuth()
+        if admission.enter_pre_auth(pending):
+            log.warning(
+                "%s: too many unauthenticated connections, closing the oldest", endpoint.name
+            )
             shared.registry.connection_refused()
-            await stream.aclose()
-            return
         circuit = None
+        client: trio.abc.Stream = stream
         try:
-            with trio.fail_after(endpoint.limits.auth_timeout):
+            with pending.evictable(), trio.fail_after(endpoint.limits.auth_timeout):
                 client, initial = await accept_stream(stream)
                 if shared.export_circuit_id and not isinstance(client, PassedPipes):
                     circuit, initial = await _read_proxy_line(client, initial)
         except (trio.TooSlowError, OSError, ProxyLineError) as e:
             if isinstance(e, ProxyLineError):
                 log.warning("%s: %s; closing", endpoint.name, e)
-            admission.leave_pre_auth()
+            admission.leave_pre_auth(pending)
+            await stream.aclose()
+            return
+        if pending.evicted:  # before its AUTH could even be read
+            admission.leave_pre_auth(pending)
+            await client.aclose()
             await stream.aclose()
             return
         if circuit is not None:
@@ -355,11 +420,11 @@ async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared
             if refusal is not None:
                 log.warning("%s: %s; refusing a connection", endpoint.name, refusal)
                 shared.registry.connection_refused()
-                admission.leave_pre_auth()
+                admission.leave_pre_auth(pending)
                 await client.aclose()
                 return
         try:
-            await Session(client, endpoint, initial, circuit, accepted_at).run()
+            await Session(client, endpoint, initial, circuit, accepted_at, pending).run()
         except Exception:
             # A bug in one session must never take the others down with it.
             log.exception("%s: session failed", endpoint.name)

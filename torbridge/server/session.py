@@ -13,19 +13,22 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol import relay as r
+from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.relay import Side
 from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.locationlog import LocationLog
 from torbridge.server.status import Registry
+from torbridge.server.watched import WatchedStream
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import argv_safe_uuid
@@ -34,7 +37,17 @@ log = logging.getLogger("torbridge.session")
 
 BODY_CHUNK = 256 * 1024
 CLOSE_DRAIN = 2.0  # seconds to read what the client still sends before closing
+# A peer silent this long (seconds) gets its client watched for a hang-up.
+WATCH_CLIENT_AFTER = 0.5
 _session_ids = itertools.count(1)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ClientLeft:
+    """The client hung up while the session waited on its peer."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,36 @@ class Grant:
     mode: r.Mode
 
 
+class PendingAuth:
+    """A connection not yet past AUTH, as the cap on such connections sees it.
+
+    When ``max_unauthenticated`` is reached the oldest one is evicted
+    (server/admission.py): whatever it is waiting for is cancelled and it is
+    closed at once, and its session ends like one whose client left.
+    """
+
+    def __init__(self) -> None:
+        self.evicted = False
+        self._scope: trio.CancelScope | None = None
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @contextlib.contextmanager
+    def evictable(self) -> Iterator[trio.CancelScope]:
+        """A scope that eviction cancels (at once if evicted already)."""
+        with trio.CancelScope() as scope:
+            if self.evicted:
+                scope.cancel()
+            self._scope = scope
+            try:
+                yield scope
+            finally:
+                self._scope = None
+
+
 class Admission(Protocol):
     """Who may in: tokens and the caps on connections (server/admission.py)."""
 
@@ -52,7 +95,7 @@ class Admission(Protocol):
 
     def release(self, grant: Grant) -> None: ...
 
-    def leave_pre_auth(self) -> None: ...
+    def leave_pre_auth(self, connection: PendingAuth) -> None: ...
 
     def auth_failed(self, circuit: int | None) -> None: ...
 
@@ -82,12 +125,14 @@ class Session:
         initial: bytes = b"",
         circuit: int | None = None,
         accepted_at: float | None = None,
+        pending: PendingAuth | None = None,
     ) -> None:
         self.id = next(_session_ids)
         self.circuit = circuit  # tor's rendezvous circuit, when tor exports it
         self.endpoint = endpoint
         self.limits = endpoint.limits
-        self.client = FramedStream(stream, initial)
+        self._watched = WatchedStream(stream)
+        self.client = FramedStream(self._watched, initial)
         self.relay = r.Relay(endpoint.uuid, endpoint.transport.name)
         self.peer: PeerChannel | None = None
         self.grant: Grant | None = None
@@ -97,7 +142,9 @@ class Session:
         # The AUTH deadline counts from accept, not from when reading began.
         self._auth_deadline = (accepted_at or self.started) + self.limits.auth_timeout
         self._nursery: trio.Nursery | None = None
-        self._pre_auth = True  # counted against the cap on unauthenticated connections
+        # Counted against the cap on unauthenticated connections until AUTH.
+        self.pending = pending or PendingAuth()
+        self._pre_auth = True
         self.started_wall = time.time()
         self.endpoint_name = endpoint.name
         self.token_name: str | None = None
@@ -143,7 +190,7 @@ class Session:
     def _leave_pre_auth(self) -> None:
         if self._pre_auth:
             self._pre_auth = False
-            self.endpoint.admission.leave_pre_auth()
+            self.endpoint.admission.leave_pre_auth(self.pending)
 
     async def _loop(self) -> None:
         queue: deque[r.Action] = deque()
@@ -172,9 +219,22 @@ class Session:
             deadline = trio.current_time() + self.limits.idle_timeout
         else:
             deadline = trio.current_time() + self.limits.peer_timeout
+        evictable: contextlib.AbstractContextManager[object] = (
+            self.pending.evictable() if self._pre_auth else contextlib.nullcontext()
+        )
         try:
-            with trio.fail_at(deadline):
-                event = await channel.receive_event()
+            if side is Side.PEER:
+                assert not isinstance(channel, FramedStream)
+                got = await self._receive_from_peer(channel, deadline)
+                if isinstance(got, ClientLeft):
+                    return await self._lost(Side.CLIENT, got.reason)
+                event = got
+            else:
+                with evictable, trio.fail_at(deadline):
+                    event = await channel.receive_event()
+            if self.pending.evicted and self._pre_auth:
+                self.linger = 0.0
+                return await self._lost(side, "evicted: too many unauthenticated connections")
         except trio.TooSlowError:
             # A silent peer is not a stale connection: no retry.
             return await self._lost(side, "no message before the deadline", retry=False)
@@ -183,6 +243,51 @@ class Session:
         if side is Side.CLIENT and isinstance(event, m.Message):
             log.debug("[%d] client: %s", self.id, m.redacted(event))
         return self.relay.receive(side, event)
+
+    async def _receive_from_peer(
+        self, channel: PeerChannel, deadline: float
+    ) -> LineEvent | ClientLeft:
+        """The peer's next event by ``deadline``, unless the client hangs up first.
+
+        Most answers come at once, and watching costs a task and a
+        cancellation (0.1-0.3 ms, a good part of a relayed round trip), so
+        the watch starts only once the peer has been silent for a moment.
+        That cancels and repeats ``receive_event``, which is safe for a
+        StreamChannel: its FramedStream feeds the decoder only after a read
+        returns (a PeerChannel must keep that true).
+        """
+        with trio.CancelScope(deadline=min(deadline, trio.current_time() + WATCH_CLIENT_AFTER)):
+            return await channel.receive_event()
+        with trio.fail_at(deadline):
+            return await self._unless_client_leaves(channel.receive_event)
+
+    async def _unless_client_leaves(self, wait: Callable[[], Awaitable[T]]) -> T | ClientLeft:
+        """``wait()`` (on the peer), unless the client hangs up first.
+
+        The client has nothing to say meanwhile, so only its EOF or a broken
+        stream is looked for; whatever it does send is kept for later reads.
+        """
+        left: list[ClientLeft] = []
+        answer: list[T] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                why = await self._watched.hung_up()
+                left.append(ClientLeft(f"hung up while waiting for the peer: {why}"))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                answer.append(await wait())
+            except Exception as e:  # raised as itself, not in the nursery's group
+                failed.append(e)
+            finally:
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        # An answer that came in time is used even if the client left as well.
+        return answer[0] if answer else left[0]
 
     async def _lost(
         self, side: Side, reason: str, header_unsent: bool = False, retry: bool = True
@@ -320,13 +425,19 @@ class Session:
         assert self.relay.client_uuid is not None
         info = SessionInfo(self.relay.client_uuid, self.grant.mode)
         opening = trio.current_time()
+        nursery = self._nursery
         try:
             with trio.fail_after(self.limits.peer_timeout):
-                self.peer = await self.endpoint.transport.open(self._nursery, info, version, bypass)
+                opened = await self._unless_client_leaves(
+                    lambda: self.endpoint.transport.open(nursery, info, version, bypass)
+                )
         except trio.TooSlowError:
             return await self._lost(Side.PEER, "no answer before the deadline")
         except PeerUnavailable as e:
             return await self._lost(Side.PEER, str(e))
+        if isinstance(opened, ClientLeft):
+            return await self._lost(Side.CLIENT, opened.reason)
+        self.peer = opened
         self.endpoint.registry.peer_opened(
             self.endpoint.transport.name, trio.current_time() - opening
         )
@@ -344,7 +455,10 @@ class Session:
         """Close so that what was sent last is read: half-close, drain, close."""
         stream = self.client.stream
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.linger + CLOSE_DRAIN):
+            # An evicted connection has nothing to read: close it at once, so
+            # a flood holds no descriptors for the drain.
+            drain = 0.0 if self.pending.evicted and self.grant is None else CLOSE_DRAIN
+            with trio.move_on_after(self.linger + drain):
                 if self.linger:
                     await trio.sleep(self.linger)
                 try:

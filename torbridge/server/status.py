@@ -156,7 +156,10 @@ class Registry:
             ("sessions_total", "Authenticated sessions started."),
             ("sessions_failed_total", "Sessions that ended uncleanly."),
             ("auth_failures_total", "Failed AUTH attempts."),
-            ("connections_refused_total", "Connections refused over the pre-auth cap."),
+            (
+                "connections_refused_total",
+                "Connections turned away (the oldest evicted over the pre-auth cap; circuit caps).",
+            ),
             ("bytes_in_total", "Bytes received from clients."),
             ("bytes_out_total", "Bytes sent to clients."),
         ):

@@ -1,0 +1,274 @@
+"""What a cluster gateway decides, with no I/O.
+
+A cluster endpoint answers the client as one repository (the cluster's
+UUID) and spreads each request over the cluster's nodes: the I/O layer
+(transport/cluster.py) asks these functions and classes which nodes to
+use, what to tell each node at its own protocol version, and what to
+answer the client at the client's version. The rules are those of
+git-annex's own gateway (Annex/Cluster.hs, P2P/Proxy.hs), without the
+gateway bugs listed in docs/clusters.md.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torbridge.protocol import messages as m
+
+
+def is_cluster_uuid(uuid: str) -> bool:
+    """git-annex's cluster UUIDs: an ``ac`` prefix and version nibble ``8``."""
+    return len(uuid) == 36 and uuid.startswith("ac") and uuid[14] == "8"
+
+
+def repository_uuids(uuids: Iterable[str]) -> tuple[str, ...]:
+    """``uuids`` without cluster UUIDs, which never go into location logs."""
+    return tuple(dict.fromkeys(u for u in uuids if not is_cluster_uuid(u)))
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """One node as the decisions see it."""
+
+    uuid: str  # the UUID it announces: a cluster's, for another gateway
+    name: str  # the proxy's remote name, for logs and texts
+    cost: float = 200.0  # remote.NAME.annex-cost; the cheapest is asked first
+
+
+# --- which nodes ---------------------------------------------------------------------
+
+
+def holders(
+    nodes: Sequence[NodeRef], logged: Collection[str], rng: random.Random | None = None
+) -> list[NodeRef]:
+    """Nodes the location log says have the key, in the order to ask them.
+
+    The cheapest come first, shuffled among themselves (load spreads over
+    equal nodes, as git-annex picks one of them at random); the others follow
+    by cost, so a dead node is replaced by the next one rather than failing.
+    """
+    rng = rng or random.Random()
+    having = [n for n in nodes if n.uuid in logged]
+    by_cost: dict[float, list[NodeRef]] = {}
+    for node in having:
+        by_cost.setdefault(node.cost, []).append(node)
+    ordered: list[NodeRef] = []
+    for cost in sorted(by_cost):
+        group = by_cost[cost]
+        rng.shuffle(group)
+        ordered.extend(group)
+    return ordered
+
+
+def put_targets(
+    nodes: Sequence[NodeRef], logged: Collection[str], wants: Callable[[NodeRef], bool]
+) -> list[NodeRef]:
+    """Nodes a PUT goes to: never none while the cluster has nodes.
+
+    Those not logged as having the key whose preferred content wants it;
+    else those not logged; else every node (a stale log must not make an
+    upload go nowhere).
+    """
+    missing = [n for n in nodes if n.uuid not in logged]
+    wanted = [n for n in missing if wants(n)]
+    return wanted or missing or list(nodes)
+
+
+# --- what each node is told ----------------------------------------------------------
+
+
+def for_node(message: m.Message, node_version: int) -> m.Message | None:
+    """``message`` as a node at ``node_version`` understands it; None: not sent.
+
+    REMOVE-BEFORE is handled by ``TimestampMap`` (its timestamp differs per node).
+    """
+    if isinstance(message, (m.Valid, m.Invalid)):
+        return message if node_version >= 1 else None
+    if isinstance(message, m.Bypass):
+        return message if node_version >= 2 else None
+    if isinstance(message, m.GetTimestamp):
+        return message if node_version >= 3 else None
+    if isinstance(message, m.DataPresent):
+        return message if node_version >= 4 else None
+    return message
+
+
+@dataclass
+class TimestampMap:
+    """GETTIMESTAMP over many clocks: each node's, and ours.
+
+    The client gets our own clock ``local``; a later REMOVE-BEFORE at ``ts``
+    means "within ``ts - local`` seconds", which node i reads on its clock
+    as ``t_i + (ts - local)``.
+    """
+
+    local: int = 0
+    nodes: dict[str, int] = field(default_factory=dict)
+
+    def answer(self, node_clocks: Mapping[str, int], local: int) -> m.Timestamp:
+        self.nodes = dict(node_clocks)
+        self.local = local
+        return m.Timestamp(local)
+
+    def remove_for(self, uuid: str, node_version: int, request: m.RemoveBefore) -> m.Message | None:
+        """What node ``uuid`` gets for the client's REMOVE-BEFORE; None: cannot be told."""
+        if node_version < 3:
+            return m.Remove(request.key)  # no clocks below v3: git-annex sends REMOVE too
+        clock = self.nodes.get(uuid)
+        if clock is None:
+            # Its clock was never read (it was down at GETTIMESTAMP): removing
+            # without the deadline could outlive the client's lock.
+            return None
+        return m.RemoveBefore(clock + (request.timestamp - self.local), request.key)
+
+
+# --- what the client is told -----------------------------------------------------------
+
+
+def _succeeded_uuids(node: str, reply: m.Message) -> tuple[str, ...]:
+    """The repositories a node's SUCCESS[-PLUS] / ALREADY-HAVE[-PLUS] vouches for."""
+    plus = reply.uuids if isinstance(reply, (m.SuccessPlus, m.AlreadyHavePlus)) else ()
+    return repository_uuids((node, *plus))
+
+
+@dataclass
+class PutFanout:
+    """One PUT (or DATA-PRESENT) spread over the target nodes.
+
+    Feed it each node's answer to PUT, then the client's DATA, then each
+    node's result; it says what each node is sent and what the client hears.
+    A node that fails is dropped and the others go on.
+    """
+
+    client_version: int
+    targets: list[str]
+    offsets: dict[str, int] = field(default_factory=dict)  # PUT-FROM per node
+    already: list[str] = field(default_factory=list)  # repositories that had it
+    stored: list[str] = field(default_factory=list)  # repositories that stored it
+    # Some node had / stored it (a gateway node may name no repository).
+    had: bool = False
+    succeeded: bool = False
+    failed: dict[str, str] = field(default_factory=dict)  # node -> why
+    start: int = 0  # the offset the client was told
+    position: int = 0  # where in the object the client's bytes have reached
+    lengths: dict[str, int] = field(default_factory=dict)  # DATA per node
+
+    # --- PUT: the offers --------------------------------------------------------
+
+    def answered(self, node: str, reply: m.Message) -> None:
+        if isinstance(reply, m.PutFrom):
+            self.offsets[node] = reply.offset
+        elif isinstance(reply, (m.AlreadyHave, m.AlreadyHavePlus)):
+            # A gateway node answers ALREADY-HAVE-PLUS: that is an answer too.
+            self.had = True
+            self.already.extend(_succeeded_uuids(node, reply))
+        else:
+            self.fail(node, _describe(reply))
+
+    def fail(self, node: str, why: str) -> None:
+        self.offsets.pop(node, None)
+        self.lengths.pop(node, None)
+        self.failed.setdefault(node, why)
+
+    @property
+    def receiving(self) -> list[str]:
+        """Nodes still taking part in the transfer."""
+        return list(self.offsets)
+
+    def offer(self) -> m.Message:
+        """The client's answer to PUT."""
+        if self.offsets:
+            self.start = self.position = min(self.offsets.values())
+            return m.PutFrom(self.start)
+        if self.had:
+            # Also when the others failed: the content is in the cluster.
+            if self.client_version >= 2:
+                return m.AlreadyHavePlus(tuple(dict.fromkeys(self.already)))
+            return m.AlreadyHave()
+        return self._failure()
+
+    # --- DATA: what each node gets ------------------------------------------------
+
+    def data(self, length: int) -> dict[str, m.Data]:
+        """The DATA header for each node, from its own offset on."""
+        total = self.start + length
+        self.lengths = {n: max(0, total - o) for n, o in self.offsets.items()}
+        return {n: m.Data(size) for n, size in self.lengths.items()}
+
+    def slices(self, chunk: bytes) -> dict[str, bytes]:
+        """The part of the client's next ``chunk`` each node needs; advances."""
+        begin, self.position = self.position, self.position + len(chunk)
+        out: dict[str, bytes] = {}
+        for node, offset in self.offsets.items():
+            skip = offset - begin
+            if skip <= 0:
+                out[node] = chunk
+            elif skip < len(chunk):
+                out[node] = chunk[skip:]
+        return out
+
+    # --- the results ---------------------------------------------------------------
+
+    def result(self, node: str, reply: m.Message) -> None:
+        if node not in self.offsets:
+            return
+        if isinstance(reply, (m.Success, m.SuccessPlus)):
+            self.succeeded = True
+            self.stored.extend(_succeeded_uuids(node, reply))
+        elif isinstance(reply, m.FailurePlus):
+            # A gateway node: some of its nodes stored it, some did not.
+            self.succeeded = self.succeeded or bool(reply.uuids)
+            self.stored.extend(repository_uuids(reply.uuids))
+            self.failed.setdefault(node, "FAILURE-PLUS")
+        else:
+            self.failed.setdefault(node, _describe(reply))
+
+    def outcome(self) -> m.Message:
+        """The client's answer after the body: every repository that has it now."""
+        have = tuple(dict.fromkeys((*self.stored, *self.already)))
+        if have or self.succeeded or self.had:
+            return m.SuccessPlus(have) if self.client_version >= 2 else m.Success()
+        return self._failure()
+
+    def _failure(self) -> m.Message:
+        return m.Failure()
+
+
+def remove_outcome(
+    client_version: int, replies: Mapping[str, m.Message | str]
+) -> tuple[m.Message, tuple[str, ...]]:
+    """The client's answer to REMOVE[-BEFORE] sent to every node, and who removed it.
+
+    ``replies``: each node's reply, or a text saying why it could not answer.
+    """
+    removed: list[str] = []
+    first_bad: m.Message | None = None
+    for node, reply in replies.items():
+        if isinstance(reply, m.Success):
+            removed.extend(repository_uuids((node,)))
+            continue
+        if isinstance(reply, m.SuccessPlus):
+            removed.extend(_succeeded_uuids(node, reply))
+            continue
+        if isinstance(reply, m.FailurePlus):
+            removed.extend(repository_uuids(reply.uuids))
+        if first_bad is None:
+            if isinstance(reply, (m.Failure, m.Error)):
+                first_bad = reply
+            else:
+                why = reply if isinstance(reply, str) else _describe(reply)
+                first_bad = m.Error(f"{node}: {why}")
+    done = tuple(dict.fromkeys(removed))
+    if first_bad is None:
+        return (m.SuccessPlus(done) if client_version >= 2 else m.Success()), done
+    if client_version >= 2:
+        return m.FailurePlus(done), done
+    return first_bad, done
+
+
+def _describe(reply: m.Message) -> str:
+    if isinstance(reply, m.Error):
+        return f"ERROR {reply.text}"
+    return type(reply).__name__

@@ -1,0 +1,77 @@
+"""The client's stream, watched for a hang-up while its session waits on the peer.
+
+The protocol is request-synchronous: while a request is with the peer the
+client has nothing to say, so the session reads nothing from it and would
+notice a client that hung up only when the peer answered, holding a peer
+(a git-annex-shell, a node connection) and a token's slot until then.
+``WatchedStream.hung_up`` reads ahead during that wait; what it reads is
+kept, in order, for the next ``receive_some``, so no byte is lost or
+reordered, and only EOF or a broken stream counts as leaving.
+"""
+
+from __future__ import annotations
+
+import trio
+
+# At most this much is read ahead (a stock client sends nothing while it
+# waits): past it the watch stops reading, and memory stays bounded.
+READ_AHEAD_LIMIT = 64 * 1024
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class WatchedStream(trio.abc.HalfCloseableStream):
+    def __init__(self, stream: trio.abc.Stream, limit: int = READ_AHEAD_LIMIT) -> None:
+        self.stream = stream
+        self._limit = limit
+        self._ahead = bytearray()  # read by the watch, not yet by the session
+        self._eof = False
+        self._error: Exception | None = None
+
+    async def hung_up(self) -> str:
+        """Return, saying why, once the client has hung up (EOF or a broken stream).
+
+        Cancel it to stop watching; nothing read so far is lost.
+        """
+        while True:
+            if self._error is not None:
+                return str(self._error) or type(self._error).__name__
+            if self._eof:
+                return "closed the connection"
+            room = self._limit - len(self._ahead)
+            if room <= 0:
+                await trio.sleep_forever()  # out of step: read in turn later
+            try:
+                data = await self.stream.receive_some(room)
+            except _STREAM_ERRORS as e:
+                self._error = e
+                continue
+            if data:
+                self._ahead += data
+            else:
+                self._eof = True
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._ahead:
+            n = len(self._ahead) if max_bytes is None else min(max_bytes, len(self._ahead))
+            data = bytes(self._ahead[:n])
+            del self._ahead[:n]
+            return data
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            return b""
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
