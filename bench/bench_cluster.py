@@ -28,20 +28,21 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for entry in (ROOT, ROOT / "bench"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+from bench_transfer import sigterm_as_interrupt  # noqa: E402 (after the sys.path set-up)
 
 from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
     GIT_ANNEX_BINARY,
@@ -412,18 +413,6 @@ def report(results: Results, workloads: Sequence[Workload], nodes: int) -> None:
 
 
 # ---------------------------------------------------------------- main
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_disk(root: Path, args: argparse.Namespace) -> None:
