@@ -45,6 +45,14 @@ class PassedPipes(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return await self._in.receive_some(max_bytes)
 
+    async def wait_reader_gone(self) -> None:
+        """Return once git-annex no longer reads its stdout (it exited).
+
+        The write end of a pipe whose reader closed polls ERR, and trio wakes
+        a reader's wait on any ERR: it never polls IN, so nothing else does.
+        """
+        await trio.lowlevel.wait_readable(self._out.fileno())
+
     async def aclose(self) -> None:
         try:
             await self._out.aclose()

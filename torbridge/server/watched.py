@@ -6,10 +6,15 @@ notice a client that hung up only when the peer answered, holding a peer
 (a git-annex-shell, a node connection) and a token's slot until then.
 ``WatchedStream.hung_up`` reads ahead during that wait; what it reads is
 kept, in order, for the next ``receive_some``, so no byte is lost or
-reordered, and only EOF or a broken stream counts as leaving.
+reordered. Leaving is a broken stream, or an EOF once nobody reads our
+side either: a half-close (a script that pipes its requests in and closes
+its stdin) still gets its answers, as from git-annex's own server.
 """
 
 from __future__ import annotations
+
+import select
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -18,6 +23,37 @@ import trio
 READ_AHEAD_LIMIT = 64 * 1024
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# How often a half-closed socket is polled for the rest of the hang-up:
+# epoll has no event for it that trio waits on (the socket stays readable).
+HANGUP_POLL_INTERVAL = 0.25
+
+
+@runtime_checkable
+class ReaderWatch(Protocol):
+    """A stream that can tell when its far end stops reading what we send."""
+
+    async def wait_reader_gone(self) -> None: ...
+
+
+async def wait_reader_gone(stream: trio.abc.Stream) -> None:
+    """Return once nobody reads what is sent on ``stream``.
+
+    At once for a stream that cannot tell (an in-memory one): its EOF is
+    taken as the whole hang-up, which frees the session soonest.
+    """
+    if isinstance(stream, ReaderWatch):
+        await stream.wait_reader_gone()
+    elif isinstance(stream, trio.SocketStream):
+        # A unix socket whose peer closed (not just shut its sending side)
+        # polls HUP. TCP learns that only from a later write: not waited for.
+        if stream.socket.family != trio.socket.AF_UNIX:
+            return
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        while True:  # nothing to wake on but time
+            if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0)):
+                return
+            await trio.sleep(HANGUP_POLL_INTERVAL)
 
 
 class WatchedStream(trio.abc.HalfCloseableStream):
@@ -37,6 +73,7 @@ class WatchedStream(trio.abc.HalfCloseableStream):
             if self._error is not None:
                 return str(self._error) or type(self._error).__name__
             if self._eof:
+                await wait_reader_gone(self.stream)
                 return "closed the connection"
             room = self._limit - len(self._ahead)
             if room <= 0:
