@@ -171,20 +171,30 @@ def proxied_remote(repository: Path, name: str) -> Remote:
 
 
 @dataclass(frozen=True)
+class GatewayLink:
+    """The same cluster through another gateway (``git annex extendcluster``)."""
+
+    remote: Remote  # the remote reaching that gateway's cluster endpoint
+    gateway_uuid: str  # that gateway's own repository
+    # The cluster's nodes behind it, as far as this repository's git-annex
+    # branch knows (that gateway's proxy.log and cluster.log); maybe none.
+    nodes: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Cluster:
     """A cluster this repository is a gateway for, as git-annex configures it."""
 
     name: str
     uuid: str  # annex.cluster.NAME
     nodes: tuple[Remote, ...]  # remotes with remote.N.annex-cluster-node naming it
-    # The same cluster through another gateway: the remote reaching that
-    # gateway's cluster endpoint, and the gateway's own repository UUID.
-    via_gateways: tuple[tuple[Remote, str], ...] = ()
+    via_gateways: tuple[GatewayLink, ...] = ()
 
 
-def parse_cluster_log(text: str) -> dict[str, frozenset[str]]:
-    """cluster.log: ``<clock>s <cluster-uuid> <node-uuid>...``; the newest line wins."""
-    newest: dict[str, tuple[float, frozenset[str]]] = {}
+def _newest_per_uuid(text: str) -> dict[str, list[str]]:
+    """A UUID-keyed log of the git-annex branch, ``<clock>s <uuid> <value>...``:
+    the newest line per UUID wins, as after git-annex's union merges."""
+    newest: dict[str, tuple[float, list[str]]] = {}
     for line in text.splitlines():
         fields = line.split()
         if len(fields) < 2 or not fields[0].endswith("s"):
@@ -193,10 +203,23 @@ def parse_cluster_log(text: str) -> dict[str, frozenset[str]]:
             clock = float(fields[0][:-1])
         except ValueError:
             continue
-        cluster = fields[1]
-        if cluster not in newest or clock >= newest[cluster][0]:
-            newest[cluster] = (clock, frozenset(fields[2:]))
-    return {cluster: nodes for cluster, (_, nodes) in newest.items()}
+        uuid = fields[1]
+        if uuid not in newest or clock >= newest[uuid][0]:
+            newest[uuid] = (clock, fields[2:])
+    return {uuid: values for uuid, (_, values) in newest.items()}
+
+
+def parse_cluster_log(text: str) -> dict[str, frozenset[str]]:
+    """cluster.log: ``<clock>s <cluster-uuid> <node-uuid>...``: the nodes of each cluster."""
+    return {cluster: frozenset(nodes) for cluster, nodes in _newest_per_uuid(text).items()}
+
+
+def parse_proxy_log(text: str) -> dict[str, frozenset[str]]:
+    """proxy.log: ``<clock>s <proxy-uuid> <uuid>:<remote>...``: what each proxy proxies."""
+    return {
+        proxy: frozenset(entry.partition(":")[0] for entry in entries)
+        for proxy, entries in _newest_per_uuid(text).items()
+    }
 
 
 def read_cluster_names(repository: Path) -> dict[str, str]:
@@ -216,7 +239,7 @@ def read_cluster_names(repository: Path) -> dict[str, str]:
     return clusters
 
 
-def read_cluster(repository: Path, name: str, cluster_log: str) -> Cluster:
+def read_cluster(repository: Path, name: str, cluster_log: str, proxy_log: str = "") -> Cluster:
     """Cluster ``name`` with its nodes, checked against git-annex's cluster.log.
 
     A node is a remote whose ``annex-cluster-node`` names the cluster and
@@ -255,7 +278,8 @@ def read_cluster(repository: Path, name: str, cluster_log: str) -> Cluster:
                 f" as remote {gateway.name}-{name} (and its own as {gateway.name}), each with"
                 " `git annex p2p --link`"
             )
-        gateways.append((via, gateway.uuid))
+        behind = parse_proxy_log(proxy_log).get(gateway.uuid, frozenset()) & recorded
+        gateways.append(GatewayLink(via, gateway.uuid, behind))
     if not nodes and not gateways:
         raise RemoteError(
             f"cluster {name} has no nodes: `git config remote.NODE.annex-cluster-node {name}`"

@@ -27,6 +27,7 @@ from tests.core.test_session import Client, script
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
+from torbridge.remotes import parse_cluster_log, parse_proxy_log
 from torbridge.server.session import Endpoint, Session
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.framed import StreamLost
@@ -157,7 +158,7 @@ def test_timestamp_translation() -> None:
 
 
 def fanout(version: int, offers: dict[str, m.Message]) -> c.PutFanout:
-    put = c.PutFanout(version, list(offers))
+    put = c.PutFanout(version, {node: node for node in offers})  # named by their UUIDs
     for node, reply in offers.items():
         put.answered(node, reply)
     return put
@@ -343,7 +344,7 @@ def test_cluster_uuids_never_reported(version: int, script_: list[tuple[str, str
             assert version >= 2
     assert not any(c.is_cluster_uuid(u) for u in (*put.stored, *put.already))
     removes = {node: results[r] if r != "lost" else "lost" for node, _, r in script_}
-    answer, removed = c.remove_outcome(version, removes)
+    answer, removed = remove_outcome(version, removes)
     assert not any(c.is_cluster_uuid(u) for u in removed)
     if isinstance(answer, (m.SuccessPlus, m.FailurePlus)):
         assert answer.uuids == removed and version >= 2
@@ -352,16 +353,23 @@ def test_cluster_uuids_never_reported(version: int, script_: list[tuple[str, str
 # --- REMOVE ---------------------------------------------------------------------------------
 
 
+def remove_outcome(
+    version: int, replies: dict[str, m.Message | str]
+) -> tuple[m.Message, tuple[str, ...]]:
+    """``c.remove_outcome`` with the nodes named by their UUIDs."""
+    return c.remove_outcome(version, replies, {node: node for node in replies})
+
+
 @pytest.mark.parametrize("version", range(5))
 def test_remove_outcome_all_removed(version: int) -> None:
-    answer, removed = c.remove_outcome(version, {A: m.Success(), B: m.Success()})
+    answer, removed = remove_outcome(version, {A: m.Success(), B: m.Success()})
     assert removed == (A, B)
     assert answer == (m.SuccessPlus((A, B)) if version >= 2 else m.Success())
 
 
 @pytest.mark.parametrize("version", range(5))
 def test_remove_outcome_some_failed(version: int) -> None:
-    answer, removed = c.remove_outcome(
+    answer, removed = remove_outcome(
         version, {A: m.Success(), B: m.Failure(), C: m.Error("locked")}
     )
     assert removed == (A,)
@@ -370,7 +378,7 @@ def test_remove_outcome_some_failed(version: int) -> None:
 
 @pytest.mark.parametrize("version", range(5))
 def test_remove_outcome_unreachable_node(version: int) -> None:
-    answer, removed = c.remove_outcome(version, {A: m.Success(), B: "unreachable"})
+    answer, removed = remove_outcome(version, {A: m.Success(), B: "unreachable"})
     assert removed == (A,)
     if version >= 2:
         assert answer == m.FailurePlus((A,))
@@ -379,7 +387,7 @@ def test_remove_outcome_unreachable_node(version: int) -> None:
 
 
 def test_remove_outcome_from_gateway_nodes() -> None:
-    answer, removed = c.remove_outcome(
+    answer, removed = remove_outcome(
         4,
         {
             A: m.Success(),
@@ -390,10 +398,10 @@ def test_remove_outcome_from_gateway_nodes() -> None:
     # FAILURE-PLUS: what it did remove counts, and the whole is a failure.
     assert removed == (A, B, C)
     assert answer == m.FailurePlus((A, B, C))
-    answer, removed = c.remove_outcome(1, {CLUSTER: m.FailurePlus((C,))})
+    answer, removed = remove_outcome(1, {CLUSTER: m.FailurePlus((C,))})
     assert removed == (C,)
     assert isinstance(answer, m.Error) and CLUSTER in answer.text
-    assert c.remove_outcome(4, {}) == (m.SuccessPlus(()), ())
+    assert remove_outcome(4, {}) == (m.SuccessPlus(()), ())
 
 
 # === the channel ===========================================================================
@@ -458,6 +466,7 @@ async def cluster(
     gateways: dict[str, str] | None = None,
     costs: dict[str, float] | None = None,
     seed: int = 0,
+    behind: dict[str, frozenset[str]] | None = None,
 ) -> AsyncIterator[Cluster]:
     """A Session whose endpoint is a cluster of fake nodes n1, n2, n3 (A, B, C)."""
     repos = repos or {name: FakeRepo(uuid=uuid) for name, uuid in NODE_UUIDS.items()}
@@ -465,6 +474,7 @@ async def cluster(
     recorder = Recorder()
     gateways = gateways or {}
     costs = costs or {}
+    behind = behind or {}
     with trio.fail_after(GUARD * 2):
         async with trio.open_nursery() as nursery:
             transports = {
@@ -473,7 +483,9 @@ async def cluster(
             }
             nodes = [
                 ClusterNode(
-                    c.NodeRef(repo.uuid, name, costs.get(name, 200.0)),
+                    c.NodeRef(
+                        repo.uuid, name, costs.get(name, 200.0), behind.get(name, frozenset())
+                    ),
                     transports[name],
                     gateways.get(name),
                 )
@@ -790,14 +802,90 @@ async def test_bypass_excludes_a_gateway_node(autojump_clock: trio.abc.Clock) ->
 async def test_gateway_node_used_without_bypass(autojump_clock: trio.abc.Clock) -> None:
     """Without BYPASS the other gateway is a fanout node, told our own UUID."""
     repos = {"n1": FakeRepo(uuid=A), "gw2": FakeRepo(uuid=CLUSTER)}
-    async with cluster(repos, gateways={"gw2": "0e0e0e0e-0000-4000-8000-0000000000ee"}) as cl:
+    async with cluster(repos, gateways={"gw2": OTHER_GATEWAY}) as cl:
         await login(cl, 4)
         await cl.client.send(f"PUT  {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
         assert await cl.client.line() == b"PUT-FROM 0\n"
         # The other gateway's plain SUCCESS names its cluster only: not a copy.
         assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A})
-    assert cl.transports["gw2"].opens[0][1] == (GATEWAY,)
+    # Told our UUID and its own (which it adds itself anyway).
+    assert set(cl.transports["gw2"].opens[0][1]) == {GATEWAY, OTHER_GATEWAY}
     assert cl.recorder.records == [(KEY, A, True)]
+
+
+OTHER_GATEWAY = "0e0e0e0e-0000-4000-8000-0000000000ee"
+THIRD_GATEWAY = "0f0f0f0f-0000-4000-8000-0000000000ff"
+D = "dddddddd-0000-4000-8000-00000000000d"  # a node behind gw2
+E = "eeeeeeee-0000-4000-8000-00000000000e"  # a node behind gw3
+
+
+async def test_two_other_gateways_are_two_nodes(autojump_clock: trio.abc.Clock) -> None:
+    """Both announce the cluster's UUID: each is still a node of its own, and
+    each is told the other is served, so neither passes the PUT on to it."""
+    repos = {"n1": FakeRepo(uuid=A), "gw2": FakeRepo(uuid=CLUSTER), "gw3": FakeRepo(uuid=CLUSTER)}
+    gateways = {"gw2": OTHER_GATEWAY, "gw3": THIRD_GATEWAY}
+    behind = {"gw2": frozenset({D}), "gw3": frozenset({E})}
+    async with cluster(repos, gateways=gateways, behind=behind) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A})
+    for name in ("gw2", "gw3"):
+        assert repos[name].contents == {KEY: b"hello world"}, name
+        [conn] = cl.conns(name)
+        assert set(conn.bypass) == {GATEWAY, OTHER_GATEWAY, THIRD_GATEWAY}
+    assert repos["n1"].contents == {KEY: b"hello world"}
+
+
+@pytest.mark.parametrize(
+    ("logged", "known", "asked"),
+    [
+        # The cluster's UUID is logged whenever any node has the key: the
+        # other gateway is a holder only if a node behind it is logged...
+        ({A, CLUSTER}, True, "n1"),
+        ({D, CLUSTER}, True, "gw2"),
+        # ...or, not knowing its nodes, if none of ours is.
+        ({A, CLUSTER}, False, "n1"),
+        ({D, CLUSTER}, False, "gw2"),
+        ({CLUSTER}, False, "gw2"),
+    ],
+)
+async def test_get_from_the_gateway_whose_nodes_have_it(
+    autojump_clock: trio.abc.Clock, logged: set[str], known: bool, asked: str
+) -> None:
+    content = {KEY: b"hello world"}
+    repos = {"n1": FakeRepo(uuid=A, contents=content if asked == "n1" else {}),
+             "gw2": FakeRepo(uuid=CLUSTER, contents=content if asked == "gw2" else {})}
+    knowledge = Knowledge(logged={KEY: logged})
+    behind = {"gw2": frozenset({D})} if known else {}
+    async with cluster(repos, knowledge, gateways={"gw2": OTHER_GATEWAY}, behind=behind) as cl:
+        for seed in range(4):  # whatever the random choice among holders
+            cl.session.endpoint.transport.rng.seed(seed)  # type: ignore[attr-defined]
+            if seed == 0:
+                await login(cl, 4)
+            await cl.client.send(f"CHECKPRESENT {KEY}\n".encode())
+            assert await cl.client.line() == b"SUCCESS\n"
+    other = "gw2" if asked == "n1" else "n1"
+    assert cl.received(other) == []
+
+
+@pytest.mark.parametrize("known", [True, False])
+async def test_put_reaches_the_gateway_whose_nodes_lack_it(
+    autojump_clock: trio.abc.Clock, known: bool
+) -> None:
+    # n1 has it; D behind gw2 does not (or gw2's nodes are not known): only
+    # gw2 is a target, though the log shows the cluster's UUID (n1 has it).
+    repos = {"n1": FakeRepo(uuid=A, contents={KEY: b"hello world"}),
+             "gw2": FakeRepo(uuid=CLUSTER)}
+    knowledge = Knowledge(logged={KEY: {A, CLUSTER}})
+    behind = {"gw2": frozenset({D})} if known else {}
+    async with cluster(repos, knowledge, gateways={"gw2": OTHER_GATEWAY}, behind=behind) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", set())
+    assert repos["gw2"].contents == {KEY: b"hello world"}
+    assert cl.received("n1") == []
 
 
 async def test_lockcontent_is_refused(autojump_clock: trio.abc.Clock) -> None:
@@ -1000,3 +1088,20 @@ async def test_put_node_with_the_whole_object_partial(autojump_clock: trio.abc.C
     assert cl.received("n1") == [m.Put(None, KEY), m.Data(0), m.Valid()]
     assert cl.conns("n1")[0].bodies == [b""]
     assert repos["n1"].contents == repos["n2"].contents == {KEY: content}
+
+
+# --- the git-annex branch's logs (torbridge/remotes.py) ---------------------------------------
+
+
+def test_proxy_and_cluster_logs_newest_line_wins() -> None:
+    proxy_log = (
+        f"1700000000.5s {GATEWAY} {A}:n1 {B}:n2\n"
+        f"1700000100s {OTHER_GATEWAY} {D}:d1\n"
+        f"1700000200s {GATEWAY} {A}:n1\n"  # n2 no longer proxied
+        "garbage\n"
+    )
+    assert parse_proxy_log(proxy_log) == {
+        GATEWAY: frozenset({A}), OTHER_GATEWAY: frozenset({D})
+    }
+    cluster_log = f"5s {CLUSTER} {A} {B}\n4s {CLUSTER} {A}\n"
+    assert parse_cluster_log(cluster_log) == {CLUSTER: frozenset({A, B})}

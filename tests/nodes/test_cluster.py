@@ -318,6 +318,29 @@ def test_two_gateways(
                 assert node.server is not None
                 puts = node.server.log().count(f"P2P < PUT via-{gateway}.bin {key}")
                 assert puts == 1, f"{name} got {puts} PUTs of {key} through gateway {gateway}"
+
+        # A key on A's own node only: A's location log lists c1 (and so the
+        # cluster's UUID, which the log shows once any node has it). Every
+        # CHECKPRESENT and GET through A is c1's; B, which could only ask
+        # its own c2, is never asked.
+        data = os.urandom(50_000)
+        gw_a.add_file("only-A.bin", data)
+        key = gw_a.key("only-A.bin")
+        gw_a.annex("copy", "--to", "c1-p2p", "--", "only-A.bin")
+        token = bridge_a.add_token("rawA", "rw", endpoint=ENDPOINT)
+        with RawSession(token.socket) as r:
+            r.auth(token.token, uuid)
+            assert r.version(4) == "VERSION 4"
+            for _ in range(6):  # the holder is picked at random among equals
+                r.send_line(f"CHECKPRESENT {key}")
+                r.expect("SUCCESS")
+                r.send_line(f"GET 0 only-A.bin {key}")
+                assert r.read_line() == f"DATA {len(data)}"
+                assert r.read_exact(len(data)) == data
+                r.expect("VALID")
+                r.send_line("SUCCESS")
+        assert c2.server is not None
+        assert key not in c2.server.log(), "gateway B was asked for a key only A's node has"
     finally:
         bridge_b.stop()
         bridge_b.close()

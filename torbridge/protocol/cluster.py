@@ -12,7 +12,8 @@ gateway bugs listed in docs/clusters.md.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from torbridge.protocol import messages as m
@@ -30,18 +31,47 @@ def repository_uuids(uuids: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class NodeRef:
-    """One node as the decisions see it."""
+    """One node as the decisions see it; its remote name is what tells nodes apart."""
 
-    uuid: str  # the UUID it announces: a cluster's, for another gateway
-    name: str  # the proxy's remote name, for logs and texts
+    uuid: str  # the UUID it announces: the cluster's, for another gateway
+    name: str  # the proxy's remote name: unique, and what logs and texts say
     cost: float = 200.0  # remote.NAME.annex-cost; the cheapest is asked first
+    # For another gateway: the nodes behind it, where known (proxy.log).
+    behind: frozenset[str] = frozenset()
+
+    @property
+    def is_gateway(self) -> bool:
+        return is_cluster_uuid(self.uuid)
 
 
-# --- which nodes ---------------------------------------------------------------------
+# Another gateway's presence in the location log is not its UUID's: that
+# is the cluster's, which the log shows once ANY node has the key, ours
+# included. The nodes behind it are what count; where they are not known,
+# the cluster's UUID with none of our own nodes logged means one of theirs.
+
+
+def _has(node: NodeRef, logged: AbstractSet[str], ours_have: bool) -> bool:
+    if not node.is_gateway:
+        return node.uuid in logged
+    if node.behind:
+        return bool(node.behind & logged)
+    return node.uuid in logged and not ours_have
+
+
+def _lacks(node: NodeRef, logged: AbstractSet[str]) -> bool:
+    if not node.is_gateway:
+        return node.uuid not in logged
+    # Not known to have it everywhere behind it: asked (it answers
+    # ALREADY-HAVE for what its nodes have).
+    return not node.behind or not node.behind <= logged
+
+
+def _ours_have(nodes: Sequence[NodeRef], logged: AbstractSet[str]) -> bool:
+    return any(n.uuid in logged for n in nodes if not n.is_gateway)
 
 
 def holders(
-    nodes: Sequence[NodeRef], logged: Collection[str], rng: random.Random | None = None
+    nodes: Sequence[NodeRef], logged: AbstractSet[str], rng: random.Random | None = None
 ) -> list[NodeRef]:
     """Nodes the location log says have the key, in the order to ask them.
 
@@ -50,7 +80,8 @@ def holders(
     by cost, so a dead node is replaced by the next one rather than failing.
     """
     rng = rng or random.Random()
-    having = [n for n in nodes if n.uuid in logged]
+    ours_have = _ours_have(nodes, logged)
+    having = [n for n in nodes if _has(n, logged, ours_have)]
     by_cost: dict[float, list[NodeRef]] = {}
     for node in having:
         by_cost.setdefault(node.cost, []).append(node)
@@ -63,7 +94,7 @@ def holders(
 
 
 def put_targets(
-    nodes: Sequence[NodeRef], logged: Collection[str], wants: Callable[[NodeRef], bool]
+    nodes: Sequence[NodeRef], logged: AbstractSet[str], wants: Callable[[NodeRef], bool]
 ) -> list[NodeRef]:
     """Nodes a PUT goes to: never none while the cluster has nodes.
 
@@ -71,7 +102,7 @@ def put_targets(
     else those not logged; else every node (a stale log must not make an
     upload go nowhere).
     """
-    missing = [n for n in nodes if n.uuid not in logged]
+    missing = [n for n in nodes if _lacks(n, logged)]
     wanted = [n for n in missing if wants(n)]
     return wanted or missing or list(nodes)
 
@@ -127,10 +158,11 @@ class TimestampMap:
 # --- what the client is told -----------------------------------------------------------
 
 
-def _succeeded_uuids(node: str, reply: m.Message) -> tuple[str, ...]:
-    """The repositories a node's SUCCESS[-PLUS] / ALREADY-HAVE[-PLUS] vouches for."""
+def _succeeded_uuids(uuid: str, reply: m.Message) -> tuple[str, ...]:
+    """The repositories that a node announcing ``uuid`` vouches for with
+    SUCCESS[-PLUS] / ALREADY-HAVE[-PLUS]."""
     plus = reply.uuids if isinstance(reply, (m.SuccessPlus, m.AlreadyHavePlus)) else ()
-    return repository_uuids((node, *plus))
+    return repository_uuids((uuid, *plus))
 
 
 @dataclass
@@ -139,11 +171,12 @@ class PutFanout:
 
     Feed it each node's answer to PUT, then the client's DATA, then each
     node's result; it says what each node is sent and what the client hears.
-    A node that fails is dropped and the others go on.
+    A node that fails is dropped and the others go on. Nodes are named by
+    their remote names (two other gateways announce the same cluster UUID).
     """
 
     client_version: int
-    targets: list[str]
+    targets: dict[str, str]  # node name -> the UUID it announces
     offsets: dict[str, int] = field(default_factory=dict)  # PUT-FROM per node
     already: list[str] = field(default_factory=list)  # repositories that had it
     stored: list[str] = field(default_factory=list)  # repositories that stored it
@@ -163,7 +196,7 @@ class PutFanout:
         elif isinstance(reply, (m.AlreadyHave, m.AlreadyHavePlus)):
             # A gateway node answers ALREADY-HAVE-PLUS: that is an answer too.
             self.had = True
-            self.already.extend(_succeeded_uuids(node, reply))
+            self.already.extend(_succeeded_uuids(self.targets[node], reply))
         else:
             self.fail(node, _describe(reply))
 
@@ -216,7 +249,7 @@ class PutFanout:
             return
         if isinstance(reply, (m.Success, m.SuccessPlus)):
             self.succeeded = True
-            self.stored.extend(_succeeded_uuids(node, reply))
+            self.stored.extend(_succeeded_uuids(self.targets[node], reply))
         elif isinstance(reply, m.FailurePlus):
             # A gateway node: some of its nodes stored it, some did not.
             self.succeeded = self.succeeded or bool(reply.uuids)
@@ -237,20 +270,18 @@ class PutFanout:
 
 
 def remove_outcome(
-    client_version: int, replies: Mapping[str, m.Message | str]
+    client_version: int, replies: Mapping[str, m.Message | str], uuids: Mapping[str, str]
 ) -> tuple[m.Message, tuple[str, ...]]:
     """The client's answer to REMOVE[-BEFORE] sent to every node, and who removed it.
 
-    ``replies``: each node's reply, or a text saying why it could not answer.
+    ``replies``: each node's reply, or a text saying why it could not answer,
+    by node name; ``uuids``: the UUID each node announces.
     """
     removed: list[str] = []
     first_bad: m.Message | None = None
     for node, reply in replies.items():
-        if isinstance(reply, m.Success):
-            removed.extend(repository_uuids((node,)))
-            continue
-        if isinstance(reply, m.SuccessPlus):
-            removed.extend(_succeeded_uuids(node, reply))
+        if isinstance(reply, (m.Success, m.SuccessPlus)):
+            removed.extend(_succeeded_uuids(uuids[node], reply))
             continue
         if isinstance(reply, m.FailurePlus):
             removed.extend(repository_uuids(reply.uuids))

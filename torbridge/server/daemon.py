@@ -25,6 +25,7 @@ from torbridge.remotes import (
     RemoteError,
     TorAddress,
     parse_p2p_address,
+    parse_proxy_log,
     proxied_remote,
     read_cluster,
     read_cluster_names,
@@ -163,7 +164,8 @@ def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Tr
         # A remote git-annex can proxy itself (ssh, path, special remote):
         # git-annex-shell reaches it and keeps its location log, but only
         # once `git annex updateproxy` has listed it in proxy.log.
-        if remote.uuid not in _proxy_log(config.repository):
+        proxied = parse_proxy_log(_annex_log(config.repository, "proxy.log"))
+        if remote.uuid not in proxied.get(own_uuid, frozenset()):
             raise RemoteError(
                 f"git-annex does not proxy remote {remote.name!r} yet: run"
                 " `git annex updateproxy` in the proxy repository"
@@ -189,17 +191,22 @@ def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Tr
 def _cluster_transport(
     config: Config, name: str, own_uuid: str, shared: Shared
 ) -> ClusterTransport:
-    cluster = read_cluster(config.repository, name, _annex_log(config.repository, "cluster.log"))
+    cluster = read_cluster(
+        config.repository,
+        name,
+        _annex_log(config.repository, "cluster.log"),
+        _annex_log(config.repository, "proxy.log"),
+    )
     nodes = []
     for remote in cluster.nodes:
         transport, _ = _remote_transport(config, remote, own_uuid)
         assert remote.uuid is not None
         ref = NodeRef(remote.uuid, remote.name, remote_cost(remote))
         nodes.append(ClusterNode(ref, transport))
-    for remote, gateway_uuid in cluster.via_gateways:
-        transport, _ = _remote_transport(config, remote, own_uuid)
-        ref = NodeRef(cluster.uuid, remote.name, remote_cost(remote))
-        nodes.append(ClusterNode(ref, transport, gateway=gateway_uuid))
+    for link in cluster.via_gateways:
+        transport, _ = _remote_transport(config, link.remote, own_uuid)
+        ref = NodeRef(cluster.uuid, link.remote.name, remote_cost(link.remote), link.nodes)
+        nodes.append(ClusterNode(ref, transport, gateway=link.gateway_uuid))
     limits = config.limits
     assert shared.query is not None
     return ClusterTransport(
@@ -214,11 +221,6 @@ def _cluster_transport(
         node_timeout=limits.peer_timeout * 0.8,
         stall_timeout=limits.stall_timeout * 0.8,
     )
-
-
-def _proxy_log(repository: Path) -> str:
-    """git-annex's proxy.log (the remotes git-annex-shell will proxy to)."""
-    return _annex_log(repository, "proxy.log")
 
 
 def _annex_log(repository: Path, name: str) -> str:

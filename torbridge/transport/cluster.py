@@ -207,11 +207,11 @@ class ClusterChannel(PeerChannel):
         self._body_left -= len(data)
 
         async def one(node: ClusterNode, channel: PeerChannel) -> None:
-            piece = pieces.get(node.ref.uuid)
+            piece = pieces.get(node.ref.name)
             if piece is None:
                 return
             if not await self._guard(node, self.t.stall_timeout, channel.send_body(piece)):
-                put.fail(node.ref.uuid, "lost while sending it data")
+                put.fail(node.ref.name, "lost while sending it data")
 
         await self._each(self._receiving(put), one)
         if self._body_left <= 0 and self.version == 0:
@@ -300,18 +300,20 @@ class ClusterChannel(PeerChannel):
         async def one(node: ClusterNode) -> None:
             channel = await self._channel(node)
             if channel is None:
-                replies[node.ref.uuid] = "unreachable"
+                replies[node.ref.name] = "unreachable"
                 return
             message: m.Message | None = request
             if isinstance(request, m.RemoveBefore):
-                message = self._timestamps.remove_for(node.ref.uuid, channel.version, request)
+                message = self._timestamps.remove_for(node.ref.name, channel.version, request)
             if message is None:
-                replies[node.ref.uuid] = "its clock was not read (GETTIMESTAMP)"
+                replies[node.ref.name] = "its clock was not read (GETTIMESTAMP)"
                 return
-            replies[node.ref.uuid] = await self._exchange(node, channel, message)
+            replies[node.ref.name] = await self._exchange(node, channel, message)
 
-        await self._each_node(self._usable(), one)
-        answer, removed = c.remove_outcome(self.version, replies)
+        usable = self._usable()
+        await self._each_node(usable, one)
+        uuids = {n.ref.name: n.ref.uuid for n in usable}
+        answer, removed = c.remove_outcome(self.version, replies, uuids)
         for uuid in removed:
             self._record(request.key, uuid, present=False)
         return [answer]
@@ -325,7 +327,7 @@ class ClusterChannel(PeerChannel):
                 return
             reply = await self._exchange(node, channel, m.GetTimestamp())
             if isinstance(reply, m.Timestamp):
-                clocks[node.ref.uuid] = reply.timestamp
+                clocks[node.ref.name] = reply.timestamp
 
         await self._each_node(self._usable(), one)
         # Our clock is read after theirs: the client's window can only shrink.
@@ -386,21 +388,23 @@ class ClusterChannel(PeerChannel):
         wanted: dict[str, bool] = {}
 
         async def want(node: ClusterNode) -> None:
-            wanted[node.ref.uuid] = await self.t.knowledge.wants(
+            wanted[node.ref.name] = await self.t.knowledge.wants(
                 node.ref.name, request.key, request.af
             )
 
-        await self._each_node([n for n in usable if n.ref.uuid not in logged], want)
-        refs = c.put_targets([n.ref for n in usable], logged, lambda r: wanted.get(r.uuid, True))
+        # Another gateway weighs its own nodes' preferred content itself.
+        asked = [n for n in usable if n.gateway is None and n.ref.uuid not in logged]
+        await self._each_node(asked, want)
+        refs = c.put_targets([n.ref for n in usable], logged, lambda r: wanted.get(r.name, True))
         targets = [n for n in usable if n.ref in refs]
-        put = c.PutFanout(self.version, [n.ref.uuid for n in targets])
+        put = c.PutFanout(self.version, {n.ref.name: n.ref.uuid for n in targets})
 
         async def one(node: ClusterNode) -> None:
             reply = await self._request(node, request)
             if isinstance(reply, m.Message):
-                put.answered(node.ref.uuid, reply)
+                put.answered(node.ref.name, reply)
             else:
-                put.fail(node.ref.uuid, reply)
+                put.fail(node.ref.name, reply)
 
         await self._each_node(targets, one)
         offer = put.offer()
@@ -417,9 +421,9 @@ class ClusterChannel(PeerChannel):
         self._body_left = length
 
         async def one(node: ClusterNode, channel: PeerChannel) -> None:
-            header = headers[node.ref.uuid]
+            header = headers[node.ref.name]
             if not await self._guard(node, self.t.stall_timeout, channel.send(header)):
-                put.fail(node.ref.uuid, "lost at DATA")
+                put.fail(node.ref.name, "lost at DATA")
 
         # Every node is told its DATA before any of the client's bytes are read.
         await self._each(self._receiving(put), one)
@@ -434,13 +438,13 @@ class ClusterChannel(PeerChannel):
             told = c.for_node(message, channel.version)
             if told is None:
                 if isinstance(message, m.DataPresent):
-                    put.fail(node.ref.uuid, "DATA-PRESENT needs protocol version 4")
+                    put.fail(node.ref.name, "DATA-PRESENT needs protocol version 4")
                     # It answered PUT-FROM and waits for DATA: closed, or it
                     # would take the next request as that DATA.
                     await self._drop(node, "DATA-PRESENT needs protocol version 4")
                 return  # below v1 a node has no VALID to be told
             if not await self._guard(node, self.t.stall_timeout, channel.send(told)):
-                put.fail(node.ref.uuid, f"lost at {type(message).__name__}")
+                put.fail(node.ref.name, f"lost at {type(message).__name__}")
 
         await self._each(self._receiving(put), one)
 
@@ -452,9 +456,9 @@ class ClusterChannel(PeerChannel):
         async def one(node: ClusterNode, channel: PeerChannel) -> None:
             reply = await self._read(node, channel)
             if isinstance(reply, m.Message):
-                put.result(node.ref.uuid, reply)
+                put.result(node.ref.name, reply)
             else:
-                put.fail(node.ref.uuid, reply)
+                put.fail(node.ref.name, reply)
 
         await self._each(self._receiving(put), one)
         for uuid in put.stored:
@@ -464,16 +468,16 @@ class ClusterChannel(PeerChannel):
     def _receiving(self, put: c.PutFanout) -> list[tuple[ClusterNode, PeerChannel]]:
         out = []
         for node in self.t.nodes:
-            channel = self._open.get(node.ref.uuid)
-            if node.ref.uuid in put.offsets and channel is not None:
+            channel = self._open.get(node.ref.name)
+            if node.ref.name in put.offsets and channel is not None:
                 out.append((node, channel))
-            elif node.ref.uuid in put.offsets:
-                put.fail(node.ref.uuid, "connection closed")
+            elif node.ref.name in put.offsets:
+                put.fail(node.ref.name, "connection closed")
         return out
 
     def _told(self, put: c.PutFanout, answer: m.Message) -> m.Message:
         """Log the nodes left out; a FAILURE becomes an ERROR that says why."""
-        reasons = [f"{self._name(u)}: {why}" for u, why in put.failed.items()]
+        reasons = [f"{name}: {why}" for name, why in put.failed.items()]
         put.failed.clear()
         for reason in reasons:
             log.warning("%s: node left out of a PUT: %s", self.t.name, reason)
@@ -494,19 +498,25 @@ class ClusterChannel(PeerChannel):
         ]
 
     async def _channel(self, node: ClusterNode) -> PeerChannel | None:
-        channel = self._open.get(node.ref.uuid)
+        channel = self._open.get(node.ref.name)
         if channel is not None:
             return channel
+        bypass = self._bypass
+        if node.gateway is not None:
+            # Every gateway this one fans out to is served here: naming them
+            # all keeps each from passing the request on to another, so a
+            # node behind one is reached once, not once per path to it.
+            bypass = bypass | {n.gateway for n in self._usable() if n.gateway is not None}
         try:
             with trio.fail_at(self._node_wait_deadline()):
                 channel = await node.transport.open(
-                    self._nursery, self._session, self.version, tuple(sorted(self._bypass))
+                    self._nursery, self._session, self.version, tuple(sorted(bypass))
                 )
         except (PeerUnavailable, trio.TooSlowError) as e:
             # One node down is not the cluster down: the others go on.
             log.warning("%s: node %s unreachable: %s", self.t.name, node.ref.name, e or "timeout")
             return None
-        self._open[node.ref.uuid] = channel
+        self._open[node.ref.name] = channel
         return channel
 
     def _node_wait_deadline(self) -> float:
@@ -550,7 +560,7 @@ class ClusterChannel(PeerChannel):
 
     async def _drop(self, node: ClusterNode, why: str) -> None:
         log.warning("%s: node %s dropped: %s", self.t.name, node.ref.name, why)
-        channel = self._open.pop(node.ref.uuid, None)
+        channel = self._open.pop(node.ref.name, None)
         if channel is not None:
             await channel.aclose()
 
@@ -583,9 +593,3 @@ class ClusterChannel(PeerChannel):
     def _record(self, key: str, uuid: str, present: bool) -> None:
         if self.t.recorder is not None and not c.is_cluster_uuid(uuid):
             self.t.recorder.record(key, uuid, present)
-
-    def _name(self, uuid: str) -> str:
-        for node in self.t.nodes:
-            if node.ref.uuid == uuid:
-                return node.ref.name
-        return uuid
