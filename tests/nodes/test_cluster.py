@@ -100,6 +100,17 @@ def test_drop_reaches_a_node_the_log_does_not_know(cluster: Callable[..., Cluste
     assert s.holding(key) == ALL
     s.client.annex("drop", "--from", ENDPOINT, "--", "x.dat")
     assert s.holding(key) == set()
+    # Again, and this time nothing tells the proxy before the drop.
+    extra.repo.add_file("again.dat", content)  # the same key
+    assert s.logged(key) == set() and s.holding(key) == {"c3-local"}
+    token = s.bridge.add_token("raw-remove", "rw", endpoint=ENDPOINT)
+    with RawSession(token.socket) as r:
+        r.auth(token.token, s.uuid)
+        assert r.version(4) == "VERSION 4"
+        r.send_line(f"REMOVE {key}")
+        reply = r.read_line(timeout=60).split()  # a node without it removed it too
+        assert reply[0] == "SUCCESS-PLUS" and set(reply[1:]) == {n.uuid for n in s.nodes}
+    assert s.holding(key) == set()
 
 
 @pytest.mark.parametrize("version", [0, 1, 2, 3, 4])
