@@ -62,6 +62,11 @@ class Remote:
     proxy: bool = False
     settings: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def is_special(self) -> bool:
+        """A special remote: git-annex gives those no URL (or an annex:: one)."""
+        return not self.url or self.url.startswith("annex::")
+
 
 def creds_escape(text: str) -> str:
     """git-annex's name for a creds file: every byte but [A-Za-z0-9] as %XX."""

@@ -170,7 +170,9 @@ def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Tr
                 f"git-annex does not proxy remote {remote.name!r} yet: run"
                 " `git annex updateproxy` in the proxy repository"
             )
-        shell = AnnexShellTransport(remote.name, config.repository, remote.uuid, remote.uuid)
+        shell = AnnexShellTransport(
+            remote.name, config.repository, remote.uuid, remote.uuid, special=remote.is_special
+        )
         return shell, False
     token = read_token(config.repository, address)
     if isinstance(address, TorAddress):

@@ -12,12 +12,15 @@ import logging
 import os
 import re
 import subprocess
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import trio
 
 from torbridge.protocol import messages as m
+from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.relay import Mode
 from torbridge.transport.base import (
     PeerChannel,
@@ -184,6 +187,51 @@ async def open_process_channel(
     return ProcessChannel(framed, expected_uuid, agreed, process, large)
 
 
+class SpecialRemoteChannel(PeerChannel):
+    """A special remote that git-annex-shell proxies, with the clock it lacks.
+
+    git-annex-shell proxying a special remote dies on GETTIMESTAMP and
+    REMOVE-BEFORE (10.20261026: "thread blocked indefinitely in an STM
+    transaction"), which a stock client sends to drop from it while another
+    remote's lock proves the copies. A special remote has no clock to keep
+    such a deadline by; the bridge, on the same host, keeps it: GETTIMESTAMP
+    is answered with our monotonic clock, and ``REMOVE-BEFORE t`` becomes
+    REMOVE while that clock is before ``t``, else FAILURE, as git-annex's
+    own server decides it.
+    """
+
+    def __init__(self, inner: PeerChannel) -> None:
+        self.inner = inner
+        self.uuid = inner.uuid
+        self.version = inner.version
+        self._answers: deque[LineEvent] = deque()  # answered here, not by the peer
+
+    async def send(self, message: m.Message) -> None:
+        if isinstance(message, m.GetTimestamp):
+            self._answers.append(m.Timestamp(int(time.monotonic())))
+        elif isinstance(message, m.RemoveBefore):
+            if time.monotonic() < message.timestamp:
+                await self.inner.send(m.Remove(message.key))
+            else:
+                self._answers.append(m.Failure())
+        else:
+            await self.inner.send(message)
+
+    async def receive_event(self) -> LineEvent:
+        if self._answers:
+            return self._answers.popleft()
+        return await self.inner.receive_event()
+
+    async def send_body(self, data: bytes) -> None:
+        await self.inner.send_body(data)
+
+    async def receive_body(self, max_bytes: int) -> bytes:
+        return await self.inner.receive_body(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class AnnexShellTransport(Transport):
     """A repository served by ``git-annex-shell p2pstdio`` on this host.
 
@@ -191,11 +239,19 @@ class AnnexShellTransport(Transport):
     only relays. The token's mode is passed down as a second wall.
     """
 
-    def __init__(self, name: str, repository: Path, uuid: str, target: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        repository: Path,
+        uuid: str,
+        target: str | None = None,
+        special: bool = False,
+    ) -> None:
         self.name = name
         self.repository = repository
         self.uuid = uuid
         self.target = target  # --uuid: a remote git-annex proxies for us
+        self.special = special  # that remote is a special remote
 
     async def open(
         self,
@@ -216,6 +272,14 @@ class AnnexShellTransport(Transport):
             env["GIT_ANNEX_SHELL_READONLY"] = "1"
         elif session.mode is Mode.APPEND_ONLY:
             env["GIT_ANNEX_SHELL_APPENDONLY"] = "1"
-        return await open_process_channel(
+        if not self.special:
+            return await open_process_channel(
+                nursery, self.name, argv, env, self.uuid, version, bypass, auth=None
+            )
+        # At version 1 git-annex-shell takes the VALID after a PUT's body for
+        # the next request and dies; at 0 there is no VALID to send.
+        version = 0 if version == 1 else version
+        channel = await open_process_channel(
             nursery, self.name, argv, env, self.uuid, version, bypass, auth=None
         )
+        return SpecialRemoteChannel(channel)
