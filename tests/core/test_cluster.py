@@ -33,6 +33,7 @@ from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.framed import StreamLost
 
 KEY = "SHA256E-s11--2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90.txt"
+KEY2 = "SHA256E-s5--f2ca1bb6c7e907d06dafe4687e579fce76b37e4e93b7605022da52e6ccc26fd2.bin"
 CLUSTER = "ac000000-0000-8000-8000-00000000c1c1"  # 'ac' prefix, '8' at index 14
 OTHER_CLUSTER = "ac000000-0000-8000-8000-00000000c2c2"
 GATEWAY = "9a7e0000-0000-4000-8000-00000000ea7e"  # the proxy's own repository
@@ -141,17 +142,18 @@ def test_timestamp_translation() -> None:
     stamps = c.TimestampMap()
     assert stamps.answer({A: 1000, B: 50_000}, local=7) == m.Timestamp(7)
     request = m.RemoveBefore(7 + 60, KEY)  # "within 60 s"
-    assert stamps.remove_for(A, 4, request) == m.RemoveBefore(1060, KEY)
-    assert stamps.remove_for(B, 3, request) == m.RemoveBefore(50_060, KEY)
-    # Below v3 a node has no clock to compare: REMOVE, as git-annex sends.
-    assert stamps.remove_for(C, 2, request) == m.Remove(KEY)
-    assert stamps.remove_for(A, 0, request) == m.Remove(KEY)
+    assert stamps.remove_for(A, 4, request, now=8) == m.RemoveBefore(1060, KEY)
+    assert stamps.remove_for(B, 3, request, now=8) == m.RemoveBefore(50_060, KEY)
+    # Below v3 a node has no clock to compare: REMOVE while ours is in time.
+    assert stamps.remove_for(C, 2, request, now=8) == m.Remove(KEY)
+    assert stamps.remove_for(A, 0, request, now=66) == m.Remove(KEY)
+    assert stamps.remove_for(A, 0, request, now=67) == "the deadline has passed"
     # A v3+ node whose clock was never read cannot be told a deadline.
-    assert stamps.remove_for(C, 3, request) is None
+    assert "not read" in str(stamps.remove_for(C, 3, request, now=8))
     # A new GETTIMESTAMP replaces the old clocks.
     stamps.answer({C: 5}, local=100)
-    assert stamps.remove_for(A, 4, m.RemoveBefore(110, KEY)) is None
-    assert stamps.remove_for(C, 4, m.RemoveBefore(90, KEY)) == m.RemoveBefore(-5, KEY)
+    assert "not read" in str(stamps.remove_for(A, 4, m.RemoveBefore(110, KEY), now=100))
+    assert stamps.remove_for(C, 4, m.RemoveBefore(90, KEY), now=100) == m.RemoveBefore(-5, KEY)
 
 
 # --- PUT fanout ----------------------------------------------------------------------------
@@ -467,6 +469,7 @@ async def cluster(
     costs: dict[str, float] | None = None,
     seed: int = 0,
     behind: dict[str, frozenset[str]] | None = None,
+    lockstep: bool = False,
 ) -> AsyncIterator[Cluster]:
     """A Session whose endpoint is a cluster of fake nodes n1, n2, n3 (A, B, C)."""
     repos = repos or {name: FakeRepo(uuid=uuid) for name, uuid in NODE_UUIDS.items()}
@@ -478,7 +481,7 @@ async def cluster(
     with trio.fail_after(GUARD * 2):
         async with trio.open_nursery() as nursery:
             transports = {
-                name: FakeTransport(repo, name=name, server_nursery=nursery)
+                name: FakeTransport(repo, name=name, server_nursery=nursery, lockstep=lockstep)
                 for name, repo in repos.items()
             }
             nodes = [
@@ -497,7 +500,10 @@ async def cluster(
                 rng=random.Random(seed),
             )
             endpoint = Endpoint("cl", CLUSTER, transport, Path("/nonexistent"), OneToken(), LIMITS)
-            ours, theirs = trio.testing.memory_stream_pair()
+            pair = (
+                trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+            )
+            ours, theirs = pair()
             session = Session(theirs, endpoint)
             finished = trio.Event()
 
@@ -1105,3 +1111,92 @@ def test_proxy_and_cluster_logs_newest_line_wins() -> None:
     }
     cluster_log = f"5s {CLUSTER} {A} {B}\n4s {CLUSTER} {A}\n"
     assert parse_cluster_log(cluster_log) == {CLUSTER: frozenset({A, B})}
+
+
+# --- pace, INVALID, and old clients' clocks ------------------------------------------------
+
+
+async def test_put_slowest_node_sets_the_pace(autojump_clock: trio.abc.Clock) -> None:
+    """One read of the client's stream goes to every node: nothing runs ahead
+    of the slowest, so memory stays bounded however slow a node is."""
+    piece = 64 * 1024  # the slow node takes one piece a (virtual) second
+    body = blob(12 * piece)
+    done_at: dict[str, float] = {}
+
+    async def slow_put(conn: PeerConnection, message: m.Message) -> None:
+        assert isinstance(message, m.Put)
+        await conn.send(m.PutFrom(0))
+        header = await conn.receive()
+        assert isinstance(header, m.Data)
+        got = bytearray()
+        while len(got) < header.length:
+            await trio.sleep(1)
+            got += await conn.framed.receive_body(min(piece, header.length - len(got)))
+        done_at["slow"] = trio.current_time()
+        assert await conn.receive() == m.Valid()
+        conn.repo.contents[message.key] = bytes(got)
+        await conn.send(m.Success())
+
+    repos = {"n1": FakeRepo(uuid=A), "n2": FakeRepo(uuid=B, hooks={m.Put: slow_put})}
+    async with cluster(repos, lockstep=True) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode())
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        start = trio.current_time()
+        await cl.client.send(f"DATA {len(body)}\n".encode(), body)
+        # The client's last byte was read once the slow node had taken all
+        # but the last relay chunk (256 KiB = 4 pieces): 8 s of 12.
+        assert trio.current_time() - start >= 8 - 0.01
+        await cl.client.send(b"VALID\n")
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, B})
+    assert done_at["slow"] - start >= 12 - 0.01
+    assert repos["n1"].contents == repos["n2"].contents == {KEY: body}
+
+
+async def test_put_invalid_reaches_every_node(autojump_clock: trio.abc.Clock) -> None:
+    async with cluster() as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode(), b"DATA 11\nhello worldINVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        reply = await cl.client.line()
+        assert reply.startswith(b"ERROR cl: no node stored it"), reply
+        await cl.client.send(f"CHECKPRESENT {KEY}\n".encode())  # the session goes on
+        assert await cl.client.line() == b"FAILURE\n"
+    for name in NODE_UUIDS:
+        assert m.Invalid() in cl.received(name), name
+        assert cl.repos[name].contents == {}
+    assert cl.recorder.records == []
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+async def test_old_clients_get_timestamps_and_remove_before(
+    autojump_clock: trio.abc.Clock, version: int
+) -> None:
+    """Below v3 a client has no GETTIMESTAMP in the protocol, but git-annex's
+    server answers it at any version, and so does the cluster: each node at
+    the client's version gets REMOVE instead of REMOVE-BEFORE."""
+    repos = {name: FakeRepo(uuid=uuid, contents={KEY: b"x"}) for name, uuid in NODE_UUIDS.items()}
+    async with cluster(repos, Knowledge(logged={KEY: {A, B, C}})) as cl:
+        await login(cl, version)
+        await cl.client.send(b"GETTIMESTAMP\n")
+        stamp = await cl.client.line()
+        assert stamp.startswith(b"TIMESTAMP "), stamp
+        now = int(stamp.split()[1])
+        await cl.client.send(f"REMOVE-BEFORE {now + 60} {KEY}\n".encode())
+        reply = await cl.client.line()
+        if version >= 2:
+            assert plus(reply) == ("SUCCESS-PLUS", {A, B, C})
+        else:
+            assert reply == b"SUCCESS\n"
+        # A deadline gone by: no node is told to remove (they have no clock
+        # to check it by; the gateway's does).
+        await cl.client.send(f"REMOVE-BEFORE {now - 1} {KEY2}\n".encode())
+        reply = await cl.client.line()
+        gone = b"FAILURE-PLUS\n" if version >= 2 else b"ERROR n1: the deadline has passed\n"
+        assert reply == gone
+    for name in NODE_UUIDS:
+        assert cl.repos[name].contents == {}, name
+        assert m.Remove(KEY) in cl.received(name), name
+        told = cl.received(name)
+        assert not any(isinstance(msg, (m.RemoveBefore, m.GetTimestamp)) for msg in told)
+        assert m.Remove(KEY2) not in told

@@ -143,15 +143,24 @@ class TimestampMap:
         self.local = local
         return m.Timestamp(local)
 
-    def remove_for(self, uuid: str, node_version: int, request: m.RemoveBefore) -> m.Message | None:
-        """What node ``uuid`` gets for the client's REMOVE-BEFORE; None: cannot be told."""
+    def remove_for(
+        self, node: str, node_version: int, request: m.RemoveBefore, now: int
+    ) -> m.Message | str:
+        """What ``node`` gets for the client's REMOVE-BEFORE, or why it gets nothing.
+
+        ``now`` is our clock, the one the client's deadline is on.
+        """
         if node_version < 3:
-            return m.Remove(request.key)  # no clocks below v3: git-annex sends REMOVE too
-        clock = self.nodes.get(uuid)
+            # No clock to tell below v3 (git-annex's gateway sends REMOVE
+            # regardless): ours keeps the deadline for it.
+            if now < request.timestamp:
+                return m.Remove(request.key)
+            return "the deadline has passed"
+        clock = self.nodes.get(node)
         if clock is None:
             # Its clock was never read (it was down at GETTIMESTAMP): removing
             # without the deadline could outlive the client's lock.
-            return None
+            return "its clock was not read (GETTIMESTAMP)"
         return m.RemoveBefore(clock + (request.timestamp - self.local), request.key)
 
 

@@ -302,18 +302,20 @@ class ClusterChannel(PeerChannel):
             if channel is None:
                 replies[node.ref.name] = "unreachable"
                 return
-            message: m.Message | None = request
+            message: m.Message | str = request
             if isinstance(request, m.RemoveBefore):
-                message = self._timestamps.remove_for(node.ref.name, channel.version, request)
-            if message is None:
-                replies[node.ref.name] = "its clock was not read (GETTIMESTAMP)"
+                now = int(time.monotonic())
+                message = self._timestamps.remove_for(node.ref.name, channel.version, request, now)
+            if isinstance(message, str):
+                replies[node.ref.name] = message
                 return
             replies[node.ref.name] = await self._exchange(node, channel, message)
 
         usable = self._usable()
         await self._each_node(usable, one)
         uuids = {n.ref.name: n.ref.uuid for n in usable}
-        answer, removed = c.remove_outcome(self.version, replies, uuids)
+        in_order = {name: replies[name] for name in uuids}  # not the order they finished in
+        answer, removed = c.remove_outcome(self.version, in_order, uuids)
         for uuid in removed:
             self._record(request.key, uuid, present=False)
         return [answer]
