@@ -14,6 +14,7 @@ silent, die half-way or break the protocol.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -302,6 +303,17 @@ class RecordingChannel(StreamChannel):
         await super().aclose()
 
 
+def pipe_pair() -> tuple[trio.StapledStream[Any, Any], trio.StapledStream[Any, Any]]:
+    """Two ends of a connection made of two OS pipes, as a program's stdin/stdout."""
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    FdStream = trio.lowlevel.FdStream
+    return (
+        trio.StapledStream(FdStream(to_w), FdStream(from_r)),
+        trio.StapledStream(FdStream(from_w), FdStream(to_r)),
+    )
+
+
 class FakeTransport(Transport):
     """Reaches a FakeRepo over a fresh in-memory stream pair per open.
 
@@ -315,8 +327,10 @@ class FakeTransport(Transport):
         name: str = PEER_NAME,
         server_nursery: trio.Nursery | None = None,
         lockstep: bool = False,
+        pipes: bool = False,
     ) -> None:
         self.repo = repo or FakeRepo()
+        self.pipes = pipes  # real OS pipes, as to a peer program (bodies are spliced)
         self.name = name
         self.uuid = self.repo.uuid
         self.server_nursery = server_nursery
@@ -337,7 +351,9 @@ class FakeTransport(Transport):
             raise PeerUnavailable(f"{self.name}: {self.unreachable}")
         ours: trio.StapledStream[Any, Any]
         theirs: trio.StapledStream[Any, Any]
-        if self.lockstep:
+        if self.pipes:
+            ours, theirs = pipe_pair()
+        elif self.lockstep:
             ours, theirs = trio.testing.lockstep_stream_pair()
         else:
             ours, theirs = trio.testing.memory_stream_pair()

@@ -45,6 +45,12 @@ class PassedPipes(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return await self._in.receive_some(max_bytes)
 
+    def splice_read_fd(self) -> int:
+        return self._in.fileno()
+
+    def splice_write_fd(self) -> int:
+        return self._out.fileno()
+
     async def wait_reader_gone(self) -> None:
         """Return once git-annex no longer reads its stdout (it exited).
 

@@ -29,6 +29,7 @@ from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.locationlog import LocationLog
 from torbridge.server.status import Registry
 from torbridge.server.watched import WatchedStream
+from torbridge.transport import splice
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import argv_safe_uuid
@@ -115,6 +116,56 @@ class Endpoint:
     # Where what the relay saw is recorded; None where git-annex records it itself.
     location_log: LocationLog | None = None
     registry: Registry = field(default_factory=Registry)
+
+
+class _KernelCopy:
+    """A DATA body from one side's descriptor to the other's by splice(2).
+
+    The first piece always goes through user space, with the DATA line
+    that was held for it; the rest moves in the kernel where a pipe is on
+    one end (transport/splice.py). ``usable`` turns False for good at the
+    first trouble, and the copy goes on through user space.
+    """
+
+    def __init__(self, src: FramedStream, dst: FramedStream) -> None:
+        self.src = src
+        self.dst = dst
+        self.usable = True
+        self.moved = 0  # bytes the kernel moved
+        self._fds: tuple[int, int] | None = None
+
+    @classmethod
+    def between(
+        cls, src: FramedStream | PeerChannel, dst: FramedStream | PeerChannel
+    ) -> _KernelCopy | None:
+        s = src if isinstance(src, FramedStream) else src.framed_stream()
+        d = dst if isinstance(dst, FramedStream) else dst.framed_stream()
+        return None if s is None or d is None else cls(s, d)
+
+    async def move(self, max_bytes: int) -> int:
+        """Bytes moved; 0 when it cannot (or can no longer) be used."""
+        if self._fds is None:
+            src_fd, dst_fd = self.src.splice_source(), self.dst.splice_sink()
+            if src_fd is None or dst_fd is None:
+                return 0  # not yet: a DATA line is held, or bytes are buffered
+            if not splice.can_splice(src_fd, dst_fd):
+                self.usable = False
+                return 0
+            self._fds = (src_fd, dst_fd)
+        try:
+            moved = await splice.splice_some(*self._fds, max_bytes)
+        except (splice.SpliceUnsupported, OSError):
+            moved = 0
+        if not moved:
+            self.usable = False
+            return 0
+        self.src.spliced_in(moved)
+        self.dst.spliced_out(moved)
+        self.moved += moved
+        return moved
+
+    def waiting_for_reader(self) -> bool:
+        return self._fds is not None and splice.waiting_for_reader(*self._fds)
 
 
 class Session:
@@ -363,7 +414,29 @@ class Session:
         dst_side = Side.PEER if source is Side.CLIENT else Side.CLIENT
         assert src is not None
         remaining = length
+        kernel: _KernelCopy | None = None
         while remaining:
+            dst = self._channel(dst_side)
+            if dst is not None and kernel is None:
+                kernel = _KernelCopy.between(src, dst)
+            if dst is not None and kernel is not None and kernel.usable:
+                try:
+                    with trio.fail_after(self.limits.stall_timeout):
+                        moved = await kernel.move(min(remaining, BODY_CHUNK))
+                except trio.TooSlowError:
+                    if not kernel.waiting_for_reader():
+                        return await self._lost(source, "stalled inside a DATA body")
+                    follow = await self._lost(dst_side, "not reading")
+                    if any(isinstance(a, r.EndSession) for a in follow):
+                        return follow
+                    for action in follow:  # ClosePeer: carried out now, draining goes on
+                        await self._perform(action)
+                    continue
+                if moved:
+                    remaining -= moved
+                    continue
+                # Not spliceable after all, or a side broke: the copy below
+                # meets the same and says whose it is.
             try:
                 with trio.fail_after(self.limits.stall_timeout):
                     chunk = await src.receive_body(min(remaining, BODY_CHUNK))
@@ -384,6 +457,8 @@ class Session:
                     return follow
                 for action in follow:  # ClosePeer: carried out now, draining goes on
                     await self._perform(action)
+        if kernel is not None and kernel.moved:
+            log.debug("[%d] %d of %d body bytes moved by splice", self.id, kernel.moved, length)
         return self.relay.body_done()
 
     async def _discard_body(self, length: int) -> list[r.Action]:

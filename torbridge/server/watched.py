@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 
 import trio
 
+from torbridge.transport import splice
+
 # At most this much is read ahead (a stock client sends nothing while it
 # waits): past it the watch stops reading, and memory stays bounded.
 READ_AHEAD_LIMIT = 64 * 1024
@@ -99,6 +101,14 @@ class WatchedStream(trio.abc.HalfCloseableStream):
         if self._eof:
             return b""
         return await self.stream.receive_some(max_bytes)
+
+    def splice_read_fd(self) -> int | None:
+        if self._ahead or self._eof or self._error is not None:
+            return None  # what the watch read comes first
+        return splice.read_fd(self.stream)
+
+    def splice_write_fd(self) -> int | None:
+        return splice.write_fd(self.stream)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)

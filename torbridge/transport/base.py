@@ -54,6 +54,10 @@ class PeerChannel(abc.ABC):
     async def aclose(self) -> None:
         """Close; must not block for long and must not raise."""
 
+    def framed_stream(self) -> FramedStream | None:
+        """The byte stream under the channel, where bodies may bypass it."""
+        return None
+
 
 class Transport(abc.ABC):
     name: str  # for logs and the client's error texts
@@ -96,6 +100,9 @@ class StreamChannel(PeerChannel):
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.framed.aclose()
+
+    def framed_stream(self) -> FramedStream | None:
+        return self.framed
 
 
 async def negotiate(

@@ -6,6 +6,7 @@ import trio
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import Chunk, Decoder, EndOfStream, LineEvent, NeedData
+from torbridge.transport import splice
 
 RECEIVE_SIZE = 256 * 1024
 
@@ -68,6 +69,27 @@ class FramedStream:
     @property
     def body_remaining(self) -> int:
         return self._decoder.body_remaining
+
+    # --- bodies moved by the kernel (transport/splice.py) ------------------------
+
+    def splice_source(self) -> int | None:
+        """The descriptor the rest of the current body can be spliced from."""
+        if not self._decoder.body_remaining or self._decoder.buffered:
+            return None
+        return splice.read_fd(self.stream)
+
+    def spliced_in(self, n: int) -> None:
+        self._decoder.body_read_directly(n)
+        self.bytes_in += n
+
+    def splice_sink(self) -> int | None:
+        """The descriptor body bytes can be spliced to: not before a held DATA
+        line is out with the first piece (until then the line can still be
+        taken back, and an ERROR sent instead)."""
+        return None if self._held else splice.write_fd(self.stream)
+
+    def spliced_out(self, n: int) -> None:
+        self.bytes_out += n
 
     async def _fill(self) -> None:
         data = await self._receive_some(RECEIVE_SIZE)

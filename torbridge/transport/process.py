@@ -231,6 +231,9 @@ class SpecialRemoteChannel(PeerChannel):
     async def aclose(self) -> None:
         await self.inner.aclose()
 
+    def framed_stream(self) -> FramedStream | None:
+        return self.inner.framed_stream()
+
 
 class AnnexShellTransport(Transport):
     """A repository served by ``git-annex-shell p2pstdio`` on this host.
