@@ -427,7 +427,7 @@ class Relay:
             if not isinstance(event, _RESULTS):
                 return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
             self.phase = Phase.IDLE
-            return [Send(Side.CLIENT, event), *self._observe(event)]
+            return [*self._observe(event), Send(Side.CLIENT, event)]
         if self.phase is Phase.PEER_VALIDITY:
             if not isinstance(event, _VALIDITY):
                 return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
@@ -453,10 +453,15 @@ class Relay:
             self._after_body = Phase.PEER_VALIDITY if self.version >= 1 else Phase.CLIENT_GET_RESULT
             return [Send(Side.CLIENT, event), CopyBody(Side.PEER, event.length)]
         self.phase = Phase.IDLE
-        return [Send(Side.CLIENT, event), *self._observe(event)]
+        return [*self._observe(event), Send(Side.CLIENT, event)]
 
     def _observe(self, result: m.Message) -> list[Action]:
-        """What the proxy's location log should learn from a result."""
+        """What the proxy's location log should learn from a result.
+
+        Put before the result's Send to the client: a client that is gone
+        ends the session at that Send, and what the peer did must be
+        recorded all the same.
+        """
         request = self.request
         ok = isinstance(result, (m.Success, m.SuccessPlus))
         plus = result.uuids if isinstance(result, (m.SuccessPlus, m.FailurePlus)) else ()
