@@ -835,6 +835,46 @@ def test_retry_send_fails_on_the_new_connection() -> None:
     ]
 
 
+@pytest.mark.parametrize("req", [m.Remove(KEY), m.RemoveBefore(12945, KEY)])
+def test_remove_left_unanswered_is_logged_missing(req: m.Message) -> None:
+    """The peer may have removed it: the node is logged as missing, the safe side."""
+    relay = session(4)
+    request(relay, req)
+    # The reused connection broke: retried once; the retry cannot open.
+    assert peer(relay, EndOfStream(clean=True)) == [
+        ClosePeer("connection closed"),
+        OpenPeer(4, ()),
+    ]
+    assert relay.side_lost(P, "refused") == [
+        Removed(KEY, (SERVER_UUID,)),
+        error(f"{PEER} unreachable: refused"),
+    ]
+    # On a fresh connection: no retry, the same doubt.
+    request(relay, req)
+    assert relay.side_lost(P, "no message", retry=False) == [
+        ClosePeer("no message"),
+        Removed(KEY, (SERVER_UUID,)),
+        error(f"{PEER}: no message"),
+    ]
+    # The client left while the answer was awaited.
+    request(relay, req)
+    assert relay.side_lost(C, "hung up") == [
+        Removed(KEY, (SERVER_UUID,)),
+        EndSession("client lost: hung up", clean=False),
+    ]
+
+
+def test_remove_never_sent_is_not_logged() -> None:
+    relay = session(0)
+    assert client(relay, m.Remove(KEY)) == [OpenPeer(0, ())]
+    assert relay.side_lost(P, "refused") == [error(f"{PEER} unreachable: refused")]
+    # An answered REMOVE leaves no doubt behind for a later loss.
+    request(relay, m.Remove(KEY))
+    assert peer(relay, m.Failure()) == [to_client(m.Failure())]
+    request(relay, m.CheckPresent(KEY))
+    assert relay.side_lost(P, "late", retry=False) == [ClosePeer("late"), error(f"{PEER}: late")]
+
+
 def test_peer_line_too_long_closes_it() -> None:
     relay = session(0)
     request(relay, m.CheckPresent(KEY))
