@@ -15,11 +15,13 @@ with git-annex 10.20261026).
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import Client, Expose
+from tests.e2e.harness import Client, Expose, RawSession
 from tests.nodes.conftest import Setup
 from tests.nodes.nodes import (
     KINDS,
@@ -144,3 +146,123 @@ def test_local_node_without_updateproxy_is_explained(
     result = client.annex("copy", "--to", "n-local", "--debug", "f", check=False)
     assert not result.ok and not node.objects(), result.describe()
     error_naming(result, "n-local", "updateproxy")
+
+
+# --- the wire, by hand, through a node's endpoint -----------------------------------------
+
+
+def raw_session(s: Setup) -> RawSession:
+    """A raw protocol session with the node's endpoint, past AUTH (the node's UUID)."""
+    token = s.bridge.add_token(f"raw{len(s.bridge.list_tokens())}", "rw", endpoint=s.remote)
+    r = RawSession(token.socket)
+    r.auth(token.token, s.node.uuid)
+    return r
+
+
+def put_raw(r: RawSession, key: str, data: bytes, version: int) -> None:
+    r.send_line(f"PUT raw.bin {key}")
+    r.expect("PUT-FROM 0")
+    r.send_data(data)
+    if version >= 1:
+        r.send_line("VALID")
+    r.expect("SUCCESS")
+
+
+def test_raw_v0_client_through_node(setup_node: Callable[..., Setup]) -> None:
+    """A client that sends no VERSION (git-remote-p2p-annex does not): no VALID anywhere."""
+    s = setup_node("p2p")
+    data = os.urandom(100_000)
+    s.client.add_file("raw.bin", data)
+    key = s.client.key("raw.bin")
+    with raw_session(s) as r:
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("FAILURE")
+        put_raw(r, key, data, version=0)
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("SUCCESS")
+        r.send_line(f"GET 0 raw.bin {key}")
+        assert r.read_data() == data
+        r.send_line("SUCCESS")  # v0: the body is not followed by VALID
+        r.send_line(f"GET 1000 raw.bin {key}")  # a resumed download
+        assert r.read_data() == data[1000:]
+        r.send_line("SUCCESS")
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("SUCCESS")
+        assert r.pending(0.2) == b""
+    s.node.assert_holds({key: data})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    # The node spoke v0 too: right after AUTH came the request, no VERSION.
+    assert s.node.server is not None
+    lines = re.findall(r"P2P ([<>] \S+)", s.node.server.log())
+    first = lines.index("< CHECKPRESENT")
+    assert lines[first - 1] == "> AUTH-SUCCESS", lines[: first + 1]
+
+
+def test_raw_data_present_through_node(setup_node: Callable[..., Setup]) -> None:
+    """v4 DATA-PRESENT after PUT-FROM: the node's own presence check is the answer."""
+    s = setup_node("p2p")
+    data = os.urandom(50_000)
+    s.client.add_file("raw.bin", data)
+    key = s.client.key("raw.bin")
+    with raw_session(s) as r:
+        assert r.version(4) == "VERSION 4"
+        r.send_line(f"PUT raw.bin {key}")
+        r.expect("PUT-FROM 0")
+        r.send_line("DATA-PRESENT")
+        r.expect("FAILURE")  # the node does not have it
+        assert s.node.uuid not in whereis_uuids(s.proxy, key)
+        r.send_line(f"PUT raw.bin {key}")
+        r.expect("PUT-FROM 0")
+        # The content reaches the node by another way meanwhile.
+        s.node.repo.add_file("raw.bin", data)
+        assert s.node.repo.key("raw.bin") == key
+        r.send_line("DATA-PRESENT")
+        r.expect("SUCCESS")
+        r.send_line(f"PUT raw.bin {key}")
+        r.expect("ALREADY-HAVE")
+    s.node.assert_holds({key: data})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+
+
+def test_raw_timestamps_through_node(setup_node: Callable[..., Setup]) -> None:
+    """GETTIMESTAMP is the node's clock; REMOVE-BEFORE is judged by the node against it."""
+    s = setup_node("p2p")
+    data = b"remove me before\n"
+    s.client.add_file("raw.bin", data)
+    key = s.client.key("raw.bin")
+    s.client.annex("copy", "--to", s.remote, "raw.bin")
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    with raw_session(s) as r:
+        assert r.version(4) == "VERSION 4"
+        r.send_line("GETTIMESTAMP")
+        reply = r.read_line()
+        assert re.fullmatch(r"TIMESTAMP \d+", reply), reply
+        t = int(reply.split()[1])
+        # git-annex's clock: whole seconds of CLOCK_BOOTTIME (same host here).
+        assert abs(t - time.clock_gettime(time.CLOCK_BOOTTIME)) < 5
+        r.send_line(f"REMOVE-BEFORE {t} {key}")  # the node's clock is at or past it
+        r.expect("FAILURE")
+        s.node.assert_holds({key: data})
+        assert s.node.uuid in whereis_uuids(s.proxy, key)
+        r.send_line(f"REMOVE-BEFORE {t + 600} {key}")
+        r.expect("SUCCESS")
+    s.node.assert_holds({})
+    wait_location(s.proxy, key, s.node.uuid, present=False)
+
+
+def test_raw_get_of_missing_key_through_node(setup_node: Callable[..., Setup]) -> None:
+    """The node's own answer to a GET it cannot serve reaches the client; the session goes on."""
+    s = setup_node("p2p")
+    s.client.add_file("raw.bin", b"not in the node\n")
+    key = s.client.key("raw.bin")
+    with raw_session(s) as r:
+        assert r.version(4) == "VERSION 4"
+        r.send_line(f"GET 0 raw.bin {key}")
+        # git-annex's way of saying "I have no such content".
+        assert r.read_data() == b""
+        r.expect("INVALID")
+        r.send_line("FAILURE")
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("FAILURE")
+        put_raw(r, key, b"not in the node\n", version=4)
+    s.node.assert_holds({key: b"not in the node\n"})
