@@ -108,6 +108,37 @@ def test_node_down_at_session_start(kind: str, setup_node: Callable[..., Setup])
         error_naming(down, s.node.name, "unreachable", "descriptor not found")
 
 
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (0xF2, "onion service introduction failed"),
+        (0xF6, "invalid onion address"),
+        (0x01, "general SOCKS server failure"),
+        (0x05, "connection refused"),
+    ],
+)
+def test_socks_reply_codes_are_told(
+    code: int, words: str, setup_node: Callable[..., Setup]
+) -> None:
+    """Tor's answer to the CONNECT, other than success, reaches the client in words."""
+    s = setup_node("tor")
+    s.client.add_file("f", b"content\n")
+    key = s.client.key("f")
+    assert s.node.onion is not None
+    s.socks.replies[s.node.onion] = code
+
+    down = s.client.annex("copy", "--to", s.remote, "--debug", "f", check=False)
+    assert not down.ok, down.describe()
+    error_naming(down, s.node.name, "unreachable", words)
+    assert_no_object(s, key)
+    assert s.node.uuid not in whereis_uuids(s.proxy, key)
+
+    del s.socks.replies[s.node.onion]
+    s.client.annex("copy", "--to", s.remote, "f")
+    s.node.assert_holds({key: b"content\n"})
+    s.bridge.assert_alive()
+
+
 # --- the node dies in the middle of an exchange ------------------------------------------
 
 

@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import Client, Expose, RawSession
+from tests.nodes import tbnode
 from tests.nodes.conftest import Setup
 from tests.nodes.nodes import (
     KINDS,
+    ONION_PORT,
     Node,
     NodeBridge,
+    NodeNet,
     error_naming,
     p2p_errors,
     wait_location,
@@ -146,6 +152,41 @@ def test_local_node_without_updateproxy_is_explained(
     result = client.annex("copy", "--to", "n-local", "--debug", "f", check=False)
     assert not result.ok and not node.objects(), result.describe()
     error_naming(result, "n-local", "updateproxy")
+
+
+def test_tor_node_through_unix_socks_port(
+    make_nodes: Callable[..., Node],
+    make_node_bridge: Callable[..., NodeBridge],
+    make_client: Callable[[str], Client],
+    node_net: NodeNet,
+    socks_server: tbnode.SocksServer,
+) -> None:
+    """``[tor] socks = "unix:PATH"`` (tor's SocksPort unix:PATH, Debian's /run/tor/socks)."""
+    node = make_nodes("tor", "n-tor")
+    assert node.onion is not None
+    # AF_UNIX paths are short: not under pytest's tmp_path.
+    sockdir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
+    unix = tbnode.SocksServer(f"unix:{sockdir / 'socks'}", 0, node_net.directory)
+    unix.routes[node.onion] = node.name
+    unix.start()
+    try:
+        bridge = make_node_bridge([Expose("n-tor", "n-tor", 5001)], socks=unix.address)
+        bridge.start()
+        client = make_client("client")
+        client.link(bridge.add_token("client", "rw").line, "n-tor")
+        data = os.urandom(300_000)
+        client.add_file("f", data)
+        key = client.key("f")
+        client.annex("copy", "--to", "n-tor", "f")
+        node.assert_holds({key: data})
+        client.annex("drop", "f")
+        client.annex("get", "--from", "n-tor", "f")
+        assert client.read("f") == data
+        assert f"{node.onion}:{ONION_PORT}" in unix.requests
+        assert not socks_server.requests  # the TCP SocksPort was never dialled
+    finally:
+        unix.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 # --- the wire, by hand, through a node's endpoint -----------------------------------------
