@@ -14,6 +14,7 @@ with git-annex 10.20261026).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Client, Expose, RawSession
+from tests.e2e.harness import AnnexRepo, Client, Expose, RawSession
 from tests.nodes import tbnode
 from tests.nodes.conftest import Setup
 from tests.nodes.nodes import (
@@ -307,3 +308,45 @@ def test_raw_get_of_missing_key_through_node(setup_node: Callable[..., Setup]) -
         r.expect("FAILURE")
         put_raw(r, key, b"not in the node\n", version=4)
     s.node.assert_holds({key: b"not in the node\n"})
+
+
+def test_raw_node_error_is_relayed_verbatim(
+    make_node_bridge: Callable[..., NodeBridge], proxy_repo: AnnexRepo, tmp_path: Path
+) -> None:
+    """A node's own ERROR reaches the client word for word, and the session goes on.
+
+    A remotedaemon node answers every request the bridge lets through
+    without ERROR (a GET it cannot serve is DATA 0 + INVALID; a local
+    failure drops the connection). A special remote that git-annex proxies
+    itself does send one: its failures come back as ``ERROR proxied special
+    remote reports: ...``.
+    """
+    store = tmp_path / "store"
+    store.mkdir()
+    proxy_repo.annex(
+        "initremote", "sp", "type=directory", f"directory={store}", "encryption=none"
+    )
+    proxy_repo.git("config", "remote.sp.annex-proxy", "true")
+    proxy_repo.annex("updateproxy")
+    uuid = proxy_repo.git("config", "remote.sp.annex-uuid").stdout.strip()
+    bridge = make_node_bridge([Expose("sp", "sp", 5002)])
+    bridge.start()
+    token = bridge.add_token("raw", "rw")
+    data = os.urandom(20_000)
+    key = f"SHA256E-s{len(data)}--{hashlib.sha256(data).hexdigest()}.bin"
+    store.rmdir()  # the special remote's storage is gone
+    with RawSession(token.socket) as r:
+        r.auth(token.token, uuid)
+        assert r.version(4) == "VERSION 4"
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect(
+            f"ERROR proxied special remote reports: directory {store} is not accessible"
+        )
+        store.mkdir()  # back
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("FAILURE")
+        put_raw(r, key, data, version=4)
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("SUCCESS")
+    stored = [p for p in store.rglob(key) if p.is_file()]
+    assert [p.read_bytes() for p in stored] == [data], stored
