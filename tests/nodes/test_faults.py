@@ -8,6 +8,8 @@ then checks: what the client was told (``P2P < ERROR`` lines of ``--debug``
 name the node and the cause, where the protocol allows a message at all),
 that no object is corrupt (fsck in the node and the client), what the
 proxy's location log says, and that the bridge serves the next session.
+Tor's SOCKS refusals (reply codes) are node faults too: the client is told
+what tor said, in words.
 """
 
 from __future__ import annotations
