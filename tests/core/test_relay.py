@@ -344,7 +344,7 @@ def test_unlock_after_the_peer_went_away_is_not_sent() -> None:
 def test_remove_success_and_failure(version: int) -> None:
     relay = session(version)
     request(relay, m.Remove(KEY))
-    assert peer(relay, m.Success()) == [to_client(m.Success()), Removed(KEY, (SERVER_UUID,))]
+    assert peer(relay, m.Success()) == [Removed(KEY, (SERVER_UUID,)), to_client(m.Success())]
     request(relay, m.Remove(KEY2))
     assert peer(relay, m.Failure()) == [to_client(m.Failure())]
     request(relay, m.Remove(KEY2))
@@ -356,10 +356,10 @@ def test_remove_plus_replies_at_v2() -> None:
     relay = session(2)
     request(relay, m.Remove(KEY))
     reply: m.Message = m.SuccessPlus((NODE_A, NODE_B))
-    assert peer(relay, reply) == [to_client(reply), Removed(KEY, (SERVER_UUID, NODE_A, NODE_B))]
+    assert peer(relay, reply) == [Removed(KEY, (SERVER_UUID, NODE_A, NODE_B)), to_client(reply)]
     request(relay, m.Remove(KEY))
     reply = m.FailurePlus((NODE_A,))
-    assert peer(relay, reply) == [to_client(reply), Removed(KEY, (NODE_A,))]
+    assert peer(relay, reply) == [Removed(KEY, (NODE_A,)), to_client(reply)]
     request(relay, m.Remove(KEY))
     assert peer(relay, m.FailurePlus(())) == [to_client(m.FailurePlus(()))]
 
@@ -371,7 +371,7 @@ def test_gettimestamp_and_remove_before_pass_through(version: int) -> None:
     request(relay, m.GetTimestamp())
     assert peer(relay, m.Timestamp(12345)) == [to_client(m.Timestamp(12345))]
     request(relay, m.RemoveBefore(12945, KEY))
-    assert peer(relay, m.Success()) == [to_client(m.Success()), Removed(KEY, (SERVER_UUID,))]
+    assert peer(relay, m.Success()) == [Removed(KEY, (SERVER_UUID,)), to_client(m.Success())]
     request(relay, m.RemoveBefore(12000, KEY))
     assert peer(relay, m.Failure()) == [to_client(m.Failure())]
     assert idle(relay)
@@ -418,7 +418,7 @@ def test_put_with_data_and_valid(version: int) -> None:
     assert relay.body_done() == []
     assert relay.phase is Phase.CLIENT_VALIDITY
     assert client(relay, m.Valid()) == [to_peer(m.Valid())]
-    assert peer(relay, m.Success()) == [to_client(m.Success()), Stored(KEY, (SERVER_UUID,))]
+    assert peer(relay, m.Success()) == [Stored(KEY, (SERVER_UUID,)), to_client(m.Success())]
     assert idle(relay)
 
 
@@ -428,7 +428,7 @@ def test_put_v0_has_no_valid() -> None:
     assert client(relay, m.Data(11)) == [to_peer(m.Data(11)), CopyBody(C, 11)]
     assert relay.body_done() == []
     assert relay.next_reader is P  # straight to the peer's verdict
-    assert peer(relay, m.Success()) == [to_client(m.Success()), Stored(KEY, (SERVER_UUID,))]
+    assert peer(relay, m.Success()) == [Stored(KEY, (SERVER_UUID,)), to_client(m.Success())]
     assert idle(relay)
 
 
@@ -450,14 +450,14 @@ def test_put_success_plus_records_the_nodes() -> None:
     relay.body_done()
     client(relay, m.Valid())
     reply = m.SuccessPlus((NODE_A, NODE_B))
-    assert peer(relay, reply) == [to_client(reply), Stored(KEY, (SERVER_UUID, NODE_A, NODE_B))]
+    assert peer(relay, reply) == [Stored(KEY, (SERVER_UUID, NODE_A, NODE_B)), to_client(reply)]
 
 
 def test_put_data_present_at_v4() -> None:
     relay = session(4)
     put_from(relay)
     assert client(relay, m.DataPresent()) == [to_peer(m.DataPresent())]
-    assert peer(relay, m.Success()) == [to_client(m.Success()), Stored(KEY, (SERVER_UUID,))]
+    assert peer(relay, m.Success()) == [Stored(KEY, (SERVER_UUID,)), to_client(m.Success())]
     put_from(relay, key=KEY2)
     assert client(relay, m.DataPresent()) == [to_peer(m.DataPresent())]
     assert peer(relay, m.Failure()) == [to_client(m.Failure())]
@@ -483,7 +483,7 @@ def test_put_zero_byte_body() -> None:
     assert client(relay, m.Data(0)) == [to_peer(m.Data(0)), CopyBody(C, 0)]
     assert relay.body_done() == []
     assert client(relay, m.Valid()) == [to_peer(m.Valid())]
-    assert peer(relay, m.Success()) == [to_client(m.Success()), Stored(KEY, (SERVER_UUID,))]
+    assert peer(relay, m.Success()) == [Stored(KEY, (SERVER_UUID,)), to_client(m.Success())]
 
 
 @pytest.mark.parametrize(
@@ -833,6 +833,46 @@ def test_retry_send_fails_on_the_new_connection() -> None:
         ClosePeer("broken pipe"),
         error(f"{PEER}: broken pipe"),
     ]
+
+
+@pytest.mark.parametrize("req", [m.Remove(KEY), m.RemoveBefore(12945, KEY)])
+def test_remove_left_unanswered_is_logged_missing(req: m.Message) -> None:
+    """The peer may have removed it: the node is logged as missing, the safe side."""
+    relay = session(4)
+    request(relay, req)
+    # The reused connection broke: retried once; the retry cannot open.
+    assert peer(relay, EndOfStream(clean=True)) == [
+        ClosePeer("connection closed"),
+        OpenPeer(4, ()),
+    ]
+    assert relay.side_lost(P, "refused") == [
+        Removed(KEY, (SERVER_UUID,)),
+        error(f"{PEER} unreachable: refused"),
+    ]
+    # On a fresh connection: no retry, the same doubt.
+    request(relay, req)
+    assert relay.side_lost(P, "no message", retry=False) == [
+        ClosePeer("no message"),
+        Removed(KEY, (SERVER_UUID,)),
+        error(f"{PEER}: no message"),
+    ]
+    # The client left while the answer was awaited.
+    request(relay, req)
+    assert relay.side_lost(C, "hung up") == [
+        Removed(KEY, (SERVER_UUID,)),
+        EndSession("client lost: hung up", clean=False),
+    ]
+
+
+def test_remove_never_sent_is_not_logged() -> None:
+    relay = session(0)
+    assert client(relay, m.Remove(KEY)) == [OpenPeer(0, ())]
+    assert relay.side_lost(P, "refused") == [error(f"{PEER} unreachable: refused")]
+    # An answered REMOVE leaves no doubt behind for a later loss.
+    request(relay, m.Remove(KEY))
+    assert peer(relay, m.Failure()) == [to_client(m.Failure())]
+    request(relay, m.CheckPresent(KEY))
+    assert relay.side_lost(P, "late", retry=False) == [ClosePeer("late"), error(f"{PEER}: late")]
 
 
 def test_peer_line_too_long_closes_it() -> None:

@@ -103,11 +103,13 @@ class Fault:
     down_bytes: int | None = None
     up_line: str | None = None
     down_after_up_line: str | None = None
+    down_line: str | None = None
     fired: bool = False
     armed_down: bool = False
     seen_up: int = 0
     seen_down: int = 0
     tail: bytes = b"\n"  # the stream starts at a line start
+    down_tail: bytes = b"\n"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -186,6 +188,19 @@ class Relay:
                 return 0, False
             if f.armed_down:
                 return len(chunk), True
+            if f.down_line is not None:
+                data = f.down_tail + chunk
+                start = len(f.down_tail)  # where this chunk starts in data
+                needle = b"\n" + f.down_line.encode()
+                hit = data.find(needle)
+                # Only a line that starts in this chunk (earlier ones have passed).
+                while hit >= 0 and hit + 1 < start:
+                    hit = data.find(needle, hit + 1)
+                f.down_tail = data[-256:]
+                if hit >= 0:
+                    allowed = hit + 1 - start
+                    f.seen_down += allowed
+                    return allowed, True
             if f.down_bytes is not None and f.seen_down + len(chunk) >= f.down_bytes:
                 allowed = f.down_bytes - f.seen_down
                 f.seen_down += allowed
@@ -370,6 +385,10 @@ class SocksServer:
     the registry. An unknown onion, or a node that does not answer, gets
     tor's 0xF0 (onion service descriptor not found); ``replies`` forces a
     reply code for an onion.
+
+    ``host`` "unix:PATH" listens on a unix socket instead (as tor's
+    ``SocksPort unix:PATH``); ``address`` is then "unix:PATH", as the
+    bridge's ``[tor] socks`` names it.
     """
 
     def __init__(self, host: str, port: int, directory: Path) -> None:
@@ -377,8 +396,14 @@ class SocksServer:
         self.routes: dict[str, str] = {}
         self.replies: dict[str, int] = {}
         self.requests: list[str] = []
-        self.listener = socket.create_server((host, port))
-        self.address = "{}:{}".format(*self.listener.getsockname()[:2])
+        if host.startswith("unix:"):
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(host[len("unix:") :])
+            self.listener.listen()
+            self.address = host
+        else:
+            self.listener = socket.create_server((host, port))
+            self.address = "{}:{}".format(*self.listener.getsockname()[:2])
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -485,7 +510,8 @@ class SocksServer:
 
     def _relay(self, client: socket.socket, node: socket.socket, name: str) -> None:
         fault = Fault.claim(self.directory, name)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if client.family != socket.AF_UNIX:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def reset() -> None:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

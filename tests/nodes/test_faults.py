@@ -8,11 +8,16 @@ then checks: what the client was told (``P2P < ERROR`` lines of ``--debug``
 name the node and the cause, where the protocol allows a message at all),
 that no object is corrupt (fsck in the node and the client), what the
 proxy's location log says, and that the bridge serves the next session.
+Tor's SOCKS refusals (reply codes) are node faults too: the client is told
+what tor said, in words.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,6 +108,37 @@ def test_node_down_at_session_start(kind: str, setup_node: Callable[..., Setup])
         # tor (our SOCKS server) answers 0xF0 for an onion whose service is down.
         assert s.node.onion is not None and f"{s.node.onion}:5555" in s.socks.requests
         error_naming(down, s.node.name, "unreachable", "descriptor not found")
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (0xF2, "onion service introduction failed"),
+        (0xF6, "invalid onion address"),
+        (0x01, "general SOCKS server failure"),
+        (0x05, "connection refused"),
+    ],
+)
+def test_socks_reply_codes_are_told(
+    code: int, words: str, setup_node: Callable[..., Setup]
+) -> None:
+    """Tor's answer to the CONNECT, other than success, reaches the client in words."""
+    s = setup_node("tor")
+    s.client.add_file("f", b"content\n")
+    key = s.client.key("f")
+    assert s.node.onion is not None
+    s.socks.replies[s.node.onion] = code
+
+    down = s.client.annex("copy", "--to", s.remote, "--debug", "f", check=False)
+    assert not down.ok, down.describe()
+    error_naming(down, s.node.name, "unreachable", words)
+    assert_no_object(s, key)
+    assert s.node.uuid not in whereis_uuids(s.proxy, key)
+
+    del s.socks.replies[s.node.onion]
+    s.client.annex("copy", "--to", s.remote, "f")
+    s.node.assert_holds({key: b"content\n"})
+    s.bridge.assert_alive()
 
 
 # --- the node dies in the middle of an exchange ------------------------------------------
@@ -196,7 +232,10 @@ def test_node_killed_right_before_remove(setup_node: Callable[..., Setup]) -> No
     error_naming(first, s.node.name, "unreachable", "Connection refused")
     s.node.assert_holds({key: b"keep me\n"})
     assert s.node.uuid in whereis_uuids(s.client, key)
-    assert s.node.uuid in whereis_uuids(s.proxy, key)  # nothing was removed
+    # The bridge wrote the REMOVE and never heard back: for all it knows the
+    # node removed the object, so its log stops counting that copy (the safe
+    # side: a copy not counted is never the last one dropped elsewhere).
+    wait_location(s.proxy, key, s.node.uuid, present=False)
     s.node.assert_sound()
 
     restart_after_kill(s)
@@ -243,10 +282,91 @@ def test_node_killed_while_lockcontent_held(setup_node: Callable[..., Setup]) ->
     assert_next_session_works(s)
 
 
+# The node dies at a phase boundary: it has done what it was asked (received
+# the request, stored or sent the body, removed the object) and is SIGKILLed
+# as its answer leaves, so that the answer never reaches the bridge. Which
+# copy of the key exists afterwards is then certain.
+NODE_PHASES: dict[str, tuple[str, dict[str, object]]] = {
+    # PUT received; its PUT-FROM never comes.
+    "put-request": ("put", {"down_line": "PUT-FROM"}),
+    # Body and VALID received (the node stores the object); SUCCESS never comes.
+    "put-result": ("put", {"down_line": "SUCCESS"}),
+    # GET received; the DATA never comes.
+    "get-request": ("get", {"down_line": "DATA"}),
+    # The whole GET body came through; the VALID after it never comes.
+    "get-validity": ("get", {"down_line": "VALID"}),
+    # REMOVE received (the node removes the object); its SUCCESS never comes.
+    "remove-reply": ("remove", {"down_line": "SUCCESS"}),
+}
+COMMANDS = {"put": ("copy", "--to"), "get": ("get", "--from"), "remove": ("drop", "--from")}
+
+
+@pytest.mark.parametrize(
+    ("kind", "phase"),
+    [("p2p", phase) for phase in NODE_PHASES] + [("tor", "put-result"), ("tor", "get-validity")],
+)
+def test_node_killed_at_phase(kind: str, phase: str, setup_node: Callable[..., Setup]) -> None:
+    s = setup_node(kind)
+    op, trigger = NODE_PHASES[phase]
+    data = os.urandom(2 * MiB - 1) + b"\n"  # so that a VALID after it starts a line
+    s.client.add_file("f", data)
+    key = s.client.key("f")
+    add_probe(s)
+    if op != "put":
+        s.client.annex("copy", "--to", s.remote, "f")
+        wait_location(s.proxy, key, s.node.uuid, present=True)
+    if op == "get":
+        s.client.annex("drop", "f")
+    s.net.set_fault(s.node.name, kill=server_of(s).pid, **trigger)
+
+    first = s.client.annex(*COMMANDS[op], s.remote, "--debug", "f", check=False)
+    assert s.net.fired(s.node.name), "the fault never fired"
+    server_of(s).wait_dead()
+    if phase == "get-validity":
+        # The body arrived whole, but nobody vouches for it: the bridge says
+        # INVALID and git-annex checks the content itself before keeping it.
+        assert "P2P < INVALID" in first.output, first.describe()
+        if first.ok:
+            assert s.client.read("f") == data
+        else:
+            assert "f" not in s.client.present_here()
+    else:
+        assert not first.ok, first.describe()
+        # A request's answer lost: the bridge tries once more on a new
+        # connection, which finds the node gone. A PUT body is not resent.
+        cause = "connection closed" if phase == "put-result" else "unreachable"
+        error_naming(first, s.node.name, cause)
+    # What the node holds is certain; its fsck and the client's find nothing wrong.
+    held = {} if op == "remove" or phase == "put-request" else {key: data}
+    s.node.assert_holds(held)
+    s.node.assert_sound()
+    s.client.fsck_content()
+    # The proxy's log never lists the node for an object the node lacks.
+    if not held:
+        wait_location(s.proxy, key, s.node.uuid, present=False)
+    if op == "get":
+        assert s.node.uuid in whereis_uuids(s.proxy, key)  # a GET changes nothing
+
+    # The node is back: the bridge serves the next session.
+    server_of(s).start()
+    if op == "remove":
+        s.client.annex("fsck", "--from", s.remote, "--fast", "f", check=False)
+        assert s.node.uuid not in whereis_uuids(s.client, key)
+        s.client.annex("copy", "--to", s.remote, "f")
+        s.node.assert_holds({key: data})
+    else:
+        s.client.annex(*COMMANDS[op], s.remote, "f")
+    assert s.client.read("f") == data
+    if op == "put":
+        s.node.assert_holds({key: data})
+        assert s.node.uuid in whereis_uuids(s.client, key)
+    assert_next_session_works(s)
+
+
 # --- the client dies ------------------------------------------------------------------------
 
 
-def _kill_client_mid_transfer(s: Setup, tmp_path: Path, *args: str, **fault: int) -> Result:
+def _kill_client_mid_transfer(s: Setup, tmp_path: Path, *args: str, **fault: object) -> Result:
     """Run ``git-annex ARGS`` and SIGKILL it when the node's relay has seen ``fault``."""
     pidfile = tmp_path / "client.pid"
     s.net.set_fault(s.node.name, kill_file=str(pidfile), stop=False, **fault)
@@ -265,6 +385,31 @@ def _session_ended(s: Setup, text: str) -> None:
     left = s.bridge.wait_idle(30)
     assert not left, left
     wait_for(lambda: not s.bridge.relay_helpers(), 30, "the node connection to close")
+    wait_for(lambda: not live_sessions(s), 30, "torbridge status to show no session")
+
+
+def live_sessions(s: Setup) -> list[dict[str, object]]:
+    """The sessions ``torbridge status`` shows in flight."""
+    sessions: list[dict[str, object]] = json.loads(s.bridge.cli("status", "--json").stdout)[
+        "sessions"
+    ]
+    return sessions
+
+
+def client_session_end(s: Setup) -> str:
+    """The bridge log's line for the end of a session whose client died (waits for it)."""
+    found: list[str] = []
+
+    def ended() -> bool:
+        found[:] = [
+            line
+            for line in s.bridge.log().splitlines()
+            if "session end" in line and ("client lost" in line or "mid-exchange" in line)
+        ]
+        return bool(found)
+
+    wait_for(ended, 30, "the session of the dead client to end in the bridge log")
+    return found[-1]
 
 
 def test_client_killed_mid_put(setup_node: Callable[..., Setup], tmp_path: Path) -> None:
@@ -303,4 +448,136 @@ def test_client_killed_mid_get(setup_node: Callable[..., Setup], tmp_path: Path)
     again = s.client.annex("get", "--from", s.remote, "--debug", "big", timeout=180)
     assert get_offsets(again) == [partial], again.describe()
     assert s.client.read("big") == data
+    assert_next_session_works(s)
+
+
+def test_client_killed_waiting_for_put_from(
+    setup_node: Callable[..., Setup], tmp_path: Path
+) -> None:
+    """The node's PUT-FROM is on its way when the client dies."""
+    s = setup_node("p2p")
+    data = os.urandom(MiB)
+    s.client.add_file("f", data)
+    key = s.client.key("f")
+    add_probe(s)
+    _kill_client_mid_transfer(s, tmp_path, "copy", "--to", s.remote, "f", down_line="PUT-FROM")
+    client_session_end(s)
+    _session_ended(s, "session end")
+    assert_no_object(s, key)
+    assert s.node.uuid not in whereis_uuids(s.proxy, key)
+    s.node.assert_sound()
+    s.client.fsck_content()
+
+    s.client.annex("copy", "--to", s.remote, "f")
+    s.node.assert_holds({key: data})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    assert_next_session_works(s)
+
+
+def test_client_killed_waiting_for_put_result(
+    setup_node: Callable[..., Setup], tmp_path: Path
+) -> None:
+    """The client dies after its VALID: the node still gets it, stores, answers SUCCESS.
+
+    The object is stored whole in the node, and the proxy's log, which saw the
+    SUCCESS, says so (the dead client's log does not: it never heard).
+    """
+    s = setup_node("p2p")
+    data = os.urandom(MiB - 1) + b"\n"  # so that VALID starts a line the relay finds
+    s.client.add_file("f", data)
+    key = s.client.key("f")
+    add_probe(s)
+    _kill_client_mid_transfer(s, tmp_path, "copy", "--to", s.remote, "f", up_line="VALID")
+    client_session_end(s)
+    _session_ended(s, "session end")
+    s.node.assert_holds({key: data})
+    s.node.assert_sound()
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    s.client.fsck_content()
+
+    again = s.client.annex("copy", "--to", s.remote, "--debug", "f")
+    assert "PUT " not in again.output, again.describe()  # CHECKPRESENT: it is there
+    assert s.node.uuid in whereis_uuids(s.client, key)
+    assert_next_session_works(s)
+
+
+def test_client_killed_during_remove(setup_node: Callable[..., Setup], tmp_path: Path) -> None:
+    """The client dies as its REMOVE leaves: the node removes, the proxy's log learns it."""
+    s = setup_node("p2p")
+    s.client.add_file("f", b"remove me\n")
+    key = s.client.key("f")
+    add_probe(s)
+    s.client.annex("copy", "--to", s.remote, "f")
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    _kill_client_mid_transfer(s, tmp_path, "drop", "--from", s.remote, "f", up_line="REMOVE")
+    client_session_end(s)
+    _session_ended(s, "session end")
+    s.node.assert_holds({})
+    s.node.assert_sound()
+    wait_location(s.proxy, key, s.node.uuid, present=False)
+    assert s.client.read("f") == b"remove me\n"
+    s.client.fsck_content()
+
+    s.client.annex("copy", "--to", s.remote, "f")
+    s.node.assert_holds({key: b"remove me\n"})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    assert_next_session_works(s)
+
+
+# A raw protocol client in a process of its own: it takes a content lock in
+# the node through the bridge, says so, and holds it until it is killed.
+LOCK_HOLDER = """
+import sys
+from tests.e2e.harness import RawSession
+path, token, uuid, key = sys.argv[1:]
+r = RawSession(path)
+r.auth(token, uuid)
+assert r.version(4) == "VERSION 4"
+r.send_line("LOCKCONTENT " + key)
+r.expect("SUCCESS")
+print("LOCKED", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_client_killed_holding_lockcontent(setup_node: Callable[..., Setup]) -> None:
+    """LOCKCONTENT, SUCCESS, then the client is SIGKILLed: the node lets the lock go."""
+    s = setup_node("p2p")
+    content = b"locked in the node\n"
+    s.client.add_file("f", content)
+    key = s.client.key("f")
+    add_probe(s)
+    s.client.annex("copy", "--to", s.remote, "f")
+    token = s.bridge.add_token("raw", "rw", endpoint=s.remote)
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(token.socket), token.token, s.node.uuid, key],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        said = holder.stdout.readline()
+        assert said == "LOCKED\n", f"{said!r} {holder.communicate(timeout=10)}"
+        # The lock is real, in the node: a REMOVE cannot take the content
+        # (git-annex's node refuses by hanging up: "content is locked").
+        refused = s.client.annex("drop", "--from", s.remote, "--debug", "f", check=False)
+        assert not refused.ok, refused.describe()
+        error_naming(refused, s.node.name, "connection closed")
+        s.node.assert_holds({key: content})
+        assert live_sessions(s), "the lock holder's session is not in torbridge status"
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
+    _session_ended(s, "session end, token raw")
+    assert "token raw" in client_session_end(s)
+
+    # Released in the node: a REMOVE through the bridge now succeeds.
+    s.client.annex("drop", "--from", s.remote, "f")
+    s.node.assert_holds({})
+    wait_location(s.proxy, key, s.node.uuid, present=False)
     assert_next_session_works(s)

@@ -4,7 +4,9 @@ copy --to, get --from, drop --from, fsck --from, move --to / --from; then the
 node holds exactly the right objects (checked in the node itself, byte for
 byte), and the proxy's location log agrees (for p2p/tor nodes the bridge
 writes it with ``setpresentkey --batch``; for a local node git-annex-shell's
-own proxying does).
+own proxying does). A tor node is also reached through a unix-socket
+SocksPort; raw protocol sessions check, message by message, what a stock
+client does not send (v0, DATA-PRESENT, REMOVE-BEFORE, a node's ERROR).
 
 ``git annex testremote`` is not tested: it fails before connecting to a
 p2p-annex remote ("failed disabling exportree"), the same way through a
@@ -14,17 +16,26 @@ with git-annex 10.20261026).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Client, Expose
+from tests.e2e.harness import AnnexRepo, Client, Expose, RawSession
+from tests.nodes import tbnode
 from tests.nodes.conftest import Setup
 from tests.nodes.nodes import (
     KINDS,
+    ONION_PORT,
     Node,
     NodeBridge,
+    NodeNet,
     error_naming,
     p2p_errors,
     wait_location,
@@ -144,3 +155,200 @@ def test_local_node_without_updateproxy_is_explained(
     result = client.annex("copy", "--to", "n-local", "--debug", "f", check=False)
     assert not result.ok and not node.objects(), result.describe()
     error_naming(result, "n-local", "updateproxy")
+
+
+def test_tor_node_through_unix_socks_port(
+    make_nodes: Callable[..., Node],
+    make_node_bridge: Callable[..., NodeBridge],
+    make_client: Callable[[str], Client],
+    node_net: NodeNet,
+    socks_server: tbnode.SocksServer,
+) -> None:
+    """``[tor] socks = "unix:PATH"`` (tor's SocksPort unix:PATH, Debian's /run/tor/socks)."""
+    node = make_nodes("tor", "n-tor")
+    assert node.onion is not None
+    # AF_UNIX paths are short: not under pytest's tmp_path.
+    sockdir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
+    unix = tbnode.SocksServer(f"unix:{sockdir / 'socks'}", 0, node_net.directory)
+    unix.routes[node.onion] = node.name
+    unix.start()
+    try:
+        bridge = make_node_bridge([Expose("n-tor", "n-tor", 5001)], socks=unix.address)
+        bridge.start()
+        client = make_client("client")
+        client.link(bridge.add_token("client", "rw").line, "n-tor")
+        data = os.urandom(300_000)
+        client.add_file("f", data)
+        key = client.key("f")
+        client.annex("copy", "--to", "n-tor", "f")
+        node.assert_holds({key: data})
+        client.annex("drop", "f")
+        client.annex("get", "--from", "n-tor", "f")
+        assert client.read("f") == data
+        assert f"{node.onion}:{ONION_PORT}" in unix.requests
+        assert not socks_server.requests  # the TCP SocksPort was never dialled
+    finally:
+        unix.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# --- the wire, by hand, through a node's endpoint -----------------------------------------
+
+
+def raw_session(s: Setup) -> RawSession:
+    """A raw protocol session with the node's endpoint, past AUTH (the node's UUID)."""
+    token = s.bridge.add_token("raw", "rw", endpoint=s.remote)
+    r = RawSession(token.socket)
+    r.auth(token.token, s.node.uuid)
+    return r
+
+
+def put_raw(r: RawSession, key: str, data: bytes, version: int) -> None:
+    r.send_line(f"PUT raw.bin {key}")
+    r.expect("PUT-FROM 0")
+    r.send_data(data)
+    if version >= 1:
+        r.send_line("VALID")
+    r.expect("SUCCESS")
+
+
+def test_raw_v0_client_through_node(setup_node: Callable[..., Setup]) -> None:
+    """A client that sends no VERSION (git-remote-p2p-annex does not): no VALID anywhere."""
+    s = setup_node("p2p")
+    data = os.urandom(100_000)
+    s.client.add_file("raw.bin", data)
+    key = s.client.key("raw.bin")
+    with raw_session(s) as r:
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("FAILURE")
+        put_raw(r, key, data, version=0)
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("SUCCESS")
+        r.send_line(f"GET 0 raw.bin {key}")
+        assert r.read_data() == data
+        r.send_line("SUCCESS")  # v0: the body is not followed by VALID
+        r.send_line(f"GET 1000 raw.bin {key}")  # a resumed download
+        assert r.read_data() == data[1000:]
+        r.send_line("SUCCESS")
+        # A VALID after either body would be read here instead of SUCCESS.
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("SUCCESS")
+    s.node.assert_holds({key: data})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    # The node spoke v0 too: right after AUTH came the request, no VERSION.
+    assert s.node.server is not None
+    lines = re.findall(r"P2P ([<>] \S+)", s.node.server.log())
+    first = lines.index("< CHECKPRESENT")
+    assert lines[first - 1] == "> AUTH-SUCCESS", lines[: first + 1]
+
+
+def test_raw_data_present_through_node(setup_node: Callable[..., Setup]) -> None:
+    """v4 DATA-PRESENT after PUT-FROM: the node's own presence check is the answer."""
+    s = setup_node("p2p")
+    data = os.urandom(50_000)
+    s.client.add_file("raw.bin", data)
+    key = s.client.key("raw.bin")
+    with raw_session(s) as r:
+        assert r.version(4) == "VERSION 4"
+        r.send_line(f"PUT raw.bin {key}")
+        r.expect("PUT-FROM 0")
+        r.send_line("DATA-PRESENT")
+        r.expect("FAILURE")  # the node does not have it
+        assert s.node.uuid not in whereis_uuids(s.proxy, key)
+        r.send_line(f"PUT raw.bin {key}")
+        r.expect("PUT-FROM 0")
+        # The content reaches the node by another way meanwhile.
+        s.node.repo.add_file("raw.bin", data)
+        assert s.node.repo.key("raw.bin") == key
+        r.send_line("DATA-PRESENT")
+        r.expect("SUCCESS")
+        r.send_line(f"PUT raw.bin {key}")
+        r.expect("ALREADY-HAVE")
+    s.node.assert_holds({key: data})
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+
+
+def test_raw_timestamps_through_node(setup_node: Callable[..., Setup]) -> None:
+    """GETTIMESTAMP is the node's clock; REMOVE-BEFORE is judged by the node against it."""
+    s = setup_node("p2p")
+    data = b"remove me before\n"
+    s.client.add_file("raw.bin", data)
+    key = s.client.key("raw.bin")
+    s.client.annex("copy", "--to", s.remote, "raw.bin")
+    wait_location(s.proxy, key, s.node.uuid, present=True)
+    with raw_session(s) as r:
+        assert r.version(4) == "VERSION 4"
+        r.send_line("GETTIMESTAMP")
+        reply = r.read_line()
+        assert re.fullmatch(r"TIMESTAMP \d+", reply), reply
+        t = int(reply.split()[1])
+        # git-annex's clock: whole seconds of CLOCK_BOOTTIME (same host here).
+        assert abs(t - time.clock_gettime(time.CLOCK_BOOTTIME)) < 5
+        r.send_line(f"REMOVE-BEFORE {t} {key}")  # the node's clock is at or past it
+        r.expect("FAILURE")
+        s.node.assert_holds({key: data})
+        assert s.node.uuid in whereis_uuids(s.proxy, key)
+        r.send_line(f"REMOVE-BEFORE {t + 600} {key}")
+        r.expect("SUCCESS")
+    s.node.assert_holds({})
+    wait_location(s.proxy, key, s.node.uuid, present=False)
+
+
+def test_raw_get_of_missing_key_through_node(setup_node: Callable[..., Setup]) -> None:
+    """The node's own answer to a GET it cannot serve reaches the client; the session goes on."""
+    s = setup_node("p2p")
+    s.client.add_file("raw.bin", b"not in the node\n")
+    key = s.client.key("raw.bin")
+    with raw_session(s) as r:
+        assert r.version(4) == "VERSION 4"
+        r.send_line(f"GET 0 raw.bin {key}")
+        # git-annex's way of saying "I have no such content".
+        assert r.read_data() == b""
+        r.expect("INVALID")
+        r.send_line("FAILURE")
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("FAILURE")
+        put_raw(r, key, b"not in the node\n", version=4)
+    s.node.assert_holds({key: b"not in the node\n"})
+
+
+def test_raw_node_error_is_relayed_verbatim(
+    make_node_bridge: Callable[..., NodeBridge], proxy_repo: AnnexRepo, tmp_path: Path
+) -> None:
+    """A node's own ERROR reaches the client word for word, and the session goes on.
+
+    A remotedaemon node answers every request the bridge lets through
+    without ERROR (a GET it cannot serve is DATA 0 + INVALID; a local
+    failure drops the connection). A special remote that git-annex proxies
+    itself does send one: its failures come back as ``ERROR proxied special
+    remote reports: ...``.
+    """
+    store = tmp_path / "store"
+    store.mkdir()
+    proxy_repo.annex(
+        "initremote", "sp", "type=directory", f"directory={store}", "encryption=none"
+    )
+    proxy_repo.git("config", "remote.sp.annex-proxy", "true")
+    proxy_repo.annex("updateproxy")
+    uuid = proxy_repo.git("config", "remote.sp.annex-uuid").stdout.strip()
+    bridge = make_node_bridge([Expose("sp", "sp", 5002)])
+    bridge.start()
+    token = bridge.add_token("raw", "rw")
+    data = os.urandom(20_000)
+    key = f"SHA256E-s{len(data)}--{hashlib.sha256(data).hexdigest()}.bin"
+    store.rmdir()  # the special remote's storage is gone
+    with RawSession(token.socket) as r:
+        r.auth(token.token, uuid)
+        assert r.version(4) == "VERSION 4"
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect(
+            f"ERROR proxied special remote reports: directory {store} is not accessible"
+        )
+        store.mkdir()  # back
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("FAILURE")
+        put_raw(r, key, data, version=4)
+        r.send_line(f"CHECKPRESENT {key}")
+        r.expect("SUCCESS")
+    stored = [p for p in store.rglob(key) if p.is_file()]
+    assert [p.read_bytes() for p in stored] == [data], stored

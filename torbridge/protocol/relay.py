@@ -198,6 +198,7 @@ class Relay:
         self._after_body = Phase.IDLE
         self._pending: list[Action] = []  # to send once the peer is open
         self._retry_allowed = False  # the request went out on a reused connection
+        self._remove_unanswered = False  # a REMOVE reached the peer, its answer has not
 
     # --- who speaks next --------------------------------------------------
 
@@ -255,10 +256,12 @@ class Relay:
             self.peer_open = False
             self.phase = Phase.IDLE
             return [
+                *self._remove_in_doubt(),
                 ClosePeer("version changed"),
                 Send(Side.CLIENT, m.Error(f"{self.peer_name}: protocol version changed")),
             ]
         self.phase = Phase.PEER_REPLY
+        self._note_remove_sent()
         return pending
 
     def body_done(self) -> list[Action]:
@@ -280,7 +283,7 @@ class Relay:
         if self.phase is Phase.DONE:
             return []
         if side is Side.CLIENT:
-            return self._end(f"client lost: {reason}", [], clean=False)
+            return self._end(f"client lost: {reason}", self._remove_in_doubt(), clean=False)
         if not retry:
             self._retry_allowed = False
         return self._peer_lost(reason, header_unsent=header_unsent)
@@ -369,6 +372,7 @@ class Relay:
             return self._open([Send(Side.PEER, event)])
         self.phase = Phase.PEER_REPLY
         self._retry_allowed = True
+        self._note_remove_sent()
         return [Send(Side.PEER, event)]
 
     def _connect(self, service: str) -> list[Action]:
@@ -427,7 +431,7 @@ class Relay:
             if not isinstance(event, _RESULTS):
                 return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
             self.phase = Phase.IDLE
-            return [Send(Side.CLIENT, event), *self._observe(event)]
+            return [*self._observe(event), Send(Side.CLIENT, event)]
         if self.phase is Phase.PEER_VALIDITY:
             if not isinstance(event, _VALIDITY):
                 return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
@@ -439,6 +443,7 @@ class Relay:
         request = self.request
         assert request is not None
         self._retry_allowed = False
+        self._remove_unanswered = False
         if not isinstance(event, _PEER_REPLIES[type(request)]):
             what = f"unexpected {type(event).__name__} to {type(request).__name__}"
             return self._peer_broke(what)
@@ -453,10 +458,15 @@ class Relay:
             self._after_body = Phase.PEER_VALIDITY if self.version >= 1 else Phase.CLIENT_GET_RESULT
             return [Send(Side.CLIENT, event), CopyBody(Side.PEER, event.length)]
         self.phase = Phase.IDLE
-        return [Send(Side.CLIENT, event), *self._observe(event)]
+        return [*self._observe(event), Send(Side.CLIENT, event)]
 
     def _observe(self, result: m.Message) -> list[Action]:
-        """What the proxy's location log should learn from a result."""
+        """What the proxy's location log should learn from a result.
+
+        Put before the result's Send to the client: a client that is gone
+        ends the session at that Send, and what the peer did must be
+        recorded all the same.
+        """
         request = self.request
         ok = isinstance(result, (m.Success, m.SuccessPlus))
         plus = result.uuids if isinstance(result, (m.SuccessPlus, m.FailurePlus)) else ()
@@ -489,7 +499,11 @@ class Relay:
                 self.version = 0
             elif not pending:
                 raise RelayError("opening with nothing pending")
-            return [*actions, Send(Side.CLIENT, m.Error(f"{self.peer_name} unreachable: {reason}"))]
+            return [
+                *actions,
+                *self._remove_in_doubt(),
+                Send(Side.CLIENT, m.Error(f"{self.peer_name} unreachable: {reason}")),
+            ]
         if phase is Phase.PEER_REPLY:
             if self._retry_allowed and not close and self.request is not None:
                 # The connection may simply have gone stale between requests:
@@ -497,7 +511,7 @@ class Relay:
                 self._retry_allowed = False
                 return [*actions, *self._open([Send(Side.PEER, self.request)])]
             self.phase = Phase.IDLE
-            return [*actions, Send(Side.CLIENT, error)]
+            return [*actions, *self._remove_in_doubt(), Send(Side.CLIENT, error)]
         if phase is Phase.PEER_PUT_RESULT:
             self.phase = Phase.IDLE
             return [*actions, Send(Side.CLIENT, error)]
@@ -517,6 +531,21 @@ class Relay:
         # IDLE, a client phase, or the peer failed while a PUT body was copied
         # to it (the body is drained, then the client is told).
         return actions
+
+    def _note_remove_sent(self) -> None:
+        if isinstance(self.request, (m.Remove, m.RemoveBefore)):
+            self._remove_unanswered = True
+
+    def _remove_in_doubt(self) -> list[Action]:
+        """A REMOVE went to the peer and no answer will come: it may have
+        removed the object. Logged as missing: a copy not counted is safe, a
+        copy counted that is gone could let the last one be dropped."""
+        if not self._remove_unanswered:
+            return []
+        self._remove_unanswered = False
+        request = self.request
+        assert isinstance(request, (m.Remove, m.RemoveBefore))
+        return [Removed(request.key, (self.server_uuid,))]
 
     def _put_failed(self) -> list[Action]:
         self.phase = Phase.IDLE
