@@ -60,6 +60,8 @@ async def run_git_service(
         return 1
     assert process.stdin and process.stdout and process.stderr
     last_activity = trio.current_time()
+    stopped = False  # by the watchdog
+    sending = False  # to the client, right now
 
     async def client_to_git() -> None:
         nonlocal last_activity
@@ -82,10 +84,12 @@ async def run_git_service(
                 await process.stdin.aclose()
 
     async def watchdog(cancel: trio.CancelScope) -> None:
+        nonlocal stopped
         # Activity moves the deadline on; polling it beats an Event per chunk.
         while trio.current_time() - last_activity < idle_timeout:  # noqa: ASYNC110
             await trio.sleep_until(last_activity + idle_timeout)
         log.warning("%s idle for %.0fs, stopping it", service, idle_timeout)
+        stopped = True
         cancel.cancel()
 
     stderr = StderrTail(service)
@@ -99,8 +103,10 @@ async def run_git_service(
             try:
                 while data := await process.stdout.receive_some(CHUNK):
                     last_activity = trio.current_time()
+                    sending = True
                     await client.send(m.Data(len(data)))
                     await client.send_body(bytes(data))
+                    sending = False
             except StreamLost as e:
                 # The client went away (killed git fetch, lost circuit): git
                 # is stopped below; there is nobody to send CONNECTDONE to.
@@ -119,12 +125,21 @@ async def run_git_service(
             await process.stdout.aclose()
     if client_gone:
         return 1
+    if stopped and sending:
+        # The client stopped reading (it is frozen, or its circuit is): it
+        # is cut off mid-DATA, and nothing more can be said to it.
+        log.info("%s: client not reading, session ended", service)
+        return 1
     if code is None:  # stopped by the watchdog: git's output is incomplete
         code = 1
     if code:
         log.info("%s exited %d: %s", service, code, stderr.text())
     try:
-        await client.send(m.ConnectDone(code))
+        # The client may have stopped reading too: this wait is bounded as well.
+        with trio.fail_after(idle_timeout):
+            await client.send(m.ConnectDone(code))
     except StreamLost:
         log.info("%s: client gone before CONNECTDONE", service)
+    except trio.TooSlowError:
+        log.info("%s: client not reading CONNECTDONE, session ended", service)
     return code
