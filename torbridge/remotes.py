@@ -15,6 +15,7 @@ from pathlib import Path
 
 _REMOTE_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
 _ONION = re.compile(r"[a-z2-7]{16,56}\.onion")
+_PORT = re.compile(r"[0-9]{1,5}")  # not str.isdigit(): "²" is a digit to it, not to int()
 _NET = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _TOKEN = re.compile(r"[A-Za-z0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -83,7 +84,8 @@ def parse_p2p_address(url: str) -> P2PAddress | None:
     if not sep or _CONTROL.search(rest):
         raise RemoteError(f"{url!r} is not a valid P2P address")
     if scheme == "tor-annex::":
-        if not _ONION.fullmatch(first) or not second.isdigit() or not 0 < int(second) < 65536:
+        valid_port = _PORT.fullmatch(second) and 0 < int(second) < 65536
+        if not _ONION.fullmatch(first) or not valid_port:
             raise RemoteError(f"{url!r} is not a valid tor-annex address")
         return TorAddress(first, int(second))
     if not _NET.fullmatch(first) or not second or second.startswith("-"):
