@@ -17,6 +17,9 @@ _REMOTE_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
 _ONION = re.compile(r"[a-z2-7]{16,56}\.onion")
 _PORT = re.compile(r"[0-9]{1,5}")  # not str.isdigit(): "²" is a digit to it, not to int()
 _NET = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+# A repository UUID goes into argvs (git-annex-shell --uuid) and protocol lines
+# (AUTH-SUCCESS): only the shape git-annex makes, as for a client's UUID.
+_UUID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,63}")
 _TOKEN = re.compile(r"[A-Za-z0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -93,6 +96,13 @@ def parse_p2p_address(url: str) -> P2PAddress | None:
     return NetAddress(first, second)
 
 
+def check_uuid(uuid: str, what: str) -> str:
+    """``uuid``, if it is one; RemoteError naming ``what`` otherwise."""
+    if not _UUID.fullmatch(uuid):
+        raise RemoteError(f"{what} has annex-uuid {uuid!r}, which is not a valid UUID")
+    return uuid
+
+
 def git_dir(repository: Path) -> Path:
     out = subprocess.run(
         ["git", "rev-parse", "--absolute-git-dir"],
@@ -166,6 +176,7 @@ def proxied_remote(repository: Path, name: str) -> Remote:
         raise RemoteError(
             f"remote {name!r} has no annex-uuid: run `git annex sync {name}` or re-link it"
         )
+    check_uuid(remote.uuid, f"remote {name!r}")
     return remote
 
 
@@ -230,6 +241,7 @@ def read_cluster(repository: Path, name: str, cluster_log: str) -> Cluster:
     uuid = read_cluster_names(repository).get(name)
     if uuid is None:
         raise RemoteError(f"no cluster named {name!r}: run `git annex initcluster {name}`")
+    check_uuid(uuid, f"cluster {name} (annex.cluster.{name})")
     remotes = read_remotes(repository)
     recorded = parse_cluster_log(cluster_log).get(uuid, frozenset())
     nodes = []
@@ -240,6 +252,7 @@ def read_cluster(repository: Path, name: str, cluster_log: str) -> Cluster:
             raise RemoteError(f"cluster {name}: {remote.name!r} is not a valid remote name")
         if not remote.uuid:
             raise RemoteError(f"cluster {name}: node {remote.name!r} has no annex-uuid")
+        check_uuid(remote.uuid, f"cluster {name}: node {remote.name!r}")
         if remote.uuid not in recorded:
             raise RemoteError(
                 f"cluster {name}: node {remote.name!r} is not in cluster.log yet: run"
@@ -257,6 +270,7 @@ def read_cluster(repository: Path, name: str, cluster_log: str) -> Cluster:
                 f" as remote {gateway.name}-{name} (and its own as {gateway.name}), each with"
                 " `git annex p2p --link`"
             )
+        check_uuid(gateway.uuid, f"cluster {name}: gateway {gateway.name!r}")
         gateways.append((via, gateway.uuid))
     if not nodes and not gateways:
         raise RemoteError(
