@@ -19,7 +19,7 @@ from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
 from torbridge.server.status import render
 from torbridge.tokens import MODES, TokenError, TokenStore
-from torbridge.tor.onion import TorError, torrc_snippet
+from torbridge.tor.onion import PowDefenses, TorError, torrc_snippet
 
 DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
 # Errors that are the operator's to fix: one line each, no traceback.
@@ -200,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "onion-snippet":
             hs_dir = config.tor.hidden_service_dir or Path("/var/lib/tor/torbridge")
             snippet = torrc_snippet(
-                hs_dir, onion_ports(config), config.tor.max_streams, config.tor.export_circuit_id
+                hs_dir,
+                onion_ports(config),
+                config.tor.max_streams,
+                config.tor.export_circuit_id,
+                PowDefenses.of(config.tor),
             )
             print(snippet, end="")
             return 0

@@ -67,6 +67,11 @@ class Tor:
     # With onion = "torrc" only: tor prepends a PROXY line carrying the circuit
     # id (HiddenServiceExportCircuitID haproxy), for per-circuit caps and backoff.
     export_circuit_id: bool = False
+    # tor's proof-of-work defense against introduction floods (tor >= 0.4.9.2
+    # through ADD_ONION; >= 0.4.8 in torrc). Rate and burst: None = tor's own.
+    pow_defenses: bool = True
+    pow_queue_rate: int | None = None  # introductions handled per second
+    pow_queue_burst: int | None = None  # ... in a burst
 
     @property
     def enabled(self) -> bool:
@@ -118,8 +123,12 @@ _TOR_KEYS = (
     "hidden_service_dir",
     "max_streams",
     "export_circuit_id",
+    "pow_defenses",
+    "pow_queue_rate",
+    "pow_queue_burst",
 )
 _ONION_MODES = ("ephemeral", "torrc")
+_POW_QUEUE_MAX = 2**31 - 1  # tor's HiddenServicePoWQueueRate/Burst are 32-bit
 _SOCKS_RE = re.compile(r"unix:/.+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
 _EXPOSE_KEYS = ("name", "remote", "port")
 
@@ -304,7 +313,22 @@ def _parse_tor(p: _Parser, raw: Any) -> Tor:
             _where("export_circuit_id", "tor"),
             'needs onion = "torrc": tor exports circuit ids only for torrc onion services',
         )
-    return Tor(socks, control, password, onion, hs_dir, max_streams, export)
+    pow_defenses = raw.get("pow_defenses", Tor.pow_defenses)
+    if not isinstance(pow_defenses, bool):
+        raise p.error(
+            _where("pow_defenses", "tor"), f"expected a boolean, got {_type_name(pow_defenses)}"
+        )
+    queue: dict[str, int | None] = {}
+    for key in ("pow_queue_rate", "pow_queue_burst"):
+        queue[key] = None
+        if key in raw:
+            queue[key] = value = p.integer(raw[key], key, "tor")
+            if not 1 <= value <= _POW_QUEUE_MAX:
+                raise p.error(_where(key, "tor"), f"must be between 1 and {_POW_QUEUE_MAX}")
+    rate, burst = queue["pow_queue_rate"], queue["pow_queue_burst"]
+    return Tor(
+        socks, control, password, onion, hs_dir, max_streams, export, pow_defenses, rate, burst
+    )
 
 
 def _parse_expose(p: _Parser, raw: Any) -> tuple[Expose, ...]:
@@ -463,6 +487,11 @@ def dump_config(cfg: Config) -> str:
         lines.append(f"hidden_service_dir = {_toml_string(str(cfg.tor.hidden_service_dir))}")
     if cfg.tor.export_circuit_id:
         lines.append("export_circuit_id = true")
+    lines.append("# tor's proof-of-work defense against introduction floods.")
+    lines.append(f"pow_defenses = {'true' if cfg.tor.pow_defenses else 'false'}")
+    for key in ("pow_queue_rate", "pow_queue_burst"):
+        value = getattr(cfg.tor, key)
+        lines.append(f"{key} = {value}" if value is not None else f"# {key} = (tor's default)")
     lines += ["", "[limits]"]
     for key in _LIMIT_KEYS:
         value = getattr(cfg.limits, key)

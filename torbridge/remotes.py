@@ -15,7 +15,11 @@ from pathlib import Path
 
 _REMOTE_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
 _ONION = re.compile(r"[a-z2-7]{16,56}\.onion")
+_PORT = re.compile(r"[0-9]{1,5}")  # not str.isdigit(): "²" is a digit to it, not to int()
 _NET = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+# A repository UUID goes into argvs (git-annex-shell --uuid) and protocol lines
+# (AUTH-SUCCESS): only the shape git-annex makes, as for a client's UUID.
+_UUID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,63}")
 _TOKEN = re.compile(r"[A-Za-z0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -88,12 +92,20 @@ def parse_p2p_address(url: str) -> P2PAddress | None:
     if not sep or _CONTROL.search(rest):
         raise RemoteError(f"{url!r} is not a valid P2P address")
     if scheme == "tor-annex::":
-        if not _ONION.fullmatch(first) or not second.isdigit() or not 0 < int(second) < 65536:
+        valid_port = _PORT.fullmatch(second) and 0 < int(second) < 65536
+        if not _ONION.fullmatch(first) or not valid_port:
             raise RemoteError(f"{url!r} is not a valid tor-annex address")
         return TorAddress(first, int(second))
     if not _NET.fullmatch(first) or not second or second.startswith("-"):
         raise RemoteError(f"{url!r} is not a valid p2p-annex address")
     return NetAddress(first, second)
+
+
+def check_uuid(uuid: str, what: str) -> str:
+    """``uuid``, if it is one; RemoteError naming ``what`` otherwise."""
+    if not _UUID.fullmatch(uuid):
+        raise RemoteError(f"{what} has annex-uuid {uuid!r}, which is not a valid UUID")
+    return uuid
 
 
 def git_dir(repository: Path) -> Path:
@@ -169,6 +181,7 @@ def proxied_remote(repository: Path, name: str) -> Remote:
         raise RemoteError(
             f"remote {name!r} has no annex-uuid: run `git annex sync {name}` or re-link it"
         )
+    check_uuid(remote.uuid, f"remote {name!r}")
     return remote
 
 
@@ -256,6 +269,7 @@ def read_cluster(repository: Path, name: str, cluster_log: str, proxy_log: str =
     uuid = read_cluster_names(repository).get(name)
     if uuid is None:
         raise RemoteError(f"no cluster named {name!r}: run `git annex initcluster {name}`")
+    check_uuid(uuid, f"cluster {name} (annex.cluster.{name})")
     remotes = read_remotes(repository)
     recorded = parse_cluster_log(cluster_log).get(uuid, frozenset())
     nodes = []
@@ -266,6 +280,7 @@ def read_cluster(repository: Path, name: str, cluster_log: str, proxy_log: str =
             raise RemoteError(f"cluster {name}: {remote.name!r} is not a valid remote name")
         if not remote.uuid:
             raise RemoteError(f"cluster {name}: node {remote.name!r} has no annex-uuid")
+        check_uuid(remote.uuid, f"cluster {name}: node {remote.name!r}")
         if remote.uuid not in recorded:
             raise RemoteError(
                 f"cluster {name}: node {remote.name!r} is not in cluster.log yet: run"
@@ -283,6 +298,7 @@ def read_cluster(repository: Path, name: str, cluster_log: str, proxy_log: str =
                 f" as remote {gateway.name}-{name} (and its own as {gateway.name}), each with"
                 " `git annex p2p --link`"
             )
+        check_uuid(gateway.uuid, f"cluster {name}: gateway {gateway.name!r}")
         behind = parse_proxy_log(proxy_log).get(gateway.uuid, frozenset()) & recorded
         gateways.append(GatewayLink(via, gateway.uuid, behind))
     if not nodes and not gateways:

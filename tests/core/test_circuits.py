@@ -5,11 +5,17 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz import examples
 from torbridge.protocol.proxyline import ProxyLineError, parse_proxy_line
 from torbridge.server.admission import CircuitGuard
+
+# TORBRIDGE_FUZZ_SCALE multiplies the examples (tests/fuzz.py).
+PROPS = settings(
+    max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 # What tor 0.4.x writes for circuit 0x0000002a to virtual port 5000.
 TOR_LINE = b"PROXY TCP6 fc00:dead:beef:4dad::0:2a ::1 65535 5000\r\n"
@@ -48,6 +54,7 @@ def test_anything_else_is_refused(data: bytes) -> None:
         parse_proxy_line(data)
 
 
+@PROPS
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_refuse(data: bytes) -> None:
     with contextlib.suppress(ProxyLineError):

@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.core.peers import CLIENT_UUID, TOKEN, FakeRepo, FakeTransport, OneToken, PeerConnection
 from tests.core.test_session import Client, script
+from tests.fuzz import examples
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
@@ -31,6 +32,11 @@ from torbridge.remotes import parse_cluster_log, parse_proxy_log
 from torbridge.server.session import Endpoint, Session
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.framed import StreamLost
+
+# TORBRIDGE_FUZZ_SCALE multiplies the examples (tests/fuzz.py).
+PROPS = settings(
+    max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 KEY = "SHA256E-s11--2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90.txt"
 KEY2 = "SHA256E-s5--f2ca1bb6c7e907d06dafe4687e579fce76b37e4e93b7605022da52e6ccc26fd2.bin"
@@ -76,6 +82,7 @@ def test_holders_spread_over_equal_nodes() -> None:
     assert c.holders(nodes, logged, random.Random(7)) == c.holders(nodes, logged, random.Random(7))
 
 
+@PROPS
 @given(
     st.lists(st.sampled_from([100.0, 150.0, 200.0]), min_size=0, max_size=8),
     st.sets(st.integers(0, 7)),
@@ -103,6 +110,7 @@ def test_put_targets_table() -> None:
     assert c.put_targets([], set(), lambda n: True) == []
 
 
+@PROPS
 @given(st.integers(1, 6), st.sets(st.integers(0, 5)), st.sets(st.integers(0, 5)))
 def test_put_targets_never_empty(count: int, logged_idx: set[int], wanted_idx: set[int]) -> None:
     nodes = refs(*([200.0] * count))
@@ -178,6 +186,7 @@ def test_put_offsets_lengths_and_slices() -> None:
     assert got == {A: content[30:], B: content[10:], C: content[70:]}
 
 
+@PROPS
 @given(
     st.binary(min_size=0, max_size=300),
     st.lists(st.integers(0, 320), min_size=1, max_size=5),
@@ -306,6 +315,7 @@ def test_put_results_from_gateway_nodes() -> None:
     assert anon.outcome() == m.SuccessPlus(())
 
 
+@PROPS
 @given(
     st.integers(0, 4),
     st.lists(

@@ -995,6 +995,105 @@ async def test_peer_stalls_mid_get_body(autojump_clock: trio.abc.Clock) -> None:
     assert b.session.outcome.startswith(f"{PEER_NAME} lost during GET")
 
 
+# A body that keeps moving is never cut, however long it takes: idle_timeout
+# and peer_timeout are about protocol silence between messages, and inside a
+# body only stall_timeout (no byte moved) applies. The bodies below take 40
+# steps of 0.75 x stall_timeout: 600 s, twice idle_timeout + peer_timeout.
+SLOW_STEPS = 40
+SLOW_PAUSE = 0.75 * LIMITS.stall_timeout
+SLOW_PIECE = 997
+
+
+async def test_slow_steady_put_body_is_never_cut(autojump_clock: trio.abc.Clock) -> None:
+    content = blob(SLOW_STEPS * SLOW_PIECE, seed=7)
+    key = f"SHA256E-s{len(content)}--" + "ab" * 32
+    assert 1.5 * (LIMITS.idle_timeout + LIMITS.peer_timeout) < SLOW_STEPS * SLOW_PAUSE
+    async with bridge() as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {key}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        start = trio.current_time()
+        await b.client.send(b"DATA %d\n" % len(content))
+        await b.client.send_in_pieces(content, SLOW_PIECE, pause=SLOW_PAUSE)
+        await b.client.send(b"VALID\n")
+        await b.client.expect(b"SUCCESS\n")
+        took = trio.current_time() - start
+        assert took >= SLOW_STEPS * SLOW_PAUSE  # it did take that long, and was not cut
+    assert b.repo.contents[key] == content
+    assert not b.connections[0].lost_in_body
+
+
+async def test_slow_steady_get_body_is_never_cut(autojump_clock: trio.abc.Clock) -> None:
+    content = blob(SLOW_STEPS * SLOW_PIECE, seed=8)
+
+    async def slow_get(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.Data(len(content)))
+        for i in range(0, len(content), SLOW_PIECE):
+            await conn.framed.send_body(content[i : i + SLOW_PIECE])
+            await trio.sleep(SLOW_PAUSE)
+        await conn.send(m.Valid())
+        assert isinstance(await conn.receive(), m.Success)
+
+    async with bridge(FakeRepo(hooks={m.Get: slow_get})) as b:
+        await b.client.login(4)
+        start = trio.current_time()
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA %d\n" % len(content), content, b"VALID\n")
+        await b.client.send(b"SUCCESS\n")
+        assert trio.current_time() - start >= SLOW_STEPS * SLOW_PAUSE
+        # The session goes on after the slow body.
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"FAILURE\n")
+    assert b.session.outcome == "client closed"
+
+
+async def test_slow_put_body_that_stops_is_cut_at_stall_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The same slow body, stopping half-way: cut stall_timeout after its last byte."""
+    content = blob(SLOW_STEPS * SLOW_PIECE, seed=9)
+    key = f"SHA256E-s{len(content)}--" + "cd" * 32
+    async with bridge() as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {key}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        await b.client.send(b"DATA %d\n" % len(content))
+        half = len(content) // 2
+        await b.client.send_in_pieces(content[:half], SLOW_PIECE, pause=SLOW_PAUSE)
+        last_byte = trio.current_time() - SLOW_PAUSE  # (send_in_pieces pauses after each)
+        assert await b.client.rest() == b""  # then it stops: closed, nothing said
+        cut = trio.current_time() - last_byte
+        assert LIMITS.stall_timeout <= cut < LIMITS.stall_timeout + 1, cut
+    assert b.connections[0].lost_in_body
+    assert key not in b.repo.contents
+    assert b.session.outcome.startswith("client lost")
+
+
+async def test_slow_get_body_that_stops_is_cut_at_stall_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    content = blob(SLOW_STEPS * SLOW_PIECE, seed=10)
+    sent_last: list[float] = []
+
+    async def slow_then_stop(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.Data(len(content)))
+        for i in range(0, len(content) // 2, SLOW_PIECE):
+            await conn.framed.send_body(content[i : i + SLOW_PIECE])
+            sent_last[:] = [trio.current_time()]
+            await trio.sleep(SLOW_PAUSE)
+        await conn.silent()
+
+    async with bridge(FakeRepo(hooks={m.Get: slow_then_stop})) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        got = await b.client.rest()
+        cut = trio.current_time() - sent_last[0]
+        assert got.startswith(b"DATA %d\n" % len(content))
+        assert len(got) < len(content)
+        assert LIMITS.stall_timeout <= cut < LIMITS.stall_timeout + 1, cut
+    assert b.session.outcome.startswith(f"{PEER_NAME} lost during GET")
+
+
 async def test_client_that_does_not_read_a_get_body(autojump_clock: trio.abc.Clock) -> None:
     repo = FakeRepo(contents={KEY: blob(MiB)})
     async with bridge(repo, lockstep=True) as b:

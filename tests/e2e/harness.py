@@ -479,6 +479,7 @@ class Bridge:
         self.log_path = workdir / "torbridge.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+        self.verbose = False  # serve -v: log at debug level
         self._log_file: IO[bytes] | None = None
         self.write_config()
 
@@ -521,7 +522,8 @@ class Bridge:
         self._log_file = log
         self.returncode = None
         self.proc = subprocess.Popen(
-            ["torbridge", "--config", str(self.config_path), "serve"],
+            ["torbridge", *(["-v"] if self.verbose else []), "--config", str(self.config_path),
+             "serve"],
             cwd=self.workdir,
             env=self.env.env,
             stdin=subprocess.DEVNULL,

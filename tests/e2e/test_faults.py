@@ -1,4 +1,4 @@
-"""The bridge killed mid-transfer and restarted; the proxy's disk full.
+"""The bridge killed mid-transfer and restarted; the proxy's disk full; CONNECT faults.
 
 After each: nothing stored that fails fsck, the client's transfer fails
 cleanly, and the next session is served (and resumes where it can).
@@ -6,7 +6,10 @@ cleanly, and the next session is served (and resumes where it can).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client
+from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, descendants
 
 pytestmark = pytest.mark.annex
 
@@ -62,9 +65,17 @@ def test_bridge_killed_mid_put_then_restarted(
     assert not proxy_repo.has_key(key)  # nothing half-stored as content
     proxy_repo.fsck_content()
 
+    partial = max(proxy_repo.tmp_files().values(), default=0)
+    assert partial > 0, "no partial upload kept"
+
     bridge.proc = None
     bridge.start()  # the stale socket left by the crash does not block a restart
-    rw_client.annex("copy", "--to", "hub", "big.bin", timeout=180)
+    again = rw_client.annex("copy", "--to", "hub", "big.bin", "--debug", timeout=180)
+    # It resumes: the proxy asks for the rest only (git-annex may have
+    # verified and trimmed its partial file, so not necessarily from its size).
+    offsets = [int(o) for o in re.findall(r"P2P < PUT-FROM (\d+)", again.output)]
+    assert offsets and 0 < offsets[0] <= partial, f"PUT-FROM {offsets}, partial {partial}"
+    print(f"bridge killed mid-PUT: resumed at byte {offsets[0]} of {BIG}")
     assert proxy_repo.key_content(key) == rw_client.read("big.bin")
     proxy_repo.fsck_content()
 
@@ -93,9 +104,14 @@ def test_bridge_killed_mid_get_then_restarted(
             get.kill()
     key = rw_client.key("big.bin")
     assert not rw_client.has_key(key)
+    partial = max(rw_client.tmp_files().values(), default=0)
+    assert partial > 0, "no partial download kept"
     bridge.proc = None
     bridge.start()
-    rw_client.annex("get", "--from", "hub", "big.bin", timeout=180)
+    again = rw_client.annex("get", "--from", "hub", "big.bin", "--debug", timeout=180)
+    offsets = [int(o) for o in re.findall(r"P2P > GET (\d+) ", again.output)]
+    assert offsets and 0 < offsets[0] <= partial, f"GET {offsets}, partial {partial}"
+    print(f"bridge killed mid-GET: resumed at byte {offsets[0]} of {BIG}")
     assert rw_client.read("big.bin") == proxy_repo.key_content(key)
     rw_client.fsck_content()
     proxy_repo.fsck_content()
@@ -145,3 +161,235 @@ def test_proxy_disk_full(
     client.annex("copy", "--to", "hub", "small.txt", timeout=60)
     assert full_repo.key_content(client.key("small.txt")) == b"fits\n"
     bridge.assert_alive()
+
+
+# --- CONNECT (git fetch / git push through the bridge) ------------------------------------
+#
+# The bridge runs git upload-pack / receive-pack in the proxy's own
+# repository for CONNECT (server/gitservice.py). A client that freezes must
+# not hold that git, or its session, past stall_timeout; a git that dies
+# must give the client a failure, not a hang, and leave the repository sound.
+
+STALL = 3.0  # stall_timeout of the daemon in the stall tests (default: 300 s)
+GIT_BLOB = 12 * 1024 * 1024  # random bytes, committed as ~24 MiB of hex: a pack of ~13 MiB
+
+
+def _with_limits(bridge: Bridge, **limits: float) -> None:
+    """Add a [limits] table to a configured, not yet started, daemon."""
+    table = "".join(f"{key} = {value}\n" for key, value in limits.items())
+    bridge.config_path.write_text(bridge.config_text() + "\n[limits]\n" + table)
+
+
+def _start_git(client: Client, *args: str) -> subprocess.Popen[bytes]:
+    """``git ARGS`` in the background, in its own process group (with its helpers).
+
+    With ``unpackLimit=1`` git keeps the incoming pack as a pack (index-pack,
+    a ``tmp_pack_*`` file growing as it arrives), not loose objects written
+    at the end: so a test can see the transfer under way.
+    """
+    return subprocess.Popen(["git", "-c", "transfer.unpackLimit=1", *args], cwd=client.path,
+                            env=client.env.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> str:
+    """SIGKILL the command's whole group (thawing it first); its output."""
+    for sig in (signal.SIGKILL, signal.SIGCONT):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=30)
+    return out.decode(errors="replace")
+
+
+def _wait(what: str, done: Callable[[], object], timeout: float, step: float = 0.005) -> float:
+    """Poll ``done`` until true; the seconds it took. AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while not done():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout:.0f}s"
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def _incoming_pack(repo: AnnexRepo) -> int:
+    """Bytes of the packs git is receiving into ``repo`` right now (fetch or push)."""
+    objects = repo.path / ".git" / "objects"
+    total = 0
+    for pattern in ("pack/tmp_pack_*", "tmp_objdir-incoming-*/pack/tmp_pack_*",
+                    "tmp_objdir-incoming-*/??/*"):
+        for p in objects.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+    return total
+
+
+def _helpers(bridge: Bridge) -> list[tuple[int, str]]:
+    """Every process the daemon runs (git, its children, git-annex-shell)."""
+    assert bridge.proc is not None
+    return descendants(bridge.proc.pid)
+
+
+def _git_service_pid(bridge: Bridge, service: str) -> int | None:
+    for pid, cmd in _helpers(bridge):
+        if cmd.startswith(f"git {service} "):
+            return pid
+    return None
+
+
+def _sessions(bridge: Bridge) -> list[object]:
+    sessions = json.loads(bridge.cli("status", "--json").stdout)["sessions"]
+    assert isinstance(sessions, list)
+    return sessions
+
+
+def _refs(repo: AnnexRepo) -> str:
+    return repo.git("for-each-ref", "--format=%(objectname) %(refname)").stdout
+
+
+@pytest.fixture
+def stall_bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
+    b = make_bridge()
+    _with_limits(b, stall_timeout=STALL)
+    b.start()
+    return b
+
+
+def _assert_session_ended(bridge: Bridge, service: str, stopped_at: float) -> float:
+    """The frozen client's session ends at stall_timeout: git, session and slot gone."""
+    took = _wait(f"{service} and its session ending after the client froze",
+                 lambda: not _helpers(bridge) and not _sessions(bridge),
+                 timeout=STALL + 30, step=0.1)
+    took = time.monotonic() - stopped_at
+    bridge.assert_alive()
+    assert f"{service} idle for" in bridge.log(), bridge.log()[-3000:]
+    return took
+
+
+def test_fetch_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Callable[
+        [str], Client], proxy_repo: AnnexRepo) -> None:
+    """``git fetch`` frozen (SIGSTOP) while the pack arrives: cut at stall_timeout."""
+    client = make_client("client")
+    client.link(stall_bridge.add_token("client", "rw").line, "hub")
+    blob = os.urandom(GIT_BLOB).hex().encode()
+    sha = proxy_repo.commit_git_file("big.txt", blob, "big commit")
+    proxy_refs = _refs(proxy_repo)
+    proc = _start_git(client, "fetch", "hub")
+    try:
+        _wait("the pack arriving", lambda: _incoming_pack(client) > 0 or proc.poll() is not None,
+              timeout=60)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        assert proc.poll() is None, "the fetch finished before it could be frozen"
+        got = _incoming_pack(client)
+        took = _assert_session_ended(stall_bridge, "upload-pack", stopped_at)
+        print(f"fetch frozen after {got} bytes of the pack; session ended {took:.1f}s later "
+              f"(stall_timeout {STALL:.0f}s)")
+    finally:
+        _kill_group(proc)
+    assert _refs(proxy_repo) == proxy_refs
+    proxy_repo.git("fsck", "--no-dangling", "--no-progress")
+
+    client.git("fetch", "hub", timeout=120)  # the next session is served
+    assert client.git("rev-parse", "hub/main").stdout.strip() == sha
+    assert client.git("show", "hub/main:big.txt").stdout_bytes == blob
+    client.git("fsck", "--no-dangling", "--no-progress")
+
+
+def test_push_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Callable[
+        [str], Client], proxy_repo: AnnexRepo) -> None:
+    """``git push`` frozen while its pack is sent: cut at stall_timeout, refs unchanged."""
+    client = make_client("client")
+    client.link(stall_bridge.add_token("client", "rw").line, "hub")
+    blob = os.urandom(GIT_BLOB).hex().encode()
+    sha = client.commit_git_file("big.txt", blob, "big commit")
+    proxy_refs = _refs(proxy_repo)
+    proxy_repo.git("config", "receive.unpackLimit", "1")  # see _start_git
+    proc = _start_git(client, "push", "hub", "main:synced/main")
+    try:
+        _wait("the pack arriving", lambda: _incoming_pack(proxy_repo) > 0
+              or proc.poll() is not None, timeout=60)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        assert proc.poll() is None, "the push finished before it could be frozen"
+        took = _assert_session_ended(stall_bridge, "receive-pack", stopped_at)
+        print(f"push frozen; session ended {took:.1f}s later (stall_timeout {STALL:.0f}s)")
+    finally:
+        _kill_group(proc)
+    assert _refs(proxy_repo) == proxy_refs, "a cut push changed the proxy's refs"
+    proxy_repo.git("fsck", "--no-dangling", "--no-progress")
+
+    client.git("push", "hub", "main:synced/main", timeout=120)
+    assert proxy_repo.git("rev-parse", "synced/main").stdout.strip() == sha
+    assert proxy_repo.git("show", "synced/main:big.txt").stdout_bytes == blob
+    proxy_repo.git("fsck", "--no-dangling", "--no-progress")
+
+
+def test_upload_pack_killed_mid_fetch(bridge: Bridge, rw_client: Client,
+                                      proxy_repo: AnnexRepo) -> None:
+    """The bridge's ``git upload-pack`` SIGKILLed mid-pack: the fetch fails, and says so."""
+    blob = os.urandom(GIT_BLOB).hex().encode()
+    sha = proxy_repo.commit_git_file("big.txt", blob, "big commit")
+    proxy_refs = _refs(proxy_repo)
+    proc = _start_git(rw_client, "fetch", "hub")
+    try:
+        _wait("the pack arriving", lambda: _incoming_pack(rw_client) > 0
+              or proc.poll() is not None, timeout=60)
+        # Freeze the client so that the kill lands mid-pack, however fast the machine.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert proc.poll() is None, "the fetch finished before git could be killed"
+        pid = _git_service_pid(bridge, "upload-pack")
+        assert pid is not None, _helpers(bridge)
+        os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    output = out.decode(errors="replace")
+    print(f"git fetch exit {proc.returncode}:\n{output}")
+    assert proc.returncode != 0, output
+    # Told why, in git's own words ("remote: ..."), not left waiting for the rest.
+    assert "torbridge: git upload-pack was killed by signal 9" in output, output
+    _wait("the session ending", lambda: not _helpers(bridge) and not _sessions(bridge), 30, 0.1)
+    bridge.assert_alive()
+    assert rw_client.git("rev-parse", "--verify", "-q", "hub/main", check=False).stdout == ""
+    assert _refs(proxy_repo) == proxy_refs
+    proxy_repo.git("fsck", "--no-dangling", "--no-progress")
+    rw_client.git("fsck", "--no-dangling", "--no-progress")
+
+    rw_client.git("fetch", "hub", timeout=120)
+    assert rw_client.git("show", f"{sha}:big.txt").stdout_bytes == blob
+
+
+def test_receive_pack_killed_mid_push(bridge: Bridge, rw_client: Client,
+                                      proxy_repo: AnnexRepo) -> None:
+    """The bridge's ``git receive-pack`` SIGKILLed mid-push: a failure, the refs unchanged."""
+    blob = os.urandom(GIT_BLOB).hex().encode()
+    sha = rw_client.commit_git_file("big.txt", blob, "big commit")
+    proxy_refs = _refs(proxy_repo)
+    proxy_repo.git("config", "receive.unpackLimit", "1")  # see _start_git
+    proc = _start_git(rw_client, "push", "hub", "main:synced/main")
+    try:
+        _wait("the pack arriving", lambda: _incoming_pack(proxy_repo) > 0
+              or proc.poll() is not None, timeout=60)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert proc.poll() is None, "the push finished before git could be killed"
+        pid = _git_service_pid(bridge, "receive-pack")
+        assert pid is not None, _helpers(bridge)
+        os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    output = out.decode(errors="replace")
+    print(f"git push exit {proc.returncode}:\n{output}")
+    assert proc.returncode != 0, output
+    assert "torbridge: git receive-pack was killed by signal 9" in output, output
+    _wait("the session ending", lambda: not _helpers(bridge) and not _sessions(bridge), 30, 0.1)
+    bridge.assert_alive()
+    assert _refs(proxy_repo) == proxy_refs, "a killed push changed the proxy's refs"
+    proxy_repo.git("fsck", "--no-dangling", "--no-progress")
+
+    rw_client.git("push", "hub", "main:synced/main", timeout=120)
+    assert proxy_repo.git("rev-parse", "synced/main").stdout.strip() == sha
+    assert proxy_repo.git("show", "synced/main:big.txt").stdout_bytes == blob

@@ -13,6 +13,9 @@ Select with the environment variable ``TORBRIDGE_LOAD``:
   sessions during the flood. Expect 15-25 minutes and ~5 GiB of RAM (one
   ``git-annex-shell`` per session, ~5 MiB PSS each).
 
+``test_combined.py`` runs the sessions of test 1 and the flood of test 2 at
+the same time (200 sessions and 2000 connections in CI: ~30 s).
+
 Why not 1000 requests at the same moment: every ``git-annex-shell`` serving
 a GET or PUT takes git-annex's keys database lock (``.git/annex/keysdb.lck``)
 in turn. 1000 of them at once on 2 cores (``bench/bench_load.py --sessions

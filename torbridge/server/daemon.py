@@ -50,6 +50,7 @@ from torbridge.tokens import TokenStore
 from torbridge.tor.onion import (
     ControlSpec,
     OnionPublisher,
+    PowDefenses,
     connect,
     publish,
     stored_onion,
@@ -254,6 +255,7 @@ async def _publish_onion(config: Config, nursery: trio.Nursery) -> str | None:
         config.state_dir,
         onion_ports(config),
         max_streams=tor.max_streams or None,
+        pow_defenses=PowDefenses.of(tor),
     )
     log.info("publishing the onion service through %s", tor.control)
     onion: str = await nursery.start(publisher.run)
@@ -276,7 +278,9 @@ def current_onion(config: Config) -> str | None:
         _make_state_dir(config.state_dir)
         controller = connect(ControlSpec(tor.control, tor.password))
         try:
-            onion = publish(controller, config.state_dir, onion_ports(config), None, 60, wait=False)
+            # A moment's service, to learn the address: no defenses needed.
+            onion = publish(controller, config.state_dir, onion_ports(config), None, 60,
+                            wait=False, pow_defenses=PowDefenses(enabled=False))
             controller.remove_ephemeral_hidden_service(onion.removesuffix(".onion"))
         finally:
             controller.close()

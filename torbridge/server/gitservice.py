@@ -21,12 +21,74 @@ from torbridge.transport.process import StderrTail
 log = logging.getLogger("torbridge.git")
 
 CHUNK = 64 * 1024
+CAPS_WINDOW = 4096  # bytes of a push request searched for its capabilities
 SERVICES = {"git-upload-pack": "upload-pack", "git-receive-pack": "receive-pack"}
 
 
-def pkt_line(text: str) -> bytes:
-    payload = text.encode("utf-8", "replace")
+def pkt_line(text: str | bytes) -> bytes:
+    payload = text.encode("utf-8", "replace") if isinstance(text, str) else text
     return b"%04x" % (len(payload) + 4) + payload
+
+
+class PktStream:
+    """Where git's output stands in pkt-lines, so that a failure can be told in git's terms.
+
+    upload-pack and receive-pack write nothing but pkt-lines (in the pack
+    phase, side-band packets: a first payload byte of 1, 2 or 3). When git
+    dies in the middle of that, a client given only the truncated stream
+    waits for the rest forever (git fetch does, and git-annex's helper with
+    it); a complete packet, then an error message on the channel the
+    client reads, ends it with "remote error: ...".
+    """
+
+    def __init__(self) -> None:
+        self._header = b""  # the 4 hex digits of the packet under way, as far as seen
+        self._remaining = 0  # payload bytes of the packet under way not seen yet
+        self._first = True  # the next byte is the first one of a payload
+        self.sideband = False  # the last payload started with a side-band number
+        # receive-pack answers a push that asked for side-band in side-band,
+        # though all it sent before (the ref advertisement) was plain.
+        self.client_asked_sideband = False
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._remaining:
+                if self._first:
+                    self.sideband = view[0] in (1, 2, 3)
+                    self._first = False
+                n = min(self._remaining, len(view))
+                self._remaining -= n
+                view = view[n:]
+                continue
+            n = min(4 - len(self._header), len(view))
+            self._header += bytes(view[:n])
+            view = view[n:]
+            if len(self._header) == 4:
+                try:
+                    length = int(self._header, 16)
+                except ValueError:
+                    length = 0  # not pkt-lines after all: nothing sensible to complete
+                self._header = b""
+                self._remaining = max(0, length - 4)
+                self._first = True
+
+    def failure_tail(self, message: str) -> bytes:
+        """Bytes that complete the packet under way, then say ``message`` as an error."""
+        tail = b""
+        if self._header:  # "1" becomes a 4096-byte packet, "0".."000" a flush
+            tail = b"0" * (4 - len(self._header))
+            self.feed(tail)
+        if self._remaining:
+            tail += bytes(self._remaining)  # its content is lost anyway
+            self._remaining = 0
+        if self.sideband or self.client_asked_sideband:
+            return tail + pkt_line(b"\x03" + message.encode("utf-8", "replace") + b"\n")
+        return tail + pkt_line(f"ERR {message}\n")
+
+
+def exit_text(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
 
 
 async def refuse_git_service(client: FramedStream, reason: str) -> None:
@@ -60,10 +122,14 @@ async def run_git_service(
         return 1
     assert process.stdin and process.stdout and process.stderr
     last_activity = trio.current_time()
+    stopped = False  # by the watchdog
+    packets = PktStream()  # git's output, as the client has it
+    sending = False  # to the client, right now
 
     async def client_to_git() -> None:
         nonlocal last_activity
         assert process.stdin
+        head = b""  # the start of the client's request, where its capabilities are
         try:
             while True:
                 event = await client.receive_event()
@@ -74,6 +140,9 @@ async def run_git_service(
                 while client.body_remaining:
                     chunk = await client.receive_body(CHUNK)
                     last_activity = trio.current_time()
+                    if service == "git-receive-pack" and len(head) < CAPS_WINDOW:
+                        head += chunk[: CAPS_WINDOW - len(head)]
+                        packets.client_asked_sideband = b"side-band" in head
                     await process.stdin.send_all(chunk)
         except (StreamLost, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # git sees EOF and finishes or fails on its own
@@ -82,10 +151,12 @@ async def run_git_service(
                 await process.stdin.aclose()
 
     async def watchdog(cancel: trio.CancelScope) -> None:
+        nonlocal stopped
         # Activity moves the deadline on; polling it beats an Event per chunk.
         while trio.current_time() - last_activity < idle_timeout:  # noqa: ASYNC110
             await trio.sleep_until(last_activity + idle_timeout)
         log.warning("%s idle for %.0fs, stopping it", service, idle_timeout)
+        stopped = True
         cancel.cancel()
 
     stderr = StderrTail(service)
@@ -99,8 +170,11 @@ async def run_git_service(
             try:
                 while data := await process.stdout.receive_some(CHUNK):
                     last_activity = trio.current_time()
+                    sending = True
                     await client.send(m.Data(len(data)))
                     await client.send_body(bytes(data))
+                    sending = False
+                    packets.feed(bytes(data))
             except StreamLost as e:
                 # The client went away (killed git fetch, lost circuit): git
                 # is stopped below; there is nobody to send CONNECTDONE to.
@@ -119,12 +193,25 @@ async def run_git_service(
             await process.stdout.aclose()
     if client_gone:
         return 1
+    if stopped and sending:
+        # The client stopped reading (it is frozen, or its circuit is): it
+        # is cut off mid-DATA, and nothing more can be said to it.
+        log.info("%s: client not reading, session ended", service)
+        return 1
     if code is None:  # stopped by the watchdog: git's output is incomplete
         code = 1
     if code:
         log.info("%s exited %d: %s", service, code, stderr.text())
     try:
-        await client.send(m.ConnectDone(code))
+        # The client may have stopped reading too: this wait is bounded as well.
+        with trio.fail_after(idle_timeout):
+            if code:
+                tail = packets.failure_tail(f"torbridge: git {SERVICES[service]} {exit_text(code)}")
+                await client.send(m.Data(len(tail)))
+                await client.send_body(tail)
+            await client.send(m.ConnectDone(code))
     except StreamLost:
         log.info("%s: client gone before CONNECTDONE", service)
+    except trio.TooSlowError:
+        log.info("%s: client not reading CONNECTDONE, session ended", service)
     return code

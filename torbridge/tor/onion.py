@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +24,13 @@ from typing import Any
 
 import trio
 
+from torbridge.config import Tor
+
 log = logging.getLogger("torbridge.tor")
 
 MIN_TOR = (0, 4, 0)  # ED25519-V3 ephemeral services with unix-socket targets
+# ADD_ONION's PoWDefensesEnabled, PoWQueueRate and PoWQueueBurst (tor MR 835).
+MIN_TOR_POW = (0, 4, 9, 2)
 KEY_FILE = "onion_ed25519_v3.key"
 HOSTNAME_FILE = "onion_hostname"
 RETRY_MAX = 30.0
@@ -98,6 +104,72 @@ def connect(spec: ControlSpec) -> Any:  # a stem Controller
     return controller
 
 
+@dataclass(frozen=True)
+class PowDefenses:
+    """tor's proof-of-work defense for the onion service against introduction floods.
+
+    Off by default in tor; on by default here. Under an introduction flood,
+    tor asks clients for a proof of work and serves the introductions with
+    the most work first, at ``queue_rate`` per second (bursts of
+    ``queue_burst``); None keeps tor's own values (250 and 2500).
+    """
+
+    enabled: bool = True
+    queue_rate: int | None = None
+    queue_burst: int | None = None
+
+    @classmethod
+    def of(cls, tor: Tor) -> PowDefenses:
+        return cls(tor.pow_defenses, tor.pow_queue_rate, tor.pow_queue_burst)
+
+    def add_onion_args(self) -> list[str]:
+        """ADD_ONION's keywords (nothing when off: tor's default, and older tors')."""
+        if not self.enabled:
+            return []
+        args = ["PoWDefensesEnabled=1"]
+        if self.queue_rate is not None:
+            args.append(f"PoWQueueRate={self.queue_rate}")
+        if self.queue_burst is not None:
+            args.append(f"PoWQueueBurst={self.queue_burst}")
+        return args
+
+    def torrc_lines(self) -> list[str]:
+        if not self.enabled:
+            return []
+        lines = ["HiddenServicePoWDefensesEnabled 1"]
+        if self.queue_rate is not None:
+            lines.append(f"HiddenServicePoWQueueRate {self.queue_rate}")
+        if self.queue_burst is not None:
+            lines.append(f"HiddenServicePoWQueueBurst {self.queue_burst}")
+        return lines
+
+
+def add_onion_command(
+    ports: dict[int, Path],
+    key_type: str,
+    key_content: str,
+    max_streams: int | None,
+    pow_defenses: PowDefenses,
+) -> str:
+    """The ADD_ONION line (control-spec 3.27) for the bridge's service.
+
+    MaxStreams comes with the MaxStreamsCloseCircuit flag: a circuit that
+    asks for more streams is closed, not just refused the extra ones.
+    """
+    parts = [f"ADD_ONION {key_type}:{key_content}"]
+    if max_streams:
+        parts += ["Flags=MaxStreamsCloseCircuit", f"MaxStreams={max_streams}"]
+    parts += pow_defenses.add_onion_args()
+    parts += [f"Port={port},unix:{path}" for port, path in sorted(ports.items())]
+    return " ".join(parts)
+
+
+def tor_supports_pow(controller: Any) -> bool:
+    """Whether this tor takes the proof-of-work keywords in ADD_ONION."""
+    version = controller.get_version()
+    return (version.major, version.minor, version.micro, version.patch) >= MIN_TOR_POW
+
+
 def read_key(state_dir: Path) -> str | None:
     path = state_dir / KEY_FILE
     try:
@@ -138,31 +210,47 @@ def publish(
     max_streams: int | None,
     timeout: float,
     wait: bool = True,
+    pow_defenses: PowDefenses = PowDefenses(),
 ) -> str:
     """Blocking: publish (creating the key the first time); returns NAME.onion.
 
     Returns only once tor says the descriptor reached at least one HSDir.
+    ADD_ONION is sent as a raw command: stem 1.8 knows no PoW keywords.
     """
     import stem
+    import stem.response  # type: ignore[import-untyped]
+    from stem.control import EventType
 
-    key = read_key(state_dir)
-    mapping = {port: f"unix:{path}" for port, path in ports.items()}
-    try:
-        response = controller.create_ephemeral_hidden_service(
-            mapping,
-            key_type="ED25519-V3" if key else "NEW",
-            key_content=key or "ED25519-V3",
-            await_publication=wait,
-            timeout=timeout,
-            max_streams=max_streams,
+    if pow_defenses.enabled and not tor_supports_pow(controller):
+        log.warning(
+            "tor %s cannot turn on its proof-of-work defense for an ephemeral onion service"
+            " (tor %s or newer can): publishing without it. Upgrade tor, or use"
+            ' onion = "torrc" with the lines of `torbridge onion-snippet`',
+            controller.get_version(),
+            ".".join(map(str, MIN_TOR_POW)),
         )
-    except stem.Timeout:
-        raise PublishFailed(
-            f"tor did not upload the onion descriptor within {timeout:.0f}s: is tor connected"
-            " to the Tor network?"
-        ) from None
-    except (stem.ControllerError, stem.OperationFailed) as e:
+        pow_defenses = PowDefenses(enabled=False)
+    key = read_key(state_dir)
+    request = add_onion_command(
+        ports, "ED25519-V3" if key else "NEW", key or "ED25519-V3", max_streams, pow_defenses
+    )
+    events: queue.Queue[Any] = queue.Queue()
+    if wait:
+        controller.add_event_listener(events.put, EventType.HS_DESC)
+    try:
+        deadline = time.monotonic() + timeout
+        response = controller.msg(request)
+        if not response.is_ok():
+            raise PublishFailed(f"tor refused to publish the onion service: {response}")
+        stem.response.convert("ADD_ONION", response)
+        if wait:
+            _await_upload(events, response.service_id, deadline, timeout)
+    except stem.ControllerError as e:
         raise PublishFailed(f"tor refused to publish the onion service: {e}") from None
+    finally:
+        if wait:
+            with contextlib.suppress(stem.ControllerError):
+                controller.remove_event_listener(events.put)
     if not key:
         write_secret(state_dir / KEY_FILE, f"{response.private_key}")
     onion = f"{response.service_id}.onion"
@@ -170,11 +258,49 @@ def publish(
     return onion
 
 
+def _await_upload(events: queue.Queue[Any], service_id: str, deadline: float,
+                  timeout: float) -> None:
+    """Until one HSDir has our descriptor (as stem's await_publication waits).
+
+    tor names the service in UPLOAD events only: UPLOADED and FAILED are
+    matched to them by the directory.
+    """
+    import stem
+
+    directories: set[str] = set()
+    failures: list[str] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise PublishFailed(
+                f"tor did not upload the onion descriptor within {timeout:.0f}s: is tor"
+                " connected to the Tor network?"
+            )
+        try:
+            event = events.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if event.action == stem.HSDescAction.UPLOAD and event.address == service_id:
+            directories.add(event.directory_fingerprint)
+        elif event.directory_fingerprint not in directories:
+            continue
+        elif event.action == stem.HSDescAction.UPLOADED:
+            return
+        elif event.action == stem.HSDescAction.FAILED:
+            failures.append(f"{event.directory_fingerprint}: {event.reason}")
+            if len(failures) == len(directories):
+                raise PublishFailed(
+                    "tor could not upload the onion descriptor to any directory: "
+                    + "; ".join(failures)
+                )
+
+
 def torrc_snippet(
     hidden_service_dir: Path,
     ports: dict[int, Path],
     max_streams: int = 32,
     export_circuit_id: bool = False,
+    pow_defenses: PowDefenses = PowDefenses(),
 ) -> str:
     """For operators who keep onion services in torrc: lines for /etc/tor/torrc.d/."""
     lines = [
@@ -186,8 +312,10 @@ def torrc_snippet(
     lines += [f"HiddenServicePort {port} unix:{path}" for port, path in sorted(ports.items())]
     if max_streams:
         lines += [f"HiddenServiceMaxStreams {max_streams}", "HiddenServiceMaxStreamsCloseCircuit 1"]
-    # Abuse controls of tor itself (tor >= 0.4.8 for proof-of-work).
-    lines += ["HiddenServiceEnableIntroDoSDefense 1", "HiddenServicePoWDefensesEnabled 1"]
+    # Abuse controls of tor itself (tor >= 0.4.8 for proof-of-work). The
+    # introduction rate limit exists in torrc only, not in ADD_ONION.
+    lines.append("HiddenServiceEnableIntroDoSDefense 1")
+    lines += pow_defenses.torrc_lines()
     if export_circuit_id:
         lines.append("HiddenServiceExportCircuitID haproxy")
     return "\n".join(lines) + "\n"
@@ -226,11 +354,13 @@ class OnionPublisher:
         ports: dict[int, Path],
         max_streams: int | None = None,
         publish_timeout: float = 120.0,
+        pow_defenses: PowDefenses = PowDefenses(),
     ) -> None:
         self.spec = spec
         self.state_dir = state_dir
         self.ports = ports
         self.max_streams = max_streams
+        self.pow_defenses = pow_defenses
         self.publish_timeout = publish_timeout
         self.onion: str | None = None
         self.published = 0  # times published; > 1 after tor came back
@@ -258,6 +388,8 @@ class OnionPublisher:
                     self.ports,
                     self.max_streams,
                     self.publish_timeout,
+                    True,
+                    self.pow_defenses,
                 )
             except TorError as e:
                 self.last_error = str(e)
