@@ -37,6 +37,7 @@ from torbridge.transport.process import argv_safe_uuid
 log = logging.getLogger("torbridge.session")
 
 BODY_CHUNK = 256 * 1024
+SPLICE_CHUNK = 4 << 20  # bytes moved in the kernel per deadline check
 CLOSE_DRAIN = 2.0  # seconds to read what the client still sends before closing
 # A peer silent this long (seconds) gets its client watched for a hang-up.
 WATCH_CLIENT_AFTER = 0.5
@@ -422,7 +423,7 @@ class Session:
             if dst is not None and kernel is not None and kernel.usable:
                 try:
                     with trio.fail_after(self.limits.stall_timeout):
-                        moved = await kernel.move(min(remaining, BODY_CHUNK))
+                        moved = await kernel.move(min(remaining, SPLICE_CHUNK))
                 except trio.TooSlowError:
                     if not kernel.waiting_for_reader():
                         return await self._lost(source, "stalled inside a DATA body")

@@ -78,18 +78,38 @@ class SpliceUnsupported(Exception):
 async def splice_some(src: int, dst: int, max_bytes: int) -> int:
     """Move up to ``max_bytes`` from ``src`` to ``dst``; 0 when ``src`` is at EOF.
 
-    Waits, with trio, for whichever side is not ready. An OSError says one
-    side broke; SpliceUnsupported that splice cannot join the two.
+    Splices again while both sides are ready (no trio round per pipe-full),
+    and waits, with trio, for whichever side is not ready. An OSError says
+    one side broke; SpliceUnsupported that splice cannot join the two.
     """
-    while True:
+    moved = 0
+    source_ready = True  # until EAGAIN says otherwise
+    while moved < max_bytes:
         try:
-            return os.splice(src, dst, max_bytes, flags=_FLAGS)
+            n = os.splice(src, dst, max_bytes - moved, flags=_FLAGS)
         except BlockingIOError:
-            await _wait_ready(src, dst)
+            if moved:
+                return moved
+            # EAGAIN does not say which end was not ready. Most often the
+            # source has nothing yet; if it had, the destination is full.
+            if source_ready:
+                source_ready = False
+                await trio.lowlevel.wait_readable(src)
+            else:
+                source_ready = True
+                await trio.lowlevel.wait_writable(dst)
+            continue
         except OSError as e:
+            if moved:
+                return moved  # the next call meets it again
             if e.errno in _UNSUPPORTED:
                 raise SpliceUnsupported(str(e)) from e
             raise
+        if n == 0:
+            return moved  # EOF (0 if nothing came before it)
+        moved += n
+        source_ready = True
+    return moved
 
 
 def waiting_for_reader(src: int, dst: int) -> bool:
@@ -102,13 +122,3 @@ def _ready(fd: int, event: int) -> bool:
     poller = select.poll()
     poller.register(fd, event)
     return any(ev & (event | select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
-
-
-async def _wait_ready(src: int, dst: int) -> None:
-    # EAGAIN does not say which end was not ready: look, then wait for that one.
-    if not _ready(src, select.POLLIN):
-        await trio.lowlevel.wait_readable(src)
-    elif not _ready(dst, select.POLLOUT):
-        await trio.lowlevel.wait_writable(dst)
-    else:
-        await trio.lowlevel.checkpoint()  # both ready again meanwhile: retry
