@@ -623,6 +623,18 @@ async def flood(path: Path, total: int, concurrency: int, hold: float, stats: Fl
     stats.elapsed = time.monotonic() - start
 
 
+async def until_evicting(bridge: LoadBridge, stats: FloodStats, cap: int) -> None:
+    """Wait (15 s at most) until a flood holds every pre-auth slot and the
+    daemon has begun evicting: what comes next meets the flood at its worst."""
+    with trio.move_on_after(15):
+        await stats.busy.wait()
+        for _ in range(150):
+            metrics = await trio.to_thread.run_sync(bridge.metrics)
+            if metrics.get("torbridge_connections_refused_total", 0) >= cap:
+                break
+            await trio.sleep(0.1)
+
+
 def raise_nofile(want: int) -> None:
     """Raise this process's soft RLIMIT_NOFILE towards ``want`` (never above the hard one)."""
     import resource

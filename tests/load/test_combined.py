@@ -40,6 +40,7 @@ from tests.load.loadlib import (
     flood,
     run_mix,
     seed_proxy,
+    until_evicting,
 )
 from tests.load.profiles import PROFILE
 from tests.load.test_flood import AUTH_TIMEOUT, FLOOD_HOLD, FLOOD_SECONDS, PRE_AUTH_CAP
@@ -87,15 +88,7 @@ async def test_sessions_and_flood_at_once(make_load_bridge: Callable[..., LoadBr
                     token.socket, PROFILE.flood_total, PROFILE.flood_concurrency, FLOOD_HOLD,
                     fstats, rate=PROFILE.flood_total / duration, seed=rng.randrange(1 << 30),
                     time_limit=PROFILE.time_limit))
-                # The sessions come once the flood holds every pre-auth slot
-                # and the daemon is evicting.
-                with trio.move_on_after(15):
-                    await fstats.busy.wait()
-                    for _ in range(150):
-                        metrics = await trio.to_thread.run_sync(bridge.metrics)
-                        if metrics.get("torbridge_connections_refused_total", 0) >= PRE_AUTH_CAP:
-                            break
-                        await trio.sleep(0.1)
+                await until_evicting(bridge, fstats, PRE_AUTH_CAP)
                 sessions_start = time.monotonic()
 
                 async def sessions() -> None:

@@ -39,6 +39,7 @@ from tests.load.loadlib import (
     flood,
     run_mix,
     seed_proxy,
+    until_evicting,
 )
 from tests.load.profiles import PROFILE
 
@@ -142,15 +143,7 @@ async def test_flood_with_clients(make_load_bridge: Callable[..., LoadBridge],
                     token.socket, PROFILE.flood_total, PROFILE.flood_concurrency, FLOOD_HOLD,
                     fstats, rate=PROFILE.flood_total / duration, seed=rng.randrange(1 << 30),
                     time_limit=PROFILE.time_limit))
-                # The clients start once the flood has filled the pre-auth
-                # slots and the daemon evicts the oldest connections.
-                with trio.move_on_after(15):
-                    await fstats.busy.wait()
-                    for _ in range(150):
-                        metrics = await trio.to_thread.run_sync(bridge.metrics)
-                        if metrics.get("torbridge_connections_refused_total", 0) >= PRE_AUTH_CAP:
-                            break
-                        await trio.sleep(0.1)
+                await until_evicting(bridge, fstats, PRE_AUTH_CAP)
                 loaded_start = time.monotonic()
 
                 async def clients() -> None:
