@@ -269,6 +269,28 @@ def wait_dead(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped (SIGSTOP is asynchronous: a
+    thread running on another core goes on for a moment, and a line passed
+    on meanwhile would still be answered)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            return  # gone
+        states = []
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue  # that thread ended meanwhile
+            states.append(stat[stat.rindex(")") + 2])
+        if all(state in "TtZX" for state in states):
+            return
+        time.sleep(0.002)
+
+
 def fire_default(
     directory: Path, name: str, on_self: Callable[[], None]
 ) -> Callable[[Fault], None]:
@@ -283,6 +305,8 @@ def fire_default(
                 os.kill(pid, f.signal)
             if f.signal == signal.SIGKILL:
                 wait_dead(pid)
+            elif f.signal == signal.SIGSTOP:
+                wait_stopped(pid)
         else:
             on_self()
 
