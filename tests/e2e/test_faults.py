@@ -323,20 +323,17 @@ def test_push_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Cal
     proxy_repo.git("fsck", "--no-dangling", "--no-progress")
 
 
-def test_upload_pack_killed_mid_fetch(bridge: Bridge, rw_client: Client,
-                                      proxy_repo: AnnexRepo) -> None:
-    """The bridge's ``git upload-pack`` SIGKILLed mid-pack: the fetch fails, and says so."""
-    blob = os.urandom(GIT_BLOB).hex().encode()
-    sha = proxy_repo.commit_git_file("big.txt", blob, "big commit")
-    proxy_refs = _refs(proxy_repo)
-    proc = _start_git(rw_client, "fetch", "hub")
+def _kill_service_mid_pack(bridge: Bridge, proc: subprocess.Popen[bytes], service: str,
+                           receiving: AnnexRepo) -> None:
+    """SIGKILL the bridge's git ``service`` once ``receiving`` gets the pack; the
+    client's git must fail, saying why, and its session end."""
     try:
-        _wait("the pack arriving", lambda: _incoming_pack(rw_client) > 0
+        _wait("the pack arriving", lambda: _incoming_pack(receiving) > 0
               or proc.poll() is not None, timeout=60)
         # Freeze the client so that the kill lands mid-pack, however fast the machine.
         os.killpg(proc.pid, signal.SIGSTOP)
-        assert proc.poll() is None, "the fetch finished before git could be killed"
-        pid = _git_service_pid(bridge, "upload-pack")
+        assert proc.poll() is None, f"git finished before {service} could be killed"
+        pid = _git_service_pid(bridge, service)
         assert pid is not None, _helpers(bridge)
         os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGCONT)
@@ -345,12 +342,22 @@ def test_upload_pack_killed_mid_fetch(bridge: Bridge, rw_client: Client,
         if proc.poll() is None:
             _kill_group(proc)
     output = out.decode(errors="replace")
-    print(f"git fetch exit {proc.returncode}:\n{output}")
+    print(f"git exit {proc.returncode} after {service} was killed:\n{output}")
     assert proc.returncode != 0, output
     # Told why, in git's own words ("remote: ..."), not left waiting for the rest.
-    assert "torbridge: git upload-pack was killed by signal 9" in output, output
+    assert f"torbridge: git {service} was killed by signal 9" in output, output
     _wait("the session ending", lambda: not _helpers(bridge) and not _sessions(bridge), 30, 0.1)
     bridge.assert_alive()
+
+
+def test_upload_pack_killed_mid_fetch(bridge: Bridge, rw_client: Client,
+                                      proxy_repo: AnnexRepo) -> None:
+    """The bridge's ``git upload-pack`` SIGKILLed mid-pack: the fetch fails, and says so."""
+    blob = os.urandom(GIT_BLOB).hex().encode()
+    sha = proxy_repo.commit_git_file("big.txt", blob, "big commit")
+    proxy_refs = _refs(proxy_repo)
+    proc = _start_git(rw_client, "fetch", "hub")
+    _kill_service_mid_pack(bridge, proc, "upload-pack", rw_client)
     assert rw_client.git("rev-parse", "--verify", "-q", "hub/main", check=False).stdout == ""
     assert _refs(proxy_repo) == proxy_refs
     proxy_repo.git("fsck", "--no-dangling", "--no-progress")
@@ -368,25 +375,7 @@ def test_receive_pack_killed_mid_push(bridge: Bridge, rw_client: Client,
     proxy_refs = _refs(proxy_repo)
     proxy_repo.git("config", "receive.unpackLimit", "1")  # see _start_git
     proc = _start_git(rw_client, "push", "hub", "main:synced/main")
-    try:
-        _wait("the pack arriving", lambda: _incoming_pack(proxy_repo) > 0
-              or proc.poll() is not None, timeout=60)
-        os.killpg(proc.pid, signal.SIGSTOP)
-        assert proc.poll() is None, "the push finished before git could be killed"
-        pid = _git_service_pid(bridge, "receive-pack")
-        assert pid is not None, _helpers(bridge)
-        os.kill(pid, signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGCONT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-    output = out.decode(errors="replace")
-    print(f"git push exit {proc.returncode}:\n{output}")
-    assert proc.returncode != 0, output
-    assert "torbridge: git receive-pack was killed by signal 9" in output, output
-    _wait("the session ending", lambda: not _helpers(bridge) and not _sessions(bridge), 30, 0.1)
-    bridge.assert_alive()
+    _kill_service_mid_pack(bridge, proc, "receive-pack", proxy_repo)
     assert _refs(proxy_repo) == proxy_refs, "a killed push changed the proxy's refs"
     proxy_repo.git("fsck", "--no-dangling", "--no-progress")
 
