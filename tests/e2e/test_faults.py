@@ -274,11 +274,7 @@ def test_fetch_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Ca
     proxy_refs = _refs(proxy_repo)
     proc = _start_git(client, "fetch", "hub")
     try:
-        _wait("the pack arriving", lambda: _incoming_pack(client) > 0 or proc.poll() is not None,
-              timeout=60)
-        os.killpg(proc.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        assert proc.poll() is None, "the fetch finished before it could be frozen"
+        stopped_at = _freeze_mid_pack(proc, client)
         got = _incoming_pack(client)
         took = _assert_session_ended(stall_bridge, "upload-pack", stopped_at)
         print(f"fetch frozen after {got} bytes of the pack; session ended {took:.1f}s later "
@@ -305,11 +301,7 @@ def test_push_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Cal
     proxy_repo.git("config", "receive.unpackLimit", "1")  # see _start_git
     proc = _start_git(client, "push", "hub", "main:synced/main")
     try:
-        _wait("the pack arriving", lambda: _incoming_pack(proxy_repo) > 0
-              or proc.poll() is not None, timeout=60)
-        os.killpg(proc.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        assert proc.poll() is None, "the push finished before it could be frozen"
+        stopped_at = _freeze_mid_pack(proc, proxy_repo)
         took = _assert_session_ended(stall_bridge, "receive-pack", stopped_at)
         print(f"push frozen; session ended {took:.1f}s later (stall_timeout {STALL:.0f}s)")
     finally:
@@ -323,16 +315,23 @@ def test_push_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Cal
     proxy_repo.git("fsck", "--no-dangling", "--no-progress")
 
 
+def _freeze_mid_pack(proc: subprocess.Popen[bytes], receiving: AnnexRepo) -> float:
+    """SIGSTOP the client's git once ``receiving`` gets the pack; when it stopped."""
+    _wait("the pack arriving", lambda: _incoming_pack(receiving) > 0
+          or proc.poll() is not None, timeout=60)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    assert proc.poll() is None, "git finished before it could be frozen mid-pack"
+    return stopped_at
+
+
 def _kill_service_mid_pack(bridge: Bridge, proc: subprocess.Popen[bytes], service: str,
                            receiving: AnnexRepo) -> None:
     """SIGKILL the bridge's git ``service`` once ``receiving`` gets the pack; the
     client's git must fail, saying why, and its session end."""
     try:
-        _wait("the pack arriving", lambda: _incoming_pack(receiving) > 0
-              or proc.poll() is not None, timeout=60)
         # Freeze the client so that the kill lands mid-pack, however fast the machine.
-        os.killpg(proc.pid, signal.SIGSTOP)
-        assert proc.poll() is None, f"git finished before {service} could be killed"
+        _freeze_mid_pack(proc, receiving)
         pid = _git_service_pid(bridge, service)
         assert pid is not None, _helpers(bridge)
         os.kill(pid, signal.SIGKILL)
