@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.core.test_config import MINIMAL
 from torbridge.cli import main
 from torbridge.config import ConfigError, dump_config, load_config
 from torbridge.tor.onion import PowDefenses, add_onion_command, torrc_snippet
 
-CONFIG = """\
-repository = "/srv/annex/hub"
-state_dir = "/var/lib/torbridge"
-socket_dir = "/run/torbridge"
-
-[[expose]]
-name = "hub"
-remote = "."
-port = 5000
-
+CONFIG = MINIMAL + """
 [[expose]]
 name = "node1"
 remote = "node1"
