@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz import examples
 from torbridge.protocol.messages import (
+    BY_COMMAND,
     MAX_LINE,
     AlreadyHave,
     AlreadyHavePlus,
@@ -208,7 +209,51 @@ messages = st.one_of(*STRATEGIES.values())
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    assert set(STRATEGIES) == set(Message.__subclasses__())
+    assert set(STRATEGIES) == set(BY_COMMAND.values())
+
+
+# --- a built message is one valid line, or it is not built ------------------------
+
+
+def test_an_error_text_is_folded_into_one_line() -> None:
+    # Error texts come from other programs' output: sent, never two lines.
+    assert serialise(Error("a\nAUTH-SUCCESS x")) == b"ERROR a AUTH-SUCCESS x\n"
+    assert serialise(Error("disk full\r\n")) == b"ERROR disk full\n"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: CheckPresent("SHA256E-s1--x\nAUTH-SUCCESS y"),
+        lambda: Get(0, None, "not a key"),
+        lambda: Get(-1, None, "SHA256E-s1--x"),
+        lambda: Data(-1),
+        lambda: Version(-1),
+        lambda: RemoveBefore(-5, "SHA256E-s1--x"),
+        lambda: Auth("u u", "abc"),
+        lambda: Auth("u", ""),
+        lambda: AuthSuccess("u\nAUTH-SUCCESS v"),
+        lambda: SuccessPlus(("a", "b c")),
+        lambda: Connect("git-shell"),
+        lambda: Changed("a\nb"),
+    ],
+)
+def test_a_message_that_would_not_be_one_valid_line_is_not_built(build: object) -> None:
+    with pytest.raises(ParseError):
+        build()  # type: ignore[operator]
+
+
+@given(st.sampled_from(sorted(BY_COMMAND)), st.lists(st.text(), max_size=3))
+def test_whatever_is_built_serialises_to_one_line(command: str, values: list[str]) -> None:
+    """Build every message type from arbitrary text: built means one line."""
+    cls = BY_COMMAND[command]
+    try:
+        message = cls._from_wire(" ".join(values))
+    except ParseError:
+        return
+    wire = serialise(message)
+    assert wire.endswith(b"\n") and wire.count(b"\n") == 1
+    assert parse(wire[:-1]).fields()[0] == command
 
 
 # --- round trips ------------------------------------------------------------------

@@ -161,7 +161,9 @@ class TimestampMap:
             # Its clock was never read (it was down at GETTIMESTAMP): removing
             # without the deadline could outlive the client's lock.
             return "its clock was not read (GETTIMESTAMP)"
-        return m.RemoveBefore(clock + (request.timestamp - self.local), request.key)
+        # A deadline already past on the node's clock would be negative, which
+        # no git-annex parses: 0 is past on every clock, so the node refuses.
+        return m.RemoveBefore(max(0, clock + (request.timestamp - self.local)), request.key)
 
 
 # --- what the client is told -----------------------------------------------------------

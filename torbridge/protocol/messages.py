@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 MAX_LINE = 32768
 """Longest line git-annex accepts, in bytes, newline excluded."""
@@ -131,33 +132,9 @@ def unescape_af(s: str) -> str | None:
     return af
 
 
-def _key(s: str) -> str:
-    if not is_valid_key(s):
-        raise ParseError("invalid key")
-    return s
-
-
-def _uuid(s: str) -> str:
-    if not _UUID_RE.fullmatch(s):
-        raise ParseError("invalid uuid")
-    return s
-
-
-def _uuids(s: str) -> tuple[str, ...]:
-    """Haskell's ``words``: split at runs of (Haskell) whitespace."""
-    return tuple(_uuid(u) for u in _HS_SPACE_RE.split(s) if u)
-
-
 def _number(s: str) -> int:
     if len(s) > _MAX_DIGITS or not _DECIMAL_RE.fullmatch(s):
         raise ParseError("invalid number")
-    return int(s)
-
-
-def _exit_code(s: str) -> int:
-    # git-annex sends a negative code for a process killed by a signal.
-    if len(s) > _MAX_DIGITS or not _EXIT_CODE_RE.fullmatch(s):
-        raise ParseError("invalid exit code")
     return int(s)
 
 
@@ -176,297 +153,395 @@ def _none(s: str) -> None:
 
 # --- messages ------------------------------------------------------------------
 
+BY_COMMAND: dict[str, type[Message]] = {}
+"""Every message type by its command: filled in by the class statements below."""
+
+
+def _one_line(value: str, what: str) -> str:
+    if "\n" in value:
+        raise ParseError(f"{what} holds a line break")
+    return value
+
 
 @dataclass(frozen=True)
 class Message:
-    """Base of every message; ``fields()`` gives the wire fields."""
+    """Base of every message.
+
+    A subclass names its command once, in its class statement
+    (``class Get(Message, command="GET")``); ``args`` gives the wire fields
+    after the command and ``_from_wire`` reads them back. Fields are checked
+    when a message is built, from the wire or by hand, so no message can
+    serialise to anything but one line of what git-annex parses.
+    """
+
+    COMMAND: ClassVar[str] = ""
+
+    def __init_subclass__(cls, command: str = "", **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if command:
+            if command in BY_COMMAND:
+                raise TypeError(f"two messages named {command}")
+            cls.COMMAND = command
+            BY_COMMAND[command] = cls
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        """Raise ParseError unless the fields make one valid line."""
+
+    def args(self) -> list[str]:
+        return []
 
     def fields(self) -> list[str]:
-        return [_COMMAND_OF[type(self)]]
+        return [self.COMMAND, *self.args()]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        """Parse what follows the command (nullary messages take nothing)."""
+        _none(rest)
+        return cls()
+
+
+def _check_key(key: str) -> None:
+    if not is_valid_key(key):
+        raise ParseError("invalid key")
+
+
+def _check_uuid(uuid: str) -> None:
+    if not _UUID_RE.fullmatch(uuid):
+        raise ParseError("invalid uuid")
+
+
+def _check_count(n: int) -> None:
+    if n < 0:
+        raise ParseError("invalid number")
+
+
+class _KeyMessage(Message):
+    """A message whose one field is a key (the last field: it may hold spaces)."""
+
+    key: str
+
+    def _check(self) -> None:
+        _check_key(self.key)
+
+    def args(self) -> list[str]:
+        return [self.key]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(rest)  # type: ignore[call-arg]
+
+
+class _UuidsMessage(Message):
+    """A message listing repository UUIDs (Haskell's ``words`` splits them)."""
+
+    uuids: tuple[str, ...]
+
+    def _check(self) -> None:
+        for uuid in self.uuids:
+            _check_uuid(uuid)
+
+    def args(self) -> list[str]:
+        return list(self.uuids)
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(tuple(u for u in _HS_SPACE_RE.split(rest) if u))  # type: ignore[call-arg]
+
+
+class _CountMessage(Message):
+    """A message whose one field is a non-negative number."""
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        _check_count(self.count())
+
+    def args(self) -> list[str]:
+        return [str(self.count())]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(_number(rest))  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True)
-class Auth(Message):
+class Auth(Message, command="AUTH"):
     uuid: str
     token: str = field(repr=False)  # never printed, never logged
 
-    def fields(self) -> list[str]:
-        return ["AUTH", self.uuid, self.token]
+    def _check(self) -> None:
+        _check_uuid(self.uuid)
+        # An empty token is refused: a blank token must never match.
+        if not _TOKEN_RE.fullmatch(self.token):
+            raise ParseError("invalid token")
+
+    def args(self) -> list[str]:
+        return [self.uuid, self.token]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(*_split(rest))
 
 
 @dataclass(frozen=True)
-class AuthSuccess(Message):
+class AuthSuccess(Message, command="AUTH-SUCCESS"):
     uuid: str
 
-    def fields(self) -> list[str]:
-        return ["AUTH-SUCCESS", self.uuid]
+    def _check(self) -> None:
+        _check_uuid(self.uuid)
+
+    def args(self) -> list[str]:
+        return [self.uuid]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(rest)
 
 
 @dataclass(frozen=True)
-class AuthFailure(Message):
+class AuthFailure(Message, command="AUTH-FAILURE"):
     pass
 
 
 @dataclass(frozen=True)
-class Version(Message):
+class Version(_CountMessage, command="VERSION"):
     version: int
 
-    def fields(self) -> list[str]:
-        return ["VERSION", str(self.version)]
+    def count(self) -> int:
+        return self.version
 
 
 @dataclass(frozen=True)
-class Connect(Message):
-    service: str  # "git-upload-pack" | "git-receive-pack"
+class Connect(Message, command="CONNECT"):
+    service: str
 
-    def fields(self) -> list[str]:
-        return ["CONNECT", self.service]
+    SERVICES: ClassVar[tuple[str, ...]] = ("git-upload-pack", "git-receive-pack")
+
+    def _check(self) -> None:
+        if self.service not in self.SERVICES:
+            raise ParseError("unknown service")
+
+    def args(self) -> list[str]:
+        return [self.service]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(rest)
 
 
 @dataclass(frozen=True)
-class ConnectDone(Message):
-    exit_code: int
+class ConnectDone(Message, command="CONNECTDONE"):
+    exit_code: int  # negative for a process killed by a signal, as git-annex sends
 
-    def fields(self) -> list[str]:
-        return ["CONNECTDONE", str(self.exit_code)]
+    def args(self) -> list[str]:
+        return [str(self.exit_code)]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        if len(rest) > _MAX_DIGITS or not _EXIT_CODE_RE.fullmatch(rest):
+            raise ParseError("invalid exit code")
+        return cls(int(rest))
 
 
 @dataclass(frozen=True)
-class NotifyChange(Message):
+class NotifyChange(Message, command="NOTIFYCHANGE"):
     pass
 
 
 @dataclass(frozen=True)
-class Changed(Message):
+class Changed(Message, command="CHANGED"):
     refs: str
 
-    def fields(self) -> list[str]:
-        return ["CHANGED", self.refs]
+    def _check(self) -> None:
+        _one_line(self.refs, "CHANGED")
+
+    def args(self) -> list[str]:
+        return [self.refs]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(rest)
 
 
 @dataclass(frozen=True)
-class CheckPresent(Message):
+class CheckPresent(_KeyMessage, command="CHECKPRESENT"):
     key: str
 
-    def fields(self) -> list[str]:
-        return ["CHECKPRESENT", self.key]
-
 
 @dataclass(frozen=True)
-class LockContent(Message):
+class LockContent(_KeyMessage, command="LOCKCONTENT"):
     key: str
 
-    def fields(self) -> list[str]:
-        return ["LOCKCONTENT", self.key]
-
 
 @dataclass(frozen=True)
-class UnlockContent(Message):
+class UnlockContent(Message, command="UNLOCKCONTENT"):
     pass
 
 
 @dataclass(frozen=True)
-class Remove(Message):
+class Remove(_KeyMessage, command="REMOVE"):
     key: str
-
-    def fields(self) -> list[str]:
-        return ["REMOVE", self.key]
 
 
 @dataclass(frozen=True)
-class RemoveBefore(Message):
+class RemoveBefore(Message, command="REMOVE-BEFORE"):
     timestamp: int
     key: str
 
-    def fields(self) -> list[str]:
-        return ["REMOVE-BEFORE", str(self.timestamp), self.key]
+    def _check(self) -> None:
+        _check_count(self.timestamp)
+        _check_key(self.key)
+
+    def args(self) -> list[str]:
+        return [str(self.timestamp), self.key]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        ts, key = _split(rest)
+        return cls(_number(ts), key)
 
 
 @dataclass(frozen=True)
-class GetTimestamp(Message):
+class GetTimestamp(Message, command="GETTIMESTAMP"):
     pass
 
 
 @dataclass(frozen=True)
-class Timestamp(Message):
+class Timestamp(_CountMessage, command="TIMESTAMP"):
     timestamp: int
 
-    def fields(self) -> list[str]:
-        return ["TIMESTAMP", str(self.timestamp)]
+    def count(self) -> int:
+        return self.timestamp
 
 
 @dataclass(frozen=True)
-class Get(Message):
+class Get(Message, command="GET"):
     offset: int
     af: str | None
     key: str
 
-    def fields(self) -> list[str]:
-        return ["GET", str(self.offset), escape_af(self.af), self.key]
+    def _check(self) -> None:
+        _check_count(self.offset)
+        _check_key(self.key)
+
+    def args(self) -> list[str]:
+        return [str(self.offset), escape_af(self.af), self.key]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        offset, rest = _split(rest)
+        af, key = _split(rest)
+        return cls(_number(offset), unescape_af(af), key)
 
 
 @dataclass(frozen=True)
-class Put(Message):
+class Put(Message, command="PUT"):
     af: str | None
     key: str
 
-    def fields(self) -> list[str]:
-        return ["PUT", escape_af(self.af), self.key]
+    def _check(self) -> None:
+        _check_key(self.key)
+
+    def args(self) -> list[str]:
+        return [escape_af(self.af), self.key]
+
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        af, key = _split(rest)
+        return cls(unescape_af(af), key)
 
 
 @dataclass(frozen=True)
-class PutFrom(Message):
+class PutFrom(_CountMessage, command="PUT-FROM"):
     offset: int
 
-    def fields(self) -> list[str]:
-        return ["PUT-FROM", str(self.offset)]
+    def count(self) -> int:
+        return self.offset
 
 
 @dataclass(frozen=True)
-class AlreadyHave(Message):
+class AlreadyHave(Message, command="ALREADY-HAVE"):
     pass
 
 
 @dataclass(frozen=True)
-class AlreadyHavePlus(Message):
+class AlreadyHavePlus(_UuidsMessage, command="ALREADY-HAVE-PLUS"):
     uuids: tuple[str, ...]
-
-    def fields(self) -> list[str]:
-        return ["ALREADY-HAVE-PLUS", *self.uuids]
 
 
 @dataclass(frozen=True)
-class Success(Message):
+class Success(Message, command="SUCCESS"):
     pass
 
 
 @dataclass(frozen=True)
-class SuccessPlus(Message):
+class SuccessPlus(_UuidsMessage, command="SUCCESS-PLUS"):
     uuids: tuple[str, ...]
-
-    def fields(self) -> list[str]:
-        return ["SUCCESS-PLUS", *self.uuids]
 
 
 @dataclass(frozen=True)
-class Failure(Message):
+class Failure(Message, command="FAILURE"):
     pass
 
 
 @dataclass(frozen=True)
-class FailurePlus(Message):
+class FailurePlus(_UuidsMessage, command="FAILURE-PLUS"):
     uuids: tuple[str, ...]
-
-    def fields(self) -> list[str]:
-        return ["FAILURE-PLUS", *self.uuids]
 
 
 @dataclass(frozen=True)
-class Bypass(Message):
+class Bypass(_UuidsMessage, command="BYPASS"):
     uuids: tuple[str, ...]
-
-    def fields(self) -> list[str]:
-        return ["BYPASS", *self.uuids]
 
 
 @dataclass(frozen=True)
-class Data(Message):
+class Data(_CountMessage, command="DATA"):
     length: int
 
-    def fields(self) -> list[str]:
-        return ["DATA", str(self.length)]
+    def count(self) -> int:
+        return self.length
 
 
 @dataclass(frozen=True)
-class DataPresent(Message):
+class DataPresent(Message, command="DATA-PRESENT"):
     pass
 
 
 @dataclass(frozen=True)
-class Valid(Message):
+class Valid(Message, command="VALID"):
     pass
 
 
 @dataclass(frozen=True)
-class Invalid(Message):
+class Invalid(Message, command="INVALID"):
     pass
 
 
 @dataclass(frozen=True)
-class Error(Message):
+class Error(Message, command="ERROR"):
+    """``ERROR text``: the text is the rest of the line.
+
+    Error texts are often built from other programs' output, so a line
+    break in one is folded into a space rather than refused: an error must
+    never fail to be sent, and never become two lines.
+    """
+
     text: str
 
-    def fields(self) -> list[str]:
-        return ["ERROR", self.text]
+    def __post_init__(self) -> None:
+        if "\n" in self.text or self.text.endswith("\r"):
+            object.__setattr__(self, "text", " ".join(self.text.splitlines()))
 
+    def args(self) -> list[str]:
+        return [self.text]
 
-def _parse_auth(rest: str) -> Message:
-    uuid, token = _split(rest)
-    # An empty token is refused here already: a blank token must never match.
-    if not _TOKEN_RE.fullmatch(token):
-        raise ParseError("invalid token")
-    return Auth(_uuid(uuid), token)
-
-
-def _parse_connect(rest: str) -> Message:
-    if rest not in ("git-upload-pack", "git-receive-pack"):
-        raise ParseError("unknown service")
-    return Connect(rest)
-
-
-def _parse_get(rest: str) -> Message:
-    offset, rest = _split(rest)
-    af, key = _split(rest)
-    return Get(_number(offset), unescape_af(af), _key(key))
-
-
-def _parse_put(rest: str) -> Message:
-    af, key = _split(rest)
-    return Put(unescape_af(af), _key(key))
-
-
-def _parse_remove_before(rest: str) -> Message:
-    ts, key = _split(rest)
-    return RemoveBefore(_number(ts), _key(key))
-
-
-_PARSERS: dict[str, object] = {
-    "AUTH": _parse_auth,
-    "AUTH-SUCCESS": lambda r: AuthSuccess(_uuid(r)),
-    "VERSION": lambda r: Version(_number(r)),
-    "CONNECT": _parse_connect,
-    "CONNECTDONE": lambda r: ConnectDone(_exit_code(r)),
-    "CHANGED": lambda r: Changed(r),
-    "CHECKPRESENT": lambda r: CheckPresent(_key(r)),
-    "LOCKCONTENT": lambda r: LockContent(_key(r)),
-    "REMOVE": lambda r: Remove(_key(r)),
-    "REMOVE-BEFORE": _parse_remove_before,
-    "TIMESTAMP": lambda r: Timestamp(_number(r)),
-    "GET": _parse_get,
-    "PUT": _parse_put,
-    "PUT-FROM": lambda r: PutFrom(_number(r)),
-    "ALREADY-HAVE-PLUS": lambda r: AlreadyHavePlus(_uuids(r)),
-    "SUCCESS-PLUS": lambda r: SuccessPlus(_uuids(r)),
-    "FAILURE-PLUS": lambda r: FailurePlus(_uuids(r)),
-    "BYPASS": lambda r: Bypass(_uuids(r)),
-    "DATA": lambda r: Data(_number(r)),
-    "ERROR": lambda r: Error(r),
-}
-
-_NULLARY: dict[str, type[Message]] = {
-    "AUTH-FAILURE": AuthFailure,
-    "NOTIFYCHANGE": NotifyChange,
-    "UNLOCKCONTENT": UnlockContent,
-    "GETTIMESTAMP": GetTimestamp,
-    "ALREADY-HAVE": AlreadyHave,
-    "SUCCESS": Success,
-    "FAILURE": Failure,
-    "DATA-PRESENT": DataPresent,
-    "VALID": Valid,
-    "INVALID": Invalid,
-}
-
-_COMMAND_OF: dict[type[Message], str] = {cls: name for name, cls in _NULLARY.items()}
+    @classmethod
+    def _from_wire(cls, rest: str) -> Message:
+        return cls(rest)
 
 
 def parse(line: bytes) -> Message:
@@ -481,16 +556,10 @@ def parse(line: bytes) -> Message:
         line = line[:-1]
     text = line.decode(ENCODING, ERRORS)
     command, rest = _split(text)
-    nullary = _NULLARY.get(command)
-    if nullary is not None:
-        _none(rest)
-        return nullary()
-    parser = _PARSERS.get(command)
-    if parser is None:
+    cls = BY_COMMAND.get(command)
+    if cls is None:
         raise ParseError("unknown command")
-    result = parser(rest)  # type: ignore[operator]
-    assert isinstance(result, Message)
-    return result
+    return cls._from_wire(rest)
 
 
 def serialise(message: Message) -> bytes:
