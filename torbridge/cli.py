@@ -15,6 +15,7 @@ from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
+from torbridge.remotes import RemoteError, parse_remote_log, read_annex_log, read_remotes
 from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
 from torbridge.server.status import render
@@ -48,6 +49,43 @@ def addresses(
         for expose in config.expose
         if endpoints is None or expose.name in endpoints
     ]
+
+
+def published_special_endpoints(
+    config: Config, endpoints: tuple[str, ...] | None
+) -> list[tuple[str, str]]:
+    """(endpoint, remote) for each endpoint whose UUID has a remote.log entry.
+
+    A client that merges the proxy's git-annex branch finds that entry and,
+    since git-annex 10.20261026, refuses the remote it linked to such an
+    endpoint until it is verified (docs/client-guide.md). Anything that
+    cannot be read here just gets no hint: the daemon reports it.
+    """
+    try:
+        published = parse_remote_log(read_annex_log(config.repository, "remote.log"))
+        remotes = read_remotes(config.repository)
+    except (OSError, RemoteError):
+        return []
+    found = []
+    for expose in config.expose:
+        if endpoints is not None and expose.name not in endpoints:
+            continue
+        remote = remotes.get(expose.remote)
+        if remote is not None and remote.uuid in published:
+            found.append((expose.name, expose.remote))
+    return found
+
+
+def verification_hint(endpoint: str, remote: str) -> str:
+    """What `token add` tells the operator to pass on for such an endpoint."""
+    return (
+        f"endpoint {endpoint!r} is the proxy's special remote {remote!r}: a client that"
+        " merges the proxy's git-annex branch must mark it verified once, after linking it"
+        f" (with --name {endpoint}; use the name it chose otherwise):\n"
+        f"  git config remote.{endpoint}.annex-verified verified\n"
+        "  (safe: through torbridge the remote runs on the proxy, never on the client;"
+        " see the client guide)"
+    )
 
 
 _JOURNAL_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
@@ -141,6 +179,8 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
             "On a client: echo 'ADDRESS' | git annex p2p --link --name NAME",
             file=sys.stderr,
         )
+        for endpoint, remote in published_special_endpoints(config, endpoints):
+            print(verification_hint(endpoint, remote), file=sys.stderr)
     elif args.token_command == "list":
         for info in store.list():
             where = ",".join(info.endpoints) if info.endpoints else "all endpoints"

@@ -240,6 +240,53 @@ def parse_proxy_log(text: str) -> dict[str, frozenset[str]]:
     }
 
 
+def _unescape_remote_config(text: str) -> str:
+    """git-annex writes ``&NN;`` (a decimal code point) for the bytes of a
+    remote.log value that would split it (blanks, ``=``, ``&``)."""
+    return re.sub(r"&(\d{1,7});", lambda m: chr(int(m.group(1))), text)
+
+
+def parse_remote_log(text: str) -> dict[str, dict[str, str]]:
+    """remote.log: ``<uuid> key=value... timestamp=<clock>s``, the newest line per UUID.
+
+    This is the special remotes' configuration as the git-annex branch
+    publishes it to everyone who fetches the branch.
+    """
+    newest: dict[str, tuple[float, dict[str, str]]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        uuid, settings = fields[0], {}
+        clock = 0.0
+        for item in fields[1:]:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                continue
+            if key == "timestamp":
+                try:
+                    clock = float(value.rstrip("s"))
+                except ValueError:
+                    continue
+            else:
+                settings[_unescape_remote_config(key)] = _unescape_remote_config(value)
+        if uuid not in newest or clock >= newest[uuid][0]:
+            newest[uuid] = (clock, settings)
+    return {uuid: settings for uuid, (_, settings) in newest.items()}
+
+
+def read_annex_log(repository: Path, name: str) -> str:
+    """A log file of the git-annex branch as committed ("" when there is none)."""
+    out = subprocess.run(
+        ["git", "cat-file", "-p", f"git-annex:{name}"],
+        cwd=repository,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return out.stdout.decode("utf-8", "surrogateescape") if out.returncode == 0 else ""
+
+
 def read_cluster_names(repository: Path) -> dict[str, str]:
     """annex.cluster.NAME = UUID: the clusters this repository is a gateway for."""
     out = subprocess.run(

@@ -354,6 +354,26 @@ def test_expose_remote_through_git_annex_shell(host: Host, tmp_path: Path) -> No
     assert "tor socks" not in names(checks)  # no tor-annex remote: SOCKS is not needed
 
 
+def test_expose_special_remote_published_in_remote_log(host: Host, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    git(host.repo, "annex", "initremote", "sr", "type=directory", f"directory={store}",
+        "encryption=none", "autoenable=true")
+    git(host.repo, "config", "remote.sr.annex-proxy", "true")
+    git(host.repo, "annex", "updateproxy")
+    host.expose.append(("sr", "sr", 5001))
+    checks = host.run()
+    report = line(checks, "expose sr")
+    assert report.startswith("WARN") or "warn" in report.lower(), report
+    assert "autoenable=true" in report and "enableremote sr autoenable=false" in report, report
+    assert exit_status(checks) == 0  # a warning only: the endpoint works
+    git(host.repo, "annex", "enableremote", "sr", "autoenable=false",  # the fix it names
+        f"directory={store}")
+    report = line(host.run(), "expose sr")
+    assert report.startswith("ok   expose sr: port 5001: remote sr"), report
+    assert "special remote in remote.log" in report and "verify it once" in report, report
+
+
 # --- tor ----------------------------------------------------------------------------------------
 
 

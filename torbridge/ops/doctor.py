@@ -29,7 +29,9 @@ from torbridge.remotes import (
     RemoteError,
     TorAddress,
     parse_p2p_address,
+    parse_remote_log,
     proxied_remote,
+    read_annex_log,
     read_remotes,
     read_token,
 )
@@ -50,6 +52,7 @@ from torbridge.tor.onion import (
 Severity = Literal["error", "warning"]
 
 UNIT_NAME = "torbridge.service"
+YES = ("true", "yes", "on", "1")  # git-annex's yes for a remote.log setting
 UNIT_PATHS: tuple[Path, ...] = (
     Path("/etc/systemd/system") / UNIT_NAME,
     Path("/lib/systemd/system") / UNIT_NAME,
@@ -331,10 +334,27 @@ def _check_expose(config: Config, expose: Expose) -> Check:
             f"link the remote again: `git -C {repo} annex p2p --link --name {expose.remote}`",
         )
     if address is None:
+        published = parse_remote_log(read_annex_log(repo, "remote.log")).get(remote.uuid)
+        if published is not None and published.get("autoenable", "").lower() in YES:
+            return _fail(
+                name,
+                f"remote.log publishes autoenable=true for {expose.remote!r}: a client that"
+                " clones this repository and runs `git annex init` enables it itself and"
+                " reaches its storage directly, not through the bridge",
+                f"`git -C {repo} annex enableremote {expose.remote} autoenable=false` (with any"
+                " setting it asks for, such as directory=)",
+                severity="warning",
+            )
         return _ok(
             name,
             f"port {expose.port}: remote {expose.remote} (uuid {remote.uuid}),"
-            " through git-annex-shell",
+            " through git-annex-shell"
+            + (
+                "; a special remote in remote.log: clients that merge the git-annex branch"
+                " verify it once (token add prints how)"
+                if published is not None
+                else ""
+            ),
         )
     try:
         read_token(repo, address)
