@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +55,8 @@ class Registry:
     counters: Counter[str] = field(default_factory=Counter)
     onion: str | None = None
     endpoints: list[dict[str, Any]] = field(default_factory=list)
+    # The daemon's watch on the proxy repository's refs (server/refwatch.py).
+    ref_watch: Callable[[], dict[str, Any]] | None = None
 
     # --- what sessions report -----------------------------------------------------
 
@@ -120,6 +123,7 @@ class Registry:
                 }
                 for name, h in sorted(self.peers.items())
             },
+            "ref_watch": self.ref_watch() if self.ref_watch is not None else None,
             "totals": {
                 **dict(self.counters),
                 "bytes_in_total": self.counters["bytes_in_total"] + live_in,
