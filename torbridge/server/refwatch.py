@@ -82,7 +82,7 @@ class Inotify:
             self._add = libc.inotify_add_watch
             init = libc.inotify_init1
         except (OSError, AttributeError) as e:
-            raise InotifyUnavailable(f"no inotify: {e}") from None
+            raise InotifyUnavailable(str(e)) from None
         self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self._add.restype = ctypes.c_int
         fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -272,7 +272,9 @@ class RefWatcher:
                 if inotify is not None:
                     inotify.close()
                 inotify = None
-                log.warning("%s; polling the refs every %gs instead", e, self.poll_interval)
+                log.warning(
+                    "no inotify (%s); polling the refs every %gs instead", e, self.poll_interval
+                )
         self.mechanism = "poll" if inotify is None else "inotify"
         log.info("ref watch started (%s) on %s, for NOTIFYCHANGE", self.mechanism, git_dir)
         try:

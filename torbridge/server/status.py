@@ -222,6 +222,12 @@ def render(snapshot: dict[str, Any]) -> str:
         opened = p["last_open_seconds"]
         latency = f", opens in {opened:.2f}s" if opened is not None else ""
         lines.append(f"peer {name}: {p['opens']} opens, {p['failures']} failures{latency}; {state}")
+    watch = snapshot.get("ref_watch")
+    if watch and watch["sessions"]:
+        lines.append(
+            f"ref watch ({watch['mechanism'] or 'starting'}): {watch['sessions']} session(s)"
+            f" waiting for changes, {watch['snapshots']} snapshots"
+        )
     t = snapshot["totals"]
     lines.append(
         f"totals: {t.get('sessions_total', 0)} sessions ({t.get('sessions_failed_total', 0)}"
