@@ -14,7 +14,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -70,12 +70,12 @@ class RemoteDaemon:
     """``git annex remotedaemon --foreground`` with its stdin held open.
 
     It prints CONNECTED / SYNCING / DONESYNCING lines as it goes; a reader
-    thread queues them.
+    thread queues them. ``prefix``: e.g. ``ip netns exec NS`` (the Tor tier).
     """
 
-    def __init__(self, repo: AnnexRepo) -> None:
+    def __init__(self, repo: AnnexRepo, prefix: Sequence[str] = ()) -> None:
         self.proc = subprocess.Popen(
-            ["git", "annex", "remotedaemon", "--foreground"],
+            [*prefix, "git", "annex", "remotedaemon", "--foreground"],
             cwd=repo.path,
             env=repo.env.env,
             stdin=subprocess.PIPE,

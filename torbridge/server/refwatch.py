@@ -105,6 +105,10 @@ class Inotify:
     async def events(self) -> list[tuple[Path | None, int, str]]:
         """The next batch of events: (directory or None, mask, name)."""
         await trio.lowlevel.wait_readable(self.fd)
+        return self.read_now()
+
+    def read_now(self) -> list[tuple[Path | None, int, str]]:
+        """The events already queued, without waiting (none: empty)."""
         try:
             data = os.read(self.fd, 64 * 1024)
         except BlockingIOError:
@@ -251,7 +255,7 @@ class RefWatcher:
                 try:
                     self.starts += 1
                     await self._watch()
-                except (OSError, RuntimeError, trio.TooSlowError) as e:
+                except Exception as e:  # whatever it is, the daemon serves on
                     log.warning("watching the refs of %s: %s", self.repository, e)
                     await trio.sleep(RESTART_DELAY)
             self._scope = None
@@ -299,9 +303,8 @@ class RefWatcher:
             pass
         # Collect the rest of a push's writes, as git-annex does.
         await trio.sleep(self.settle)
-        with trio.move_on_after(0):
-            while True:
-                await inotify.events()
+        while inotify.read_now():
+            pass
 
     @staticmethod
     def _about_refs(git_dir: Path, directory: Path | None, mask: int, name: str) -> bool:
