@@ -38,6 +38,7 @@ from torbridge.protocol.relay import (
     Send,
     Side,
     Stored,
+    WatchRefs,
 )
 
 C, P = Side.CLIENT, Side.PEER
@@ -70,9 +71,9 @@ def error(text: str) -> Send:
     return Send(C, m.Error(text))
 
 
-def connect(mode: Mode = Mode.READ_WRITE) -> Relay:
+def connect(mode: Mode = Mode.READ_WRITE, notifies: bool = False) -> Relay:
     """A relay past AUTH, no VERSION yet, peer not open."""
-    relay = Relay(SERVER_UUID, PEER)
+    relay = Relay(SERVER_UUID, PEER, notifies)
     assert relay.next_reader is C
     assert relay.receive(C, m.Auth(CLIENT_UUID, TOKEN)) == [CheckAuth(CLIENT_UUID, TOKEN)]
     assert relay.next_reader is None
@@ -81,9 +82,9 @@ def connect(mode: Mode = Mode.READ_WRITE) -> Relay:
     return relay
 
 
-def session(version: int, mode: Mode = Mode.READ_WRITE) -> Relay:
+def session(version: int, mode: Mode = Mode.READ_WRITE, notifies: bool = False) -> Relay:
     """A relay at ``version``: VERSION n opened the peer (v1+); v0 sends none."""
-    relay = connect(mode)
+    relay = connect(mode, notifies)
     if version:
         assert relay.receive(C, m.Version(version)) == [OpenPeer(version, ())]
         assert relay.next_reader is None
@@ -649,13 +650,62 @@ def test_receive_pack_runs_in_read_write_mode() -> None:
 
 
 @pytest.mark.parametrize("version", [0, 4])
-def test_notifychange_is_a_protocol_error(version: int) -> None:
+def test_notifychange_is_a_protocol_error_for_proxied_remotes(version: int) -> None:
+    """Nodes and clusters: as git-annex's proxy, the session ends."""
     relay = session(version)
-    assert client(relay, m.NotifyChange()) == [
-        error("protocol error"),
-        EndSession("NOTIFYCHANGE is not served"),
+    actions = client(relay, m.parse(b"NOTIFYCHANGE"))
+    assert actions == [error("protocol error"), EndSession("NOTIFYCHANGE is not served")]
+    assert wire(actions) == b"ERROR protocol error\n"
+    assert relay.done
+
+
+SHA1 = "1" * 40
+SHA2 = "2" * 40
+
+
+def wire(actions: list[Action]) -> bytes:
+    """The bytes the client is sent."""
+    return b"".join(m.serialise(a.message) for a in actions if isinstance(a, Send) and a.to is C)
+
+
+@pytest.mark.parametrize("version", [0, 4, None])
+def test_notifychange_on_the_own_repository_is_answered_with_changed(
+    version: int | None,
+) -> None:
+    """As git-annex's own server: wait, CHANGED with the new commits, go on."""
+    relay = connect(notifies=True) if version is None else session(version, notifies=True)
+    peer_was_open = relay.peer_open
+    # The remotedaemon sends no VERSION: NOTIFYCHANGE is its first request.
+    assert client(relay, m.parse(b"NOTIFYCHANGE")) == [WatchRefs()]
+    assert relay.phase is Phase.WATCHING and relay.next_reader is None
+    assert relay.request == m.NotifyChange()  # what `torbridge status` shows
+    actions = relay.refs_changed((SHA1, SHA2))
+    assert wire(actions) == f"CHANGED {SHA1} {SHA2}\n".encode()
+    assert idle(relay) and relay.peer_open == peer_was_open  # no peer needed, none closed
+    # Again on the same session, as the remotedaemon does after fetching.
+    assert client(relay, m.NotifyChange()) == [WatchRefs()]
+    assert wire(relay.refs_changed((SHA2,))) == f"CHANGED {SHA2}\n".encode()
+    # And the session still serves requests.
+    request(relay, m.CheckPresent(KEY))
+    assert peer(relay, m.Success()) == [to_client(m.Success())]
+
+
+def test_a_watching_client_that_leaves_ends_its_session_cleanly() -> None:
+    relay = connect(notifies=True)
+    assert client(relay, m.NotifyChange()) == [WatchRefs()]
+    assert relay.side_lost(C, "closed the connection") == [
+        EndSession("client left: closed the connection")
     ]
     assert relay.done
+
+
+def test_refs_changed_only_when_watching_and_never_empty() -> None:
+    relay = connect(notifies=True)
+    with pytest.raises(RelayError):
+        relay.refs_changed((SHA1,))
+    assert client(relay, m.NotifyChange()) == [WatchRefs()]
+    with pytest.raises(RelayError):
+        relay.refs_changed(())
 
 
 def test_unknown_line_is_answered_and_the_session_goes_on() -> None:
@@ -1071,6 +1121,7 @@ _REQUESTS: list[InEvent] = [
     *[m.Put(None, KEY)] * 3,
     *[m.Get(0, None, KEY)] * 3,
     m.Bypass(_U),
+    m.NotifyChange(),
 ]
 
 
@@ -1118,7 +1169,7 @@ class Driver:
 
     def __init__(self, data: st.DataObject) -> None:
         self.data = data
-        self.relay = Relay(SERVER_UUID, PEER)
+        self.relay = Relay(SERVER_UUID, PEER, notifies=data.draw(st.booleans()))
         self.peer_open = False
         self.opens = 0  # OpenPeer actions since the client's last message
 
@@ -1223,6 +1274,10 @@ class Driver:
             case ClosePeer():
                 self.peer_open = False
                 return []
+            case WatchRefs():
+                if self.fails(10):
+                    return self.lost(C, "closed the connection")
+                return relay.refs_changed((SHA1,))
             case RunService() | RefuseService() | Stored() | Removed():
                 return []
             case _:

@@ -25,6 +25,7 @@ from tests.e2e.harness import (
     AnnexRepo,
     Bridge,
     Client,
+    Expose,
     RawSession,
     SessionClosed,
 )
@@ -234,21 +235,40 @@ def test_unknown_command_then_session_continues(bridge: Bridge, token: Address,
         s.expect("SUCCESS")
 
 
-def test_notifychange_is_protocol_error(bridge: Bridge, token: Address,
-                                        proxy_repo: AnnexRepo) -> None:
-    with RawSession(token.socket) as s:
-        s.auth(token.token, proxy_repo.uuid)
-        assert s.version(4) == "VERSION 4"
-        s.send_line("NOTIFYCHANGE")
-        s.expect("ERROR protocol error")
-        s.assert_closed(timeout=5)
-    # Also at version 0, as git-annex's remotedaemon would send it.
-    with RawSession(token.socket) as s:
-        s.auth(token.token, proxy_repo.uuid)
-        s.send_line("NOTIFYCHANGE")
-        s.expect("ERROR protocol error")
-        s.assert_closed(timeout=5)
-    assert_serves(bridge, token, proxy_repo)
+def test_notifychange_served_on_own_endpoint_protocol_error_on_a_node(
+    make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, tmp_path: Path
+) -> None:
+    """The proxy's own repository answers CHANGED; a proxied remote (like a
+    cluster) answers ERROR protocol error and ends, as git-annex's proxy."""
+    directory = tmp_path / "special"
+    directory.mkdir()
+    proxy_repo.annex("initremote", "sr", "type=directory", f"directory={directory}",
+                     "encryption=none")
+    proxy_repo.git("config", "remote.sr.annex-proxy", "true")
+    proxy_repo.annex("updateproxy")
+    bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("sr", "sr", 5001)])
+    bridge.start()
+    own = bridge.add_token("own", "rw", endpoint="hub")
+    node = bridge.add_token("node", "rw", endpoint="sr")
+    node_uuid = proxy_repo.git("config", "remote.sr.annex-uuid").stdout.strip()
+    for version in (4, 0):  # 0: as git-annex's remotedaemon sends it, with no VERSION
+        with RawSession(node.socket) as s:
+            s.auth(node.token, node_uuid)
+            if version:
+                assert s.version(version) == f"VERSION {version}"
+            s.send_line("NOTIFYCHANGE")
+            s.expect("ERROR protocol error")
+            s.assert_closed(timeout=5)
+        with RawSession(own.socket) as s:
+            s.auth(own.token, proxy_repo.uuid)
+            if version:
+                assert s.version(version) == f"VERSION {version}"
+            s.send_line("NOTIFYCHANGE")
+            commit = proxy_repo.commit_git_file(f"v{version}.txt", b"changed\n", "a change")
+            s.expect(f"CHANGED {commit}", timeout=60)
+            s.send_line("CHECKPRESENT SHA256E-s1--" + "0" * 64)  # the session goes on
+            s.expect("FAILURE")
+    assert_serves(bridge, own, proxy_repo)
 
 
 def test_version_0_session(bridge: Bridge, token: Address, proxy_repo: AnnexRepo) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import AnnexRepo, Client
+from tests.e2e.test_changes import RemoteDaemon
 from tests.tor.conftest import require_tor
 from tests.tor.torpath import (
     HUB_PORT,
@@ -223,6 +224,28 @@ def test_service_comes_back_after_the_hs_tor_restarts(world: TorWorld) -> None:
     via.add_files({"three.bin": payload("three")}, "three")
     via.annex("copy", "--to", "nodevia", "--", "three.bin", timeout=T)
     assert world.node_repo.has_key(via.key("three.bin"))
+
+
+def test_remotedaemon_over_tor_fetches_a_push(world: TorWorld) -> None:
+    """Live sync through the onion: a stock remotedaemon (tor-annex:: remote)
+    is told of another client's push and fetches it."""
+    assert world.bridge is not None and world.netns is not None
+    alice = linked_client(world, "erin", HUB_PORT, "hub")
+    bob = linked_client(world, "frank", HUB_PORT, "hub")
+    watcher = RemoteDaemon(alice, prefix=world.netns.argv([]))
+    try:
+        assert "tor-annex::" in watcher.expect("CONNECTED ", timeout=T)
+        # Its NOTIFYCHANGE has reached the bridge once the watch runs.
+        wait_for_log(world.bridge, lambda text: "ref watch started" in text, timeout=T)
+        commit = bob.commit_git_file("over-tor.txt", b"pushed over tor\n", "over tor")
+        bob.git("push", "hub", "HEAD:refs/heads/over-tor", timeout=T)
+        assert watcher.expect("DONESYNCING ", timeout=T).endswith(" 1"), watcher.seen
+        got = alice.git("rev-parse", "--verify", "--quiet", "refs/remotes/hub/over-tor",
+                        check=False).stdout.strip()
+        assert got == commit, watcher.seen
+    finally:
+        watcher.stop()
+    wait_for_log(world.bridge, lambda text: "ref watch stopped" in text, timeout=T)
 
 
 def test_teardown_leaves_nothing(world: TorWorld) -> None:

@@ -101,6 +101,13 @@ class RefuseService:
 
 
 @dataclass(frozen=True)
+class WatchRefs:
+    """Wait until the proxy repository's refs change (since this session last
+    heard of them), then answer with ``refs_changed``; or ``side_lost(Side.CLIENT)``
+    if the client leaves meanwhile. No deadline: a remotedaemon waits for hours."""
+
+
+@dataclass(frozen=True)
 class Stored:
     """``uuids`` now have ``key`` (for the proxy's location log)."""
 
@@ -132,6 +139,7 @@ Action = (
     | ClosePeer
     | RunService
     | RefuseService
+    | WatchRefs
     | Stored
     | Removed
     | EndSession
@@ -154,6 +162,7 @@ class Phase(enum.Enum):
     CLIENT_GET_RESULT = "client-get-result"  # after a GET: the client's verdict
     BODY = "body"  # a DATA body is being copied
     SERVICE = "service"  # CONNECT: git runs, the session ends after
+    WATCHING = "watching"  # NOTIFYCHANGE: waiting for the refs to change
     DONE = "done"
 
 
@@ -184,9 +193,11 @@ class RelayError(RuntimeError):
 class Relay:
     """State of one client session bridged to one peer."""
 
-    def __init__(self, server_uuid: str, peer_name: str) -> None:
+    def __init__(self, server_uuid: str, peer_name: str, notifies: bool = False) -> None:
         self.server_uuid = server_uuid  # what AUTH-SUCCESS tells the client
         self.peer_name = peer_name  # for error texts: which peer failed
+        # NOTIFYCHANGE is served (the proxy's own repository), not a protocol error.
+        self.notifies = notifies
         self.phase = Phase.AUTH
         self.mode = Mode.READ_ONLY  # until AUTH says otherwise
         self.client_uuid: str | None = None
@@ -264,6 +275,14 @@ class Relay:
         self._note_remove_sent()
         return pending
 
+    def refs_changed(self, shas: tuple[str, ...]) -> list[Action]:
+        """WatchRefs is answered: the refs now point at ``shas`` (never empty)."""
+        self._expect(Phase.WATCHING)
+        if not shas:
+            raise RelayError("refs_changed with no refs")
+        self.phase = Phase.IDLE
+        return [Send(Side.CLIENT, m.Changed(" ".join(shas)))]
+
     def body_done(self) -> list[Action]:
         """The body announced by the last CopyBody has been copied."""
         self._expect(Phase.BODY)
@@ -282,6 +301,10 @@ class Relay:
         """
         if self.phase is Phase.DONE:
             return []
+        if side is Side.CLIENT and self.phase is Phase.WATCHING:
+            # A remotedaemon that stops closes its connection while it waits:
+            # that is how a watching client leaves, not a failure.
+            return self._end(f"client left: {reason}", [])
         if side is Side.CLIENT:
             return self._end(f"client lost: {reason}", self._remove_in_doubt(), clean=False)
         if not retry:
@@ -352,7 +375,14 @@ class Relay:
                 return [Send(Side.CLIENT, m.Error("unexpected command"))]
             self.bypass = tuple(sorted(set(self.bypass) | set(event.uuids)))
             return [Send(Side.PEER, event)] if self.peer_open else []
+        if isinstance(event, m.NotifyChange) and self.notifies:
+            # As git-annex's own server: CHANGED once the refs change, then
+            # the session goes on (the remotedaemon sends NOTIFYCHANGE again).
+            self.request = event
+            self.phase = Phase.WATCHING
+            return [WatchRefs()]
         if isinstance(event, m.NotifyChange):
+            # As git-annex's proxy, for proxied remotes and clusters.
             return self._end(
                 "NOTIFYCHANGE is not served", [Send(Side.CLIENT, m.Error("protocol error"))]
             )

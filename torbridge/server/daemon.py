@@ -44,6 +44,7 @@ from torbridge.server.control import (
 )
 from torbridge.server.fdpass import PassedPipes, accept_stream
 from torbridge.server.locationlog import LocationLog
+from torbridge.server.refwatch import RefWatcher
 from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
@@ -123,6 +124,7 @@ class Shared:
     registry: Registry
     export_circuit_id: bool = False  # tor prepends a PROXY line with the circuit id
     query: AnnexQuery | None = None  # the location log and preferred content, for clusters
+    refs: RefWatcher | None = None  # the proxy repository's refs, for NOTIFYCHANGE
 
 
 def build_endpoints(config: Config, shared: Shared) -> list[Endpoint]:
@@ -144,7 +146,11 @@ def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Share
         )
 
     if expose.remote == OWN_REPOSITORY:
-        return endpoint(own_uuid, AnnexShellTransport(expose.name, config.repository, own_uuid))
+        own = endpoint(own_uuid, AnnexShellTransport(expose.name, config.repository, own_uuid))
+        # NOTIFYCHANGE is served here only: proxied remotes and clusters
+        # answer it with a protocol error, as git-annex's proxy does.
+        own.refs = shared.refs
+        return own
     try:
         if expose.remote in read_cluster_names(config.repository):
             # The cluster's channel records what its nodes did itself.
@@ -339,6 +345,8 @@ async def serve(
         config.tor.export_circuit_id,
     )
     shared.query = AnnexQuery(config.repository, shared.location_log)
+    shared.refs = RefWatcher(config.repository)
+    shared.registry.ref_watch = shared.refs.status
     endpoints = build_endpoints(config, shared)
     shared.registry.endpoints = [
         {
@@ -376,6 +384,7 @@ async def serve(
             bound.append(path)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(shared.location_log.run)
+            nursery.start_soon(shared.refs.run)  # idle until a session watches
             nursery.start_soon(log_progress, shared.registry)
             for listener, serve_it in listeners_of_ours:
                 nursery.start_soon(serve_it, listener, shared.registry)

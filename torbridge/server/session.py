@@ -27,6 +27,7 @@ from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.relay import Side
 from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.locationlog import LocationLog
+from torbridge.server.refwatch import Refs, RefWatch, RefWatcher
 from torbridge.server.status import Registry
 from torbridge.server.watched import WatchedStream
 from torbridge.transport import splice
@@ -117,6 +118,8 @@ class Endpoint:
     # Where what the relay saw is recorded; None where git-annex records it itself.
     location_log: LocationLog | None = None
     registry: Registry = field(default_factory=Registry)
+    # The proxy repository's refs, for NOTIFYCHANGE; None where it is not served.
+    refs: RefWatcher | None = None
 
 
 class _KernelCopy:
@@ -185,7 +188,7 @@ class Session:
         self.limits = endpoint.limits
         self._watched = WatchedStream(stream)
         self.client = FramedStream(self._watched, initial)
-        self.relay = r.Relay(endpoint.uuid, endpoint.transport.name)
+        self.relay = r.Relay(endpoint.uuid, endpoint.transport.name, endpoint.refs is not None)
         self.peer: PeerChannel | None = None
         self.grant: Grant | None = None
         self.outcome = "unfinished"
@@ -201,6 +204,10 @@ class Session:
         self.endpoint_name = endpoint.name
         self.token_name: str | None = None
         self._clean = True
+        # NOTIFYCHANGE: the refs as known at AUTH, then this session's watch.
+        self._ref_baseline: Refs | None = None
+        self._ref_watch: RefWatch | None = None
+        self._exits = contextlib.ExitStack()  # left when the session ends
 
     # --- what the status registry reads (server/status.py) -------------------------
 
@@ -232,6 +239,7 @@ class Session:
                     await self._close_peer()
                     nursery.cancel_scope.cancel()
         finally:
+            self._exits.close()
             self._leave_pre_auth()
             if self.grant is not None:
                 self.endpoint.admission.release(self.grant)
@@ -313,7 +321,9 @@ class Session:
         with trio.fail_at(deadline):
             return await self._unless_client_leaves(channel.receive_event)
 
-    async def _unless_client_leaves(self, wait: Callable[[], Awaitable[T]]) -> T | ClientLeft:
+    async def _unless_client_leaves(
+        self, wait: Callable[[], Awaitable[T]], what: str = "the peer"
+    ) -> T | ClientLeft:
         """``wait()`` (on the peer), unless the client hangs up first.
 
         The client has nothing to say meanwhile, so only its EOF or a broken
@@ -326,7 +336,7 @@ class Session:
 
             async def watch() -> None:
                 why = await self._watched.hung_up()
-                left.append(ClientLeft(f"hung up while waiting for the peer: {why}"))
+                left.append(ClientLeft(f"hung up while waiting for {what}: {why}"))
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
@@ -382,6 +392,8 @@ class Session:
                 with contextlib.suppress(StreamLost):  # the session ends next anyway
                     await refuse_git_service(self.client, reason)
                 return []
+            case r.WatchRefs():
+                return await self._watch_refs()
             case r.Stored(key=key, uuids=uuids):
                 self._record(key, uuids, present=True)
                 return []
@@ -390,6 +402,22 @@ class Session:
                 return []
             case _:
                 raise r.RelayError(f"unhandled action {action!r}")
+
+    async def _watch_refs(self) -> list[r.Action]:
+        """Wait for the proxy repository's refs to change (server/refwatch.py).
+
+        Deliberately no deadline, as git-annex's own server: a remotedaemon
+        waits for hours. The client leaving ends the wait.
+        """
+        refs = self.endpoint.refs
+        assert refs is not None
+        if self._ref_watch is None:
+            self._ref_watch = self._exits.enter_context(refs.watch(self._ref_baseline))
+        got = await self._unless_client_leaves(self._ref_watch.changed, "changes")
+        if isinstance(got, ClientLeft):
+            return await self._lost(Side.CLIENT, got.reason)
+        log.debug("[%d] refs changed: %d commit(s)", self.id, len(got))
+        return self.relay.refs_changed(got)
 
     def _record(self, key: str, uuids: tuple[str, ...], present: bool) -> None:
         if self.endpoint.location_log is not None:
@@ -484,6 +512,10 @@ class Session:
             return self.relay.auth_rejected()
         self.endpoint.admission.auth_succeeded(self.circuit)
         self.grant = grant
+        if self.endpoint.refs is not None:
+            # Changes from here on are reported, as git-annex's server watches
+            # from AUTH: free when the watch runs, else from the first NOTIFYCHANGE.
+            self._ref_baseline = self.endpoint.refs.peek()
         self.token_name = grant.token_name
         self.endpoint.registry.session_started(self)
         log.info(

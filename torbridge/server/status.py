@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +55,8 @@ class Registry:
     counters: Counter[str] = field(default_factory=Counter)
     onion: str | None = None
     endpoints: list[dict[str, Any]] = field(default_factory=list)
+    # The daemon's watch on the proxy repository's refs (server/refwatch.py).
+    ref_watch: Callable[[], dict[str, Any]] | None = None
 
     # --- what sessions report -----------------------------------------------------
 
@@ -120,6 +123,7 @@ class Registry:
                 }
                 for name, h in sorted(self.peers.items())
             },
+            "ref_watch": self.ref_watch() if self.ref_watch is not None else None,
             "totals": {
                 **dict(self.counters),
                 "bytes_in_total": self.counters["bytes_in_total"] + live_in,
@@ -218,6 +222,12 @@ def render(snapshot: dict[str, Any]) -> str:
         opened = p["last_open_seconds"]
         latency = f", opens in {opened:.2f}s" if opened is not None else ""
         lines.append(f"peer {name}: {p['opens']} opens, {p['failures']} failures{latency}; {state}")
+    watch = snapshot.get("ref_watch")
+    if watch and watch["sessions"]:
+        lines.append(
+            f"ref watch ({watch['mechanism'] or 'starting'}): {watch['sessions']} session(s)"
+            f" waiting for changes, {watch['snapshots']} snapshots"
+        )
     t = snapshot["totals"]
     lines.append(
         f"totals: {t.get('sessions_total', 0)} sessions ({t.get('sessions_failed_total', 0)}"
