@@ -10,7 +10,7 @@ side and what each node received on theirs.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,8 +436,14 @@ class Knowledge:
         self.asked.append(key)
         return frozenset(self.logged.get(key, ()))
 
-    async def wants(self, remote: str, key: str, af: str | None) -> bool:
-        return remote not in self.unwanted
+    broken: bool = False  # preferred content cannot be read
+    wanted_asked: list[tuple[tuple[str, ...], str, str | None]] = field(default_factory=list)
+
+    async def wanted(self, remotes: Sequence[str], key: str, af: str | None) -> dict[str, bool]:
+        self.wanted_asked.append((tuple(remotes), key, af))
+        if self.broken:
+            raise OSError("git annex find failed")
+        return {remote: remote not in self.unwanted for remote in remotes}
 
 
 @dataclass
@@ -689,6 +695,31 @@ async def test_put_targets_follow_log_and_preferred_content(
         assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {B})
     assert cl.repos["n2"].contents == {KEY: b"hello world"}
     assert cl.repos["n1"].connections == cl.repos["n3"].connections == []
+
+
+async def test_put_asks_preferred_content_once_for_the_unlogged_nodes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    knowledge = Knowledge(logged={KEY: {A}}, unwanted={"n2"})
+    async with cluster(knowledge=knowledge) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT dir/f.txt {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {C})
+    # One question for every node not logged, with the PUT's file name.
+    assert knowledge.wanted_asked == [(("n2", "n3"), KEY, "dir/f.txt")]
+
+
+async def test_put_when_preferred_content_cannot_be_read(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Counted as wanted: every node not logged gets it (a copy too many is safe)."""
+    knowledge = Knowledge(logged={KEY: {A}}, unwanted={"n2"}, broken=True)
+    async with cluster(knowledge=knowledge) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT f {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {B, C})
 
 
 async def test_get_no_logged_holder(autojump_clock: trio.abc.Clock) -> None:

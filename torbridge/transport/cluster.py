@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,7 +47,9 @@ class ClusterKnowledge(Protocol):
 
     async def locations(self, key: str) -> frozenset[str]: ...
 
-    async def wants(self, remote: str, key: str, af: str | None) -> bool: ...
+    async def wanted(
+        self, remotes: Sequence[str], key: str, af: str | None
+    ) -> Mapping[str, bool]: ...
 
 
 class Recorder(Protocol):
@@ -387,16 +389,10 @@ class ClusterChannel(PeerChannel):
     async def _put_start(self, request: m.Put) -> list[LineEvent]:
         usable = self._usable()
         logged = await self._locations(request.key)
-        wanted: dict[str, bool] = {}
-
-        async def want(node: ClusterNode) -> None:
-            wanted[node.ref.name] = await self.t.knowledge.wants(
-                node.ref.name, request.key, request.af
-            )
-
-        # Another gateway weighs its own nodes' preferred content itself.
-        asked = [n for n in usable if n.gateway is None and n.ref.uuid not in logged]
-        await self._each_node(asked, want)
+        # Each node's preferred content, evaluated by git-annex as that node
+        # (server/preferred.py); another gateway weighs its own nodes' itself.
+        asked = [n.ref.name for n in usable if n.gateway is None and n.ref.uuid not in logged]
+        wanted = await self._wanted(asked, request.key, request.af)
         refs = c.put_targets([n.ref for n in usable], logged, lambda r: wanted.get(r.name, True))
         targets = [n for n in usable if n.ref in refs]
         put = c.PutFanout(self.version, {n.ref.name: n.ref.uuid for n in targets})
@@ -415,6 +411,16 @@ class ClusterChannel(PeerChannel):
         if isinstance(offer, m.PutFrom):
             self._put, self._put_key = put, request.key
         return [self._told(put, offer)]
+
+    async def _wanted(self, names: list[str], key: str, af: str | None) -> Mapping[str, bool]:
+        if not names:
+            return {}
+        try:
+            return await self.t.knowledge.wanted(names, key, af)
+        except Exception as e:  # the query layer's own error types
+            # Counted as wanted: a copy too many is safe, one too few is not.
+            log.warning("%s: preferred content not known (%s): every node asked", self.t.name, e)
+            return {}
 
     async def _put_data(self, length: int) -> None:
         put = self._put
