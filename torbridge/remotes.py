@@ -208,6 +208,7 @@ class Cluster:
     uuid: str  # annex.cluster.NAME
     nodes: tuple[Remote, ...]  # remotes with remote.N.annex-cluster-node naming it
     via_gateways: tuple[GatewayLink, ...] = ()
+    members: frozenset[str] = frozenset()  # every node cluster.log records for it
 
 
 def _newest_per_uuid(text: str) -> dict[str, list[str]]:
@@ -307,7 +308,7 @@ def read_cluster(repository: Path, name: str, cluster_log: str, proxy_log: str =
             f"cluster {name} has no nodes: `git config remote.NODE.annex-cluster-node {name}`"
             " then `git annex updatecluster`"
         )
-    return Cluster(name, uuid, tuple(nodes), tuple(gateways))
+    return Cluster(name, uuid, tuple(nodes), tuple(gateways), frozenset(recorded))
 
 
 def remote_cost(remote: Remote, default: float = 200.0) -> float:

@@ -486,6 +486,7 @@ async def cluster(
     seed: int = 0,
     behind: dict[str, frozenset[str]] | None = None,
     lockstep: bool = False,
+    members: frozenset[str] | None = None,
 ) -> AsyncIterator[Cluster]:
     """A Session whose endpoint is a cluster of fake nodes n1, n2, n3 (A, B, C)."""
     repos = repos or {name: FakeRepo(uuid=uuid) for name, uuid in NODE_UUIDS.items()}
@@ -514,6 +515,8 @@ async def cluster(
                 "cl", CLUSTER, GATEWAY, nodes, knowledge, recorder,
                 node_timeout=LIMITS.peer_timeout * 0.8, stall_timeout=LIMITS.stall_timeout * 0.8,
                 rng=random.Random(seed),
+                # What cluster.log lists: n1, n2, n3 unless told.
+                members=frozenset(NODE_UUIDS.values()) if members is None else members,
             )
             endpoint = Endpoint("cl", CLUSTER, transport, Path("/nonexistent"), OneToken(), LIMITS)
             pair = (
@@ -682,6 +685,61 @@ async def test_put_mixed_already_have_gateway_plus(autojump_clock: trio.abc.Cloc
         assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, B, C})
     assert cl.repos["n1"].contents == {KEY: b"hello world"}
     assert sorted(cl.recorder.records) == sorted((KEY, u, True) for u in (A, B, C))
+
+
+@pytest.mark.parametrize("version", [2, 4])
+async def test_plus_lists_pass_on_only_the_clusters_nodes(
+    version: int, autojump_clock: trio.abc.Clock
+) -> None:
+    """A node naming repositories that are not nodes of the cluster: they reach
+    neither the location log nor the client; its own UUID and members do."""
+    stranger = "5a5a5a5a-0000-4000-8000-000000000001"
+
+    async def stored_plus(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.PutFrom(0))
+        data = await conn.receive()
+        assert isinstance(data, m.Data)
+        await conn.receive_body(data.length)
+        assert isinstance(await conn.receive(), m.Valid)
+        await conn.send(m.SuccessPlus((stranger, C)))
+
+    async def removed_plus(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.SuccessPlus((stranger,)))
+
+    repos = {
+        "n1": FakeRepo(uuid=A, hooks={m.Put: stored_plus, m.Remove: removed_plus}),
+        "n2": FakeRepo(uuid=B),
+    }
+    async with cluster(repos, members=frozenset({A, B, C})) as cl:
+        await login(cl, version)
+        await cl.client.send(f"PUT  {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, B, C})
+        await cl.client.send(f"REMOVE {KEY}\n".encode())
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, B})
+    assert stranger not in {uuid for _, uuid, _ in cl.recorder.records}
+    assert sorted(cl.recorder.records) == sorted(
+        [(KEY, u, True) for u in (A, B, C)] + [(KEY, u, False) for u in (A, B)]
+    )
+
+
+async def test_another_gateway_names_its_own_nodes(autojump_clock: trio.abc.Clock) -> None:
+    """Another gateway of the cluster is the authority on its nodes: ones this
+    gateway's cluster.log does not list yet count (test_two_gateways)."""
+    newcomer = "5a5a5a5a-0000-4000-8000-000000000002"
+
+    async def have_plus(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.AlreadyHavePlus((newcomer, OTHER_CLUSTER)))
+
+    repos = {
+        "n1": FakeRepo(uuid=A, contents={KEY: b"hello world"}),
+        "gw": FakeRepo(uuid=OTHER_CLUSTER, hooks={m.Put: have_plus}),
+    }
+    async with cluster(repos, gateways={"gw": OTHER_GATEWAY}, members=frozenset({A})) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode())
+        assert plus(await cl.client.line()) == ("ALREADY-HAVE-PLUS", {A, newcomer})
+    assert sorted(cl.recorder.records) == sorted((KEY, u, True) for u in (A, newcomer))
 
 
 async def test_put_targets_follow_log_and_preferred_content(

@@ -235,6 +235,7 @@ def _cluster_transport(
         # before the session gives up on the whole cluster.
         node_timeout=limits.peer_timeout * 0.8,
         stall_timeout=limits.stall_timeout * 0.8,
+        members=cluster.members,
     )
 
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import trio
 
+from torbridge.protocol import clienttext
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream, LineEvent
@@ -79,6 +80,7 @@ class ClusterTransport(Transport):
         node_timeout: float,
         stall_timeout: float,
         rng: random.Random | None = None,
+        members: frozenset[str] = frozenset(),
     ) -> None:
         self.name = name
         self.uuid = uuid  # the cluster's
@@ -89,6 +91,12 @@ class ClusterTransport(Transport):
         self.node_timeout = node_timeout
         self.stall_timeout = stall_timeout
         self.rng = rng or random.Random()
+        # The cluster's nodes (cluster.log, with the nodes behind other
+        # gateways): the only UUIDs a node's PLUS list may pass on.
+        self.members = frozenset(members).union(
+            *(n.ref.behind for n in self.nodes),
+            (n.ref.uuid for n in self.nodes if n.gateway is None),
+        )
 
     async def open(
         self,
@@ -270,7 +278,8 @@ class ClusterChannel(PeerChannel):
                     return await self._put_start(pending)
             return [m.Error("unexpected command")]
         except QueryFailed as e:
-            return [m.Error(f"{self.t.name}: {e}")]
+            log.warning("%s: %s", self.t.name, e)
+            return [m.Error(f"{self.t.name}: cannot read the location log")]
 
     async def _locations(self, key: str) -> frozenset[str]:
         try:
@@ -317,7 +326,7 @@ class ClusterChannel(PeerChannel):
         await self._each_node(usable, one)
         uuids = {n.ref.name: n.ref.uuid for n in usable}
         in_order = {name: replies[name] for name in uuids}  # not the order they finished in
-        answer, removed = c.remove_outcome(self.version, in_order, uuids)
+        answer, removed = c.remove_outcome(self.version, in_order, uuids, self.t.members)
         for uuid in removed:
             self._record(request.key, uuid, present=False)
         return [answer]
@@ -395,7 +404,7 @@ class ClusterChannel(PeerChannel):
         wanted = await self._wanted(asked, request.key, request.af)
         refs = c.put_targets([n.ref for n in usable], logged, lambda r: wanted.get(r.name, True))
         targets = [n for n in usable if n.ref in refs]
-        put = c.PutFanout(self.version, {n.ref.name: n.ref.uuid for n in targets})
+        put = c.PutFanout(self.version, {n.ref.name: n.ref.uuid for n in targets}, self.t.members)
 
         async def one(node: ClusterNode) -> None:
             reply = await self._request(node, request)
@@ -485,7 +494,9 @@ class ClusterChannel(PeerChannel):
 
     def _told(self, put: c.PutFanout, answer: m.Message) -> m.Message:
         """Log the nodes left out; a FAILURE becomes an ERROR that says why."""
-        reasons = [f"{name}: {why}" for name, why in put.failed.items()]
+        order = {n.ref.name: i for i, n in enumerate(self.t.nodes)}  # not finishing order
+        failed = sorted(put.failed.items(), key=lambda item: order.get(item[0], len(order)))
+        reasons = [f"{name}: {why}" for name, why in failed]
         put.failed.clear()
         for reason in reasons:
             log.warning("%s: node left out of a PUT: %s", self.t.name, reason)
@@ -547,14 +558,25 @@ class ClusterChannel(PeerChannel):
         try:
             with trio.fail_at(self._node_wait_deadline()):
                 event = await channel.receive_event()
-        except (StreamLost, trio.TooSlowError) as e:
-            await self._drop(node, str(e) or "no answer before the deadline")
-            return str(e) or "no answer before the deadline"
+        except trio.TooSlowError:
+            await self._drop(node, "no answer before the deadline")
+            return "no answer before the deadline"
+        except StreamLost as e:
+            # The cause (it may name an onion or a path) is for the log only.
+            await self._drop(node, str(e))
+            return clienttext.CONNECTION_LOST
+        if isinstance(event, m.Error):
+            told = clienttext.relayed_error(node.ref.name, event)
+            if told is not event:
+                log.warning("%s: node %s said ERROR %s", self.t.name, node.ref.name, event.text)
+            return told
         if isinstance(event, m.Message):
             return event
-        why = "connection closed" if isinstance(event, EndOfStream) else f"bad line: {event}"
-        await self._drop(node, why)
-        return why
+        if isinstance(event, EndOfStream):
+            await self._drop(node, "connection closed")
+            return "connection closed"
+        await self._drop(node, f"bad line: {event}")
+        return clienttext.PROTOCOL_ERROR
 
     async def _guard(self, node: ClusterNode, within: float, op: Awaitable[None]) -> bool:
         """Run one send to ``node``; on failure drop the node and say False."""
