@@ -8,6 +8,7 @@ here, before anything of them reaches a subprocess or a socket.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ class Cluster:
     uuid: str  # annex.cluster.NAME
     nodes: tuple[Remote, ...]  # remotes with remote.N.annex-cluster-node naming it
     via_gateways: tuple[GatewayLink, ...] = ()
+    members: frozenset[str] = frozenset()  # every node cluster.log records for it
 
 
 def _newest_per_uuid(text: str) -> dict[str, list[str]]:
@@ -353,11 +355,39 @@ def read_cluster(repository: Path, name: str, cluster_log: str, proxy_log: str =
             f"cluster {name} has no nodes: `git config remote.NODE.annex-cluster-node {name}`"
             " then `git annex updatecluster`"
         )
-    return Cluster(name, uuid, tuple(nodes), tuple(gateways))
+    return Cluster(name, uuid, tuple(nodes), tuple(gateways), frozenset(recorded))
 
 
 def remote_cost(remote: Remote, default: float = 200.0) -> float:
+    """``remote.NAME.annex-cost``, else ``default``: for when git-annex cannot tell."""
     try:
         return float(remote.settings.get("annex-cost", default))
     except ValueError:
         return default
+
+
+def annex_costs(repository: Path, names: list[str]) -> dict[str, float]:
+    """Each remote's cost as git-annex reckons it (``git annex info --fast --json``).
+
+    git-annex's default for the remote's type (a local git repository 100,
+    ssh 200, a P2P address 1000, special remotes by type) unless
+    ``annex-cost`` or ``annex-cost-command`` says otherwise. Remotes it
+    could not tell are left out.
+    """
+    if not names:
+        return {}
+    try:
+        done = subprocess.run(
+            ["git", "annex", "info", "--fast", "--json", "--", *names],
+            cwd=repository, capture_output=True, text=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    costs: dict[str, float] = {}
+    for line in done.stdout.splitlines():
+        try:
+            info = json.loads(line)
+            costs[str(info["remote"])] = float(info["cost"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return costs

@@ -10,7 +10,7 @@ side and what each node received on theirs.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,8 +437,14 @@ class Knowledge:
         self.asked.append(key)
         return frozenset(self.logged.get(key, ()))
 
-    async def wants(self, remote: str, key: str, af: str | None) -> bool:
-        return remote not in self.unwanted
+    broken: bool = False  # preferred content cannot be read
+    wanted_asked: list[tuple[tuple[str, ...], str, str | None]] = field(default_factory=list)
+
+    async def wanted(self, remotes: Sequence[str], key: str, af: str | None) -> dict[str, bool]:
+        self.wanted_asked.append((tuple(remotes), key, af))
+        if self.broken:
+            raise OSError("git annex find failed")
+        return {remote: remote not in self.unwanted for remote in remotes}
 
 
 @dataclass
@@ -481,6 +487,7 @@ async def cluster(
     seed: int = 0,
     behind: dict[str, frozenset[str]] | None = None,
     lockstep: bool = False,
+    members: frozenset[str] | None = None,
 ) -> AsyncIterator[Cluster]:
     """A Session whose endpoint is a cluster of fake nodes n1, n2, n3 (A, B, C)."""
     repos = repos or {name: FakeRepo(uuid=uuid) for name, uuid in NODE_UUIDS.items()}
@@ -509,6 +516,8 @@ async def cluster(
                 "cl", CLUSTER, GATEWAY, nodes, knowledge, recorder,
                 node_timeout=LIMITS.peer_timeout * 0.8, stall_timeout=LIMITS.stall_timeout * 0.8,
                 rng=random.Random(seed),
+                # What cluster.log lists: n1, n2, n3 unless told.
+                members=frozenset(NODE_UUIDS.values()) if members is None else members,
             )
             endpoint = Endpoint("cl", CLUSTER, transport, Path("/nonexistent"), OneToken(), LIMITS)
             pair = (
@@ -679,6 +688,61 @@ async def test_put_mixed_already_have_gateway_plus(autojump_clock: trio.abc.Cloc
     assert sorted(cl.recorder.records) == sorted((KEY, u, True) for u in (A, B, C))
 
 
+@pytest.mark.parametrize("version", [2, 4])
+async def test_plus_lists_pass_on_only_the_clusters_nodes(
+    version: int, autojump_clock: trio.abc.Clock
+) -> None:
+    """A node naming repositories that are not nodes of the cluster: they reach
+    neither the location log nor the client; its own UUID and members do."""
+    stranger = "5a5a5a5a-0000-4000-8000-000000000001"
+
+    async def stored_plus(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.PutFrom(0))
+        data = await conn.receive()
+        assert isinstance(data, m.Data)
+        await conn.receive_body(data.length)
+        assert isinstance(await conn.receive(), m.Valid)
+        await conn.send(m.SuccessPlus((stranger, C)))
+
+    async def removed_plus(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.SuccessPlus((stranger,)))
+
+    repos = {
+        "n1": FakeRepo(uuid=A, hooks={m.Put: stored_plus, m.Remove: removed_plus}),
+        "n2": FakeRepo(uuid=B),
+    }
+    async with cluster(repos, members=frozenset({A, B, C})) as cl:
+        await login(cl, version)
+        await cl.client.send(f"PUT  {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, B, C})
+        await cl.client.send(f"REMOVE {KEY}\n".encode())
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, B})
+    assert stranger not in {uuid for _, uuid, _ in cl.recorder.records}
+    assert sorted(cl.recorder.records) == sorted(
+        [(KEY, u, True) for u in (A, B, C)] + [(KEY, u, False) for u in (A, B)]
+    )
+
+
+async def test_another_gateway_names_its_own_nodes(autojump_clock: trio.abc.Clock) -> None:
+    """Another gateway of the cluster is the authority on its nodes: ones this
+    gateway's cluster.log does not list yet count (test_two_gateways)."""
+    newcomer = "5a5a5a5a-0000-4000-8000-000000000002"
+
+    async def have_plus(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.AlreadyHavePlus((newcomer, OTHER_CLUSTER)))
+
+    repos = {
+        "n1": FakeRepo(uuid=A, contents={KEY: b"hello world"}),
+        "gw": FakeRepo(uuid=OTHER_CLUSTER, hooks={m.Put: have_plus}),
+    }
+    async with cluster(repos, gateways={"gw": OTHER_GATEWAY}, members=frozenset({A})) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode())
+        assert plus(await cl.client.line()) == ("ALREADY-HAVE-PLUS", {A, newcomer})
+    assert sorted(cl.recorder.records) == sorted((KEY, u, True) for u in (A, newcomer))
+
+
 async def test_put_targets_follow_log_and_preferred_content(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -690,6 +754,31 @@ async def test_put_targets_follow_log_and_preferred_content(
         assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {B})
     assert cl.repos["n2"].contents == {KEY: b"hello world"}
     assert cl.repos["n1"].connections == cl.repos["n3"].connections == []
+
+
+async def test_put_asks_preferred_content_once_for_the_unlogged_nodes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    knowledge = Knowledge(logged={KEY: {A}}, unwanted={"n2"})
+    async with cluster(knowledge=knowledge) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT dir/f.txt {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {C})
+    # One question for every node not logged, with the PUT's file name.
+    assert knowledge.wanted_asked == [(("n2", "n3"), KEY, "dir/f.txt")]
+
+
+async def test_put_when_preferred_content_cannot_be_read(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Counted as wanted: every node not logged gets it (a copy too many is safe)."""
+    knowledge = Knowledge(logged={KEY: {A}}, unwanted={"n2"}, broken=True)
+    async with cluster(knowledge=knowledge) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT f {KEY}\n".encode(), b"DATA 11\nhello worldVALID\n")
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {B, C})
 
 
 async def test_get_no_logged_holder(autojump_clock: trio.abc.Clock) -> None:

@@ -820,7 +820,7 @@ async def test_peer_unreachable(
     async with bridge(repo) as b:
         await b.client.login()
         await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
-        await b.client.expect(f"ERROR {PEER_NAME} unreachable: {reason}\n".encode())
+        await b.client.expect(f"ERROR {PEER_NAME}: unreachable\n".encode())
         # The next request tries again.
         repo.greeting = "success"
         await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
@@ -834,7 +834,7 @@ async def test_peer_transport_refuses(autojump_clock: trio.abc.Clock) -> None:
         await b.client.login()
         await b.client.send(b"VERSION 4\n")
         await b.client.expect(
-            f"ERROR {PEER_NAME} unreachable: {PEER_NAME}: connection refused\n".encode()
+            f"ERROR {PEER_NAME}: unreachable\n".encode()
         )
         b.transport.unreachable = None
         # The client stays at version 0 and the next request opens the peer at 0.

@@ -1,4 +1,5 @@
-"""No token in the daemon's log, even at debug level, over real sessions.
+"""No token in the daemon's log, even at debug level, over real sessions;
+no onion, token or proxy path in what a client hears when a node fails.
 
 A stock client links to a node's endpoint and moves content through it (the
 bridge authenticates to the node with the node's token), raw sessions fail
@@ -11,12 +12,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import RawSession
+from tests.e2e.harness import AnnexRepo, Client, RawSession
+from tests.nodes.clusters import CLUSTER, ENDPOINT, setup_cluster
 from tests.nodes.conftest import Setup
-from tests.nodes.nodes import Node, NodeBridge
+from tests.nodes.nodes import Node, NodeBridge, NodeNet, p2p_errors
 
 pytestmark = pytest.mark.annex
 
@@ -97,3 +100,59 @@ def _linked_token(s: Setup) -> str:
         if text and text.isalnum() and len(text) >= 32:
             return text
     raise AssertionError(f"no token in {sorted(p.name for p in creds.iterdir())}")
+
+
+# --- what a client hears when a node fails ------------------------------------------------
+
+
+def _assert_no_internals(text: str, node: Node, s_proxy: Path, bridge: NodeBridge) -> None:
+    assert node.onion is not None and node.server is not None
+    secrets = {
+        "the node's onion": node.onion.removesuffix(".onion"),
+        "the node's token": node.server.token,
+        "the proxy's path": str(s_proxy),
+        "the bridge's state": str(bridge.state_dir),
+    }
+    for what, secret in secrets.items():
+        for form in _forms(secret):
+            assert form not in text, f"{what} reached the client:\n{text[-3000:]}"
+
+
+def test_a_node_down_tells_the_client_no_internals(setup_node: Callable[..., Setup]) -> None:
+    """A tor-annex node behind its own endpoint is down (tor, here our SOCKS
+    server, cannot reach its onion): the client hears that the node is
+    unreachable; the daemon's log says why."""
+    s = setup_node("tor")
+    assert s.node.server is not None and s.node.onion is not None
+    s.client.add_file("f", b"content\n")
+    s.node.server.stop()
+    down = s.client.annex("copy", "--to", s.remote, "--debug", "f", check=False)
+    assert not down.ok, down.describe()
+    errors = p2p_errors(down)
+    assert errors and set(errors) == {f"{s.node.name}: unreachable"}, down.describe()[-3000:]
+    _assert_no_internals(down.stdout + down.stderr, s.node, s.proxy.path, s.bridge)
+    # The operator's log keeps the cause.
+    assert "descriptor not found" in s.bridge.log(), s.bridge.log()[-3000:]
+
+
+def test_a_cluster_node_down_tells_the_client_no_internals(
+    make_nodes: Callable[..., Node],
+    make_node_bridge: Callable[..., NodeBridge],
+    make_client: Callable[[str], Client],
+    proxy_repo: AnnexRepo,
+    node_net: NodeNet,
+) -> None:
+    s = setup_cluster(
+        make_nodes, make_node_bridge, make_client, proxy_repo, node_net, kinds=("tor",)
+    )
+    node = s.nodes[0]
+    assert node.server is not None
+    s.client.add_file("f", b"content\n")
+    node.server.stop()
+    down = s.client.annex("copy", "--to", ENDPOINT, "--debug", "f", check=False)
+    assert not down.ok, down.describe()
+    errors = p2p_errors(down)
+    told = f"{CLUSTER}: no node stored it ({node.name}: unreachable)"
+    assert errors and set(errors) == {told}, down.describe()[-3000:]
+    _assert_no_internals(down.stdout + down.stderr, node, proxy_repo.path, s.bridge)
+    assert f"{node.name} unreachable" in s.bridge.log()

@@ -169,11 +169,31 @@ class TimestampMap:
 # --- what the client is told -----------------------------------------------------------
 
 
-def _succeeded_uuids(uuid: str, reply: m.Message) -> tuple[str, ...]:
+def _succeeded_uuids(
+    uuid: str, reply: m.Message, members: AbstractSet[str] | None
+) -> tuple[str, ...]:
     """The repositories that a node announcing ``uuid`` vouches for with
-    SUCCESS[-PLUS] / ALREADY-HAVE[-PLUS]."""
+    SUCCESS[-PLUS] / ALREADY-HAVE[-PLUS]: itself, and those it names that
+    are nodes of the cluster."""
     plus = reply.uuids if isinstance(reply, (m.SuccessPlus, m.AlreadyHavePlus)) else ()
-    return repository_uuids((uuid, *plus))
+    return repository_uuids((uuid, *cluster_members(uuid, plus, members)))
+
+
+def cluster_members(
+    node_uuid: str, uuids: Iterable[str], members: AbstractSet[str] | None
+) -> tuple[str, ...]:
+    """The ``uuids`` that the node announcing ``node_uuid`` named which count:
+    those that are nodes of the cluster (``members``, from cluster.log).
+
+    Any other UUID a node names (a repository behind it that is not a node,
+    or one it made up) reaches neither the location log nor the client.
+    Another gateway of the cluster (it announces the cluster's UUID) names
+    its own nodes, which this gateway's cluster.log may not list yet: it is
+    the authority on them. None: every UUID counts.
+    """
+    if members is None or is_cluster_uuid(node_uuid):
+        return tuple(uuids)
+    return tuple(u for u in uuids if u in members)
 
 
 @dataclass
@@ -188,6 +208,8 @@ class PutFanout:
 
     client_version: int
     targets: dict[str, str]  # node name -> the UUID it announces
+    # The cluster's nodes (cluster.log): the only UUIDs a PLUS list may pass on.
+    members: AbstractSet[str] | None = None
     offsets: dict[str, int] = field(default_factory=dict)  # PUT-FROM per node
     already: list[str] = field(default_factory=list)  # repositories that had it
     stored: list[str] = field(default_factory=list)  # repositories that stored it
@@ -207,7 +229,7 @@ class PutFanout:
         elif isinstance(reply, (m.AlreadyHave, m.AlreadyHavePlus)):
             # A gateway node answers ALREADY-HAVE-PLUS: that is an answer too.
             self.had = True
-            self.already.extend(_succeeded_uuids(self.targets[node], reply))
+            self.already.extend(_succeeded_uuids(self.targets[node], reply, self.members))
         else:
             self.fail(node, _describe(reply))
 
@@ -260,11 +282,14 @@ class PutFanout:
             return
         if isinstance(reply, (m.Success, m.SuccessPlus)):
             self.succeeded = True
-            self.stored.extend(_succeeded_uuids(self.targets[node], reply))
+            self.stored.extend(_succeeded_uuids(self.targets[node], reply, self.members))
         elif isinstance(reply, m.FailurePlus):
             # A gateway node: some of its nodes stored it, some did not.
-            self.succeeded = self.succeeded or bool(reply.uuids)
-            self.stored.extend(repository_uuids(reply.uuids))
+            named = repository_uuids(
+                cluster_members(self.targets[node], reply.uuids, self.members)
+            )
+            self.succeeded = self.succeeded or bool(named)
+            self.stored.extend(named)
             self.failed.setdefault(node, "FAILURE-PLUS")
         else:
             self.failed.setdefault(node, _describe(reply))
@@ -281,7 +306,10 @@ class PutFanout:
 
 
 def remove_outcome(
-    client_version: int, replies: Mapping[str, m.Message | str], uuids: Mapping[str, str]
+    client_version: int,
+    replies: Mapping[str, m.Message | str],
+    uuids: Mapping[str, str],
+    members: AbstractSet[str] | None = None,
 ) -> tuple[m.Message, tuple[str, ...]]:
     """The client's answer to REMOVE[-BEFORE] sent to every node, and who removed it.
 
@@ -292,10 +320,10 @@ def remove_outcome(
     first_bad: m.Message | None = None
     for node, reply in replies.items():
         if isinstance(reply, (m.Success, m.SuccessPlus)):
-            removed.extend(_succeeded_uuids(uuids[node], reply))
+            removed.extend(_succeeded_uuids(uuids[node], reply, members))
             continue
         if isinstance(reply, m.FailurePlus):
-            removed.extend(repository_uuids(reply.uuids))
+            removed.extend(repository_uuids(cluster_members(uuids[node], reply.uuids, members)))
         if first_bad is None:
             if isinstance(reply, (m.Failure, m.Error)):
                 first_bad = reply

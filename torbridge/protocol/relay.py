@@ -20,6 +20,7 @@ import enum
 from dataclasses import dataclass
 
 from torbridge.protocol import messages as m
+from torbridge.protocol.clienttext import UNREACHABLE, peer_reason, relayed_error
 from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
 
 READ_ONLY_ERROR = "this repository is read-only; write access denied"
@@ -461,7 +462,7 @@ class Relay:
             if not isinstance(event, _RESULTS):
                 return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
             self.phase = Phase.IDLE
-            return [*self._observe(event), Send(Side.CLIENT, event)]
+            return [*self._observe(event), Send(Side.CLIENT, self._told(event))]
         if self.phase is Phase.PEER_VALIDITY:
             if not isinstance(event, _VALIDITY):
                 return self._peer_broke(f"unexpected {type(event).__name__} after DATA")
@@ -488,7 +489,12 @@ class Relay:
             self._after_body = Phase.PEER_VALIDITY if self.version >= 1 else Phase.CLIENT_GET_RESULT
             return [Send(Side.CLIENT, event), CopyBody(Side.PEER, event.length)]
         self.phase = Phase.IDLE
-        return [*self._observe(event), Send(Side.CLIENT, event)]
+        return [*self._observe(event), Send(Side.CLIENT, self._told(event))]
+
+    def _told(self, reply: m.Message) -> m.Message:
+        """The peer's reply as the client hears it: its ERROR only if it
+        names nothing of the proxy host (clienttext.py)."""
+        return relayed_error(self.peer_name, reply) if isinstance(reply, m.Error) else reply
 
     def _observe(self, result: m.Message) -> list[Action]:
         """What the proxy's location log should learn from a result.
@@ -518,7 +524,9 @@ class Relay:
     ) -> list[Action]:
         was_open, self.peer_open = self.peer_open, False
         actions: list[Action] = [ClosePeer(reason)] if close or was_open else []
-        error = m.Error(f"{self.peer_name}: {reason}")
+        # The client hears what failed; the cause (which may name an onion
+        # or a path) is the session's to log.
+        error = m.Error(f"{self.peer_name}: {peer_reason(reason)}")
         phase = self.phase
         if phase is Phase.OPENING:
             pending, self._pending = self._pending, []
@@ -532,7 +540,7 @@ class Relay:
             return [
                 *actions,
                 *self._remove_in_doubt(),
-                Send(Side.CLIENT, m.Error(f"{self.peer_name} unreachable: {reason}")),
+                Send(Side.CLIENT, m.Error(f"{self.peer_name}: {UNREACHABLE}")),
             ]
         if phase is Phase.PEER_REPLY:
             if self._retry_allowed and not close and self.request is not None:

@@ -4,8 +4,8 @@ A cluster gateway picks nodes by the location log and by each node's
 preferred content. Both are git-annex's formats and rules, so git-annex
 answers: one long-running ``git annex whereis --batch-keys --json`` for
 locations (it reads the journal on every query, so it sees what was
-recorded a moment ago by any process), and ``git annex wanted`` /
-``matchexpression`` for preferred content.
+recorded a moment ago by any process), and ``git annex find
+--want-get-by`` for preferred content (server/preferred.py).
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from torbridge.protocol.messages import is_valid_key
 from torbridge.server.locationlog import LocationLog
+from torbridge.server.preferred import PreferredContent
 
 log = logging.getLogger("torbridge.annexquery")
 
 QUERY_TIMEOUT = 60.0
-WANTED_TTL = 10.0  # seconds a node's preferred content expression is reused
-_MATCH_NEEDS_DATA = 42  # matchexpression: "cannot match this expression without ..."
 
 
 class QueryError(Exception):
@@ -32,13 +32,19 @@ class QueryError(Exception):
 
 
 class AnnexQuery:
-    def __init__(self, repository: Path, location_log: LocationLog | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        location_log: LocationLog | None = None,
+        scratch_parent: Path | None = None,
+    ) -> None:
         self.repository = repository
         self.location_log = location_log  # its pending writes are waited for first
         self._lock = trio.Lock()
         self._whereis: trio.Process | None = None
         self._buffer = bytearray()
-        self._wanted: dict[str, tuple[float, str]] = {}
+        # Its scratch work trees go under scratch_parent (the system's temp dir if None).
+        self.preferred = PreferredContent(repository, scratch_parent)
 
     # --- locations -------------------------------------------------------------------
 
@@ -102,58 +108,10 @@ class AnnexQuery:
     async def aclose(self) -> None:
         async with self._lock:
             await self._stop()
+        self.preferred.close()
 
     # --- preferred content -------------------------------------------------------------
 
-    async def wants(self, remote: str, key: str, af: str | None) -> bool:
-        """Whether remote ``remote``'s preferred content wants ``key``.
-
-        An unset expression wants everything, as git-annex's gateway treats it.
-        An expression git-annex cannot decide without more data than a key and
-        a file name counts as wanting it: a copy too many is safe, a copy too
-        few is not.
-        """
-        expression = await self._expression(remote)
-        if expression in ("", "anything"):
-            return True
-        if expression == "nothing":
-            return False
-        argv = ["git", "annex", "matchexpression", f"--key={key}"]
-        if af:
-            argv.append(f"--file={af}")
-        argv += ["--", expression]
-        try:
-            with trio.fail_after(QUERY_TIMEOUT):
-                done = await trio.run_process(
-                    argv, cwd=self.repository, capture_stdout=True, capture_stderr=True,
-                    check=False,
-                )
-        except (trio.TooSlowError, OSError) as e:
-            log.warning("preferred content of %s not known (%s): sending it anyway", remote, e)
-            return True
-        if done.returncode in (0, 1):
-            return done.returncode == 0
-        if done.returncode != _MATCH_NEEDS_DATA:
-            log.warning(
-                "preferred content of %s (%r) not decided: %s", remote, expression,
-                done.stderr.decode("utf-8", "replace").strip()[:200],
-            )
-        return True
-
-    async def _expression(self, remote: str) -> str:
-        now = trio.current_time()
-        cached = self._wanted.get(remote)
-        if cached is not None and now - cached[0] < WANTED_TTL:
-            return cached[1]
-        try:
-            with trio.fail_after(QUERY_TIMEOUT):
-                done = await trio.run_process(
-                    ["git", "annex", "wanted", remote], cwd=self.repository,
-                    capture_stdout=True, capture_stderr=True, check=False,
-                )
-        except (trio.TooSlowError, OSError) as e:
-            log.warning("git annex wanted %s failed: %s", remote, e)
-            return ""
-        expression = done.stdout.decode("utf-8", "replace").strip() if done.returncode == 0 else ""
-        self._wanted[remote] = (now, expression)
-        return expression
+    async def wanted(self, remotes: Sequence[str], key: str, af: str | None) -> dict[str, bool]:
+        """Whether each remote's preferred content wants ``key`` (server/preferred.py)."""
+        return await self.preferred.wanted(remotes, key, af)

@@ -24,6 +24,7 @@ from torbridge.remotes import (
     Remote,
     RemoteError,
     TorAddress,
+    annex_costs,
     parse_p2p_address,
     parse_proxy_log,
     proxied_remote,
@@ -206,15 +207,26 @@ def _cluster_transport(
         _annex_log(config.repository, "cluster.log"),
         _annex_log(config.repository, "proxy.log"),
     )
+    # The order git-annex's gateway asks holders in: git-annex's own costs.
+    remotes = [*cluster.nodes, *(link.remote for link in cluster.via_gateways)]
+    costs = annex_costs(config.repository, [r.name for r in remotes])
+    for remote in remotes:
+        if remote.name not in costs:
+            log.warning("cluster %s: git-annex did not tell node %s's cost", name, remote.name)
+            costs[remote.name] = remote_cost(remote)
+    log.info(
+        "cluster %s: node costs %s", name,
+        ", ".join(f"{r.name} {costs[r.name]:g}" for r in remotes),
+    )
     nodes = []
     for remote in cluster.nodes:
         transport, _ = _remote_transport(config, remote, own_uuid)
         assert remote.uuid is not None
-        ref = NodeRef(remote.uuid, remote.name, remote_cost(remote))
+        ref = NodeRef(remote.uuid, remote.name, costs[remote.name])
         nodes.append(ClusterNode(ref, transport))
     for link in cluster.via_gateways:
         transport, _ = _remote_transport(config, link.remote, own_uuid)
-        ref = NodeRef(cluster.uuid, link.remote.name, remote_cost(link.remote), link.nodes)
+        ref = NodeRef(cluster.uuid, link.remote.name, costs[link.remote.name], link.nodes)
         nodes.append(ClusterNode(ref, transport, gateway=link.gateway_uuid))
     limits = config.limits
     assert shared.query is not None
@@ -229,6 +241,7 @@ def _cluster_transport(
         # before the session gives up on the whole cluster.
         node_timeout=limits.peer_timeout * 0.8,
         stall_timeout=limits.stall_timeout * 0.8,
+        members=cluster.members,
     )
 
 
@@ -344,7 +357,7 @@ async def serve(
         Registry(),
         config.tor.export_circuit_id,
     )
-    shared.query = AnnexQuery(config.repository, shared.location_log)
+    shared.query = AnnexQuery(config.repository, shared.location_log, config.state_dir)
     shared.refs = RefWatcher(config.repository)
     shared.registry.ref_watch = shared.refs.status
     endpoints = build_endpoints(config, shared)

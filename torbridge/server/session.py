@@ -302,6 +302,9 @@ class Session:
             return await self._lost(side, str(e))
         if side is Side.CLIENT and isinstance(event, m.Message):
             log.debug("[%d] client: %s", self.id, m.redacted(event))
+        elif isinstance(event, m.Error):
+            # The client may hear less (protocol/clienttext.py): the log keeps it.
+            log.warning("[%d] %s said ERROR %s", self.id, self.endpoint.transport.name, event.text)
         return self.relay.receive(side, event)
 
     async def _receive_from_peer(

@@ -18,12 +18,13 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
+from torbridge.protocol import clienttext
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream, LineEvent
@@ -47,7 +48,9 @@ class ClusterKnowledge(Protocol):
 
     async def locations(self, key: str) -> frozenset[str]: ...
 
-    async def wants(self, remote: str, key: str, af: str | None) -> bool: ...
+    async def wanted(
+        self, remotes: Sequence[str], key: str, af: str | None
+    ) -> Mapping[str, bool]: ...
 
 
 class Recorder(Protocol):
@@ -77,6 +80,7 @@ class ClusterTransport(Transport):
         node_timeout: float,
         stall_timeout: float,
         rng: random.Random | None = None,
+        members: frozenset[str] = frozenset(),
     ) -> None:
         self.name = name
         self.uuid = uuid  # the cluster's
@@ -87,6 +91,12 @@ class ClusterTransport(Transport):
         self.node_timeout = node_timeout
         self.stall_timeout = stall_timeout
         self.rng = rng or random.Random()
+        # The cluster's nodes (cluster.log, with the nodes behind other
+        # gateways): the only UUIDs a node's PLUS list may pass on.
+        self.members = frozenset(members).union(
+            *(n.ref.behind for n in self.nodes),
+            (n.ref.uuid for n in self.nodes if n.gateway is None),
+        )
 
     async def open(
         self,
@@ -268,7 +278,8 @@ class ClusterChannel(PeerChannel):
                     return await self._put_start(pending)
             return [m.Error("unexpected command")]
         except QueryFailed as e:
-            return [m.Error(f"{self.t.name}: {e}")]
+            log.warning("%s: %s", self.t.name, e)
+            return [m.Error(f"{self.t.name}: cannot read the location log")]
 
     async def _locations(self, key: str) -> frozenset[str]:
         try:
@@ -315,7 +326,7 @@ class ClusterChannel(PeerChannel):
         await self._each_node(usable, one)
         uuids = {n.ref.name: n.ref.uuid for n in usable}
         in_order = {name: replies[name] for name in uuids}  # not the order they finished in
-        answer, removed = c.remove_outcome(self.version, in_order, uuids)
+        answer, removed = c.remove_outcome(self.version, in_order, uuids, self.t.members)
         for uuid in removed:
             self._record(request.key, uuid, present=False)
         return [answer]
@@ -387,19 +398,13 @@ class ClusterChannel(PeerChannel):
     async def _put_start(self, request: m.Put) -> list[LineEvent]:
         usable = self._usable()
         logged = await self._locations(request.key)
-        wanted: dict[str, bool] = {}
-
-        async def want(node: ClusterNode) -> None:
-            wanted[node.ref.name] = await self.t.knowledge.wants(
-                node.ref.name, request.key, request.af
-            )
-
-        # Another gateway weighs its own nodes' preferred content itself.
-        asked = [n for n in usable if n.gateway is None and n.ref.uuid not in logged]
-        await self._each_node(asked, want)
+        # Each node's preferred content, evaluated by git-annex as that node
+        # (server/preferred.py); another gateway weighs its own nodes' itself.
+        asked = [n.ref.name for n in usable if n.gateway is None and n.ref.uuid not in logged]
+        wanted = await self._wanted(asked, request.key, request.af)
         refs = c.put_targets([n.ref for n in usable], logged, lambda r: wanted.get(r.name, True))
         targets = [n for n in usable if n.ref in refs]
-        put = c.PutFanout(self.version, {n.ref.name: n.ref.uuid for n in targets})
+        put = c.PutFanout(self.version, {n.ref.name: n.ref.uuid for n in targets}, self.t.members)
 
         async def one(node: ClusterNode) -> None:
             reply = await self._request(node, request)
@@ -415,6 +420,16 @@ class ClusterChannel(PeerChannel):
         if isinstance(offer, m.PutFrom):
             self._put, self._put_key = put, request.key
         return [self._told(put, offer)]
+
+    async def _wanted(self, names: list[str], key: str, af: str | None) -> Mapping[str, bool]:
+        if not names:
+            return {}
+        try:
+            return await self.t.knowledge.wanted(names, key, af)
+        except Exception as e:  # the query layer's own error types
+            # Counted as wanted: a copy too many is safe, one too few is not.
+            log.warning("%s: preferred content not known (%s): every node asked", self.t.name, e)
+            return {}
 
     async def _put_data(self, length: int) -> None:
         put = self._put
@@ -479,7 +494,9 @@ class ClusterChannel(PeerChannel):
 
     def _told(self, put: c.PutFanout, answer: m.Message) -> m.Message:
         """Log the nodes left out; a FAILURE becomes an ERROR that says why."""
-        reasons = [f"{name}: {why}" for name, why in put.failed.items()]
+        order = {n.ref.name: i for i, n in enumerate(self.t.nodes)}  # not finishing order
+        failed = sorted(put.failed.items(), key=lambda item: order.get(item[0], len(order)))
+        reasons = [f"{name}: {why}" for name, why in failed]
         put.failed.clear()
         for reason in reasons:
             log.warning("%s: node left out of a PUT: %s", self.t.name, reason)
@@ -541,14 +558,25 @@ class ClusterChannel(PeerChannel):
         try:
             with trio.fail_at(self._node_wait_deadline()):
                 event = await channel.receive_event()
-        except (StreamLost, trio.TooSlowError) as e:
-            await self._drop(node, str(e) or "no answer before the deadline")
-            return str(e) or "no answer before the deadline"
+        except trio.TooSlowError:
+            await self._drop(node, "no answer before the deadline")
+            return "no answer before the deadline"
+        except StreamLost as e:
+            # The cause (it may name an onion or a path) is for the log only.
+            await self._drop(node, str(e))
+            return clienttext.CONNECTION_LOST
+        if isinstance(event, m.Error):
+            told = clienttext.relayed_error(node.ref.name, event)
+            if told is not event:
+                log.warning("%s: node %s said ERROR %s", self.t.name, node.ref.name, event.text)
+            return told
         if isinstance(event, m.Message):
             return event
-        why = "connection closed" if isinstance(event, EndOfStream) else f"bad line: {event}"
-        await self._drop(node, why)
-        return why
+        if isinstance(event, EndOfStream):
+            await self._drop(node, "connection closed")
+            return "connection closed"
+        await self._drop(node, f"bad line: {event}")
+        return clienttext.PROTOCOL_ERROR
 
     async def _guard(self, node: ClusterNode, within: float, op: Awaitable[None]) -> bool:
         """Run one send to ``node``; on failure drop the node and say False."""
