@@ -11,70 +11,17 @@ process through several transfers with a pause between them, as a long
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from tests.e2e.harness import AnnexRepo, Bridge, Client
+from tests.e2e.parallel import batch_copy
 
 pytestmark = pytest.mark.annex
-
-
-class BatchCopy:
-    """``git annex copy --to REMOTE --batch --json``: one process, many transfers."""
-
-    def __init__(self, client: Client, remote: str) -> None:
-        self.proc = subprocess.Popen(
-            ["git-annex", "copy", "--to", remote, "--batch", "--json", "--json-error-messages",
-             "--debug"],
-            cwd=client.path,
-            env=client.env.env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        self.stderr: str | None = None
-
-    def copy(self, name: str, timeout: float = 120.0) -> dict[str, object]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(name.encode() + b"\n")
-        self.proc.stdin.flush()
-        deadline = time.monotonic() + timeout
-        # A hang shows as a test timeout of the whole run; readline has none,
-        # so the process is killed at the deadline by the caller's finally.
-        line = self.proc.stdout.readline()
-        assert time.monotonic() < deadline, f"no answer for {name} within {timeout}s"
-        assert line, f"git-annex exited: {self.close()}"
-        answer: dict[str, object] = json.loads(line)
-        return answer
-
-    def close(self) -> str:
-        """Ends the process; its stderr (the --debug transcript)."""
-        assert self.proc.stdin is not None
-        if self.stderr is not None:
-            return self.stderr
-        try:  # closes stdin: the batch ends
-            _, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        self.stderr = err.decode(errors="replace")
-        return self.stderr
-
-
-@contextlib.contextmanager
-def batch_copy(client: Client, remote: str) -> Iterator[BatchCopy]:
-    batch = BatchCopy(client, remote)
-    try:
-        yield batch
-    finally:
-        batch.close()
 
 
 def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
