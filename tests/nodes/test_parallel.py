@@ -49,7 +49,8 @@ def test_j64_to_a_cluster(
     c = setup_cluster(make_nodes, make_node_bridge, make_client, proxy_repo, node_net,
                       kinds=("p2p", "tor"))
     files = parallel_files(c.client)
-    run_parallel_workflow(c.client, ENDPOINT, files, lambda key: bool(c.holding(key)))
+    run_parallel_workflow(c.client, ENDPOINT, files, lambda key: bool(c.holding(key)),
+                          force_local_drop=True)
     log = c.bridge.log()
     assert "authentication failed" not in log
     assert peak_sessions(log) > 16, peak_sessions(log)
