@@ -222,13 +222,14 @@ def test_version_twice_is_refused() -> None:
 
 
 def test_version_with_unreachable_peer_closes_the_connection() -> None:
-    """No ERROR: it would leave the client's pooled connection at version 0.
-    Closed instead, as git-annex's proxy does; the client then opens a new
-    connection for its next transfer."""
+    """An ERROR alone would leave the client's pooled connection at version 0.
+    It says why, then closes, as git-annex's proxy closes; the client then
+    opens a new connection for its next transfer."""
     relay = connect()
     assert client(relay, m.Version(4)) == [OpenPeer(4, ())]
     assert relay.side_lost(P, "no route") == [
-        EndSession(f"{PEER} unreachable at VERSION: no route", clean=False)
+        error(f"{PEER} unreachable: no route"),
+        EndSession(f"{PEER} unreachable at VERSION: no route", clean=False),
     ]
     assert relay.done
 

@@ -833,7 +833,10 @@ async def test_peer_transport_refuses(autojump_clock: trio.abc.Clock) -> None:
         b.transport.unreachable = "connection refused"
         await b.client.login()
         await b.client.send(b"VERSION 4\n")
-        # Closed, not ERROR: an ERROR would leave the client at version 0.
+        # Told why, then closed: an ERROR alone would leave the client at v0.
+        await b.client.expect(
+            f"ERROR {PEER_NAME} unreachable: {PEER_NAME}: connection refused\n".encode()
+        )
         await b.client.expect_eof()
     assert [v for v, _, _ in b.transport.opens] == [4]
 

@@ -522,12 +522,15 @@ class Relay:
         if phase is Phase.OPENING:
             pending, self._pending = self._pending, []
             if not self.negotiated:
-                # No peer to agree a version with. An ERROR would leave the
-                # client's pooled connection at version 0; closing makes it
-                # open a new one next time, as git-annex's proxy does.
+                # No peer to agree a version with. An ERROR alone would leave
+                # the client's pooled connection at version 0. It is told why,
+                # then closed, as git-annex's proxy closes: the client's
+                # request on that new connection fails, and its next one opens
+                # another connection.
+                told = m.Error(f"{self.peer_name} unreachable: {reason}")
                 return self._end(
                     f"{self.peer_name} unreachable at VERSION: {reason}",
-                    [*actions, *self._remove_in_doubt()],
+                    [*actions, *self._remove_in_doubt(), Send(Side.CLIENT, told)],
                     clean=False,
                 )
             self.phase = Phase.IDLE
