@@ -41,14 +41,29 @@ class Expose:
 @dataclass(frozen=True)
 class Limits:
     auth_timeout: float = 10.0  # from accept to AUTH
-    idle_timeout: float = 3600.0  # client silence between requests
+    # Client silence between requests; 0 = none, as git-annex's own server:
+    # a stock client keeps idle connections pooled and fails the next
+    # transfer on one the server closed (docs/protocol-notes.md).
+    idle_timeout: float = 0.0
+    # A session's peer (git-annex-shell, a node's connection) is closed after
+    # this long without a request, and opened again by the next one; the
+    # client's connection stays open (0 = the peer stays open too).
+    peer_idle: float = 60.0
     peer_timeout: float = 600.0  # a peer's reply to a request
     stall_timeout: float = 300.0  # no byte of a DATA body moved
-    max_unauthenticated: int = 64  # connections not yet past AUTH, all endpoints
-    max_sessions_per_token: int = 16
+    max_unauthenticated: int = 128  # connections not yet past AUTH, all endpoints
+    # git-annex's own P2P server serves 100 connections per network at once:
+    # one client's `-J64` fits.
+    max_sessions_per_token: int = 100
     # Authenticated sessions in all: each runs its own git-annex-shell (10-20 MiB).
     max_sessions: int = 256
-    max_per_circuit: int = 8  # connections per Tor circuit (with export_circuit_id)
+    # A connection with a valid token, over a session cap, waits this long for
+    # a slot before it is told ERROR (never AUTH-FAILURE).
+    session_wait: float = 60.0
+    # Connections per Tor circuit (with export_circuit_id). Every stream of one
+    # client rides one rendezvous circuit: sized above a token's sessions plus
+    # its waiting connections.
+    max_per_circuit: int = 256
 
 
 @dataclass(frozen=True)
@@ -63,7 +78,11 @@ class Tor:
     # installs the snippet `torbridge onion-snippet` prints, torbridge reads hostname.
     onion: str = "ephemeral"
     hidden_service_dir: Path | None = None  # for onion = "torrc"
-    max_streams: int = 32  # concurrent streams per rendezvous circuit (0 = unlimited)
+    # Concurrent streams per rendezvous circuit (0 = unlimited); tor closes the
+    # whole circuit, and every transfer on it, at one more. All of one
+    # client's connections share its circuit: sized above what an honest
+    # client can use (max_sessions_per_token sessions + as many waiting).
+    max_streams: int = 512
     # With onion = "torrc" only: tor prepends a PROXY line carrying the circuit
     # id (HiddenServiceExportCircuitID haproxy), for per-circuit caps and backoff.
     export_circuit_id: bool = False
@@ -104,6 +123,8 @@ class Config:
 _INT_LIMITS = frozenset(
     {"max_unauthenticated", "max_sessions_per_token", "max_sessions", "max_per_circuit"}
 )
+# Timeouts an operator may switch off with 0.
+_ZERO_MEANS_NONE = frozenset({"idle_timeout", "peer_idle"})
 _LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 _TOP_KEYS = (
     "repository",
@@ -391,7 +412,10 @@ def _parse_limits(p: _Parser, raw: Any) -> Limits:
             # TOML has inf and nan; a timeout must be a real duration.
             if not math.isfinite(n):
                 raise p.error(_where(key, section), "must be a finite number")
-        if not n > 0:
+        if key in _ZERO_MEANS_NONE:
+            if n < 0:
+                raise p.error(_where(key, section), f"must be 0 (none) or more, got {value}")
+        elif not n > 0:
             raise p.error(_where(key, section), f"must be greater than 0, got {value}")
         values[key] = n
     return Limits(**values)
@@ -430,12 +454,14 @@ def _toml_number(value: float) -> str:
 
 _LIMIT_COMMENTS = {
     "auth_timeout": "seconds from accepting a connection to its AUTH",
-    "idle_timeout": "seconds of client silence between requests",
+    "idle_timeout": "seconds of client silence between requests (0 = none)",
+    "peer_idle": "seconds before an idle session's peer is closed (reopened on demand)",
     "peer_timeout": "seconds to wait for a peer's reply to a request",
     "stall_timeout": "seconds without a byte of a DATA body moving",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
     "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",
+    "session_wait": "seconds a valid token waits for a session slot at a cap",
     "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
 }
 

@@ -25,7 +25,7 @@ import trio.testing
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import BadLine, EndOfStream, LineEvent, LineTooLong
 from torbridge.protocol.relay import Mode
-from torbridge.server.session import Grant, PendingAuth
+from torbridge.server.session import Busy, Grant, PendingAuth
 from torbridge.transport.base import (
     PeerChannel,
     PeerUnavailable,
@@ -65,6 +65,9 @@ class OneToken:
             return None
         self.granted += 1
         return Grant("test-token", self.mode)
+
+    async def wait_for_slot(self, endpoint: str, token: str, busy: Busy) -> Grant | Busy | None:
+        return busy  # never busy: authorize grants or refuses
 
     def release(self, grant: Grant) -> None:
         self.released += 1

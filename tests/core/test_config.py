@@ -99,7 +99,17 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.log_format == "text"
     assert cfg.limits == Limits()
     assert cfg.limits.auth_timeout == 10.0
-    assert cfg.limits.max_sessions_per_token == 16
+    assert cfg.limits.max_sessions_per_token == 100
+    assert cfg.limits.idle_timeout == 0.0  # none: pooled connections stay open
+
+
+def test_zero_switches_off_the_idle_timeouts_only(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, MINIMAL + "[limits]\nidle_timeout = 0\npeer_idle = 0\n")
+    assert (cfg.limits.idle_timeout, cfg.limits.peer_idle) == (0.0, 0.0)
+    with pytest.raises(ConfigError, match="must be 0 \\(none\\) or more"):
+        _load(tmp_path, MINIMAL + "[limits]\npeer_idle = -1\n")
+    with pytest.raises(ConfigError, match="must be greater than 0"):
+        _load(tmp_path, MINIMAL + "[limits]\nsession_wait = 0\n")
 
 
 def test_partial_limits_keep_other_defaults(tmp_path: Path) -> None:

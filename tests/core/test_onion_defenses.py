@@ -47,7 +47,7 @@ def test_onion_snippet_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "HiddenServiceDirGroupReadable 1",
         "HiddenServicePort 5000 unix:/run/torbridge/hub.sock",
         "HiddenServicePort 5001 unix:/run/torbridge/node1.sock",
-        "HiddenServiceMaxStreams 32",
+        "HiddenServiceMaxStreams 512",
         "HiddenServiceMaxStreamsCloseCircuit 1",
         "HiddenServiceEnableIntroDoSDefense 1",
         "HiddenServicePoWDefensesEnabled 1",

@@ -222,13 +222,62 @@ def test_version_twice_is_refused() -> None:
     assert relay.version == 4 and idle(relay)
 
 
-def test_version_with_unreachable_peer_leaves_the_client_at_v0() -> None:
+def test_version_with_unreachable_peer_closes_the_connection() -> None:
+    """An ERROR alone would leave the client's pooled connection at version 0.
+    It says why, then closes, as git-annex's proxy closes; the client then
+    opens a new connection for its next transfer."""
     relay = connect()
     assert client(relay, m.Version(4)) == [OpenPeer(4, ())]
-    assert relay.side_lost(P, "no route") == [error(f"{PEER}: unreachable")]
-    assert relay.version == 0 and idle(relay)
-    # git-annex's client stays at v0 after an ERROR to VERSION: so does the relay.
-    assert client(relay, m.CheckPresent(KEY)) == [OpenPeer(0, ())]
+    assert relay.side_lost(P, "no route") == [
+        error(f"{PEER}: unreachable"),
+        EndSession(f"{PEER} unreachable at VERSION: no route", clean=False),
+    ]
+    assert relay.done
+
+
+def test_client_error_after_a_refused_put_keeps_the_session() -> None:
+    """The stock client answers an ERROR to its PUT with ERROR "expected
+    PUT_FROM or ALREADY_HAVE" and goes on with its next request on the same
+    connection: that ERROR must not end the session."""
+    relay = session(4)
+    request(relay, m.Put(None, KEY))
+    assert peer(relay, m.Error("no node stored it")) == [error("no node stored it")]
+    assert idle(relay)
+    assert client(relay, m.Error("expected PUT_FROM or ALREADY_HAVE")) == []
+    assert idle(relay)
+    request(relay, m.CheckPresent(KEY))
+    assert peer(relay, m.Success()) == [to_client(m.Success())]
+    # Only right after the refused PUT: any other ERROR still ends it.
+    assert client(relay, m.Error("confused"))[-1] == EndSession("client error: confused")
+
+
+def test_client_error_after_a_read_only_refusal_of_put() -> None:
+    relay = session(4, Mode.READ_ONLY)
+    assert client(relay, m.Put(None, KEY)) == [error(READ_ONLY)]
+    assert client(relay, m.Error("expected PUT_FROM or ALREADY_HAVE")) == []
+    assert idle(relay)
+
+
+def test_client_error_after_put_from_is_not_tolerated() -> None:
+    relay = session(4)
+    request(relay, m.Put(None, KEY))
+    assert peer(relay, m.PutFrom(0)) == [to_client(m.PutFrom(0))]
+    assert client(relay, m.Error("gave up"))[-1] == EndSession("client error: gave up")
+
+
+def test_idle_peer_is_closed_and_reopened_on_demand() -> None:
+    relay = session(4)
+    assert relay.peer_idle() == [ClosePeer("idle")]
+    assert idle(relay) and not relay.peer_open
+    assert relay.peer_idle() == []  # closed already
+    request(relay, m.CheckPresent(KEY))  # opens it again, at the same version
+    assert peer(relay, m.Success()) == [to_client(m.Success())]
+
+
+def test_busy_is_an_error_not_auth_failure() -> None:
+    relay = Relay(SERVER_UUID, PEER)
+    assert relay.receive(C, m.Auth(CLIENT_UUID, TOKEN)) == [CheckAuth(CLIENT_UUID, TOKEN)]
+    assert relay.auth_busy("too many") == [error("too many"), EndSession("busy: too many")]
 
 
 def test_reopen_at_another_version_is_refused() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import AnnexRepo, Client
+from tests.e2e.parallel import JOBS, assert_every_file_ok, parallel_files, peak_sessions
 from tests.e2e.test_changes import RemoteDaemon
 from tests.tor.conftest import require_tor
 from tests.tor.torpath import (
@@ -167,6 +168,30 @@ def test_node_endpoint_relays_through_tor(world: TorWorld) -> None:
     world.node_repo.fsck_content()
     assert world.bridge is not None
     assert "node1" in world.bridge.log()
+
+
+def test_j64_through_one_circuit(world: TorWorld) -> None:
+    """One client's ``copy --to -J64`` and ``get --from -J64`` through the
+    onion with one token: every stream rides the client's one rendezvous
+    circuit, and with the default caps no stream closes it and no
+    connection is refused (before: MaxStreams 32 killed the circuit at the
+    33rd job, max_sessions_per_token 16 answered the 17th with AUTH-FAILURE)."""
+    client = linked_client(world, "dave", HUB_PORT, "hub")
+    files = parallel_files(client)
+    out = client.annex("copy", "--to", "hub", f"-J{JOBS}", ".", timeout=900).output
+    assert_every_file_ok(out, "copy --to over the onion")
+    for name, content in files.items():
+        assert world.proxy.key_content(client.key(name)) == content, name
+    client.annex("drop", f"-J{JOBS}", ".", timeout=900)
+    assert client.present_here() == set()
+    out = client.annex("get", "--from", "hub", f"-J{JOBS}", ".", timeout=900).output
+    assert_every_file_ok(out, "get --from over the onion")
+    for name, content in files.items():
+        assert client.read(name) == content, name
+    assert world.bridge is not None
+    log_text = world.bridge.log()
+    assert "authentication failed" not in log_text
+    assert peak_sessions(log_text) > 16, peak_sessions(log_text)
 
 
 def test_onion_address_survives_a_bridge_restart(world: TorWorld) -> None:

@@ -352,7 +352,7 @@ class TorBridge(Bridge):
         *,
         control: str,
         socks: str,
-        max_streams: int = 32,
+        max_streams: int | None = None,  # None: the daemon's default
     ) -> None:
         self.control = control
         self.socks = socks
@@ -365,7 +365,7 @@ class TorBridge(Bridge):
             "\n[tor]\n"
             f"control = {toml_str(self.control)}\n"
             f"socks = {toml_str(self.socks)}\n"
-            f"max_streams = {self.max_streams}\n"
+            + (f"max_streams = {self.max_streams}\n" if self.max_streams is not None else "")
         )
 
     def set_control(self, control: str) -> None:

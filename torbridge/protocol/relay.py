@@ -211,6 +211,9 @@ class Relay:
         self._pending: list[Action] = []  # to send once the peer is open
         self._retry_allowed = False  # the request went out on a reused connection
         self._remove_unanswered = False  # a REMOVE reached the peer, its answer has not
+        # A PUT was answered with neither PUT-FROM nor ALREADY-HAVE: the stock
+        # client then sends ERROR back, and is ready for its next request.
+        self._put_refused = False
 
     # --- who speaks next --------------------------------------------------
 
@@ -248,6 +251,20 @@ class Relay:
         self.mode = mode
         self.phase = Phase.IDLE
         return [Send(Side.CLIENT, m.AuthSuccess(self.server_uuid))]
+
+    def auth_busy(self, text: str) -> list[Action]:
+        """The token is valid, but no session slot came free in time."""
+        self._expect(Phase.AUTHENTICATING)
+        return self._end(f"busy: {text}", [Send(Side.CLIENT, m.Error(text))])
+
+    def peer_idle(self) -> list[Action]:
+        """No request for a while: the peer is closed, the client's connection
+        stays open, and its next request opens the peer again."""
+        self._expect(Phase.IDLE)
+        if not self.peer_open:
+            return []
+        self.peer_open = False
+        return [ClosePeer("idle")]
 
     def auth_rejected(self) -> list[Action]:
         self._expect(Phase.AUTHENTICATING)
@@ -323,6 +340,14 @@ class Relay:
             return self._end("client sent a line over the limit", [], clean=False)
         if self.phase is Phase.AUTH:
             return self._auth(event)
+        if self.phase is Phase.IDLE:
+            put_refused, self._put_refused = self._put_refused, False
+            if isinstance(event, m.Error) and put_refused:
+                # The stock client's "expected PUT_FROM or ALREADY_HAVE": it
+                # is back in step, and closing here would fail the next
+                # transfer on its pooled connection (git-annex's own server
+                # gives up instead).
+                return []
         if isinstance(event, m.Error):
             return self._end(f"client error: {event.text}", [])
         if self.phase is Phase.IDLE:
@@ -395,6 +420,7 @@ class Relay:
         if type(event) not in _PEER_REPLIES:
             return [Send(Side.CLIENT, m.Error("unexpected command"))]
         # REMOVE-BEFORE and GETTIMESTAMP pass at any version, as git-annex's server.
+        self._put_refused = isinstance(event, m.Put)  # until PUT-FROM or ALREADY-HAVE
         refusal = _WRITES.get(type(event), {}).get(self.mode)
         if refusal is not None:
             return [Send(Side.CLIENT, m.Error(refusal))]
@@ -481,7 +507,10 @@ class Relay:
         if isinstance(request, m.LockContent) and isinstance(event, m.Success):
             self.phase = Phase.CLIENT_UNLOCK
             return [Send(Side.CLIENT, event)]
+        if isinstance(request, m.Put) and isinstance(event, (m.AlreadyHave, m.AlreadyHavePlus)):
+            self._put_refused = False
         if isinstance(request, m.Put) and isinstance(event, m.PutFrom):
+            self._put_refused = False
             self.phase = Phase.CLIENT_PUT_DATA
             return [Send(Side.CLIENT, event)]
         if isinstance(request, m.Get) and isinstance(event, m.Data):
@@ -530,12 +559,20 @@ class Relay:
         phase = self.phase
         if phase is Phase.OPENING:
             pending, self._pending = self._pending, []
-            self.phase = Phase.IDLE
             if not self.negotiated:
-                # VERSION was answered with ERROR: the client stays at version 0.
-                self.negotiated = True
-                self.version = 0
-            elif not pending:
+                # No peer to agree a version with. An ERROR alone would leave
+                # the client's pooled connection at version 0. It is told why,
+                # then closed, as git-annex's proxy closes: the client's
+                # request on that new connection fails, and its next one opens
+                # another connection.
+                told = m.Error(f"{self.peer_name}: {UNREACHABLE}")
+                return self._end(
+                    f"{self.peer_name} unreachable at VERSION: {reason}",
+                    [*actions, *self._remove_in_doubt(), Send(Side.CLIENT, told)],
+                    clean=False,
+                )
+            self.phase = Phase.IDLE
+            if not pending:
                 raise RelayError("opening with nothing pending")
             return [
                 *actions,

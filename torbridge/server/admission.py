@@ -7,9 +7,11 @@ import time
 from collections import Counter, OrderedDict
 from typing import Protocol
 
+import trio
+
 from torbridge.config import Limits
 from torbridge.protocol.relay import Mode
-from torbridge.server.session import Grant
+from torbridge.server.session import Busy, Grant
 from torbridge.tokens import TokenStore
 
 log = logging.getLogger("torbridge.admission")
@@ -29,6 +31,8 @@ class Admission:
         self._pre_auth: OrderedDict[Evictable, None] = OrderedDict()
         self.sessions: Counter[str] = Counter()
         self.circuits = CircuitGuard(limits.max_per_circuit)
+        self.waiting: Counter[str] = Counter()  # valid tokens waiting for a slot
+        self._freed = trio.Event()  # set (and replaced) whenever a session ends
 
     def auth_failed(self, circuit: int | None) -> None:
         if circuit is not None:
@@ -62,7 +66,9 @@ class Admission:
         """The connection authenticated or ended (a no-op once evicted)."""
         self._pre_auth.pop(connection, None)
 
-    def authorize(self, endpoint: str, token: str) -> Grant | None:
+    def authorize(self, endpoint: str, token: str) -> Grant | Busy | None:
+        """A session slot now: None for a token that is not valid here,
+        Busy for a valid one over a cap."""
         # The store is re-read when its file changes: a revoke takes effect
         # for the next AUTH, also in a running daemon.
         info = self.tokens.check(token)
@@ -73,16 +79,60 @@ class Admission:
             return None
         total = sum(self.sessions.values())
         if total >= self.limits.max_sessions:
-            log.warning("%d sessions in flight (max_sessions): refusing token %s", total, info.name)
-            return None
+            return Busy(f"server busy: {total} sessions open; try again later")
         if self.sessions[info.name] >= self.limits.max_sessions_per_token:
-            log.warning("token %s already has %d sessions", info.name, self.sessions[info.name])
-            return None
+            return Busy(
+                f"this token already has {self.sessions[info.name]} sessions open;"
+                " use fewer parallel jobs (-J) or try again later"
+            )
         self.sessions[info.name] += 1
         return Grant(info.name, Mode(info.mode))
 
+    async def admit(self, endpoint: str, token: str) -> Grant | Busy | None:
+        """``authorize``, waiting up to ``session_wait`` for a slot at a cap.
+
+        The queue is bounded: at most ``max_sessions_per_token`` connections
+        of a token, and ``max_sessions`` in all, wait; one more is told Busy
+        at once. A waiting connection holds a socket and nothing else.
+        """
+        answer = self.authorize(endpoint, token)
+        if not isinstance(answer, Busy):
+            return answer
+        return await self.wait_for_slot(endpoint, token, answer)
+
+    async def wait_for_slot(self, endpoint: str, token: str, busy: Busy) -> Grant | Busy | None:
+        """After ``authorize`` said ``busy``: wait for a slot (see ``admit``)."""
+        answer: Grant | Busy | None = busy
+        name = self.tokens.check(token)
+        key = name.name if name is not None else ""
+        if (
+            self.waiting[key] >= self.limits.max_sessions_per_token
+            or self.waiting.total() >= self.limits.max_sessions
+        ):
+            log.warning("token %s: %s; the queue is full", key, busy.text)
+            return busy
+        log.info("token %s: %s; waiting for a slot", key, busy.text)
+        self.waiting[key] += 1
+        try:
+            with trio.move_on_after(self.limits.session_wait):
+                while isinstance(answer, Busy):
+                    await self._freed.wait()
+                    answer = self.authorize(endpoint, token)
+                return answer
+        finally:
+            self.waiting[key] -= 1
+            if self.waiting[key] <= 0:
+                del self.waiting[key]
+        if isinstance(answer, Busy):
+            log.warning(
+                "token %s: %s; no slot within %.0fs", key, answer.text, self.limits.session_wait
+            )
+        return answer
+
     def release(self, grant: Grant) -> None:
         self.sessions[grant.token_name] -= 1
+        self._freed.set()
+        self._freed = trio.Event()
 
 
 class CircuitGuard:

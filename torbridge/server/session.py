@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -91,10 +92,20 @@ class PendingAuth:
                 self._scope = None
 
 
+@dataclass(frozen=True)
+class Busy:
+    """A valid token over a session cap (server/admission.py): the client is
+    told ``text`` in an ERROR, never AUTH-FAILURE, and no backoff starts."""
+
+    text: str
+
+
 class Admission(Protocol):
     """Who may in: tokens and the caps on connections (server/admission.py)."""
 
-    def authorize(self, endpoint: str, token: str) -> Grant | None: ...
+    def authorize(self, endpoint: str, token: str) -> Grant | Busy | None: ...
+
+    async def wait_for_slot(self, endpoint: str, token: str, busy: Busy) -> Grant | Busy | None: ...
 
     def release(self, grant: Grant) -> None: ...
 
@@ -276,7 +287,10 @@ class Session:
         if self.relay.phase is r.Phase.AUTH:
             deadline = self._auth_deadline
         elif side is Side.CLIENT:
-            deadline = trio.current_time() + self.limits.idle_timeout
+            # idle_timeout 0: none, as git-annex's server; a client that dies
+            # closes its connection (or tor tears its circuit down).
+            idle = self.limits.idle_timeout
+            deadline = trio.current_time() + idle if idle else math.inf
         else:
             deadline = trio.current_time() + self.limits.peer_timeout
         evictable: contextlib.AbstractContextManager[object] = (
@@ -290,8 +304,9 @@ class Session:
                     return await self._lost(Side.CLIENT, got.reason)
                 event = got
             else:
+                assert isinstance(channel, FramedStream)
                 with evictable, trio.fail_at(deadline):
-                    event = await channel.receive_event()
+                    event = await self._receive_from_client(channel)
             if self.pending.evicted and self._pre_auth:
                 self.linger = 0.0
                 return await self._lost(side, "evicted: too many unauthenticated connections")
@@ -306,6 +321,24 @@ class Session:
             # The client may hear less (protocol/clienttext.py): the log keeps it.
             log.warning("[%d] %s said ERROR %s", self.id, self.endpoint.transport.name, event.text)
         return self.relay.receive(side, event)
+
+    async def _receive_from_client(self, channel: FramedStream) -> LineEvent:
+        """The client's next event; between requests, its peer is closed
+        after ``peer_idle`` seconds of quiet.
+
+        The client's connection stays open: a stock client keeps it pooled
+        and would fail its next transfer on it if it were closed. Its next
+        request opens the peer again. (receive_event is cancel-safe: a
+        FramedStream feeds its decoder only after a read returns.)
+        """
+        quiet = self.limits.peer_idle
+        if quiet and self.relay.phase is r.Phase.IDLE and self.relay.peer_open:
+            with trio.move_on_after(quiet):
+                return await channel.receive_event()
+            log.debug("[%d] %s: client idle, closing its peer", self.id, self.endpoint.name)
+            for action in self.relay.peer_idle():
+                await self._perform(action)
+        return await channel.receive_event()
 
     async def _receive_from_peer(
         self, channel: PeerChannel, deadline: float
@@ -377,7 +410,7 @@ class Session:
             case r.DiscardBody(length=length):
                 return await self._discard_body(length)
             case r.CheckAuth(client_uuid=uuid, token=token):
-                return self._check_auth(uuid, token)
+                return await self._check_auth(uuid, token)
             case r.OpenPeer(version=version, bypass=bypass):
                 return await self._open_peer(version, bypass)
             case r.ClosePeer():
@@ -503,11 +536,26 @@ class Session:
                 return await self._lost(Side.CLIENT, str(e) or "stalled")
         return []
 
-    def _check_auth(self, client_uuid: str, token: str) -> list[r.Action]:
+    async def _check_auth(self, client_uuid: str, token: str) -> list[r.Action]:
+        # Out of the pre-AUTH count: a valid token waiting for a slot at a
+        # session cap must not be evicted as an idle stranger.
         self._leave_pre_auth()
-        grant = None
+        grant: Grant | Busy | ClientLeft | None = None
+        admission = self.endpoint.admission
         if argv_safe_uuid(client_uuid):
-            grant = self.endpoint.admission.authorize(self.endpoint.name, token)
+            grant = admission.authorize(self.endpoint.name, token)
+        if isinstance(grant, Busy):
+            busy = grant
+            grant = await self._unless_client_leaves(
+                lambda: admission.wait_for_slot(self.endpoint.name, token, busy)
+            )
+        if isinstance(grant, ClientLeft):
+            return await self._lost(Side.CLIENT, grant.reason)
+        if isinstance(grant, Busy):
+            # Its token is fine: no AUTH-FAILURE, no failed-AUTH backoff.
+            log.warning("[%d] %s: %s", self.id, self.endpoint.name, grant.text)
+            self.endpoint.registry.connection_refused()
+            return self.relay.auth_busy(grant.text)
         if grant is None:
             log.warning("[%d] %s: authentication failed", self.id, self.endpoint.name)
             self.endpoint.registry.auth_failed()

@@ -298,7 +298,7 @@ def _await_upload(events: queue.Queue[Any], service_id: str, deadline: float,
 def torrc_snippet(
     hidden_service_dir: Path,
     ports: dict[int, Path],
-    max_streams: int = 32,
+    max_streams: int = 512,
     export_circuit_id: bool = False,
     pow_defenses: PowDefenses = PowDefenses(),
 ) -> str:
