@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Collection
 from typing import Protocol
 
 from torbridge.config import Limits
@@ -22,9 +23,14 @@ class Evictable(Protocol):
 
 
 class Admission:
-    def __init__(self, tokens: TokenStore, limits: Limits) -> None:
+    def __init__(
+        self, tokens: TokenStore, limits: Limits, own_endpoints: Collection[str] = ()
+    ) -> None:
         self.tokens = tokens
         self.limits = limits
+        # The endpoints that serve the proxy's own repository (remote = "."):
+        # a token limited to others gets no more than read access to git.
+        self.own_endpoints = frozenset(own_endpoints)
         # Connections not yet past AUTH, oldest first.
         self._pre_auth: OrderedDict[Evictable, None] = OrderedDict()
         self.sessions: Counter[str] = Counter()
@@ -79,7 +85,7 @@ class Admission:
             log.warning("token %s already has %d sessions", info.name, self.sessions[info.name])
             return None
         self.sessions[info.name] += 1
-        return Grant(info.name, Mode(info.mode))
+        return Grant(info.name, Mode(info.mode), info.git_access(self.own_endpoints))
 
     def release(self, grant: Grant) -> None:
         self.sessions[grant.token_name] -= 1

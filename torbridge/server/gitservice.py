@@ -15,6 +15,7 @@ import trio
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream
+from torbridge.server import pushguard
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import StderrTail
 
@@ -104,10 +105,38 @@ async def refuse_git_service(client: FramedStream, reason: str) -> None:
 
 
 async def run_git_service(
-    client: FramedStream, repository: Path, service: str, idle_timeout: float
+    client: FramedStream,
+    repository: Path,
+    service: str,
+    idle_timeout: float,
+    guard_history: bool = True,
 ) -> int:
-    """Relay one git service for the client; returns git's exit status."""
-    argv = ["git", SERVICES[service], str(repository)]
+    """Relay one git service for the client; returns git's exit status.
+
+    ``guard_history``: a push may not rewrite or delete a protected branch
+    (server/pushguard.py); upload-pack is never affected.
+    """
+    if service != "git-receive-pack" or not guard_history:
+        return await _run_git_service(client, repository, service, idle_timeout, [])
+    try:
+        hooks = await trio.to_thread.run_sync(pushguard.prepare, repository)
+    except (OSError, pushguard.GuardError) as e:
+        log.error("cannot set up the push guard: %s", e)
+        await refuse_git_service(client, "torbridge cannot check this push; refused")
+        return 1
+    try:
+        return await _run_git_service(
+            client, repository, service, idle_timeout, pushguard.git_config_args(hooks)
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(pushguard.remove, hooks)
+
+
+async def _run_git_service(
+    client: FramedStream, repository: Path, service: str, idle_timeout: float, config: list[str]
+) -> int:
+    argv = ["git", *config, SERVICES[service], str(repository)]
     try:
         process = await trio.lowlevel.open_process(
             argv,
