@@ -1,7 +1,7 @@
 """The push guard's hook with real git (no git-annex), and ``token add --git``.
 
-receive-pack runs here as the bridge runs it, ``git -c core.hooksPath=DIR
-receive-pack`` with DIR from ``pushguard.prepare``, reached by a local
+receive-pack runs here as the bridge runs it, with ``core.hooksPath=DIR``
+in its environment and DIR from ``pushguard.prepare``, reached by a local
 ``git push --receive-pack``: the guard refuses per ref, the repository's own
 hooks still run, its own ``update`` hook still has the last word.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import tempfile
 from pathlib import Path
@@ -67,7 +68,10 @@ def repos(tmp_path: Path) -> tuple[Path, Path]:
 def guarded_push(hub: Path, client: Path, *refspecs: str) -> subprocess.CompletedProcess[str]:
     hooks = pushguard.prepare(hub)
     try:
-        receive = f"git -c core.hooksPath={hooks} receive-pack"
+        # As the bridge runs it: core.hooksPath through GIT_CONFIG_COUNT.
+        extra = pushguard.git_config_env(hooks, {})
+        receive = f"env {' '.join(f'{k}={shlex.quote(v)}' for k, v in extra.items())} " \
+                  "git receive-pack"
         return git(client, "push", "--receive-pack", receive, str(hub), *refspecs, check=False)
     finally:
         pushguard.remove(hooks)
@@ -147,6 +151,15 @@ def test_a_relative_hooks_path_is_followed(repos: tuple[Path, Path], tmp_path: P
     commit(client, "next")
     assert guarded_push(hub, client, "main").returncode == 0
     assert "post-update refs/heads/main" in log.read_text()
+
+
+def test_config_env_extends_what_is_there() -> None:
+    base = {"PATH": "/bin", "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "a.b",
+            "GIT_CONFIG_VALUE_0": "c"}
+    env = pushguard.git_config_env(Path("/h"), base)
+    assert env == {**base, "GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_1": "core.hooksPath",
+                   "GIT_CONFIG_VALUE_1": "/h"}
+    assert base["GIT_CONFIG_COUNT"] == "1"  # not changed in place
 
 
 def test_prepare_fails_cleanly_outside_a_repository(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ exit status awaited, and only then is exactly one CONNECTDONE sent.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import trio
@@ -117,7 +119,7 @@ async def run_git_service(
     (server/pushguard.py); upload-pack is never affected.
     """
     if service != "git-receive-pack" or not guard_history:
-        return await _run_git_service(client, repository, service, idle_timeout, [])
+        return await _run_git_service(client, repository, service, idle_timeout, None)
     try:
         hooks = await trio.to_thread.run_sync(pushguard.prepare, repository)
     except (OSError, pushguard.GuardError) as e:
@@ -125,18 +127,21 @@ async def run_git_service(
         await refuse_git_service(client, "torbridge cannot check this push; refused")
         return 1
     try:
-        return await _run_git_service(
-            client, repository, service, idle_timeout, pushguard.git_config_args(hooks)
-        )
+        env = pushguard.git_config_env(hooks, os.environ)
+        return await _run_git_service(client, repository, service, idle_timeout, env)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(pushguard.remove, hooks)
 
 
 async def _run_git_service(
-    client: FramedStream, repository: Path, service: str, idle_timeout: float, config: list[str]
+    client: FramedStream,
+    repository: Path,
+    service: str,
+    idle_timeout: float,
+    env: Mapping[str, str] | None,
 ) -> int:
-    argv = ["git", *config, SERVICES[service], str(repository)]
+    argv = ["git", SERVICES[service], str(repository)]
     try:
         process = await trio.lowlevel.open_process(
             argv,
@@ -144,6 +149,7 @@ async def _run_git_service(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=repository,
+            env=env,
         )
     except OSError as e:
         log.error("cannot run %s: %s", argv, e)

@@ -6,12 +6,13 @@ refuse that one ref: the client then reports ``! [remote rejected] ...
 the push's other refs go on. That is git's own way to refuse one ref.
 
 The hook is installed for one push only, without touching the operator's
-repository: receive-pack runs as ``git -c core.hooksPath=DIR receive-pack``,
-DIR a directory made for that push (``prepare``) that holds
+repository: receive-pack runs with ``core.hooksPath=DIR`` in its environment
+(GIT_CONFIG_COUNT, git's environment form of ``git -c``), DIR a directory
+made for that push (``prepare``) that holds
 
 - a symlink to every entry of the repository's own hooks directory, so the
   operator's hooks (and git-annex's post-receive) run exactly as before,
-  also in the git commands those hooks start (they inherit the ``-c``);
+  also in the git commands those hooks start (they inherit the setting);
 - ``update``: ours. It asks protocol/gitaccess.py whether the update may go
   through and, if so, runs the repository's own ``update`` hook, if any.
 
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from torbridge.protocol import gitaccess as g
@@ -97,9 +99,17 @@ def remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def git_config_args(directory: Path) -> list[str]:
-    """The ``git -c`` arguments that make receive-pack use ``directory``."""
-    return ["-c", f"core.hooksPath={directory}"]
+def git_config_env(directory: Path, base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with ``core.hooksPath=directory`` added through git's
+    GIT_CONFIG_COUNT variables: as ``git -c``, but the argv stays
+    ``git receive-pack REPO``. Config already passed that way is kept."""
+    env = dict(base)
+    count = env.get("GIT_CONFIG_COUNT", "0")
+    n = int(count) if count.isdigit() else 0
+    env[f"GIT_CONFIG_KEY_{n}"] = "core.hooksPath"
+    env[f"GIT_CONFIG_VALUE_{n}"] = str(directory)
+    env["GIT_CONFIG_COUNT"] = str(n + 1)
+    return env
 
 
 # --- the hook (runs in $GIT_DIR, in receive-pack's environment) ------------------------
