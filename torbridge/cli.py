@@ -15,11 +15,18 @@ from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
+from torbridge.protocol.gitaccess import GitAccess
 from torbridge.remotes import RemoteError, parse_remote_log, read_annex_log, read_remotes
 from torbridge.server.control import control_socket, query
-from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
+from torbridge.server.daemon import (
+    StartupError,
+    current_onion,
+    onion_ports,
+    own_endpoints,
+    run_daemon,
+)
 from torbridge.server.status import render
-from torbridge.tokens import MODES, TokenError, TokenStore
+from torbridge.tokens import GIT_LABELS, MODES, TokenError, TokenInfo, TokenStore
 from torbridge.tor.onion import PowDefenses, TorError, torrc_snippet
 
 DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
@@ -139,7 +146,16 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--endpoint", action="append", help="limit the token to this endpoint (repeatable)"
     )
-    token.add_parser("list", help="list tokens (names and modes; secrets are not kept)")
+    add.add_argument(
+        "--git",
+        choices=GIT_LABELS,
+        help="access to the proxy's git repository (default: write for rw, read for append"
+        " and ro, read at most for a token limited to endpoints other than the proxy's own);"
+        " rewrite also allows force-pushing and deleting main, git-annex and synced/*",
+    )
+    token.add_parser(
+        "list", help="list tokens (name, mode, git access, created, endpoints; no secrets)"
+    )
     revoke = token.add_parser("revoke", help="revoke a token, at once")
     revoke.add_argument("name")
     testnet = sub.add_parser(
@@ -170,12 +186,15 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
         for name in args.endpoint or ():
             config.endpoint(name)  # KeyError -> reported by main
         onion = current_onion(config)  # before the token: a Tor problem leaves nothing made
-        token = store.add(args.name, args.mode, args.endpoint)
+        git = None if args.git is None else GitAccess.parse(args.git)
+        token = store.add(args.name, args.mode, args.endpoint, git)
         endpoints = tuple(args.endpoint) if args.endpoint else None
         for line in addresses(config, token, endpoints, onion):
             print(line)
+        info = TokenInfo(args.name, args.mode, "", endpoints, git)
         print(
-            f"token {args.name!r} ({args.mode}) created; it is shown only this once.\n"
+            f"token {args.name!r} ({args.mode}, git {_git_text(config, info)}) created;"
+            " it is shown only this once.\n"
             "On a client: echo 'ADDRESS' | git annex p2p --link --name NAME",
             file=sys.stderr,
         )
@@ -184,11 +203,18 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
     elif args.token_command == "list":
         for info in store.list():
             where = ",".join(info.endpoints) if info.endpoints else "all endpoints"
-            print(f"{info.name}\t{info.mode}\t{info.created}\t{where}")
+            access = _git_text(config, info)
+            print(f"{info.name}\t{info.mode}\tgit={access}\t{info.created}\t{where}")
     else:
         store.revoke(args.name)
         print(f"token {args.name!r} revoked", file=sys.stderr)
     return 0
+
+
+def _git_text(config: Config, info: TokenInfo) -> str:
+    """A token's git access, with "(default)" when the operator gave none."""
+    level = info.git_access(own_endpoints(config)).label
+    return level if info.git is not None else f"{level}(default)"
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:

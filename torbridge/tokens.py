@@ -19,14 +19,18 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
+from torbridge.protocol import gitaccess
+from torbridge.protocol.gitaccess import GitAccess
+
 Mode = Literal["rw", "append", "ro"]
 MODES: tuple[Mode, ...] = ("rw", "append", "ro")
+GIT_LABELS = tuple(level.label for level in GitAccess)
 
 FILE_NAME = "tokens.json"
 LOCK_NAME = "tokens.lock"
@@ -52,6 +56,15 @@ class TokenInfo:
     mode: Mode
     created: str  # ISO 8601 UTC, e.g. 2025-01-31T12:00:00Z
     endpoints: tuple[str, ...] | None  # None = every exposed endpoint
+    # Git access given explicitly; None = the default, which follows the mode
+    # and the endpoints (protocol/gitaccess.py). Stores from before this
+    # field have none, and get the default.
+    git: GitAccess | None = None
+
+    def git_access(self, own_endpoints: Collection[str]) -> GitAccess:
+        """What this token may do to the proxy's git repository, given the
+        endpoints (``own_endpoints``) that serve that repository."""
+        return gitaccess.effective(self.mode, self.git, self.endpoints, own_endpoints)
 
 
 @dataclass(frozen=True)
@@ -103,12 +116,20 @@ class TokenStore:
 
     # --- public API ----------------------------------------------------------
 
-    def add(self, name: str, mode: Mode = "rw", endpoints: Sequence[str] | None = None) -> str:
+    def add(
+        self,
+        name: str,
+        mode: Mode = "rw",
+        endpoints: Sequence[str] | None = None,
+        git: GitAccess | None = None,
+    ) -> str:
         """Make a token named *name*; returns the secret, which is stored only hashed."""
         if not _is_valid_name(name):
             raise TokenError(f"invalid token name: use {_NAME_RULE}")
         if not _is_mode(mode):
             raise TokenError(f"unknown access mode {mode!r}: use one of {', '.join(MODES)}")
+        if git is not None and not isinstance(git, GitAccess):
+            raise TokenError(f"unknown git access {git!r}: use one of {', '.join(GIT_LABELS)}")
         eps = _normalise_endpoints(endpoints)
         # The same format git-annex's own `p2p --gen-addresses` tokens have.
         token = secrets.token_hex(64)
@@ -117,6 +138,7 @@ class TokenStore:
             mode=mode,
             created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             endpoints=eps,
+            git=git,
         )
         self._ensure_state_dir()
         with self._locked():
@@ -302,18 +324,22 @@ def _normalise_endpoints(endpoints: Sequence[str] | None) -> tuple[str, ...] | N
 # --- the file format -------------------------------------------------------------
 
 
+def _serialise_entry(e: _Entry) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "sha256": e.sha256,
+        "mode": e.info.mode,
+        "created": e.info.created,
+        "endpoints": None if e.info.endpoints is None else list(e.info.endpoints),
+    }
+    if e.info.git is not None:  # absent = the default, as in stores written before it
+        raw["git"] = e.info.git.label
+    return raw
+
+
 def _serialise(entries: Mapping[str, _Entry]) -> bytes:
     doc = {
         "version": FORMAT_VERSION,
-        "tokens": {
-            name: {
-                "sha256": e.sha256,
-                "mode": e.info.mode,
-                "created": e.info.created,
-                "endpoints": None if e.info.endpoints is None else list(e.info.endpoints),
-            }
-            for name, e in sorted(entries.items())
-        },
+        "tokens": {name: _serialise_entry(e) for name, e in sorted(entries.items())},
     }
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
@@ -353,11 +379,15 @@ def _parse(data: bytes) -> dict[str, _Entry]:
             isinstance(eps, list) and all(_is_valid_name(ep) for ep in eps)
         ):
             raise ValueError(f'token {name!r}: "endpoints" is neither null nor a list of names')
+        git = raw.get("git")
+        if git is not None and git not in GIT_LABELS:
+            raise ValueError(f'token {name!r}: unknown "git" {git!r}')
         info = TokenInfo(
             name=name,
             mode=mode,
             created=created,
             endpoints=None if eps is None else tuple(eps),
+            git=None if git is None else GitAccess.parse(git),
         )
         entries[name] = _Entry(info=info, sha256=sha)
     return entries

@@ -14,6 +14,7 @@ import pytest
 from tests.ops.conftest import ONION, FakeTor, add_tor_remote, git
 from torbridge.ops import doctor
 from torbridge.ops.doctor import Check, exit_status, format_report, run_checks
+from torbridge.protocol.gitaccess import GitAccess
 from torbridge.server.daemon import MIN_GIT_ANNEX
 from torbridge.tokens import TokenStore
 from torbridge.tor.onion import KEY_FILE
@@ -546,6 +547,18 @@ def test_tokens_mode(host: Host) -> None:
     assert line(checks, "tokens") == (
         f"FAIL tokens: {path} has mode 0644 — fix: `chmod 0600 {path}`"
     )
+
+
+def test_tokens_git_access_summary(host: Host) -> None:
+    """The tokens line says what the tokens may do to the proxy's git (own endpoint: hub)."""
+    store = TokenStore(host.state_dir)
+    store.add("alice")  # write, by default
+    store.add("nodeonly", "rw", ["peer"])  # read: not the proxy's own endpoint
+    store.add("viewer", "ro")  # read
+    store.add("admin", "rw", ["hub"], GitAccess.REWRITE)
+    row = line(host.run(), "tokens")
+    assert row.startswith("ok   tokens: 4 token(s) in "), row
+    assert row.endswith("; git 0 none, 2 read, 1 write, 1 rewrite; may rewrite git history: admin")
 
 
 def test_tokens_corrupt(host: Host) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from torbridge.config import OWN_REPOSITORY, Config, ConfigError, Expose, load_config
+from torbridge.protocol.gitaccess import GitAccess
 from torbridge.remotes import (
     RemoteError,
     TorAddress,
@@ -224,7 +225,8 @@ def _config_checks(config: Config, timeout: float) -> list[Check]:
     if config.tor.enabled:
         _add(checks, "tor socket access", functools.partial(_check_tor_access, config))
     _add(checks, "state_dir", functools.partial(_check_state_dir, config.state_dir))
-    _add(checks, "tokens", functools.partial(_check_tokens, config.state_dir))
+    own = [x.name for x in config.expose if x.remote == OWN_REPOSITORY]
+    _add(checks, "tokens", functools.partial(_check_tokens, config.state_dir, own))
     return checks
 
 
@@ -617,7 +619,7 @@ def _check_state_dir(path: Path) -> Check:
     return _ok(name, f"{path} (mode {_mode(st)})")
 
 
-def _check_tokens(state_dir: Path) -> Check:
+def _check_tokens(state_dir: Path, own_endpoints: Sequence[str] = ()) -> Check:
     name = "tokens"
     path = state_dir / TOKENS_FILE
     if not os.path.lexists(path):
@@ -633,7 +635,15 @@ def _check_tokens(state_dir: Path) -> Check:
             str(e),
             f"restore {path} from a backup, or move it away and issue the tokens again",
         )
-    return _ok(name, f"{len(tokens)} token(s) in {path} (mode {_mode(st)})")
+    # What each token may do to the proxy's git; rewrite ones by name.
+    levels = [info.git_access(own_endpoints) for info in tokens]
+    counts = ", ".join(f"{levels.count(level)} {level.label}" for level in GitAccess)
+    rewriters = [info.name for info, level in zip(tokens, levels, strict=True)
+                 if level is GitAccess.REWRITE]
+    may_rewrite = f"; may rewrite git history: {', '.join(rewriters)}" if rewriters else ""
+    return _ok(
+        name, f"{len(tokens)} token(s) in {path} (mode {_mode(st)}); git {counts}{may_rewrite}"
+    )
 
 
 # --- systemd ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from torbridge.protocol import gitaccess as g
 from torbridge.protocol import messages as m
 from torbridge.protocol.clienttext import UNREACHABLE, peer_reason, relayed_error
 from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
@@ -88,9 +89,13 @@ class ClosePeer:
 
 @dataclass(frozen=True)
 class RunService:
-    """Run the git service in the proxy's own repository; the session ends after."""
+    """Run the git service in the proxy's own repository; the session ends after.
+
+    Unless ``may_rewrite``, a push may not rewrite or delete a protected
+    branch (protocol/gitaccess.py; server/pushguard.py enforces it)."""
 
     service: str
+    may_rewrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,7 @@ class Relay:
         self.notifies = notifies
         self.phase = Phase.AUTH
         self.mode = Mode.READ_ONLY  # until AUTH says otherwise
+        self.git = g.GitAccess.NONE  # likewise
         self.client_uuid: str | None = None
         self.version = 0  # agreed with the client
         self.negotiated = False  # VERSION is only valid as the first request
@@ -246,9 +252,11 @@ class Relay:
             return self._from_client(event)
         return self._from_peer(event)
 
-    def auth_accepted(self, mode: Mode) -> list[Action]:
+    def auth_accepted(self, mode: Mode, git: g.GitAccess | None = None) -> list[Action]:
+        """``git``: the token's access to the proxy's git repository (None: the mode's)."""
         self._expect(Phase.AUTHENTICATING)
         self.mode = mode
+        self.git = g.default_for(mode.value) if git is None else git
         self.phase = Phase.IDLE
         return [Send(Side.CLIENT, m.AuthSuccess(self.server_uuid))]
 
@@ -434,11 +442,16 @@ class Relay:
 
     def _connect(self, service: str) -> list[Action]:
         self.phase = Phase.SERVICE
-        if service == "git-receive-pack" and self.mode is not Mode.READ_WRITE:
-            # git-annex's own text, also for append-only: receive-pack can rewrite refs.
-            action: Action = RefuseService(service, READ_ONLY_ERROR)
+        pushing = service == "git-receive-pack"
+        action: Action
+        if self.git is g.GitAccess.NONE:
+            action = RefuseService(service, g.NO_GIT_ERROR)
+        elif pushing and self.git < g.GitAccess.WRITE:
+            # git-annex's own text where the mode is what forbids it.
+            text = READ_ONLY_ERROR if self.mode is not Mode.READ_WRITE else g.GIT_READ_ONLY_ERROR
+            action = RefuseService(service, text)
         else:
-            action = RunService(service)
+            action = RunService(service, may_rewrite=pushing and self.git is g.GitAccess.REWRITE)
         return self._end(f"CONNECT {service} done", [action])
 
     def _put_data(self, event: InEvent) -> list[Action]:

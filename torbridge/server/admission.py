@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Collection
 from typing import Protocol
 
 import trio
@@ -24,9 +25,14 @@ class Evictable(Protocol):
 
 
 class Admission:
-    def __init__(self, tokens: TokenStore, limits: Limits) -> None:
+    def __init__(
+        self, tokens: TokenStore, limits: Limits, own_endpoints: Collection[str] = ()
+    ) -> None:
         self.tokens = tokens
         self.limits = limits
+        # The endpoints that serve the proxy's own repository (remote = "."):
+        # a token limited to others gets no more than read access to git.
+        self.own_endpoints = frozenset(own_endpoints)
         # Connections not yet past AUTH, oldest first.
         self._pre_auth: OrderedDict[Evictable, None] = OrderedDict()
         self.sessions: Counter[str] = Counter()
@@ -86,7 +92,7 @@ class Admission:
                 " use fewer parallel jobs (-J) or try again later"
             )
         self.sessions[info.name] += 1
-        return Grant(info.name, Mode(info.mode))
+        return Grant(info.name, Mode(info.mode), info.git_access(self.own_endpoints))
 
     async def admit(self, endpoint: str, token: str) -> Grant | Busy | None:
         """``authorize``, waiting up to ``session_wait`` for a slot at a cap.

@@ -128,6 +128,12 @@ class Shared:
     refs: RefWatcher | None = None  # the proxy repository's refs, for NOTIFYCHANGE
 
 
+def own_endpoints(config: Config) -> list[str]:
+    """The endpoints that serve the proxy's own repository (``remote = "."``): a
+    token limited to other endpoints gets read access to git at most."""
+    return [x.name for x in config.expose if x.remote == OWN_REPOSITORY]
+
+
 def build_endpoints(config: Config, shared: Shared) -> list[Endpoint]:
     own_uuid = repository_uuid(config.repository)
     return [_build_endpoint(config, expose, own_uuid, shared) for expose in config.expose]
@@ -352,7 +358,11 @@ async def serve(
     check_git_annex()
     _make_state_dir(config.state_dir)
     shared = Shared(
-        Admission(TokenStore(config.state_dir), config.limits),
+        Admission(
+            TokenStore(config.state_dir),
+            config.limits,
+            own_endpoints(config),
+        ),
         LocationLog(config.repository),
         Registry(),
         config.tor.export_circuit_id,

@@ -8,13 +8,16 @@ exit status awaited, and only then is exactly one CONNECTDONE sent.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import trio
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream
+from torbridge.server import pushguard
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import StderrTail
 
@@ -104,9 +107,40 @@ async def refuse_git_service(client: FramedStream, reason: str) -> None:
 
 
 async def run_git_service(
-    client: FramedStream, repository: Path, service: str, idle_timeout: float
+    client: FramedStream,
+    repository: Path,
+    service: str,
+    idle_timeout: float,
+    guard_history: bool = True,
 ) -> int:
-    """Relay one git service for the client; returns git's exit status."""
+    """Relay one git service for the client; returns git's exit status.
+
+    ``guard_history``: a push may not rewrite or delete a protected branch
+    (server/pushguard.py); upload-pack is never affected.
+    """
+    if service != "git-receive-pack" or not guard_history:
+        return await _run_git_service(client, repository, service, idle_timeout, None)
+    try:
+        hooks = await trio.to_thread.run_sync(pushguard.prepare, repository)
+    except (OSError, pushguard.GuardError) as e:
+        log.error("cannot set up the push guard: %s", e)
+        await refuse_git_service(client, "torbridge cannot check this push; refused")
+        return 1
+    try:
+        env = pushguard.git_config_env(hooks, os.environ)
+        return await _run_git_service(client, repository, service, idle_timeout, env)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(pushguard.remove, hooks)
+
+
+async def _run_git_service(
+    client: FramedStream,
+    repository: Path,
+    service: str,
+    idle_timeout: float,
+    env: Mapping[str, str] | None,
+) -> int:
     argv = ["git", SERVICES[service], str(repository)]
     try:
         process = await trio.lowlevel.open_process(
@@ -115,6 +149,7 @@ async def run_git_service(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=repository,
+            env=env,
         )
     except OSError as e:
         log.error("cannot run %s: %s", argv, e)

@@ -25,6 +25,7 @@ from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol import relay as r
 from torbridge.protocol.framing import LineEvent
+from torbridge.protocol.gitaccess import GitAccess
 from torbridge.protocol.relay import Side
 from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.locationlog import LocationLog
@@ -60,6 +61,7 @@ class Grant:
 
     token_name: str
     mode: r.Mode
+    git: GitAccess | None = None  # None: what the mode gives (protocol/gitaccess.py)
 
 
 class PendingAuth:
@@ -416,12 +418,16 @@ class Session:
             case r.ClosePeer():
                 await self._close_peer()
                 return []
-            case r.RunService(service=service):
+            case r.RunService(service=service, may_rewrite=may_rewrite):
                 # stall_timeout, not idle_timeout: a git client that gave up (a
                 # failed fetch leaves git-annex's helper running) must not hold
                 # the session, and its token's slot, for an hour.
                 await run_git_service(
-                    self.client, self.endpoint.repository, service, self.limits.stall_timeout
+                    self.client,
+                    self.endpoint.repository,
+                    service,
+                    self.limits.stall_timeout,
+                    guard_history=not may_rewrite,
                 )
                 return []
             case r.RefuseService(reason=reason):
@@ -569,15 +575,17 @@ class Session:
             self._ref_baseline = self.endpoint.refs.peek()
         self.token_name = grant.token_name
         self.endpoint.registry.session_started(self)
+        accepted = self.relay.auth_accepted(grant.mode, grant.git)
         log.info(
-            "[%d] %s: session start, token %s (%s), client %s",
+            "[%d] %s: session start, token %s (%s, git %s), client %s",
             self.id,
             self.endpoint.name,
             grant.token_name,
             grant.mode.value,
+            self.relay.git.label,
             client_uuid,
         )
-        return self.relay.auth_accepted(grant.mode)
+        return accepted
 
     async def _open_peer(self, version: int, bypass: tuple[str, ...]) -> list[r.Action]:
         assert self._nursery is not None and self.grant is not None
