@@ -42,13 +42,35 @@ class Expose:
 class Limits:
     auth_timeout: float = 10.0  # from accept to AUTH
     idle_timeout: float = 3600.0  # client silence between requests
-    peer_timeout: float = 600.0  # a peer's reply to a request
-    stall_timeout: float = 300.0  # no byte of a DATA body moved
+    # A peer keeping the session waiting: its reply to a request, its part of
+    # a DATA body. 0 = none, as git-annex has none: a working peer may be
+    # silent for as long as its work takes (a special remote storing a big
+    # file, a node hashing one). A dead peer is noticed as it goes (its process
+    # exits, its connection closes); a client that leaves ends the wait.
+    peer_timeout: float = 0.0
+    # The client's part stopped: no byte of a DATA body, or of a CONNECT's git
+    # traffic, moved because the client neither sends nor reads. 0 = none.
+    stall_timeout: float = 300.0
     max_unauthenticated: int = 64  # connections not yet past AUTH, all endpoints
     max_sessions_per_token: int = 16
     # Authenticated sessions in all: each runs its own git-annex-shell (10-20 MiB).
     max_sessions: int = 256
     max_per_circuit: int = 8  # connections per Tor circuit (with export_circuit_id)
+
+    @property
+    def peer_wait(self) -> float:
+        """Seconds a peer may keep the session waiting (inf: no limit)."""
+        return no_limit_if_zero(self.peer_timeout)
+
+    @property
+    def client_stall(self) -> float:
+        """Seconds a client may hold up a body or CONNECT (inf: no limit)."""
+        return no_limit_if_zero(self.stall_timeout)
+
+
+def no_limit_if_zero(seconds: float) -> float:
+    """A timeout as configured, 0 meaning none (math.inf, which trio waits on forever)."""
+    return seconds if seconds > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,8 @@ class Config:
 _INT_LIMITS = frozenset(
     {"max_unauthenticated", "max_sessions_per_token", "max_sessions", "max_per_circuit"}
 )
+# Timeouts that may be 0 = none.
+_OPTIONAL_TIMEOUTS = frozenset({"peer_timeout", "stall_timeout"})
 _LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 _TOP_KEYS = (
     "repository",
@@ -391,7 +415,10 @@ def _parse_limits(p: _Parser, raw: Any) -> Limits:
             # TOML has inf and nan; a timeout must be a real duration.
             if not math.isfinite(n):
                 raise p.error(_where(key, section), "must be a finite number")
-        if not n > 0:
+        if key in _OPTIONAL_TIMEOUTS:
+            if n < 0:
+                raise p.error(_where(key, section), f"must be 0 (none) or more, got {value}")
+        elif not n > 0:
             raise p.error(_where(key, section), f"must be greater than 0, got {value}")
         values[key] = n
     return Limits(**values)
@@ -431,8 +458,8 @@ def _toml_number(value: float) -> str:
 _LIMIT_COMMENTS = {
     "auth_timeout": "seconds from accepting a connection to its AUTH",
     "idle_timeout": "seconds of client silence between requests",
-    "peer_timeout": "seconds to wait for a peer's reply to a request",
-    "stall_timeout": "seconds without a byte of a DATA body moving",
+    "peer_timeout": "seconds a peer may keep a request waiting (0 = no limit)",
+    "stall_timeout": "seconds a client may stop mid-DATA or mid-CONNECT (0 = no limit)",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
     "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 
@@ -100,6 +101,23 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.limits == Limits()
     assert cfg.limits.auth_timeout == 10.0
     assert cfg.limits.max_sessions_per_token == 16
+
+
+def test_no_peer_deadline_by_default(tmp_path: Path) -> None:
+    """git-annex waits on a working peer as long as it takes: so does the default."""
+    limits = _load(tmp_path, MINIMAL).limits
+    assert limits.peer_timeout == 0
+    assert limits.peer_wait == math.inf
+    assert limits.client_stall == limits.stall_timeout > 0
+
+
+@pytest.mark.parametrize("key", ["peer_timeout", "stall_timeout"])
+def test_zero_is_no_limit(tmp_path: Path, key: str) -> None:
+    limits = _load(tmp_path, MINIMAL + f"[limits]\n{key} = 0\n").limits
+    assert getattr(limits, key) == 0
+    assert math.inf in (limits.peer_wait, limits.client_stall)
+    limits = _load(tmp_path, MINIMAL + f"[limits]\n{key} = 7\n").limits
+    assert 7.0 in (limits.peer_wait, limits.client_stall)
 
 
 def test_partial_limits_keep_other_defaults(tmp_path: Path) -> None:
@@ -324,13 +342,13 @@ ERRORS = [
         id="nul-in-path",
     ),
     pytest.param(
-        MINIMAL + "[limits]\nstall_timeout = 0\n",
-        ['key "stall_timeout" in [limits]', "must be greater than 0"],
+        MINIMAL + "[limits]\nidle_timeout = 0\n",
+        ['key "idle_timeout" in [limits]', "must be greater than 0"],
         id="zero-timeout",
     ),
     pytest.param(
         MINIMAL + "[limits]\npeer_timeout = -1.5\n",
-        ['key "peer_timeout" in [limits]', "must be greater than 0"],
+        ['key "peer_timeout" in [limits]', "must be 0 (none) or more"],
         id="negative-timeout",
     ),
     pytest.param(
