@@ -384,12 +384,15 @@ class Session:
                 await self._close_peer()
                 return []
             case r.RunService(service=service):
-                # stall_timeout, not idle_timeout: a git client that gave up (a
-                # failed fetch leaves git-annex's helper running) must not hold
-                # the session, and its token's slot, for an hour. git itself is
-                # never silent that long: it sends keepalives while it works.
+                # The client's deadlines: stall_timeout once it stops reading,
+                # idle_timeout for silence (git itself sends keepalives while
+                # it works; the client's git is silent while it packs).
                 await run_git_service(
-                    self.client, self.endpoint.repository, service, self.limits.client_stall
+                    self.client,
+                    self.endpoint.repository,
+                    service,
+                    self.limits.idle_timeout,
+                    self.limits.client_stall,
                 )
                 return []
             case r.RefuseService(reason=reason):
