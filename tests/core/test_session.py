@@ -1085,7 +1085,8 @@ async def test_client_leaves_while_the_peer_stalls_mid_body(
 
 # A body that keeps moving is never cut, however long it takes: idle_timeout
 # and peer_timeout are about protocol silence between messages, and inside a
-# body only stall_timeout (no byte moved) applies. The bodies below take 40
+# body only "no byte moved" applies (stall_timeout for the client's part,
+# peer_timeout for the peer's). The bodies below take 40
 # steps of 0.75 x stall_timeout: 600 s, twice idle_timeout + peer_timeout.
 SLOW_STEPS = 40
 SLOW_PAUSE = 0.75 * LIMITS.stall_timeout
