@@ -49,8 +49,15 @@ class Limits:
     # this long without a request, and opened again by the next one; the
     # client's connection stays open (0 = the peer stays open too).
     peer_idle: float = 60.0
-    peer_timeout: float = 600.0  # a peer's reply to a request
-    stall_timeout: float = 300.0  # no byte of a DATA body moved
+    # A peer keeping the session waiting: its reply to a request, its part of
+    # a DATA body. 0 = none, as git-annex has none: a working peer may be
+    # silent for as long as its work takes (a special remote storing a big
+    # file, a node hashing one). A dead peer is noticed as it goes (its process
+    # exits, its connection closes); a client that leaves ends the wait.
+    peer_timeout: float = 0.0
+    # The client's part stopped: no byte of a DATA body, or of a CONNECT's git
+    # traffic, moved because the client neither sends nor reads. 0 = none.
+    stall_timeout: float = 300.0
     max_unauthenticated: int = 128  # connections not yet past AUTH, all endpoints
     # git-annex's own P2P server serves 100 connections per network at once:
     # one client's `-J64` fits.
@@ -64,6 +71,26 @@ class Limits:
     # client rides one rendezvous circuit: sized above a token's sessions plus
     # its waiting connections.
     max_per_circuit: int = 256
+
+    @property
+    def client_idle(self) -> float:
+        """Seconds a client may be silent between requests (inf: no limit)."""
+        return no_limit_if_zero(self.idle_timeout)
+
+    @property
+    def peer_wait(self) -> float:
+        """Seconds a peer may keep the session waiting (inf: no limit)."""
+        return no_limit_if_zero(self.peer_timeout)
+
+    @property
+    def client_stall(self) -> float:
+        """Seconds a client may hold up a body or CONNECT (inf: no limit)."""
+        return no_limit_if_zero(self.stall_timeout)
+
+
+def no_limit_if_zero(seconds: float) -> float:
+    """A timeout as configured, 0 meaning none (math.inf, which trio waits on forever)."""
+    return seconds if seconds > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -123,8 +150,8 @@ class Config:
 _INT_LIMITS = frozenset(
     {"max_unauthenticated", "max_sessions_per_token", "max_sessions", "max_per_circuit"}
 )
-# Timeouts an operator may switch off with 0.
-_ZERO_MEANS_NONE = frozenset({"idle_timeout", "peer_idle"})
+# Timeouts an operator may switch off with 0 (none).
+_ZERO_MEANS_NONE = frozenset({"idle_timeout", "peer_idle", "peer_timeout", "stall_timeout"})
 _LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 _TOP_KEYS = (
     "repository",
@@ -456,8 +483,8 @@ _LIMIT_COMMENTS = {
     "auth_timeout": "seconds from accepting a connection to its AUTH",
     "idle_timeout": "seconds of client silence between requests (0 = none)",
     "peer_idle": "seconds before an idle session's peer is closed (reopened on demand)",
-    "peer_timeout": "seconds to wait for a peer's reply to a request",
-    "stall_timeout": "seconds without a byte of a DATA body moving",
+    "peer_timeout": "seconds a peer may keep a request waiting (0 = no limit)",
+    "stall_timeout": "seconds a client may stop mid-DATA or mid-CONNECT (0 = no limit)",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
     "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 
@@ -110,6 +111,23 @@ def test_zero_switches_off_the_idle_timeouts_only(tmp_path: Path) -> None:
         _load(tmp_path, MINIMAL + "[limits]\npeer_idle = -1\n")
     with pytest.raises(ConfigError, match="must be greater than 0"):
         _load(tmp_path, MINIMAL + "[limits]\nsession_wait = 0\n")
+
+
+def test_no_peer_deadline_by_default(tmp_path: Path) -> None:
+    """git-annex waits on a working peer as long as it takes: so does the default."""
+    limits = _load(tmp_path, MINIMAL).limits
+    assert limits.peer_timeout == 0
+    assert limits.peer_wait == math.inf
+    assert limits.client_stall == limits.stall_timeout > 0
+
+
+@pytest.mark.parametrize("key", ["peer_timeout", "stall_timeout"])
+def test_zero_is_no_limit(tmp_path: Path, key: str) -> None:
+    limits = _load(tmp_path, MINIMAL + f"[limits]\n{key} = 0\n").limits
+    assert getattr(limits, key) == 0
+    assert math.inf in (limits.peer_wait, limits.client_stall)
+    limits = _load(tmp_path, MINIMAL + f"[limits]\n{key} = 7\n").limits
+    assert 7.0 in (limits.peer_wait, limits.client_stall)
 
 
 def test_partial_limits_keep_other_defaults(tmp_path: Path) -> None:
@@ -334,13 +352,13 @@ ERRORS = [
         id="nul-in-path",
     ),
     pytest.param(
-        MINIMAL + "[limits]\nstall_timeout = 0\n",
-        ['key "stall_timeout" in [limits]', "must be greater than 0"],
+        MINIMAL + "[limits]\nauth_timeout = 0\n",
+        ['key "auth_timeout" in [limits]', "must be greater than 0"],
         id="zero-timeout",
     ),
     pytest.param(
         MINIMAL + "[limits]\npeer_timeout = -1.5\n",
-        ['key "peer_timeout" in [limits]', "must be greater than 0"],
+        ['key "peer_timeout" in [limits]', "must be 0 (none) or more"],
         id="negative-timeout",
     ),
     pytest.param(

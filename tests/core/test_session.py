@@ -989,13 +989,102 @@ async def test_peer_stalls_mid_get_body(autojump_clock: trio.abc.Clock) -> None:
         start = trio.current_time()
         await b.client.send(f"GET 0  {KEY}\n".encode())
         assert await b.client.rest() == script(b"DATA 10000\n", b"y" * 10)
-        assert LIMITS.stall_timeout <= trio.current_time() - start < LIMITS.stall_timeout + 1
+        # The peer's side of a body is the peer's deadline, not the client's stall.
+        assert LIMITS.peer_timeout <= trio.current_time() - start < LIMITS.peer_timeout + 1
     assert b.session.outcome.startswith(f"{PEER_NAME} lost during GET")
+
+
+# --- a working peer, silent for as long as its work takes ---------------------------------
+#
+# With the default limits nothing cuts a peer that works: git-annex, talking
+# to the repository directly, waits as long as it takes. SILENCE is longer
+# than every deadline the bridge had by default before (peer_timeout 600 s,
+# stall_timeout 300 s), several times over.
+SILENCE = 5000.0
+DEFAULTS = Limits()
+
+
+def test_defaults_have_no_peer_deadline() -> None:
+    assert DEFAULTS.peer_timeout == 0
+    assert SILENCE > 8 * 600
+    assert DEFAULTS.stall_timeout < SILENCE
+
+
+async def test_node_hashing_before_its_put_result(autojump_clock: trio.abc.Clock) -> None:
+    async def hashing(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.PutFrom(0))
+        assert isinstance(await conn.receive(), m.Data)
+        body = await conn.receive_body(11)
+        assert await conn.receive() == m.Valid()
+        await trio.sleep(SILENCE)
+        conn.repo.contents[KEY] = body
+        await conn.send(m.Success())
+
+    async with bridge(FakeRepo(hooks={m.Put: hashing}), limits=DEFAULTS) as b:
+        await b.client.login(4)
+        await b.client.send(f"PUT  {KEY}\n".encode())
+        await b.client.expect(b"PUT-FROM 0\n")
+        start = trio.current_time()
+        await b.client.send(b"DATA 11\n", b"hello world", b"VALID\n")
+        await b.client.expect(b"SUCCESS\n")
+        assert trio.current_time() - start >= SILENCE
+    assert b.repo.contents == {KEY: b"hello world"}
+
+
+@pytest.mark.parametrize("where", ["before DATA", "mid-body"])
+async def test_special_remote_slow_to_retrieve(autojump_clock: trio.abc.Clock, where: str) -> None:
+    content = blob(10_000, seed=3)
+
+    async def retrieving(conn: PeerConnection, message: m.Message) -> None:
+        if where == "before DATA":
+            await trio.sleep(SILENCE)
+        await conn.send(m.Data(len(content)))
+        await conn.framed.send_body(content[:4000])
+        if where == "mid-body":
+            await trio.sleep(SILENCE)
+        await conn.framed.send_body(content[4000:])
+        await conn.send(m.Valid())
+        assert await conn.receive() == m.Success()
+
+    async with bridge(FakeRepo(hooks={m.Get: retrieving}), limits=DEFAULTS) as b:
+        await b.client.login(4)
+        start = trio.current_time()
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA 10000\n", content, b"VALID\n")
+        assert trio.current_time() - start >= SILENCE
+        await b.client.send(b"SUCCESS\n")
+        await b.client.send(f"CHECKPRESENT {KEY}\n".encode())
+        await b.client.expect(b"FAILURE\n")  # the session goes on
+
+
+async def test_client_leaves_while_the_peer_stalls_mid_body(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # With no deadline on the peer, only the client's leaving ends the wait:
+    # it must, at once, or the session and its peer stay for good.
+    async def stall(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.Data(10_000))
+        await conn.framed.send_body(b"y" * 10)
+        await conn.silent()
+
+    async with bridge(FakeRepo(hooks={m.Get: stall}), limits=DEFAULTS) as b:
+        await b.client.login(4)
+        await b.client.send(f"GET 0  {KEY}\n".encode())
+        await b.client.expect(b"DATA 10000\n", b"y" * 10)
+        await trio.sleep(SILENCE)
+        assert not b.finished.is_set()
+        start = trio.current_time()
+        await b.client.stream.aclose()
+        await b.wait_end()
+        assert trio.current_time() - start < 1
+    assert b.session.outcome.startswith("client lost: hung up while waiting for the peer")
+    assert b.transport.channels[0].closed and b.connections[0].eof
 
 
 # A body that keeps moving is never cut, however long it takes: idle_timeout
 # and peer_timeout are about protocol silence between messages, and inside a
-# body only stall_timeout (no byte moved) applies. The bodies below take 40
+# body only "no byte moved" applies (stall_timeout for the client's part,
+# peer_timeout for the peer's). The bodies below take 40
 # steps of 0.75 x stall_timeout: 600 s, twice idle_timeout + peer_timeout.
 SLOW_STEPS = 40
 SLOW_PAUSE = 0.75 * LIMITS.stall_timeout
@@ -1067,9 +1156,10 @@ async def test_slow_put_body_that_stops_is_cut_at_stall_timeout(
     assert b.session.outcome.startswith("client lost")
 
 
-async def test_slow_get_body_that_stops_is_cut_at_stall_timeout(
+async def test_slow_get_body_that_stops_is_cut_at_peer_timeout(
     autojump_clock: trio.abc.Clock,
 ) -> None:
+    # The peer stopped, so the operator's peer_timeout (none by default) cuts it.
     content = blob(SLOW_STEPS * SLOW_PIECE, seed=10)
     sent_last: list[float] = []
 
@@ -1088,7 +1178,7 @@ async def test_slow_get_body_that_stops_is_cut_at_stall_timeout(
         cut = trio.current_time() - sent_last[0]
         assert got.startswith(b"DATA %d\n" % len(content))
         assert len(got) < len(content)
-        assert LIMITS.stall_timeout <= cut < LIMITS.stall_timeout + 1, cut
+        assert LIMITS.peer_timeout <= cut < LIMITS.peer_timeout + 1, cut
     assert b.session.outcome.startswith(f"{PEER_NAME} lost during GET")
 
 

@@ -167,10 +167,13 @@ def test_proxy_disk_full(
 #
 # The bridge runs git upload-pack / receive-pack in the proxy's own
 # repository for CONNECT (server/gitservice.py). A client that freezes must
-# not hold that git, or its session, past stall_timeout; a git that dies
-# must give the client a failure, not a hang, and leave the repository sound.
+# not hold that git, or its session, past its deadline: stall_timeout once it
+# stops reading, idle_timeout when it stops sending (a client is silent, too,
+# while its own git packs a big push: that is not cut at stall_timeout); a git
+# that dies must give the client a failure, not a hang, and leave the
+# repository sound.
 
-STALL = 3.0  # stall_timeout of the daemon in the stall tests (default: 300 s)
+STALL = 3.0  # stall_timeout (and idle_timeout) of the daemon in the stall tests
 GIT_BLOB = 12 * 1024 * 1024  # random bytes, committed as ~24 MiB of hex: a pack of ~13 MiB
 
 
@@ -253,14 +256,14 @@ def stall_bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
     return b
 
 
-def _assert_session_ended(bridge: Bridge, service: str, stopped_at: float) -> float:
-    """The frozen client's session ends at stall_timeout: git, session and slot gone."""
+def _assert_session_ended(bridge: Bridge, service: str, stopped_at: float, why: str) -> float:
+    """The frozen client's session ends at its deadline: git, session and slot gone."""
     took = _wait(f"{service} and its session ending after the client froze",
                  lambda: not _helpers(bridge) and not _sessions(bridge),
                  timeout=STALL + 30, step=0.1)
     took = time.monotonic() - stopped_at
     bridge.assert_alive()
-    assert f"{service} idle for" in bridge.log(), bridge.log()[-3000:]
+    assert f"{service} {why} {STALL:.0f}s" in bridge.log(), bridge.log()[-3000:]
     return took
 
 
@@ -276,7 +279,8 @@ def test_fetch_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Ca
     try:
         stopped_at = _freeze_mid_pack(proc, client)
         got = _incoming_pack(client)
-        took = _assert_session_ended(stall_bridge, "upload-pack", stopped_at)
+        took = _assert_session_ended(stall_bridge, "upload-pack", stopped_at,
+                                     "client not reading for")
         print(f"fetch frozen after {got} bytes of the pack; session ended {took:.1f}s later "
               f"(stall_timeout {STALL:.0f}s)")
     finally:
@@ -290,24 +294,37 @@ def test_fetch_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Ca
     client.git("fsck", "--no-dangling", "--no-progress")
 
 
-def test_push_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Callable[
-        [str], Client], proxy_repo: AnnexRepo) -> None:
-    """``git push`` frozen while its pack is sent: cut at stall_timeout, refs unchanged."""
+def test_push_client_stalled_mid_transfer(make_bridge: Callable[..., Bridge], make_client:
+        Callable[[str], Client], proxy_repo: AnnexRepo) -> None:
+    """``git push`` frozen while its pack is sent: cut at idle_timeout, refs unchanged.
+
+    The frozen client sends nothing: that is client silence, as while its git
+    packs, so idle_timeout cuts it, not stall_timeout (the bridge is not
+    blocked sending to it).
+    """
+    stall_bridge = make_bridge()
+    _with_limits(stall_bridge, stall_timeout=STALL, idle_timeout=STALL)
+    stall_bridge.start()
     client = make_client("client")
     client.link(stall_bridge.add_token("client", "rw").line, "hub")
     blob = os.urandom(GIT_BLOB).hex().encode()
     sha = client.commit_git_file("big.txt", blob, "big commit")
     proxy_refs = _refs(proxy_repo)
     proxy_repo.git("config", "receive.unpackLimit", "1")  # see _start_git
-    proc = _start_git(client, "push", "hub", "main:synced/main")
+    # Packed fast: the client's packing is silence that idle_timeout (STALL here) cuts.
+    proc = _start_git(client, "-c", "pack.compression=0", "push", "hub", "main:synced/main")
     try:
         stopped_at = _freeze_mid_pack(proc, proxy_repo)
-        took = _assert_session_ended(stall_bridge, "receive-pack", stopped_at)
-        print(f"push frozen; session ended {took:.1f}s later (stall_timeout {STALL:.0f}s)")
+        took = _assert_session_ended(stall_bridge, "receive-pack", stopped_at, "idle for")
+        print(f"push frozen; session ended {took:.1f}s later (idle_timeout {STALL:.0f}s)")
     finally:
         _kill_group(proc)
     assert _refs(proxy_repo) == proxy_refs, "a cut push changed the proxy's refs"
     proxy_repo.git("fsck", "--no-dangling", "--no-progress")
+    # The next push, with the default deadlines: however long the client packs.
+    stall_bridge.stop()
+    stall_bridge.write_config()
+    stall_bridge.start()
 
     client.git("push", "hub", "main:synced/main", timeout=120)
     assert proxy_repo.git("rev-parse", "synced/main").stdout.strip() == sha

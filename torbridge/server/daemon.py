@@ -60,7 +60,11 @@ from torbridge.tor.onion import (
 )
 from torbridge.transport.base import Transport
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
-from torbridge.transport.network import P2PNetTransport, TorAnnexTransport
+from torbridge.transport.network import (
+    SOCKS_CONNECT_TIMEOUT,
+    P2PNetTransport,
+    TorAnnexTransport,
+)
 from torbridge.transport.process import AnnexShellTransport
 
 log = logging.getLogger("torbridge")
@@ -197,7 +201,9 @@ def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Tr
             token,
             own_uuid,
             config.tor.socks,
-            connect_timeout=config.limits.peer_timeout,
+            # tor itself gives up on a stream it cannot attach (SocksTimeout,
+            # 120 s): with no peer_timeout, that is the bound.
+            connect_timeout=config.limits.peer_timeout or SOCKS_CONNECT_TIMEOUT,
         )
         return tor, True
     net = P2PNetTransport(remote.name, address, remote.uuid, token, own_uuid, config.repository)
@@ -245,8 +251,10 @@ def _cluster_transport(
         shared.location_log,
         # Shorter than the session's own deadlines: a slow node is dropped
         # before the session gives up on the whole cluster.
-        node_timeout=limits.peer_timeout * 0.8,
-        stall_timeout=limits.stall_timeout * 0.8,
+        # A node holding up a DATA body is the node's side too: peer_timeout
+        # bounds both (none by default, as in git-annex's own gateway).
+        node_timeout=limits.peer_wait * 0.8,
+        stall_timeout=limits.peer_wait * 0.8,
         members=cluster.members,
     )
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -291,10 +290,9 @@ class Session:
         elif side is Side.CLIENT:
             # idle_timeout 0: none, as git-annex's server; a client that dies
             # closes its connection (or tor tears its circuit down).
-            idle = self.limits.idle_timeout
-            deadline = trio.current_time() + idle if idle else math.inf
+            deadline = trio.current_time() + self.limits.client_idle
         else:
-            deadline = trio.current_time() + self.limits.peer_timeout
+            deadline = trio.current_time() + self.limits.peer_wait
         evictable: contextlib.AbstractContextManager[object] = (
             self.pending.evictable() if self._pre_auth else contextlib.nullcontext()
         )
@@ -360,12 +358,14 @@ class Session:
             return await self._unless_client_leaves(channel.receive_event)
 
     async def _unless_client_leaves(
-        self, wait: Callable[[], Awaitable[T]], what: str = "the peer"
+        self, wait: Callable[[], Awaitable[T]], what: str = "the peer", reading: bool = True
     ) -> T | ClientLeft:
         """``wait()`` (on the peer), unless the client hangs up first.
 
         The client has nothing to say meanwhile, so only its EOF or a broken
         stream is looked for; whatever it does send is kept for later reads.
+        With ``reading`` False the client is not read at all (its DATA body
+        is what ``wait`` reads): only a connection it closed is noticed.
         """
         left: list[ClientLeft] = []
         answer: list[T] = []
@@ -373,7 +373,7 @@ class Session:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
-                why = await self._watched.hung_up()
+                why = await (self._watched.hung_up() if reading else self._watched.closed())
                 left.append(ClientLeft(f"hung up while waiting for {what}: {why}"))
                 nursery.cancel_scope.cancel()
 
@@ -401,6 +401,15 @@ class Session:
     def _channel(self, side: Side) -> FramedStream | PeerChannel | None:
         return self.client if side is Side.CLIENT else self.peer
 
+    def _stall(self, side: Side) -> float:
+        """Seconds ``side`` may hold up what is sent or copied (inf: no limit).
+
+        The peer is working (a special remote storing, a node hashing) and
+        has no limit unless the operator sets peer_timeout; a client that
+        stops sending or reading in the middle has stall_timeout.
+        """
+        return self.limits.client_stall if side is Side.CLIENT else self.limits.peer_wait
+
     # --- actions ------------------------------------------------------------------
 
     async def _perform(self, action: r.Action) -> list[r.Action]:
@@ -419,15 +428,16 @@ class Session:
                 await self._close_peer()
                 return []
             case r.RunService(service=service, may_rewrite=may_rewrite):
-                # stall_timeout, not idle_timeout: a git client that gave up (a
-                # failed fetch leaves git-annex's helper running) must not hold
-                # the session, and its token's slot, for an hour.
+                # The client's deadlines: stall_timeout once it stops reading,
+                # idle_timeout for silence (git itself sends keepalives while
+                # it works; the client's git is silent while it packs).
                 await run_git_service(
                     self.client,
                     self.endpoint.repository,
                     service,
-                    self.limits.stall_timeout,
+                    self.limits.client_idle,
                     guard_history=not may_rewrite,
+                    stall_timeout=self.limits.client_stall,
                 )
                 return []
             case r.RefuseService(reason=reason):
@@ -471,7 +481,7 @@ class Session:
         if channel is None:
             return []  # the peer went away; the relay has been told already
         try:
-            with trio.fail_after(self.limits.stall_timeout):
+            with trio.fail_after(self._stall(side)):
                 await channel.send(message)
         except trio.TooSlowError:
             return await self._lost(side, "not reading")
@@ -480,22 +490,43 @@ class Session:
         return []
 
     async def _copy_body(self, source: Side, length: int) -> list[r.Action]:
-        """Copy one DATA body; the next line is read only after it is delivered."""
+        """Copy one DATA body; the next line is read only after it is delivered.
+
+        The peer may hold the copy up for as long as its deadline allows
+        (none by default), so a client that leaves meanwhile is watched for:
+        read ahead while the body comes from the peer, by its closed
+        connection while the client sends the body.
+        """
+        copied = await self._unless_client_leaves(
+            lambda: self._copy_body_within(source, length), reading=source is Side.PEER
+        )
+        if isinstance(copied, ClientLeft):
+            return await self._lost(Side.CLIENT, copied.reason)
+        return copied
+
+    async def _copy_body_within(self, source: Side, length: int) -> list[r.Action]:
         src = self._channel(source)
         dst_side = Side.PEER if source is Side.CLIENT else Side.CLIENT
         assert src is not None
         remaining = length
         kernel: _KernelCopy | None = None
+        # Since when nothing moved, and until when the kernel copy waits
+        # before it finds out which side holds it up.
+        still_since = trio.current_time()
+        check_at = still_since + min(self._stall(source), self._stall(dst_side))
         while remaining:
             dst = self._channel(dst_side)
             if dst is not None and kernel is None:
                 kernel = _KernelCopy.between(src, dst)
             if dst is not None and kernel is not None and kernel.usable:
-                try:
-                    with trio.fail_after(self.limits.stall_timeout):
-                        moved = await kernel.move(min(remaining, SPLICE_CHUNK))
-                except trio.TooSlowError:
-                    if not kernel.waiting_for_reader():
+                with trio.move_on_at(check_at) as waited:
+                    moved = await kernel.move(min(remaining, SPLICE_CHUNK))
+                if waited.cancelled_caught:
+                    stuck = dst_side if kernel.waiting_for_reader() else source
+                    check_at = still_since + self._stall(stuck)
+                    if trio.current_time() < check_at:
+                        continue  # the side holding it up has longer: wait on
+                    if stuck is source:
                         return await self._lost(source, "stalled inside a DATA body")
                     follow = await self._lost(dst_side, "not reading")
                     if any(isinstance(a, r.EndSession) for a in follow):
@@ -505,11 +536,13 @@ class Session:
                     continue
                 if moved:
                     remaining -= moved
+                    still_since = trio.current_time()
+                    check_at = still_since + min(self._stall(source), self._stall(dst_side))
                     continue
                 # Not spliceable after all, or a side broke: the copy below
                 # meets the same and says whose it is.
             try:
-                with trio.fail_after(self.limits.stall_timeout):
+                with trio.fail_after(self._stall(source)):
                     chunk = await src.receive_body(min(remaining, BODY_CHUNK))
             except (trio.TooSlowError, StreamLost) as e:
                 reason = str(e) or "stalled inside a DATA body"
@@ -520,7 +553,7 @@ class Session:
             if dst is None:
                 continue  # the destination failed: drain the rest, then the relay says so
             try:
-                with trio.fail_after(self.limits.stall_timeout):
+                with trio.fail_after(self._stall(dst_side)):
                     await dst.send_body(chunk)
             except (trio.TooSlowError, StreamLost) as e:
                 follow = await self._lost(dst_side, str(e) or "not reading")
@@ -528,6 +561,8 @@ class Session:
                     return follow
                 for action in follow:  # ClosePeer: carried out now, draining goes on
                     await self._perform(action)
+            still_since = trio.current_time()
+            check_at = still_since + min(self._stall(source), self._stall(dst_side))
         if kernel is not None and kernel.moved:
             log.debug("[%d] %d of %d body bytes moved by splice", self.id, kernel.moved, length)
         return self.relay.body_done()
@@ -536,7 +571,7 @@ class Session:
         remaining = length
         while remaining:
             try:
-                with trio.fail_after(self.limits.stall_timeout):
+                with trio.fail_after(self.limits.client_stall):
                     remaining -= len(await self.client.receive_body(min(remaining, BODY_CHUNK)))
             except (trio.TooSlowError, StreamLost) as e:
                 return await self._lost(Side.CLIENT, str(e) or "stalled")
@@ -594,7 +629,7 @@ class Session:
         opening = trio.current_time()
         nursery = self._nursery
         try:
-            with trio.fail_after(self.limits.peer_timeout):
+            with trio.fail_after(self.limits.peer_wait):
                 opened = await self._unless_client_leaves(
                     lambda: self.endpoint.transport.open(nursery, info, version, bypass)
                 )

@@ -50,12 +50,31 @@ async def wait_reader_gone(stream: trio.abc.Stream) -> None:
         # polls HUP. TCP learns that only from a later write: not waited for.
         if stream.socket.family != trio.socket.AF_UNIX:
             return
-        poller = select.poll()
-        poller.register(stream.socket.fileno(), select.POLLIN)
-        while True:  # nothing to wake on but time
-            if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0)):
-                return
-            await trio.sleep(HANGUP_POLL_INTERVAL)
+        await _unix_hangup(stream)
+
+
+async def wait_closed(stream: trio.abc.Stream) -> None:
+    """Return once the far end of ``stream`` has closed it, without reading from it.
+
+    For a client whose bytes are still to be read (a DATA body held up by
+    a peer that takes nothing): reading ahead would not reach its EOF.
+    Never returns for a stream that cannot tell (TCP, in-memory).
+    """
+    if isinstance(stream, ReaderWatch):
+        await stream.wait_reader_gone()
+    elif isinstance(stream, trio.SocketStream) and stream.socket.family == trio.socket.AF_UNIX:
+        await _unix_hangup(stream)
+    else:
+        await trio.sleep_forever()
+
+
+async def _unix_hangup(stream: trio.SocketStream) -> None:
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), select.POLLIN)
+    while True:  # nothing to wake on but time
+        if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0)):
+            return
+        await trio.sleep(HANGUP_POLL_INTERVAL)
 
 
 class WatchedStream(trio.abc.HalfCloseableStream):
@@ -89,6 +108,13 @@ class WatchedStream(trio.abc.HalfCloseableStream):
                 self._ahead += data
             else:
                 self._eof = True
+
+    async def closed(self) -> str:
+        """Like ``hung_up``, but reads nothing: for a client that is sending a body."""
+        if self._error is not None:
+            return str(self._error) or type(self._error).__name__
+        await wait_closed(self.stream)
+        return "closed the connection"
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._ahead:

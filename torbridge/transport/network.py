@@ -69,6 +69,30 @@ class _UnixSocksSocket(socks.socksocket):  # type: ignore[misc]
         return self._unix_path
 
 
+# tor answers a SOCKS CONNECT it cannot complete by its SocksTimeout (120 s).
+SOCKS_CONNECT_TIMEOUT = 120.0
+# TCP keepalive on a connection to a SocksPort on another host: a host that
+# vanished is noticed in about KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL
+# seconds, though no deadline cuts a peer that is merely silent.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive (a no-op for a unix socket)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def socks_connect(socks_address: str, host: str, port: int, timeout: float) -> socket.socket:
     """Blocking SOCKS5 CONNECT (run it in a worker thread); a plain socket back."""
     if socks_address.startswith("unix:"):
@@ -99,7 +123,11 @@ def socks_connect(socks_address: str, host: str, port: int, timeout: float) -> s
     s.settimeout(None)
     # Hand trio a plain socket: pysocks' subclass overrides methods trio must not see.
     family = s.family
-    return socket.socket(family, socket.SOCK_STREAM, fileno=s.detach())
+    plain = socket.socket(family, socket.SOCK_STREAM, fileno=s.detach())
+    # The stream's end is tor's to tell (it closes the connection when the
+    # circuit goes); keepalive tells when the host tor runs on is gone.
+    keep_alive(plain)
+    return plain
 
 
 def _socks_code(text: str) -> int | None:
@@ -150,7 +178,7 @@ class TorAnnexTransport(LinkedNodeTransport):
 
     address: TorAddress
     socks_address: str
-    connect_timeout: float = 120.0
+    connect_timeout: float = SOCKS_CONNECT_TIMEOUT
 
     async def reach(
         self, nursery: trio.Nursery, version: int, bypass: tuple[str, ...], auth: m.Auth
