@@ -15,6 +15,7 @@ from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
+from torbridge.ops.onionwait import onion_warning
 from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
 from torbridge.server.status import render
@@ -101,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--endpoint", action="append", help="limit the token to this endpoint (repeatable)"
     )
+    add.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="print the addresses at once, even before tor has published the onion",
+    )
     token.add_parser("list", help="list tokens (names and modes; secrets are not kept)")
     revoke = token.add_parser("revoke", help="revoke a token, at once")
     revoke.add_argument("name")
@@ -134,8 +140,12 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
         onion = current_onion(config)  # before the token: a Tor problem leaves nothing made
         token = store.add(args.name, args.mode, args.endpoint)
         endpoints = tuple(args.endpoint) if args.endpoint else None
+        # No address handed out before it works (or without saying so).
+        warning = onion_warning(config, not args.no_wait, _say) if onion else None
         for line in addresses(config, token, endpoints, onion):
-            print(line)
+            print(line, flush=True)
+        if warning:
+            print(f"torbridge: warning: {warning}", file=sys.stderr)
         print(
             f"token {args.name!r} ({args.mode}) created; it is shown only this once.\n"
             "On a client: echo 'ADDRESS' | git annex p2p --link --name NAME",
@@ -149,6 +159,10 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
         store.revoke(args.name)
         print(f"token {args.name!r} revoked", file=sys.stderr)
     return 0
+
+
+def _say(text: str) -> None:
+    print(f"torbridge: {text}", file=sys.stderr, flush=True)
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:

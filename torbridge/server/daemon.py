@@ -242,20 +242,23 @@ def onion_ports(config: Config) -> dict[int, Path]:
     return {expose.port: config.socket_path(expose) for expose in config.expose}
 
 
-async def _publish_onion(config: Config, nursery: trio.Nursery) -> str | None:
+async def _publish_onion(config: Config, nursery: trio.Nursery, registry: Registry) -> str | None:
     """Publish (or find) the onion service; returns its address, None without Tor."""
     tor = config.tor
     if tor.onion == "torrc":
         assert tor.hidden_service_dir is not None
+        registry.onion_state = "torrc"
         return torrc_onion(tor.hidden_service_dir)
     if tor.control is None:
         return None
+    registry.onion_state = "publishing"
     publisher = OnionPublisher(
         ControlSpec(tor.control, tor.password),
         config.state_dir,
         onion_ports(config),
         max_streams=tor.max_streams or None,
         pow_defenses=PowDefenses.of(tor),
+        on_published=registry.onion_published,
     )
     log.info("publishing the onion service through %s", tor.control)
     onion: str = await nursery.start(publisher.run)
@@ -381,7 +384,7 @@ async def serve(
                 nursery.start_soon(serve_it, listener, shared.registry)
             for endpoint, listener in zip(endpoints, listeners, strict=True):
                 nursery.start_soon(_accept_loop, listener, endpoint, shared)
-            onion = await _publish_onion(config, nursery)
+            onion = await _publish_onion(config, nursery, shared.registry)
             shared.registry.onion = onion
             if onion:
                 for expose in config.expose:

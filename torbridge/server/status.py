@@ -53,6 +53,10 @@ class Registry:
     peers: dict[str, PeerHealth] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     onion: str | None = None
+    # "publishing" (READY is not sent yet), "published" (tor uploaded the
+    # descriptor), "torrc" (tor's own service: torbridge cannot see uploads).
+    onion_state: str | None = None
+    onion_published_at: float | None = None  # wall time of the last publication
     endpoints: list[dict[str, Any]] = field(default_factory=list)
 
     # --- what sessions report -----------------------------------------------------
@@ -74,6 +78,10 @@ class Registry:
     def connection_refused(self) -> None:
         self.counters["connections_refused_total"] += 1
 
+    def onion_published(self, onion: str) -> None:
+        """The publisher's report: tor uploaded the descriptor (again)."""
+        self.onion, self.onion_state, self.onion_published_at = onion, "published", time.time()
+
     def peer_opened(self, peer: str, seconds: float) -> None:
         health = self.peers.setdefault(peer, PeerHealth())
         health.opens += 1
@@ -94,6 +102,10 @@ class Registry:
         return {
             "uptime_seconds": round(now - self.started, 1),
             "onion": self.onion,
+            "onion_state": self.onion_state,
+            "onion_published_age_seconds": (
+                round(now - self.onion_published_at, 1) if self.onion_published_at else None
+            ),
             "endpoints": self.endpoints,
             "sessions": [
                 {
@@ -197,7 +209,12 @@ def render(snapshot: dict[str, Any]) -> str:
     """``torbridge status`` for a person."""
     lines = [f"torbridge up {_duration(snapshot['uptime_seconds'])}"]
     if snapshot["onion"]:
-        lines.append(f"onion: {snapshot['onion']}")
+        state = snapshot.get("onion_state")
+        age = snapshot.get("onion_published_age_seconds")
+        published = f", published {_duration(age)} ago" if age is not None else ""
+        lines.append(f"onion: {snapshot['onion']} ({state}{published})")
+    elif snapshot.get("onion_state") == "publishing":
+        lines.append("onion: publishing (not reachable yet)")
     for e in snapshot["endpoints"]:
         lines.append(f"endpoint {e['name']}: port {e['port']}, {e['target']}, {e['socket']}")
     sessions = snapshot["sessions"]

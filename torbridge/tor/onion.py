@@ -355,8 +355,10 @@ class OnionPublisher:
         max_streams: int | None = None,
         publish_timeout: float = 120.0,
         pow_defenses: PowDefenses = PowDefenses(),
+        on_published: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
+        self.on_published = on_published
         self.state_dir = state_dir
         self.ports = ports
         self.max_streams = max_streams
@@ -408,6 +410,8 @@ class OnionPublisher:
                 1.0,
             )
             log.info("onion service %s published (ports %s)", onion, sorted(self.ports))
+            if self.on_published is not None:
+                self.on_published(onion)
             if first:
                 first = False
                 task_status.started(onion)
