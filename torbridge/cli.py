@@ -13,18 +13,22 @@ import trio
 
 from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
+from torbridge.ops.clients import client_command
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
-from torbridge.ops.onionwait import onion_warning
+from torbridge.ops.onionwait import PUBLISHING, onion_warning
 from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import StartupError, current_onion, onion_ports, run_daemon
 from torbridge.server.status import render
 from torbridge.tokens import MODES, TokenError, TokenStore
-from torbridge.tor.onion import PowDefenses, TorError, torrc_snippet
+from torbridge.tor.clientauth import ClientAuthError
+from torbridge.tor.onion import PowDefenses, TorError, stored_onion, torrc_snippet
 
 DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
 # Errors that are the operator's to fix: one line each, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StartupError, TokenError, TorError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, StartupError, TokenError, TorError, ClientAuthError
+)
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -79,6 +83,8 @@ def setup_logging(level: int, log_format: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("stem").setLevel(logging.WARNING)  # it logs every command at DEBUG
+    # ... and stem resets its logger's level when it is first imported (lazily, later).
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("stem"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     token.add_parser("list", help="list tokens (names and modes; secrets are not kept)")
     revoke = token.add_parser("revoke", help="revoke a token, at once")
     revoke.add_argument("name")
+    client = sub.add_parser(
+        "client", help="onion client authorization ([tor] client_auth): which tors may connect"
+    ).add_subparsers(dest="client_command", required=True)
+    client.add_parser(
+        "add", help="authorize a client machine's tor; prints its key, once"
+    ).add_argument("name")
+    client.add_parser("list", help="authorized clients (names, dates, public keys)")
+    client.add_parser(
+        "revoke", help="remove a client's key; the onion is published again"
+    ).add_argument("name")
     testnet = sub.add_parser(
         "testnet", help="run a private Tor network on 127.0.0.1 (tests and demos)"
     )
@@ -137,11 +153,17 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
     if args.token_command == "add":
         for name in args.endpoint or ():
             config.endpoint(name)  # KeyError -> reported by main
+        # No address handed out before it works (or without saying so); and a
+        # daemon publishing for the first time makes the key, not this command.
+        warning = onion_warning(config, not args.no_wait, _say)
+        if warning == PUBLISHING and stored_onion(config.state_dir) is None:
+            raise TokenError(
+                "the daemon is publishing the onion for the first time and its address is"
+                " not known yet: run token add again without --no-wait"
+            )
         onion = current_onion(config)  # before the token: a Tor problem leaves nothing made
         token = store.add(args.name, args.mode, args.endpoint)
         endpoints = tuple(args.endpoint) if args.endpoint else None
-        # No address handed out before it works (or without saying so).
-        warning = onion_warning(config, not args.no_wait, _say) if onion else None
         for line in addresses(config, token, endpoints, onion):
             print(line, flush=True)
         if warning:
@@ -211,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(config, args)
+        if args.command == "client":
+            return client_command(config, args.client_command, getattr(args, "name", None), _say)
         if args.command == "onion-snippet":
             hs_dir = config.tor.hidden_service_dir or Path("/var/lib/tor/torbridge")
             snippet = torrc_snippet(

@@ -72,6 +72,11 @@ class Tor:
     pow_defenses: bool = True
     pow_queue_rate: int | None = None  # introductions handled per second
     pow_queue_burst: int | None = None  # ... in a burst
+    # Onion client authorization (v3): only client tors holding a key made by
+    # `torbridge client add` can reach the onion at all.
+    client_auth: bool = False
+    # tor's MetricsPort ("127.0.0.1:PORT"), for the proof-of-work figures in status.
+    metrics_port: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -126,11 +131,14 @@ _TOR_KEYS = (
     "pow_defenses",
     "pow_queue_rate",
     "pow_queue_burst",
+    "client_auth",
+    "metrics_port",
 )
 _ONION_MODES = ("ephemeral", "torrc")
 _POW_QUEUE_MAX = 2**31 - 1  # tor's HiddenServicePoWQueueRate/Burst are 32-bit
 _SOCKS_RE = re.compile(r"unix:/.+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
 _EXPOSE_KEYS = ("name", "remote", "port")
+_LOOPBACK_PORT_RE = re.compile(r"(127\.0\.0\.1|\[::1\]):\d{1,5}")
 
 
 def _type_name(value: object) -> str:
@@ -326,8 +334,23 @@ def _parse_tor(p: _Parser, raw: Any) -> Tor:
             if not 1 <= value <= _POW_QUEUE_MAX:
                 raise p.error(_where(key, "tor"), f"must be between 1 and {_POW_QUEUE_MAX}")
     rate, burst = queue["pow_queue_rate"], queue["pow_queue_burst"]
+    client_auth = raw.get("client_auth", Tor.client_auth)
+    if not isinstance(client_auth, bool):
+        raise p.error(
+            _where("client_auth", "tor"), f"expected a boolean, got {_type_name(client_auth)}"
+        )
+    metrics_port = None
+    if "metrics_port" in raw:
+        metrics_port = p.string(raw["metrics_port"], "metrics_port", "tor")
+        if not _LOOPBACK_PORT_RE.fullmatch(metrics_port):
+            raise p.error(
+                _where("metrics_port", "tor"),
+                f'{metrics_port!r} is not "127.0.0.1:PORT" or "[::1]:PORT" (tor\'s MetricsPort'
+                " must not listen beyond this host)",
+            )
     return Tor(
-        socks, control, password, onion, hs_dir, max_streams, export, pow_defenses, rate, burst
+        socks, control, password, onion, hs_dir, max_streams, export, pow_defenses, rate, burst,
+        client_auth=client_auth, metrics_port=metrics_port,
     )
 
 
@@ -492,6 +515,14 @@ def dump_config(cfg: Config) -> str:
     for key in ("pow_queue_rate", "pow_queue_burst"):
         value = getattr(cfg.tor, key)
         lines.append(f"{key} = {value}" if value is not None else f"# {key} = (tor's default)")
+    lines.append("# Onion client authorization: `torbridge client add NAME` per client machine.")
+    lines.append(f"client_auth = {'true' if cfg.tor.client_auth else 'false'}")
+    lines.append("# tor's MetricsPort, for the proof-of-work figures in `torbridge status`.")
+    lines.append(
+        f"metrics_port = {_toml_string(cfg.tor.metrics_port)}"
+        if cfg.tor.metrics_port
+        else '# metrics_port = "127.0.0.1:9035"'
+    )
     lines += ["", "[limits]"]
     for key in _LIMIT_KEYS:
         value = getattr(cfg.limits, key)

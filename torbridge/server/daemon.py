@@ -47,6 +47,7 @@ from torbridge.server.locationlog import LocationLog
 from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
+from torbridge.tor.clientauth import ClientStore
 from torbridge.tor.onion import (
     ControlSpec,
     OnionPublisher,
@@ -259,7 +260,11 @@ async def _publish_onion(config: Config, nursery: trio.Nursery, registry: Regist
         max_streams=tor.max_streams or None,
         pow_defenses=PowDefenses.of(tor),
         on_published=registry.onion_published,
+        client_keys=ClientStore(config.state_dir).public_keys if tor.client_auth else None,
+        metrics_port=tor.metrics_port,
     )
+    registry.republish = publisher.republish
+    registry.tor_health = publisher.health.snapshot
     log.info("publishing the onion service through %s", tor.control)
     onion: str = await nursery.start(publisher.run)
     return onion
