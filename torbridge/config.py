@@ -77,6 +77,9 @@ class Tor:
     client_auth: bool = False
     # tor's MetricsPort ("127.0.0.1:PORT"), for the proof-of-work figures in status.
     metrics_port: str | None = None
+    # SOCKS isolation slots per tor-annex node: parallel sessions to a node
+    # spread over up to this many tor circuits (1 = one shared circuit).
+    node_circuits: int = 8
 
     @property
     def enabled(self) -> bool:
@@ -133,6 +136,7 @@ _TOR_KEYS = (
     "pow_queue_burst",
     "client_auth",
     "metrics_port",
+    "node_circuits",
 )
 _ONION_MODES = ("ephemeral", "torrc")
 _POW_QUEUE_MAX = 2**31 - 1  # tor's HiddenServicePoWQueueRate/Burst are 32-bit
@@ -348,9 +352,14 @@ def _parse_tor(p: _Parser, raw: Any) -> Tor:
                 f'{metrics_port!r} is not "127.0.0.1:PORT" or "[::1]:PORT" (tor\'s MetricsPort'
                 " must not listen beyond this host)",
             )
+    node_circuits = Tor.node_circuits
+    if "node_circuits" in raw:
+        node_circuits = p.integer(raw["node_circuits"], "node_circuits", "tor")
+        if not 1 <= node_circuits <= 64:
+            raise p.error(_where("node_circuits", "tor"), "must be between 1 and 64")
     return Tor(
         socks, control, password, onion, hs_dir, max_streams, export, pow_defenses, rate, burst,
-        client_auth=client_auth, metrics_port=metrics_port,
+        client_auth=client_auth, metrics_port=metrics_port, node_circuits=node_circuits,
     )
 
 
@@ -523,6 +532,8 @@ def dump_config(cfg: Config) -> str:
         if cfg.tor.metrics_port
         else '# metrics_port = "127.0.0.1:9035"'
     )
+    lines.append("# Circuits that parallel sessions to one tor-annex node spread over.")
+    lines.append(f"node_circuits = {cfg.tor.node_circuits}")
     lines += ["", "[limits]"]
     for key in _LIMIT_KEYS:
         value = getattr(cfg.limits, key)

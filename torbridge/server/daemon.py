@@ -186,6 +186,7 @@ def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Tr
             own_uuid,
             config.tor.socks,
             connect_timeout=config.limits.peer_timeout,
+            circuits=config.tor.node_circuits,
         )
         return tor, True
     net = P2PNetTransport(remote.name, address, remote.uuid, token, own_uuid, config.repository)
