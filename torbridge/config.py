@@ -49,6 +49,7 @@ class Limits:
     # Authenticated sessions in all: each runs its own git-annex-shell (10-20 MiB).
     max_sessions: int = 256
     max_per_circuit: int = 8  # connections per Tor circuit (with export_circuit_id)
+    drain_timeout: float = 60.0  # SIGTERM: seconds sessions in flight get to finish
 
 
 @dataclass(frozen=True)
@@ -469,6 +470,7 @@ _LIMIT_COMMENTS = {
     "max_sessions_per_token": "concurrent sessions of one token",
     "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",
     "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
+    "drain_timeout": "on SIGTERM, seconds the sessions in flight get to finish",
 }
 
 

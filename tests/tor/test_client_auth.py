@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -261,6 +262,40 @@ def test_revoked_key_cannot_reach_the_service_and_the_control_port_form_works(
     assert reply.startswith(("250 OK", "251 ")), reply
     alice.annex("copy", "--to", "hub", "--", "b.bin", timeout=T)
     assert world.proxy.key_content(alice.key("b.bin")) == b"after revoke\n"
+
+
+def test_sighup_republishes_only_when_the_ports_change(world: AuthWorld) -> None:
+    """Item 4 over Tor: a reload that changes a limit leaves the onion alone;
+    one that adds an endpoint publishes it again, and the stock client links
+    the new port at once."""
+    bridge = world.bridge
+    assert bridge.proc is not None
+    publications = bridge.log().count("published again")
+    bridge.config_path.write_text(bridge.config_text() + "\n[limits]\nidle_timeout = 1800\n")
+    bridge.proc.send_signal(signal.SIGHUP)
+    wait_log(bridge, "configuration reloaded", 1)
+    assert bridge.log().count("published again") == publications
+    bridge.exposes.append(Expose("second", ".", HUB_PORT + 2))
+    bridge.write_config()
+    bridge.proc.send_signal(signal.SIGHUP)
+    wait_log(bridge, "configuration reloaded", 2)
+    assert "the onion's ports changed; publishing it again" in bridge.log()
+    assert bridge.log().count("published again") == publications + 1
+    result = bridge.cli("token", "add", "second-user", "--endpoint", "second", timeout=240)
+    [line] = parse_tor_lines(result.stdout)
+    assert line.port == HUB_PORT + 2 and line.onion == bridge.onion
+    c = client(world, "second")
+    c.link(line.line, "second", timeout=T)
+    c.add_files({"s.bin": b"through the port a reload added\n"}, "s")
+    c.annex("copy", "--to", "second", "--", "s.bin", timeout=T)
+    assert world.proxy.key_content(c.key("s.bin")) == b"through the port a reload added\n"
+
+
+def wait_log(bridge: AuthBridge, text: str, count: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while bridge.log().count(text) < count:
+        assert time.monotonic() < deadline, bridge.log()[-3000:]
+        time.sleep(0.1)
 
 
 def test_status_shows_the_publishing_tors_health(world: AuthWorld) -> None:
