@@ -13,8 +13,10 @@ import trio
 
 from torbridge import __version__
 from torbridge.config import Config, ConfigError, load_config
+from torbridge.ops.clients import client_command
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
+from torbridge.ops.onionwait import PUBLISHING, onion_warning
 from torbridge.protocol.gitaccess import GitAccess
 from torbridge.remotes import RemoteError, parse_remote_log, read_annex_log, read_remotes
 from torbridge.server.control import control_socket, query
@@ -27,11 +29,14 @@ from torbridge.server.daemon import (
 )
 from torbridge.server.status import render
 from torbridge.tokens import GIT_LABELS, MODES, TokenError, TokenInfo, TokenStore
-from torbridge.tor.onion import PowDefenses, TorError, torrc_snippet
+from torbridge.tor.clientauth import ClientAuthError
+from torbridge.tor.onion import PowDefenses, TorError, stored_onion, torrc_snippet
 
 DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
 # Errors that are the operator's to fix: one line each, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StartupError, TokenError, TorError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, StartupError, TokenError, TorError, ClientAuthError
+)
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -123,6 +128,8 @@ def setup_logging(level: int, log_format: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("stem").setLevel(logging.WARNING)  # it logs every command at DEBUG
+    # ... and stem resets its logger's level when it is first imported (lazily, later).
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("stem"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,11 +160,26 @@ def _parser() -> argparse.ArgumentParser:
         " and ro, read at most for a token limited to endpoints other than the proxy's own);"
         " rewrite also allows force-pushing and deleting main, git-annex and synced/*",
     )
+    add.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="print the addresses at once, even before tor has published the onion",
+    )
     token.add_parser(
         "list", help="list tokens (name, mode, git access, created, endpoints; no secrets)"
     )
     revoke = token.add_parser("revoke", help="revoke a token, at once")
     revoke.add_argument("name")
+    client = sub.add_parser(
+        "client", help="onion client authorization ([tor] client_auth): which tors may connect"
+    ).add_subparsers(dest="client_command", required=True)
+    client.add_parser(
+        "add", help="authorize a client machine's tor; prints its key, once"
+    ).add_argument("name")
+    client.add_parser("list", help="authorized clients (names, dates, public keys)")
+    client.add_parser(
+        "revoke", help="remove a client's key; the onion is published again"
+    ).add_argument("name")
     testnet = sub.add_parser(
         "testnet", help="run a private Tor network on 127.0.0.1 (tests and demos)"
     )
@@ -185,12 +207,22 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
     if args.token_command == "add":
         for name in args.endpoint or ():
             config.endpoint(name)  # KeyError -> reported by main
+        # No address handed out before it works (or without saying so); and a
+        # daemon publishing for the first time makes the key, not this command.
+        warning = onion_warning(config, not args.no_wait, _say)
+        if warning == PUBLISHING and stored_onion(config.state_dir) is None:
+            raise TokenError(
+                "the daemon is publishing the onion for the first time and its address is"
+                " not known yet: run token add again without --no-wait"
+            )
         onion = current_onion(config)  # before the token: a Tor problem leaves nothing made
         git = None if args.git is None else GitAccess.parse(args.git)
         token = store.add(args.name, args.mode, args.endpoint, git)
         endpoints = tuple(args.endpoint) if args.endpoint else None
         for line in addresses(config, token, endpoints, onion):
-            print(line)
+            print(line, flush=True)
+        if warning:
+            print(f"torbridge: warning: {warning}", file=sys.stderr)
         info = TokenInfo(args.name, args.mode, "", endpoints, git)
         print(
             f"token {args.name!r} ({args.mode}, git {_git_text(config, info)}) created;"
@@ -215,6 +247,10 @@ def _git_text(config: Config, info: TokenInfo) -> str:
     """A token's git access, with "(default)" when the operator gave none."""
     level = info.git_access(own_endpoints(config)).label
     return level if info.git is not None else f"{level}(default)"
+
+
+def _say(text: str) -> None:
+    print(f"torbridge: {text}", file=sys.stderr, flush=True)
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:
@@ -263,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(config, args)
+        if args.command == "client":
+            return client_command(config, args.client_command, getattr(args, "name", None), _say)
         if args.command == "onion-snippet":
             hs_dir = config.tor.hidden_service_dir or Path("/var/lib/tor/torbridge")
             snippet = torrc_snippet(

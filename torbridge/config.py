@@ -71,6 +71,7 @@ class Limits:
     # client rides one rendezvous circuit: sized above a token's sessions plus
     # its waiting connections.
     max_per_circuit: int = 256
+    drain_timeout: float = 60.0  # SIGTERM: seconds sessions in flight get to finish
 
     @property
     def client_idle(self) -> float:
@@ -118,6 +119,14 @@ class Tor:
     pow_defenses: bool = True
     pow_queue_rate: int | None = None  # introductions handled per second
     pow_queue_burst: int | None = None  # ... in a burst
+    # Onion client authorization (v3): only client tors holding a key made by
+    # `torbridge client add` can reach the onion at all.
+    client_auth: bool = False
+    # tor's MetricsPort ("127.0.0.1:PORT"), for the proof-of-work figures in status.
+    metrics_port: str | None = None
+    # SOCKS isolation slots per tor-annex node: parallel sessions to a node
+    # spread over up to this many tor circuits (1 = one shared circuit).
+    node_circuits: int = 8
 
     @property
     def enabled(self) -> bool:
@@ -174,11 +183,15 @@ _TOR_KEYS = (
     "pow_defenses",
     "pow_queue_rate",
     "pow_queue_burst",
+    "client_auth",
+    "metrics_port",
+    "node_circuits",
 )
 _ONION_MODES = ("ephemeral", "torrc")
 _POW_QUEUE_MAX = 2**31 - 1  # tor's HiddenServicePoWQueueRate/Burst are 32-bit
 _SOCKS_RE = re.compile(r"unix:/.+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}")
 _EXPOSE_KEYS = ("name", "remote", "port")
+_LOOPBACK_PORT_RE = re.compile(r"(127\.0\.0\.1|\[::1\]):\d{1,5}")
 
 
 def _type_name(value: object) -> str:
@@ -374,8 +387,28 @@ def _parse_tor(p: _Parser, raw: Any) -> Tor:
             if not 1 <= value <= _POW_QUEUE_MAX:
                 raise p.error(_where(key, "tor"), f"must be between 1 and {_POW_QUEUE_MAX}")
     rate, burst = queue["pow_queue_rate"], queue["pow_queue_burst"]
+    client_auth = raw.get("client_auth", Tor.client_auth)
+    if not isinstance(client_auth, bool):
+        raise p.error(
+            _where("client_auth", "tor"), f"expected a boolean, got {_type_name(client_auth)}"
+        )
+    metrics_port = None
+    if "metrics_port" in raw:
+        metrics_port = p.string(raw["metrics_port"], "metrics_port", "tor")
+        if not _LOOPBACK_PORT_RE.fullmatch(metrics_port):
+            raise p.error(
+                _where("metrics_port", "tor"),
+                f'{metrics_port!r} is not "127.0.0.1:PORT" or "[::1]:PORT" (tor\'s MetricsPort'
+                " must not listen beyond this host)",
+            )
+    node_circuits = Tor.node_circuits
+    if "node_circuits" in raw:
+        node_circuits = p.integer(raw["node_circuits"], "node_circuits", "tor")
+        if not 1 <= node_circuits <= 64:
+            raise p.error(_where("node_circuits", "tor"), "must be between 1 and 64")
     return Tor(
-        socks, control, password, onion, hs_dir, max_streams, export, pow_defenses, rate, burst
+        socks, control, password, onion, hs_dir, max_streams, export, pow_defenses, rate, burst,
+        client_auth=client_auth, metrics_port=metrics_port, node_circuits=node_circuits,
     )
 
 
@@ -490,6 +523,7 @@ _LIMIT_COMMENTS = {
     "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",
     "session_wait": "seconds a valid token waits for a session slot at a cap",
     "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
+    "drain_timeout": "on SIGTERM, seconds the sessions in flight get to finish",
 }
 
 
@@ -545,6 +579,16 @@ def dump_config(cfg: Config) -> str:
     for key in ("pow_queue_rate", "pow_queue_burst"):
         value = getattr(cfg.tor, key)
         lines.append(f"{key} = {value}" if value is not None else f"# {key} = (tor's default)")
+    lines.append("# Onion client authorization: `torbridge client add NAME` per client machine.")
+    lines.append(f"client_auth = {'true' if cfg.tor.client_auth else 'false'}")
+    lines.append("# tor's MetricsPort, for the proof-of-work figures in `torbridge status`.")
+    lines.append(
+        f"metrics_port = {_toml_string(cfg.tor.metrics_port)}"
+        if cfg.tor.metrics_port
+        else '# metrics_port = "127.0.0.1:9035"'
+    )
+    lines.append("# Circuits that parallel sessions to one tor-annex node spread over.")
+    lines.append(f"node_circuits = {cfg.tor.node_circuits}")
     lines += ["", "[limits]"]
     for key in _LIMIT_KEYS:
         value = getattr(cfg.limits, key)

@@ -39,9 +39,14 @@ def assert_one_line_error(result: Result) -> str:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_with_open_sessions(bridge: Bridge, proxy_repo: AnnexRepo,
+def test_stop_with_open_sessions(make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo,
                                  sig: signal.Signals) -> None:
-    """A signal stops the daemon promptly even with sessions open; sockets go."""
+    """A signal stops the daemon promptly even with sessions open; sockets go.
+    (SIGTERM first waits for requests in flight: the stalled PUT here holds it
+    for [limits] drain_timeout, 1 s.)"""
+    bridge = make_bridge()
+    bridge.config_path.write_text(bridge.config_text() + "\n[limits]\ndrain_timeout = 1\n")
+    bridge.start()
     address = bridge.add_token("t", "rw")
     idle = RawSession(address.socket)
     idle.auth(address.token, proxy_repo.uuid)

@@ -7,8 +7,10 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,9 +107,13 @@ class FakeTor:
     connections and never answer).
     """
 
-    def __init__(self, path: Path, auth: str = "NULL") -> None:
+    def __init__(self, path: Path, auth: str = "NULL", version: str = "0.4.8.10",
+                 consensus_at: float | None = None) -> None:
         self.path = path
         self.auth = auth
+        self.version = version
+        # when the consensus it reports was made (None: it has none)
+        self.consensus_at = consensus_at
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(8)
@@ -133,15 +139,23 @@ class FakeTor:
         replies = {
             "PROTOCOLINFO": (
                 f"250-PROTOCOLINFO 1\r\n250-AUTH METHODS={self.auth}\r\n"
-                '250-VERSION Tor="0.4.8.10"\r\n250 OK\r\n'
+                f'250-VERSION Tor="{self.version}"\r\n250 OK\r\n'
             ),
             "AUTHENTICATE": "250 OK\r\n",
-            "GETINFO version": "250-version=0.4.8.10\r\n250 OK\r\n",
+            "GETINFO version": f"250-version={self.version}\r\n250 OK\r\n",
             "QUIT": "250 closing connection\r\n",
         }
         with conn, conn.makefile("rb") as lines:
             for raw in lines:
                 line = raw.decode().strip()
+                if self.consensus_at is not None:
+                    after = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.consensus_at))
+                    until = time.strftime("%Y-%m-%d %H:%M:%S",
+                                          time.gmtime(self.consensus_at + 3 * 3600))
+                    replies["GETINFO consensus/valid-after"] = (
+                        f"250-consensus/valid-after={after}\r\n250 OK\r\n")
+                    replies["GETINFO consensus/valid-until"] = (
+                        f"250-consensus/valid-until={until}\r\n250 OK\r\n")
                 reply = next(
                     (r for cmd, r in replies.items() if line.startswith(cmd)),
                     "552 Unrecognized key\r\n" if line.startswith("GETINFO") else "250 OK\r\n",
@@ -164,8 +178,8 @@ class FakeTor:
 def fake_tor(tmp_path: Path) -> Iterator[Callable[..., FakeTor]]:
     started: list[FakeTor] = []
 
-    def start(auth: str = "NULL") -> FakeTor:
-        tor = FakeTor(tmp_path / f"control{len(started)}", auth)
+    def start(auth: str = "NULL", **kwargs: Any) -> FakeTor:
+        tor = FakeTor(tmp_path / f"control{len(started)}", auth, **kwargs)
         started.append(tor)
         return tor
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,9 @@ def _tor_gid() -> int | None:
         return None
 
 
-def _toml(value: str | Path) -> str:
+def _toml(value: str | Path | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -45,7 +48,7 @@ class Host:
     socket_dir: Path
     unit: Path
     expose: list[tuple[str, str, int]] = field(default_factory=lambda: [("hub", ".", 5000)])
-    tor: dict[str, str] = field(default_factory=dict)
+    tor: dict[str, str | bool] = field(default_factory=dict)
     socket_mode: str = "0660"
 
     @property
@@ -126,7 +129,8 @@ def test_all_good(host: Host, fake_tor: Callable[..., FakeTor], socks_listener: 
         pytest.skip(f"needs root or membership in {TOR_GROUP} to set up the socket dir")
     add_tor_remote(host.repo, "peer")
     host.expose.append(("peer", "peer", 5001))
-    host.tor.update(control=fake_tor().address, socks=socks_listener)
+    tor = fake_tor(version="0.4.9.11", consensus_at=time.time() - 600)
+    host.tor.update(control=tor.address, socks=socks_listener)
     tor_ready_socket_dir(host.socket_dir)
     TokenStore(host.state_dir).add("alice")
 
@@ -137,13 +141,36 @@ def test_all_good(host: Host, fake_tor: Callable[..., FakeTor], socks_listener: 
     assert exit_status(checks) == 0
     assert all(row.startswith("ok   ") for row in report.splitlines()), report
     expected = ["config", "git-annex", "repository", "expose hub", "expose peer", "tor control"]
-    expected += ["tor socks", "socket_dir"]
+    expected += ["tor features", "tor clock", "tor socks", "socket_dir"]
     expected += ["tor socket access"] if _tor_gid() is not None else []
     expected += ["state_dir", "tokens", "systemd unit"]
     assert names(checks) == expected
     assert f"tor-annex::{ONION}:5000, token present" in line(checks, "expose peer")
-    assert "authenticated, tor 0.4.8.10" in line(checks, "tor control")
+    assert "authenticated, tor 0.4.9.11" in line(checks, "tor control")
     assert "1 token(s)" in line(checks, "tokens")
+
+
+def test_tor_too_old_for_a_configured_feature(
+    host: Host, fake_tor: Callable[..., FakeTor]
+) -> None:
+    host.tor.update(control=fake_tor(version="0.4.5.16").address, client_auth=True)
+    checks = host.run()
+    found = next(c for c in checks if c.name == "tor features")
+    assert not found.ok and found.severity == "warning", format_report(checks)
+    assert found.detail == (
+        "tor 0.4.5.16: [tor] pow_defenses needs tor 0.4.9.2 or newer;"
+        " [tor] client_auth needs tor 0.4.6.1 or newer"
+    ), found.detail
+    assert "upgrade tor" in (found.fix or "")
+
+
+def test_clock_far_off(host: Host, fake_tor: Callable[..., FakeTor]) -> None:
+    host.tor.update(control=fake_tor(version="0.4.9.11", consensus_at=time.time() + 86400).address)
+    checks = host.run()
+    found = next(c for c in checks if c.name == "tor clock")
+    assert not found.ok and found.severity == "warning", format_report(checks)
+    assert "minutes behind the Tor network's" in found.detail, found.detail
+    assert "timedatectl" in (found.fix or "")
 
 
 # --- config --------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +43,7 @@ from torbridge.tokens import FILE_NAME as TOKENS_FILE
 from torbridge.tokens import TokenError, TokenStore
 from torbridge.tor.onion import (
     KEY_FILE,
+    MIN_TOR_POW,
     ControlAuthFailed,
     ControlSpec,
     ControlUnreachable,
@@ -215,6 +218,10 @@ def _config_checks(config: Config, timeout: float) -> list[Check]:
     if config.tor.control is not None:
         spec = ControlSpec(config.tor.control, config.tor.password)
         _add(checks, "tor control", functools.partial(_check_tor_control, spec, timeout))
+    if config.tor.control is not None:
+        spec = ControlSpec(config.tor.control, config.tor.password)
+        _add(checks, "tor features", functools.partial(_check_tor_features, config, spec, timeout))
+        _add(checks, "tor clock", functools.partial(_check_tor_clock, spec, timeout))
     if config.tor.onion == "torrc":
         _add(checks, "tor onion", functools.partial(_check_torrc_onion, config))
     if repo_ok:
@@ -435,6 +442,102 @@ def _check_tor_control(spec: ControlSpec, timeout: float) -> Check:
     finally:
         controller.close()
     return _ok(name, f"{spec.address}: authenticated, tor {version}")
+
+
+# The tor each configured feature needs (ADD_ONION keywords, torrc options).
+MIN_TOR_CLIENT_AUTH = (0, 4, 6, 1)  # ADD_ONION ClientAuthV3 / V3Auth
+MIN_TOR_TORRC_POW = (0, 4, 8, 1)  # HiddenServicePoWDefensesEnabled
+MIN_TOR_METRICS = (0, 4, 7, 1)  # MetricsPort with onion service metrics
+CLOCK_SLACK = 3600.0  # seconds a clock may be off before tor's consensus looks wrong
+
+
+def _version_tuple(version: Any) -> tuple[int, int, int, int]:
+    return (version.major, version.minor, version.micro, version.patch or 0)
+
+
+def tor_feature_problems(config: Config, version: tuple[int, int, int, int]) -> list[str]:
+    """The configured features this tor version is too old for."""
+    tor = config.tor
+    wanted: list[tuple[str, tuple[int, ...]]] = []
+    if tor.pow_defenses:
+        wanted.append(
+            ("pow_defenses", MIN_TOR_POW if tor.onion == "ephemeral" else MIN_TOR_TORRC_POW)
+        )
+    if tor.client_auth and tor.onion == "ephemeral":
+        wanted.append(("client_auth", MIN_TOR_CLIENT_AUTH))
+    if tor.metrics_port is not None:
+        wanted.append(("metrics_port", MIN_TOR_METRICS))
+    return [
+        f"[tor] {key} needs tor {'.'.join(map(str, need))} or newer"
+        for key, need in wanted
+        if version < need
+    ]
+
+
+def _check_tor_features(config: Config, spec: ControlSpec, timeout: float) -> Check | None:
+    name = "tor features"
+    try:
+        controller = _call_with_timeout(lambda: connect(spec), timeout)
+    except (TimeoutError, TorError):
+        return None  # "tor control" says why
+    try:
+        version = controller.get_version()
+    finally:
+        controller.close()
+    problems = tor_feature_problems(config, _version_tuple(version))
+    if problems:
+        return _fail(
+            name,
+            f"tor {version}: " + "; ".join(problems),
+            "upgrade tor (Debian: the Tor Project's repository, deb.torproject.org), or turn"
+            " the feature off",
+            severity="warning",
+        )
+    return _ok(name, f"tor {version} has every configured feature")
+
+
+def clock_problem(now: float, valid_after: float, valid_until: float) -> str | None:
+    """Whether ``now`` is far outside the consensus's validity (a clock far off)."""
+    if now < valid_after - CLOCK_SLACK:
+        minutes = (valid_after - now) / 60
+        return f"this host's clock is {minutes:.0f} minutes behind the Tor network's"
+    if now > valid_until + CLOCK_SLACK:
+        minutes = (now - valid_until) / 60
+        return f"this host's clock is {minutes:.0f} minutes ahead of the Tor network's"
+    return None
+
+
+def _check_tor_clock(spec: ControlSpec, timeout: float) -> Check | None:
+    name = "tor clock"
+
+    def read() -> tuple[str, str]:
+        controller = connect(spec)
+        try:
+            return (controller.get_info("consensus/valid-after"),
+                    controller.get_info("consensus/valid-until"))
+        finally:
+            controller.close()
+
+    try:
+        after, until = _call_with_timeout(read, timeout)
+    except (TimeoutError, TorError):
+        return None
+    except Exception:
+        return _skip(name, "tor has no consensus yet")
+    problem = clock_problem(time.time(), _utc_seconds(after), _utc_seconds(until))
+    if problem:
+        return _fail(
+            name,
+            f"{problem} (consensus valid {after} to {until} UTC)",
+            "set the clock right (`timedatectl set-ntp true`): onion descriptors and"
+            " circuits fail with a clock far off",
+            severity="warning",
+        )
+    return _ok(name, f"within the consensus's validity ({after} to {until} UTC)")
+
+
+def _utc_seconds(text: str) -> float:
+    return datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
 
 
 def _check_torrc_onion(config: Config) -> Check:

@@ -1,7 +1,9 @@
 """Local sockets for the operator: status, metrics, and progress in the logs.
 
 - ``<state_dir>/control.sock`` (0600): send ``status`` and get the JSON
-  snapshot, or ``metrics``; ``torbridge status`` uses it.
+  snapshot, or ``metrics``; ``torbridge status`` uses it. ``republish [cut]``
+  publishes the onion again with the current authorized clients (``torbridge
+  client add/revoke``) and answers once tor has it.
 - ``<state_dir>/metrics.sock`` (0660): a minimal HTTP responder with the
   Prometheus text format (``curl --unix-socket .../metrics.sock http://x/``).
 """
@@ -55,8 +57,16 @@ async def serve_control(listener: trio.SocketListener, registry: Registry) -> No
                 reply = as_json(registry.snapshot()) + "\n"
             elif command == b"metrics":
                 reply = registry.metrics()
+            elif command in (b"republish", b"republish cut"):
+                # From `torbridge client add/revoke`: the authorized clients changed
+                # ("cut": one was revoked, close the rendezvous circuits too).
+                if registry.republish is None:
+                    reply = "error: this daemon publishes no ephemeral onion\n"
+                else:
+                    error = await registry.republish(command == b"republish cut")
+                    reply = f"error: {error}\n" if error else "published\n"
             else:
-                reply = "error: send 'status' or 'metrics'\n"
+                reply = "error: send 'status', 'metrics' or 'republish'\n"
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(reply.encode())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -11,12 +13,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from torbridge.config import OWN_REPOSITORY, Config, Expose
+from torbridge.config import OWN_REPOSITORY, Config, ConfigError, Expose, load_config
 from torbridge.ops import notify
 from torbridge.protocol.cluster import NodeRef
 from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
@@ -49,6 +53,7 @@ from torbridge.server.refwatch import RefWatcher
 from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
+from torbridge.tor.clientauth import ClientStore
 from torbridge.tor.onion import (
     ControlSpec,
     OnionPublisher,
@@ -204,6 +209,7 @@ def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Tr
             # tor itself gives up on a stream it cannot attach (SocksTimeout,
             # 120 s): with no peer_timeout, that is the bound.
             connect_timeout=config.limits.peer_timeout or SOCKS_CONNECT_TIMEOUT,
+            circuits=config.tor.node_circuits,
         )
         return tor, True
     net = P2PNetTransport(remote.name, address, remote.uuid, token, own_uuid, config.repository)
@@ -275,21 +281,32 @@ def onion_ports(config: Config) -> dict[int, Path]:
     return {expose.port: config.socket_path(expose) for expose in config.expose}
 
 
-async def _publish_onion(config: Config, nursery: trio.Nursery) -> str | None:
+async def _publish_onion(
+    config: Config, nursery: trio.Nursery, registry: Registry, running: Running | None = None
+) -> str | None:
     """Publish (or find) the onion service; returns its address, None without Tor."""
     tor = config.tor
     if tor.onion == "torrc":
         assert tor.hidden_service_dir is not None
+        registry.onion_state = "torrc"
         return torrc_onion(tor.hidden_service_dir)
     if tor.control is None:
         return None
+    registry.onion_state = "publishing"
     publisher = OnionPublisher(
         ControlSpec(tor.control, tor.password),
         config.state_dir,
         onion_ports(config),
         max_streams=tor.max_streams or None,
         pow_defenses=PowDefenses.of(tor),
+        on_published=registry.onion_published,
+        client_keys=ClientStore(config.state_dir).public_keys if tor.client_auth else None,
+        metrics_port=tor.metrics_port,
     )
+    registry.republish = publisher.republish
+    registry.tor_health = publisher.health.snapshot
+    if running is not None:
+        running.publisher = publisher
     log.info("publishing the onion service through %s", tor.control)
     onion: str = await nursery.start(publisher.run)
     return onion
@@ -359,10 +376,182 @@ async def bind_unix(path: Path, mode: int) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
+class Running:
+    """A serving daemon, as ``run_daemon`` steers it: stop accepting (drain),
+    re-read the configuration (reload). Filled in by ``serve``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.shared: Shared | None = None
+        self.nursery: trio.Nursery | None = None  # sessions run here
+        self.endpoints: dict[str, Endpoint] = {}
+        self.accepting: dict[str, trio.CancelScope] = {}
+        self.publisher: OnionPublisher | None = None
+        self.connections = 0  # accepted and not yet closed (sessions and pre-AUTH)
+        self.own_uuid = ""
+
+    # --- drain ---------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        """Close every endpoint's listener (its socket disappears); sessions go on."""
+        for scope in self.accepting.values():
+            scope.cancel()
+
+    def opened(self) -> None:
+        self.connections += 1
+
+    def closed(self) -> None:
+        self.connections -= 1
+
+    def in_flight(self) -> int:
+        """Sessions in the middle of a request (a transfer, a git service...)."""
+        assert self.shared is not None
+        sessions = self.shared.registry.sessions.values()
+        return sum(1 for s in sessions if s.current_request is not None)
+
+    async def drained(self) -> None:
+        """Until no session is in the middle of a request (idle sessions and
+        connections still before AUTH are not waited for). No deadline here:
+        the caller has one."""
+        while True:
+            if not self.in_flight():
+                return
+            await trio.sleep(DRAIN_POLL)
+
+    # --- reload --------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Re-read the config file: endpoints added, removed or changed, limits,
+        tor options. Sessions keep the endpoint they started with; the onion is
+        published again only when its ports change."""
+        old = self.config
+        try:
+            new = load_config(old.path)
+        except ConfigError as e:
+            log.error("reload: %s; keeping the running configuration", e)
+            return
+        kept = {key: getattr(old, key) for key in _RESTART_KEYS
+                if getattr(new, key) != getattr(old, key)}
+        tor_kept = {key: getattr(old.tor, key) for key in _RESTART_TOR_KEYS
+                    if getattr(new.tor, key) != getattr(old.tor, key)}
+        for key in [*kept, *(f"[tor] {k}" for k in tor_kept)]:
+            log.warning("reload: %s changed; that takes a restart (keeping the old value)", key)
+        new = dataclasses.replace(new, **kept, tor=dataclasses.replace(new.tor, **tor_kept))
+        shared = self.shared
+        assert shared is not None and self.nursery is not None
+        shared.admission.limits = new.limits
+        before = {x.name: x for x in old.expose}
+        after = {x.name: x for x in new.expose}
+        for name in before.keys() - after.keys():
+            self.accepting.pop(name).cancel()
+            del self.endpoints[name]
+            log.info("reload: endpoint %s removed (its sessions go on)", name)
+        for name, expose in after.items():
+            if name in before and before[name] == expose and new.tor.socks == old.tor.socks:
+                self.endpoints[name] = dataclasses.replace(self.endpoints[name], limits=new.limits)
+                continue
+            try:
+                endpoint = await trio.to_thread.run_sync(
+                    _build_endpoint, new, expose, self.own_uuid, shared
+                )
+            except StartupError as e:
+                log.error("reload: %s; keeping endpoint %s as it was", e, name)
+                new = _keep_expose(new, before.get(name), name)
+                continue
+            if name in before and new.socket_path(expose) == old.socket_path(before[name]):
+                self.endpoints[name] = endpoint  # same socket: new sessions get the new one
+                log.info("reload: endpoint %s changed", name)
+                continue
+            if name in before:
+                self.accepting.pop(name).cancel()
+            path = new.socket_path(expose)
+            try:
+                listener = await bind_unix(path, new.socket_mode)
+            except (OSError, StartupError) as e:
+                log.error("reload: cannot listen on %s: %s; endpoint %s not added", path, e, name)
+                new = _keep_expose(new, None, name)
+                continue
+            self.endpoints[name] = endpoint
+            await self.nursery.start(self._accept, name, listener, path)
+            log.info("reload: endpoint %s listening on %s", name, path)
+        shared.registry.endpoints = _endpoint_rows(new, self.endpoints)
+        self.config = new
+        await self._retune_onion(old, new)
+        log.info("configuration reloaded from %s", new.path)
+
+    async def _retune_onion(self, old: Config, new: Config) -> None:
+        publisher = self.publisher
+        ports = onion_ports(new)
+        if publisher is None:
+            if new.tor.onion == "torrc" and ports != onion_ports(old):
+                log.warning("reload: the onion's ports changed: install the new"
+                            " `torbridge onion-snippet` and reload tor")
+            return
+        publisher.max_streams = new.tor.max_streams or None
+        publisher.pow_defenses = PowDefenses.of(new.tor)
+        if ports == publisher.ports:
+            if new.tor != old.tor:
+                log.info("reload: tor options take effect at the next publication")
+            return
+        publisher.ports = ports
+        log.info("reload: the onion's ports changed; publishing it again")
+        error = await publisher.republish()
+        if error:
+            log.error("reload: publishing the onion again failed: %s", error)
+
+    async def _accept(self, name: str, listener: trio.SocketListener, path: Path,
+                      *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """One endpoint's accept loop; sessions run in the daemon's nursery, so
+        cancelling this (drain, reload) only closes the listener."""
+        assert self.shared is not None and self.nursery is not None
+        with trio.CancelScope() as scope:
+            self.accepting[name] = scope
+            task_status.started()
+            try:
+                await _accept_loop(listener, lambda: self.endpoints[name], self.shared,
+                                   self.nursery, self)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
+def _keep_expose(config: Config, old: Expose | None, name: str) -> Config:
+    """``config`` with endpoint ``name`` as it was (or without it)."""
+    expose = tuple(
+        (old if x.name == name else x) for x in config.expose if x.name != name or old
+    )
+    return dataclasses.replace(config, expose=tuple(x for x in expose if x is not None))
+
+
+def _endpoint_rows(config: Config, endpoints: dict[str, Endpoint]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": x.name,
+            "port": x.port,
+            "target": "own repository" if x.remote == OWN_REPOSITORY else f"remote {x.remote}",
+            "socket": str(config.socket_path(x)),
+        }
+        for x in config.expose
+        if x.name in endpoints
+    ]
+
+
+# Keys a reload cannot change (they name where things are, or how tor is reached).
+_RESTART_KEYS = ("repository", "state_dir", "socket_dir", "socket_mode", "log_format")
+DRAIN_POLL = 0.2
+_RESTART_TOR_KEYS = ("control", "password", "onion", "hidden_service_dir", "export_circuit_id")
+
+
 async def serve(
-    config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    running: Running | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled (SIGTERM/SIGINT are handled by run_daemon)."""
+    """Serve until cancelled (SIGTERM/SIGINT/SIGHUP are handled by run_daemon)."""
+    running = running or Running(config)
     check_git_annex()
     _make_state_dir(config.state_dir)
     shared = Shared(
@@ -378,16 +567,11 @@ async def serve(
     shared.query = AnnexQuery(config.repository, shared.location_log, config.state_dir)
     shared.refs = RefWatcher(config.repository)
     shared.registry.ref_watch = shared.refs.status
+    running.shared = shared
+    running.own_uuid = repository_uuid(config.repository)
     endpoints = build_endpoints(config, shared)
-    shared.registry.endpoints = [
-        {
-            "name": e.name,
-            "port": x.port,
-            "target": "own repository" if x.remote == OWN_REPOSITORY else f"remote {x.remote}",
-            "socket": str(config.socket_path(x)),
-        }
-        for e, x in zip(endpoints, config.expose, strict=True)
-    ]
+    running.endpoints = {e.name: e for e in endpoints}
+    shared.registry.endpoints = _endpoint_rows(config, running.endpoints)
     try:
         config.socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as e:
@@ -414,14 +598,15 @@ async def serve(
             listeners_of_ours.append((await bind_unix(path, mode), server))
             bound.append(path)
         async with trio.open_nursery() as nursery:
+            running.nursery = nursery
             nursery.start_soon(shared.location_log.run)
             nursery.start_soon(shared.refs.run)  # idle until a session watches
             nursery.start_soon(log_progress, shared.registry)
             for listener, serve_it in listeners_of_ours:
                 nursery.start_soon(serve_it, listener, shared.registry)
-            for endpoint, listener in zip(endpoints, listeners, strict=True):
-                nursery.start_soon(_accept_loop, listener, endpoint, shared)
-            onion = await _publish_onion(config, nursery)
+            for endpoint, listener, path in zip(endpoints, listeners, bound, strict=False):
+                await nursery.start(running._accept, endpoint.name, listener, path)
+            onion = await _publish_onion(config, nursery, shared.registry, running)
             shared.registry.onion = onion
             if onion:
                 for expose in config.expose:
@@ -434,54 +619,66 @@ async def serve(
         await shared.query.aclose()
 
 
-async def _accept_loop(listener: trio.SocketListener, endpoint: Endpoint, shared: Shared) -> None:
-    admission = shared.admission
-
+async def _accept_loop(
+    listener: trio.SocketListener,
+    current: Callable[[], Endpoint],
+    shared: Shared,
+    sessions: trio.Nursery,
+    running: Running,
+) -> None:
     async def handle(stream: trio.SocketStream) -> None:
-        accepted_at = trio.current_time()
-        pending = PendingAuth()
-        if admission.enter_pre_auth(pending):
-            log.warning(
-                "%s: too many unauthenticated connections, closing the oldest", endpoint.name
-            )
-            shared.registry.connection_refused()
-        circuit = None
-        client: trio.abc.Stream = stream
+        running.opened()
         try:
-            with pending.evictable(), trio.fail_after(endpoint.limits.auth_timeout):
-                client, initial = await accept_stream(stream)
-                if shared.export_circuit_id and not isinstance(client, PassedPipes):
-                    circuit, initial = await _read_proxy_line(client, initial)
-        except (trio.TooSlowError, OSError, ProxyLineError) as e:
-            if isinstance(e, ProxyLineError):
-                log.warning("%s: %s; closing", endpoint.name, e)
-            admission.leave_pre_auth(pending)
-            await stream.aclose()
-            return
-        if pending.evicted:  # before its AUTH could even be read
+            await _handle(stream, current(), shared)
+        finally:
+            running.closed()
+
+    await trio.serve_listeners(handle, [listener], handler_nursery=sessions)
+
+
+async def _handle(stream: trio.SocketStream, endpoint: Endpoint, shared: Shared) -> None:
+    admission = shared.admission
+    accepted_at = trio.current_time()
+    pending = PendingAuth()
+    if admission.enter_pre_auth(pending):
+        log.warning(
+            "%s: too many unauthenticated connections, closing the oldest", endpoint.name
+        )
+        shared.registry.connection_refused()
+    circuit = None
+    client: trio.abc.Stream = stream
+    try:
+        with pending.evictable(), trio.fail_after(endpoint.limits.auth_timeout):
+            client, initial = await accept_stream(stream)
+            if shared.export_circuit_id and not isinstance(client, PassedPipes):
+                circuit, initial = await _read_proxy_line(client, initial)
+    except (trio.TooSlowError, OSError, ProxyLineError) as e:
+        if isinstance(e, ProxyLineError):
+            log.warning("%s: %s; closing", endpoint.name, e)
+        admission.leave_pre_auth(pending)
+        await stream.aclose()
+        return
+    if pending.evicted:  # before its AUTH could even be read
+        admission.leave_pre_auth(pending)
+        await client.aclose()
+        await stream.aclose()
+        return
+    if circuit is not None:
+        refusal = admission.circuits.admit(circuit, time.monotonic())
+        if refusal is not None:
+            log.warning("%s: %s; refusing a connection", endpoint.name, refusal)
+            shared.registry.connection_refused()
             admission.leave_pre_auth(pending)
             await client.aclose()
-            await stream.aclose()
             return
+    try:
+        await Session(client, endpoint, initial, circuit, accepted_at, pending).run()
+    except Exception:
+        # A bug in one session must never take the others down with it.
+        log.exception("%s: session failed", endpoint.name)
+    finally:
         if circuit is not None:
-            refusal = admission.circuits.admit(circuit, time.monotonic())
-            if refusal is not None:
-                log.warning("%s: %s; refusing a connection", endpoint.name, refusal)
-                shared.registry.connection_refused()
-                admission.leave_pre_auth(pending)
-                await client.aclose()
-                return
-        try:
-            await Session(client, endpoint, initial, circuit, accepted_at, pending).run()
-        except Exception:
-            # A bug in one session must never take the others down with it.
-            log.exception("%s: session failed", endpoint.name)
-        finally:
-            if circuit is not None:
-                admission.circuits.leave(circuit)
-
-    async with listener:
-        await trio.serve_listeners(handle, [listener])
+            admission.circuits.leave(circuit)
 
 
 async def _read_proxy_line(stream: trio.abc.Stream, data: bytes) -> tuple[int, bytes]:
@@ -495,16 +692,50 @@ async def _read_proxy_line(stream: trio.abc.Stream, data: bytes) -> tuple[int, b
 
 
 async def run_daemon(config: Config) -> None:
-    """``serve`` until SIGTERM or SIGINT, then stop cleanly."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """``serve`` until a signal: SIGHUP re-reads the config; SIGTERM drains (no
+    new connections, sessions in flight get up to ``[limits] drain_timeout``)
+    and stops; SIGINT, or a second SIGTERM, stops at once."""
+    signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*signals_wanted) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, config)
+            running = Running(config)
+            await nursery.start(serve, config, running)
             # READY only now: every endpoint listens and the onion is published.
             notify.ready(f"serving {len(config.expose)} endpoint(s)")
             nursery.start_soon(notify.watchdog_loop)
             log.info("torbridge ready")
+            draining = False
             async for signum in signals:
-                log.info("%s: stopping", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if draining:
+                        continue
+                    log.info("SIGHUP: reloading %s", running.config.path)
+                    notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+                    await running.reload()
+                    notify.ready(f"serving {len(running.endpoints)} endpoint(s)")
+                    continue
+                if signum == signal.SIGTERM and not draining:
+                    draining = True
+                    grace = running.config.limits.drain_timeout
+                    log.info("SIGTERM: no new connections; %d request(s) in flight get up to"
+                             " %.0fs to finish", running.in_flight(), grace)
+                    notify.stopping()
+                    running.stop_accepting()
+                    nursery.start_soon(_drain_then_stop, running, grace, nursery.cancel_scope)
+                    continue
+                log.info("%s: stopping", name)
                 notify.stopping()
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _drain_then_stop(running: Running, grace: float, scope: trio.CancelScope) -> None:
+    with trio.move_on_after(grace) as waited:
+        await running.drained()
+    if waited.cancelled_caught:
+        log.warning("drain: %d request(s) still in flight after %.0fs; stopping anyway",
+                    running.in_flight(), grace)
+    else:
+        log.info("drain: no request in flight; stopping")
+    scope.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +54,14 @@ class Registry:
     peers: dict[str, PeerHealth] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     onion: str | None = None
+    # "publishing" (READY is not sent yet), "published" (tor uploaded the
+    # descriptor), "torrc" (tor's own service: torbridge cannot see uploads).
+    onion_state: str | None = None
+    onion_published_at: float | None = None  # wall time of the last publication
+    # The publisher's "publish again" (new client keys): None = no error.
+    republish: Callable[[bool], Awaitable[str | None]] | None = None
+    # The publishing tor's health (torbridge/tor/health.py), None without one.
+    tor_health: Callable[[], dict[str, Any]] | None = None
     endpoints: list[dict[str, Any]] = field(default_factory=list)
     # The daemon's watch on the proxy repository's refs (server/refwatch.py).
     ref_watch: Callable[[], dict[str, Any]] | None = None
@@ -77,6 +85,10 @@ class Registry:
     def connection_refused(self) -> None:
         self.counters["connections_refused_total"] += 1
 
+    def onion_published(self, onion: str) -> None:
+        """The publisher's report: tor uploaded the descriptor (again)."""
+        self.onion, self.onion_state, self.onion_published_at = onion, "published", time.time()
+
     def peer_opened(self, peer: str, seconds: float) -> None:
         health = self.peers.setdefault(peer, PeerHealth())
         health.opens += 1
@@ -97,7 +109,12 @@ class Registry:
         return {
             "uptime_seconds": round(now - self.started, 1),
             "onion": self.onion,
+            "onion_state": self.onion_state,
+            "onion_published_age_seconds": (
+                round(now - self.onion_published_at, 1) if self.onion_published_at else None
+            ),
             "endpoints": self.endpoints,
+            "tor": self.tor_health() if self.tor_health is not None else None,
             "sessions": [
                 {
                     "id": s.id,
@@ -168,6 +185,28 @@ class Registry:
             ("bytes_out_total", "Bytes sent to clients."),
         ):
             metric(key, "counter", help_text, [("", totals.get(key, 0))])
+        tor = snap["tor"]
+        if tor is not None:
+            for key, kind, help_text, value in (
+                ("tor_bootstrap_percent", "gauge", "Bootstrap progress of the publishing tor.",
+                 tor["bootstrap_percent"]),
+                ("onion_degraded", "gauge", "1 while the onion is degraded (see status).",
+                 1 if tor["degraded"] else 0),
+                ("onion_intro_points", "gauge", "Established introduction points.",
+                 tor["intro_points"]),
+                ("onion_upload_failures_total", "counter", "Failed descriptor uploads.",
+                 tor["upload_failures_total"]),
+                ("onion_last_upload_age_seconds", "gauge",
+                 "Seconds since an HSDir last took the descriptor.",
+                 tor["last_upload_age_seconds"]),
+                ("onion_pow_suggested_effort", "gauge",
+                 "tor's proof-of-work suggested effort (MetricsPort).",
+                 tor["pow_suggested_effort"]),
+                ("onion_intro_rejected_total", "counter",
+                 "Introductions tor rejected (MetricsPort).", tor["intro_rejected_total"]),
+            ):
+                if value is not None:
+                    metric(key, kind, help_text, [("", value)])
         peers = snap["peers"]
         metric(
             "peer_failures_total",
@@ -201,7 +240,15 @@ def render(snapshot: dict[str, Any]) -> str:
     """``torbridge status`` for a person."""
     lines = [f"torbridge up {_duration(snapshot['uptime_seconds'])}"]
     if snapshot["onion"]:
-        lines.append(f"onion: {snapshot['onion']}")
+        state = snapshot.get("onion_state")
+        age = snapshot.get("onion_published_age_seconds")
+        published = f", published {_duration(age)} ago" if age is not None else ""
+        lines.append(f"onion: {snapshot['onion']} ({state}{published})")
+    elif snapshot.get("onion_state") == "publishing":
+        lines.append("onion: publishing (not reachable yet)")
+    tor = snapshot.get("tor")
+    if tor:
+        lines += _render_tor(tor)
     for e in snapshot["endpoints"]:
         lines.append(f"endpoint {e['name']}: port {e['port']}, {e['target']}, {e['socket']}")
     sessions = snapshot["sessions"]
@@ -235,6 +282,37 @@ def render(snapshot: dict[str, Any]) -> str:
         f" in {_size(t['bytes_in_total'])}, out {_size(t['bytes_out_total'])}"
     )
     return "\n".join(lines) + "\n"
+
+
+def _render_tor(tor: dict[str, Any]) -> list[str]:
+    state = f"degraded: {tor['degraded']}" if tor["degraded"] else "ok"
+    facts = []
+    if tor["bootstrap_percent"] is not None:
+        facts.append(f"bootstrap {tor['bootstrap_percent']}%")
+    if tor["network"] is not None:
+        facts.append(f"network {tor['network']}")
+    if tor["intro_points"] is not None:
+        facts.append(f"{tor['intro_points']} introduction points")
+    if tor["pow_suggested_effort"] is not None:
+        facts.append(f"PoW suggested effort {tor['pow_suggested_effort']:g}")
+    if tor["intro_rejected_total"] is not None:
+        facts.append(f"{tor['intro_rejected_total']:g} introductions rejected")
+    lines = [f"tor: {state}" + (f"; {', '.join(facts)}" if facts else "")]
+    uploads = tor["uploads"]
+    published = tor["last_publish_age_seconds"]
+    uploaded = tor["last_upload_age_seconds"]
+    lines.append(
+        "  descriptor: "
+        + (f"published {_duration(published)} ago" if published is not None else "not published")
+        + (f", last upload {_duration(uploaded)} ago" if uploaded is not None else "")
+        + f", {tor['upload_failures_total']} failed uploads"
+    )
+    for hsdir, u in uploads.items():
+        why = f" ({u['reason']})" if u["reason"] else ""
+        lines.append(f"  HSDir {hsdir}: {u['result']} {_duration(u['age_seconds'])} ago{why}")
+    if tor["poll_error"]:
+        lines.append(f"  (could not ask tor: {tor['poll_error']})")
+    return lines
 
 
 def _duration(seconds: float) -> str:

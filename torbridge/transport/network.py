@@ -9,7 +9,9 @@ from __future__ import annotations
 import abc
 import os
 import re
+import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,15 +95,67 @@ def keep_alive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-def socks_connect(socks_address: str, host: str, port: int, timeout: float) -> socket.socket:
+class CircuitSlots:
+    """Which SOCKS credentials a new stream to one node gets.
+
+    tor puts streams with different SOCKS username/password on different
+    circuits (IsolateSOCKSAuth, on by default). Each of ``count`` slots has
+    its own credentials; a new stream takes the slot with the fewest open
+    streams (the lowest first), so parallel sessions to a node spread over
+    circuits while one session after another keeps reusing the first.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.busy = [0] * max(1, count)
+        # Random per daemon: two daemons on one tor never share a circuit by name.
+        self.prefix = f"torbridge-{secrets.token_hex(4)}"
+
+    def take(self) -> int:
+        slot = min(range(len(self.busy)), key=lambda i: (self.busy[i], i))
+        self.busy[slot] += 1
+        return slot
+
+    def give_back(self, slot: int) -> None:
+        self.busy[slot] -= 1
+
+    def credentials(self, slot: int) -> tuple[str, str]:
+        return (f"{self.prefix}-{slot}", "isolate")
+
+
+class _SlotChannel(StreamChannel):
+    """A channel that gives its circuit slot back once closed."""
+
+    def __init__(self, framed: FramedStream, uuid: str, version: int,
+                 release: Callable[[], None]) -> None:
+        super().__init__(framed, uuid, version)
+        self._release: Callable[[], None] | None = release
+
+    async def aclose(self) -> None:
+        release, self._release = self._release, None
+        try:
+            await super().aclose()
+        finally:
+            if release is not None:
+                release()
+
+
+def socks_connect(
+    socks_address: str,
+    host: str,
+    port: int,
+    timeout: float,
+    credentials: tuple[str, str] | None = None,
+) -> socket.socket:
     """Blocking SOCKS5 CONNECT (run it in a worker thread); a plain socket back."""
+    user, password = credentials if credentials is not None else (None, None)
     if socks_address.startswith("unix:"):
         s: socks.socksocket = _UnixSocksSocket(socks_address[len("unix:") :])
-        s.set_proxy(socks.SOCKS5, "unix", 0, rdns=True)
+        s.set_proxy(socks.SOCKS5, "unix", 0, rdns=True, username=user, password=password)
     else:
         proxy_host, _, proxy_port = socks_address.rpartition(":")
         s = socks.socksocket(socket.AF_INET6 if ":" in proxy_host else socket.AF_INET)
-        s.set_proxy(socks.SOCKS5, proxy_host.strip("[]"), int(proxy_port), rdns=True)
+        s.set_proxy(socks.SOCKS5, proxy_host.strip("[]"), int(proxy_port), rdns=True,
+                    username=user, password=password)
     s.settimeout(timeout)
     try:
         s.connect((host, port))
@@ -179,30 +233,43 @@ class TorAnnexTransport(LinkedNodeTransport):
     address: TorAddress
     socks_address: str
     connect_timeout: float = SOCKS_CONNECT_TIMEOUT
+    # Circuits parallel sessions to this node spread over ([tor] node_circuits);
+    # 1 = every stream on one circuit.
+    circuits: int = 8
+    slots: CircuitSlots = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.slots = CircuitSlots(self.circuits)
 
     async def reach(
         self, nursery: trio.Nursery, version: int, bypass: tuple[str, ...], auth: m.Auth
     ) -> PeerChannel:
+        slot = self.slots.take()
         try:
-            sock = await trio.to_thread.run_sync(
-                socks_connect,
-                self.socks_address,
-                self.address.onion,
-                self.address.port,
-                self.connect_timeout,
-                abandon_on_cancel=True,
-            )
-        except PeerUnavailable as e:
-            raise PeerUnavailable(f"{self.label}: {e}") from None
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
-        framed = FramedStream(stream)
-        try:
-            agreed = await negotiate(framed, self.name, self.uuid, version, bypass, auth)
+            try:
+                sock = await trio.to_thread.run_sync(
+                    socks_connect,
+                    self.socks_address,
+                    self.address.onion,
+                    self.address.port,
+                    self.connect_timeout,
+                    self.slots.credentials(slot) if self.circuits > 1 else None,
+                    abandon_on_cancel=True,
+                )
+            except PeerUnavailable as e:
+                raise PeerUnavailable(f"{self.label}: {e}") from None
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # TCP_NODELAY
+            framed = FramedStream(stream)
+            try:
+                agreed = await negotiate(framed, self.name, self.uuid, version, bypass, auth)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await framed.aclose()
+                raise
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await framed.aclose()
+            self.slots.give_back(slot)
             raise
-        return StreamChannel(framed, self.uuid, agreed)
+        return _SlotChannel(framed, self.uuid, agreed, lambda: self.slots.give_back(slot))
 
 
 @dataclass(eq=False)
