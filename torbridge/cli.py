@@ -12,23 +12,23 @@ from pathlib import Path
 import trio
 
 from torbridge import __version__
+from torbridge.annex.host import StartupError
+from torbridge.annex.remotes import RemoteError, parse_remote_log, read_annex_log, read_remotes
 from torbridge.config import Config, ConfigError, load_config
 from torbridge.ops.clients import client_command
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
 from torbridge.ops.onionwait import PUBLISHING, onion_warning
-from torbridge.protocol.gitaccess import GitAccess
-from torbridge.remotes import RemoteError, parse_remote_log, read_annex_log, read_remotes
+from torbridge.protocol.permissions import GIT_LABELS, MODES, GitAccess
 from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import (
-    StartupError,
     current_onion,
     onion_ports,
     own_endpoints,
     run_daemon,
 )
 from torbridge.server.status import render
-from torbridge.tokens import GIT_LABELS, MODES, TokenError, TokenInfo, TokenStore
+from torbridge.tokens import TokenError, TokenInfo, TokenStore
 from torbridge.tor.clientauth import ClientAuthError
 from torbridge.tor.onion import PowDefenses, TorError, stored_onion, torrc_snippet
 

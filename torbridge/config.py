@@ -23,6 +23,7 @@ _SOCKET_MODE_RE = re.compile(r"0?[0-7]{3}")
 
 LOG_FORMATS = ("text", "json")
 OWN_REPOSITORY = "."
+UNIX_PATH_MAX = 107  # bytes in a unix socket path (sun_path), without the NUL
 
 
 class ConfigError(Exception):

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import trio
 
+from torbridge.annex.host import StartupError, check_git_annex
 from torbridge.config import Config, Expose, Limits, Tor
-from torbridge.server.daemon import StartupError, check_git_annex, serve
+from torbridge.server.daemon import serve
 from torbridge.tokens import TokenStore
 from torbridge.tor.onion import stored_onion
 

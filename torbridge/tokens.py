@@ -23,14 +23,10 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeGuard
+from typing import Any, TypeGuard
 
 from torbridge.protocol import gitaccess
-from torbridge.protocol.gitaccess import GitAccess
-
-Mode = Literal["rw", "append", "ro"]
-MODES: tuple[Mode, ...] = ("rw", "append", "ro")
-GIT_LABELS = tuple(level.label for level in GitAccess)
+from torbridge.protocol.permissions import GIT_LABELS, MODES, GitAccess, Mode
 
 FILE_NAME = "tokens.json"
 LOCK_NAME = "tokens.lock"
@@ -95,10 +91,6 @@ def _is_valid_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
-def _is_mode(mode: object) -> TypeGuard[Mode]:
-    return isinstance(mode, str) and mode in MODES
-
-
 class TokenStore:
     """The tokens of one state directory (``state_dir / "tokens.json"``)."""
 
@@ -119,15 +111,17 @@ class TokenStore:
     def add(
         self,
         name: str,
-        mode: Mode = "rw",
+        mode: Mode | str = Mode.READ_WRITE,
         endpoints: Sequence[str] | None = None,
         git: GitAccess | None = None,
     ) -> str:
         """Make a token named *name*; returns the secret, which is stored only hashed."""
         if not _is_valid_name(name):
             raise TokenError(f"invalid token name: use {_NAME_RULE}")
-        if not _is_mode(mode):
-            raise TokenError(f"unknown access mode {mode!r}: use one of {', '.join(MODES)}")
+        try:
+            mode = Mode.parse(mode)
+        except ValueError as e:
+            raise TokenError(str(e)) from None
         if git is not None and not isinstance(git, GitAccess):
             raise TokenError(f"unknown git access {git!r}: use one of {', '.join(GIT_LABELS)}")
         eps = _normalise_endpoints(endpoints)
@@ -327,7 +321,7 @@ def _normalise_endpoints(endpoints: Sequence[str] | None) -> tuple[str, ...] | N
 def _serialise_entry(e: _Entry) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "sha256": e.sha256,
-        "mode": e.info.mode,
+        "mode": e.info.mode.value,
         "created": e.info.created,
         "endpoints": None if e.info.endpoints is None else list(e.info.endpoints),
     }
@@ -369,7 +363,7 @@ def _parse(data: bytes) -> dict[str, _Entry]:
         if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
             raise ValueError(f'token {name!r}: "sha256" is not 64 lowercase hex digits')
         mode = raw.get("mode")
-        if not _is_mode(mode):
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f'token {name!r}: unknown "mode" {mode!r}')
         created = raw.get("created")
         if not isinstance(created, str):
@@ -384,7 +378,7 @@ def _parse(data: bytes) -> dict[str, _Entry]:
             raise ValueError(f'token {name!r}: unknown "git" {git!r}')
         info = TokenInfo(
             name=name,
-            mode=mode,
+            mode=Mode(mode),
             created=created,
             endpoints=None if eps is None else tuple(eps),
             git=None if git is None else GitAccess.parse(git),

@@ -24,8 +24,8 @@ import trio.testing
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import BadLine, EndOfStream, LineEvent, LineTooLong
-from torbridge.protocol.relay import Mode
-from torbridge.server.session import Busy, Grant, PendingAuth
+from torbridge.protocol.permissions import Grant, Mode
+from torbridge.server.session import Busy, PendingAuth
 from torbridge.transport.base import (
     PeerChannel,
     PeerUnavailable,

@@ -8,9 +8,9 @@ import trio
 import trio.testing
 
 from torbridge.config import Limits, Tor
-from torbridge.protocol.relay import Mode
+from torbridge.protocol.permissions import Grant, Mode
 from torbridge.server.admission import Admission
-from torbridge.server.session import Busy, Grant
+from torbridge.server.session import Busy
 from torbridge.tokens import TokenStore
 
 

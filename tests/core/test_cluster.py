@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from tests.core.peers import CLIENT_UUID, TOKEN, FakeRepo, FakeTransport, OneToken, PeerConnection
 from tests.core.test_session import Client, script
 from tests.fuzz import examples
+from torbridge.annex.remotes import parse_cluster_log, parse_proxy_log
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
-from torbridge.remotes import parse_cluster_log, parse_proxy_log
 from torbridge.server.session import Endpoint, Session
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.framed import StreamLost
@@ -1196,7 +1196,7 @@ async def test_put_node_with_the_whole_object_partial(autojump_clock: trio.abc.C
     assert repos["n1"].contents == repos["n2"].contents == {KEY: content}
 
 
-# --- the git-annex branch's logs (torbridge/remotes.py) ---------------------------------------
+# --- the git-annex branch's logs (torbridge/annex/remotes.py) ----------------------------
 
 
 def test_proxy_and_cluster_logs_newest_line_wins() -> None:

@@ -16,20 +16,19 @@ from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol.gitaccess import (
     GIT_READ_ONLY_ERROR,
-    LABELS,
     NO_GIT_ERROR,
-    GitAccess,
     default_for,
     effective,
     is_protected,
     needs_ancestry,
     push_refusal,
 )
+from torbridge.protocol.permissions import GIT_LABELS as LABELS
+from torbridge.protocol.permissions import GitAccess, Mode
 from torbridge.protocol.relay import (
     READ_ONLY_ERROR,
     CheckAuth,
     EndSession,
-    Mode,
     RefuseService,
     Relay,
     RunService,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torbridge.remotes import parse_remote_log
+from torbridge.annex.remotes import parse_remote_log
 
 U1 = "e68d84bd-dd6c-4ffd-a99e-a030cdf1a84c"
 U2 = "d9ac63b6-6ad7-46c9-b3ac-d7966390fe5b"

@@ -20,7 +20,7 @@ import pytest
 from tests.e2e.harness import AnnexEnv, AnnexRepo, Client
 from tests.nodes.clusters import CLUSTER, ENDPOINT, ClusterSetup, setup_cluster
 from tests.nodes.nodes import Node, NodeBridge, NodeNet, wait_for
-from torbridge.server.preferred import PreferredContent
+from torbridge.annex.preferred import PreferredContent
 
 pytestmark = pytest.mark.annex
 

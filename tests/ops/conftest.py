@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from torbridge.remotes import creds_escape
+from torbridge.annex.remotes import creds_escape
 
 GITCONFIG = """\
 [user]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.ops.conftest import ONION, FakeTor, add_tor_remote, git
+from torbridge.annex.host import MIN_GIT_ANNEX
 from torbridge.ops import doctor
 from torbridge.ops.doctor import Check, exit_status, format_report, run_checks
 from torbridge.protocol.gitaccess import GitAccess
-from torbridge.server.daemon import MIN_GIT_ANNEX
 from torbridge.tokens import TokenStore
 from torbridge.tor.onion import KEY_FILE
 

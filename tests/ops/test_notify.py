@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from torbridge.ops import notify
+from torbridge.server import notify
 
 
 class FakeSystemd:

@@ -20,8 +20,14 @@ import pytest
 from tests.ops import test_doctor
 from tests.ops.conftest import ONION, TOKEN, git
 from tests.ops.test_doctor import Host, line
+from torbridge.annex.remotes import (
+    NetAddress,
+    RemoteError,
+    TorAddress,
+    creds_escape,
+    parse_p2p_address,
+)
 from torbridge.ops.doctor import exit_status
-from torbridge.remotes import NetAddress, RemoteError, TorAddress, creds_escape, parse_p2p_address
 
 pytestmark = pytest.mark.annex
 

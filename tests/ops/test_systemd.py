@@ -91,7 +91,7 @@ def test_unit_settings() -> None:
     assert unit["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     assert "@system-service" in unit["SystemCallFilter"]
     assert unit["ReadWritePaths"] == ["-/srv/annex"]
-    assert int(unit["WatchdogSec"][0]) > 0  # torbridge.ops.notify.watchdog_loop pings it
+    assert int(unit["WatchdogSec"][0]) > 0  # torbridge.server.notify.watchdog_loop pings it
 
 
 def test_unit_makes_the_directories_doctor_and_init_expect() -> None:

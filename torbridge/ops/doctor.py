@@ -26,9 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from torbridge.config import OWN_REPOSITORY, Config, ConfigError, Expose, load_config
-from torbridge.protocol.gitaccess import GitAccess
-from torbridge.remotes import (
+from torbridge.annex.host import MIN_GIT_ANNEX, StartupError, check_git_annex, repository_uuid, run
+from torbridge.annex.remotes import (
     RemoteError,
     TorAddress,
     parse_p2p_address,
@@ -38,7 +37,15 @@ from torbridge.remotes import (
     read_remotes,
     read_token,
 )
-from torbridge.server.daemon import MIN_GIT_ANNEX, StartupError, check_git_annex, repository_uuid
+from torbridge.config import (
+    OWN_REPOSITORY,
+    UNIX_PATH_MAX,
+    Config,
+    ConfigError,
+    Expose,
+    load_config,
+)
+from torbridge.protocol.permissions import GitAccess
 from torbridge.tokens import FILE_NAME as TOKENS_FILE
 from torbridge.tokens import TokenError, TokenStore
 from torbridge.tor.onion import (
@@ -68,7 +75,6 @@ SYSTEMD_MADE_DIRS: dict[Path, str] = {
     Path("/var/lib/torbridge"): "StateDirectory=torbridge",
 }
 TOR_GROUP = "debian-tor"  # Debian's system tor runs as debian-tor
-UNIX_PATH_MAX = 107  # bytes in sun_path, without the NUL
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -259,14 +265,7 @@ def _which(program: str) -> str:
 
 
 def _git(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["git", *args],
-        cwd=repository,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run(["git", *args], cwd=repository)
 
 
 def _check_repository(repository: Path) -> Check:

@@ -13,6 +13,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from torbridge.annex.host import StartupError, repository_uuid
+from torbridge.annex.remotes import read_cluster_names, read_remotes
 from torbridge.config import (
     OWN_REPOSITORY,
     Config,
@@ -22,8 +24,6 @@ from torbridge.config import (
     dump_config,
     load_config,
 )
-from torbridge.remotes import read_cluster_names, read_remotes
-from torbridge.server.daemon import StartupError, repository_uuid
 
 DEFAULT_STATE_DIR = Path("/var/lib/torbridge")
 DEFAULT_SOCKET_DIR = Path("/run/torbridge")

@@ -11,52 +11,29 @@ that ``server/pushguard.py`` installs for pushes through the bridge).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection
 
-
-class GitAccess(enum.IntEnum):
-    """Ordered: each level allows what the ones below it do."""
-
-    NONE = 0  # neither git fetch nor git push
-    READ = 1  # git fetch / pull
-    WRITE = 2  # git push, but no history rewrite of a protected branch
-    REWRITE = 3  # git push, force-pushes and deletions of protected branches too
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, text: str) -> GitAccess:
-        """ValueError for anything but one of ``LABELS``."""
-        for level in cls:
-            if level.label == text:
-                return level
-        raise ValueError(f"unknown git access {text!r}: use one of {', '.join(LABELS)}")
-
-
-LABELS: tuple[str, ...] = tuple(level.label for level in GitAccess)
+from torbridge.protocol.permissions import GitAccess, Mode
 
 NO_GIT_ERROR = "this token has no git access; git fetch and push denied"
 GIT_READ_ONLY_ERROR = "this token may fetch but not push; git push denied"
 
 
-def default_for(mode: str, reaches_own_repository: bool = True) -> GitAccess:
+def default_for(mode: Mode, reaches_own_repository: bool = True) -> GitAccess:
     """The git access of a token that was given none explicitly.
 
     ``rw`` writes, ``append`` and ``ro`` read. A token limited to endpoints
     none of which is the proxy's own repository (only nodes, clusters) reads
     at most: it was made to reach those, not to change the hub's git.
     """
-    level = GitAccess.WRITE if mode == "rw" else GitAccess.READ
+    level = GitAccess.WRITE if mode == Mode.READ_WRITE else GitAccess.READ
     if not reaches_own_repository:
         level = min(level, GitAccess.READ)
     return level
 
 
 def effective(
-    mode: str,
+    mode: Mode,
     explicit: GitAccess | None,
     endpoints: Collection[str] | None,
     own_endpoints: Collection[str],

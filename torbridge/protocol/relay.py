@@ -23,6 +23,7 @@ from torbridge.protocol import gitaccess as g
 from torbridge.protocol import messages as m
 from torbridge.protocol.clienttext import UNREACHABLE, peer_reason, relayed_error
 from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
+from torbridge.protocol.permissions import GitAccess, Mode
 
 READ_ONLY_ERROR = "this repository is read-only; write access denied"
 APPEND_ONLY_ERROR = "this repository is append-only; removal denied"
@@ -31,12 +32,6 @@ APPEND_ONLY_ERROR = "this repository is append-only; removal denied"
 class Side(enum.Enum):
     CLIENT = "client"
     PEER = "peer"
-
-
-class Mode(enum.Enum):
-    READ_WRITE = "rw"
-    APPEND_ONLY = "append"
-    READ_ONLY = "ro"
 
 
 # --- actions: what the I/O layer must do -----------------------------------------
@@ -206,7 +201,7 @@ class Relay:
         self.notifies = notifies
         self.phase = Phase.AUTH
         self.mode = Mode.READ_ONLY  # until AUTH says otherwise
-        self.git = g.GitAccess.NONE  # likewise
+        self.git = GitAccess.NONE  # likewise
         self.client_uuid: str | None = None
         self.version = 0  # agreed with the client
         self.negotiated = False  # VERSION is only valid as the first request
@@ -252,11 +247,11 @@ class Relay:
             return self._from_client(event)
         return self._from_peer(event)
 
-    def auth_accepted(self, mode: Mode, git: g.GitAccess | None = None) -> list[Action]:
+    def auth_accepted(self, mode: Mode, git: GitAccess | None = None) -> list[Action]:
         """``git``: the token's access to the proxy's git repository (None: the mode's)."""
         self._expect(Phase.AUTHENTICATING)
         self.mode = mode
-        self.git = g.default_for(mode.value) if git is None else git
+        self.git = g.default_for(mode) if git is None else git
         self.phase = Phase.IDLE
         return [Send(Side.CLIENT, m.AuthSuccess(self.server_uuid))]
 
@@ -444,14 +439,14 @@ class Relay:
         self.phase = Phase.SERVICE
         pushing = service == "git-receive-pack"
         action: Action
-        if self.git is g.GitAccess.NONE:
+        if self.git is GitAccess.NONE:
             action = RefuseService(service, g.NO_GIT_ERROR)
-        elif pushing and self.git < g.GitAccess.WRITE:
+        elif pushing and self.git < GitAccess.WRITE:
             # git-annex's own text where the mode is what forbids it.
             text = READ_ONLY_ERROR if self.mode is not Mode.READ_WRITE else g.GIT_READ_ONLY_ERROR
             action = RefuseService(service, text)
         else:
-            action = RunService(service, may_rewrite=pushing and self.git is g.GitAccess.REWRITE)
+            action = RunService(service, may_rewrite=pushing and self.git is GitAccess.REWRITE)
         return self._end(f"CONNECT {service} done", [action])
 
     def _put_data(self, event: InEvent) -> list[Action]:

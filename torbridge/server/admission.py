@@ -11,8 +11,8 @@ from typing import Protocol
 import trio
 
 from torbridge.config import Limits
-from torbridge.protocol.relay import Mode
-from torbridge.server.session import Busy, Grant
+from torbridge.protocol.permissions import Grant
+from torbridge.server.session import Busy
 from torbridge.tokens import TokenStore
 
 log = logging.getLogger("torbridge.admission")
@@ -92,7 +92,7 @@ class Admission:
                 " use fewer parallel jobs (-J) or try again later"
             )
         self.sessions[info.name] += 1
-        return Grant(info.name, Mode(info.mode), info.git_access(self.own_endpoints))
+        return Grant(info.name, info.mode, info.git_access(self.own_endpoints))
 
     async def admit(self, endpoint: str, token: str) -> Grant | Busy | None:
         """``authorize``, waiting up to ``session_wait`` for a slot at a cap.

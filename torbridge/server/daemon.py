@@ -7,11 +7,8 @@ import dataclasses
 import errno
 import logging
 import os
-import re
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +17,10 @@ from typing import Any
 
 import trio
 
-from torbridge.config import OWN_REPOSITORY, Config, ConfigError, Expose, load_config
-from torbridge.ops import notify
-from torbridge.protocol.cluster import NodeRef
-from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
-from torbridge.remotes import (
+from torbridge.annex.host import StartupError, check_git_annex, repository_uuid
+from torbridge.annex.locationlog import LocationLog
+from torbridge.annex.query import AnnexQuery
+from torbridge.annex.remotes import (
     Remote,
     RemoteError,
     TorAddress,
@@ -32,13 +28,24 @@ from torbridge.remotes import (
     parse_p2p_address,
     parse_proxy_log,
     proxied_remote,
+    read_annex_log,
     read_cluster,
     read_cluster_names,
     read_token,
     remote_cost,
 )
+from torbridge.config import (
+    OWN_REPOSITORY,
+    UNIX_PATH_MAX,
+    Config,
+    ConfigError,
+    Expose,
+    load_config,
+)
+from torbridge.protocol.cluster import NodeRef
+from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
+from torbridge.server import notify
 from torbridge.server.admission import Admission
-from torbridge.server.annexquery import AnnexQuery
 from torbridge.server.control import (
     ControlServer,
     control_socket,
@@ -48,7 +55,6 @@ from torbridge.server.control import (
     serve_metrics,
 )
 from torbridge.server.fdpass import PassedPipes, accept_stream
-from torbridge.server.locationlog import LocationLog
 from torbridge.server.refwatch import RefWatcher
 from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.server.status import Registry
@@ -74,55 +80,7 @@ from torbridge.transport.process import AnnexShellTransport
 
 log = logging.getLogger("torbridge")
 
-MIN_GIT_ANNEX = "10.20240701"  # the first release with P2P protocol v2-v4 proxies
 SOCKET_BACKLOG = 128
-_UNIX_PATH_MAX = 107
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the text is one line saying why and what to do."""
-
-
-def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
-
-
-def check_git_annex() -> str:
-    """The installed git-annex version, if it is new enough."""
-    for program in ("git", "git-annex", "git-annex-shell"):
-        if shutil.which(program) is None:
-            raise StartupError(
-                f"{program} not found on PATH: install git-annex {MIN_GIT_ANNEX} or newer"
-                " (for instance `pip install git-annex`)"
-            )
-    version = _run(["git-annex", "version", "--raw"]).stdout.strip()
-    if _version_key(version) < _version_key(MIN_GIT_ANNEX):
-        raise StartupError(
-            f"git-annex {version or '?'} is too old: {MIN_GIT_ANNEX} or newer needed"
-        )
-    return version
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", version.split("-")[0])[:2]) or (0,)
-
-
-def repository_uuid(repository: Path) -> str:
-    """The annex UUID of the proxy's own repository."""
-    if not repository.is_dir():
-        raise StartupError(f"repository {repository} does not exist")
-    result = _run(["git", "config", "--get", "annex.uuid"], cwd=repository)
-    if "dubious ownership" in result.stderr:
-        raise StartupError(
-            f"git refuses {repository}: it belongs to another user; run torbridge as the"
-            " repository's owner (e.g. sudo -u torbridge)"
-        )
-    uuid = result.stdout.strip()
-    if result.returncode != 0 or not uuid:
-        raise StartupError(
-            f"{repository} is not a git-annex repository (no annex.uuid): run `git annex init`"
-        )
-    return uuid
 
 
 @dataclass
@@ -187,7 +145,7 @@ def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Tr
         # A remote git-annex can proxy itself (ssh, path, special remote):
         # git-annex-shell reaches it and keeps its location log, but only
         # once `git annex updateproxy` has listed it in proxy.log.
-        proxied = parse_proxy_log(_annex_log(config.repository, "proxy.log"))
+        proxied = parse_proxy_log(read_annex_log(config.repository, "proxy.log"))
         if remote.uuid not in proxied.get(own_uuid, frozenset()):
             raise RemoteError(
                 f"git-annex does not proxy remote {remote.name!r} yet: run"
@@ -222,8 +180,8 @@ def _cluster_transport(
     cluster = read_cluster(
         config.repository,
         name,
-        _annex_log(config.repository, "cluster.log"),
-        _annex_log(config.repository, "proxy.log"),
+        read_annex_log(config.repository, "cluster.log"),
+        read_annex_log(config.repository, "proxy.log"),
     )
     # The order git-annex's gateway asks holders in: git-annex's own costs.
     remotes = [*cluster.nodes, *(link.remote for link in cluster.via_gateways)]
@@ -263,11 +221,6 @@ def _cluster_transport(
         stall_timeout=limits.peer_wait * 0.8,
         members=cluster.members,
     )
-
-
-def _annex_log(repository: Path, name: str) -> str:
-    """A log file of the git-annex branch, as committed ("" if there is none)."""
-    return _run(["git", "cat-file", "-p", f"git-annex:{name}"], cwd=repository).stdout
 
 
 def _make_state_dir(path: Path) -> None:
@@ -339,8 +292,8 @@ def current_onion(config: Config) -> str | None:
 
 def _claim_socket_path(path: Path) -> None:
     """Remove a stale socket; refuse one a live daemon is listening on."""
-    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-        raise StartupError(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes")
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise StartupError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes")
     if not os.path.lexists(path):
         return
     if not path.is_socket():

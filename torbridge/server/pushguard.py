@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from torbridge.annex.host import run
 from torbridge.protocol import gitaccess as g
 
 HOOK = "update"
@@ -44,9 +45,7 @@ class GuardError(Exception):
 
 
 def _git(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run(["git", *args], cwd=cwd)
     if result.returncode != 0:
         raise GuardError(f"git {' '.join(args)} failed: {result.stderr.strip()[:200]}")
     return result.stdout.strip()
@@ -116,18 +115,14 @@ def git_config_env(directory: Path, base: Mapping[str, str]) -> dict[str, str]:
 
 
 def _head() -> str | None:
-    result = subprocess.run(
-        ["git", "symbolic-ref", "-q", "HEAD"], capture_output=True, text=True, check=False
-    )
+    result = run(["git", "symbolic-ref", "-q", "HEAD"])
     if result.returncode != 0:
         return None  # detached
     return result.stdout.strip() or None
 
 
 def _fast_forward(old: str, new: str) -> bool | None:
-    result = subprocess.run(
-        ["git", "merge-base", "--is-ancestor", old, new], capture_output=True, check=False
-    )
+    result = run(["git", "merge-base", "--is-ancestor", old, new])
     return {0: True, 1: False}.get(result.returncode)
 
 

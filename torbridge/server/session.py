@@ -20,14 +20,14 @@ from typing import Protocol, TypeVar
 
 import trio
 
+from torbridge.annex.locationlog import LocationLog
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol import relay as r
 from torbridge.protocol.framing import LineEvent
-from torbridge.protocol.gitaccess import GitAccess
+from torbridge.protocol.permissions import Grant
 from torbridge.protocol.relay import Side
 from torbridge.server.gitservice import refuse_git_service, run_git_service
-from torbridge.server.locationlog import LocationLog
 from torbridge.server.refwatch import Refs, RefWatch, RefWatcher
 from torbridge.server.status import Registry
 from torbridge.server.watched import WatchedStream
@@ -52,15 +52,6 @@ class ClientLeft:
     """The client hung up while the session waited on its peer."""
 
     reason: str
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What a valid token allows."""
-
-    token_name: str
-    mode: r.Mode
-    git: GitAccess | None = None  # None: what the mode gives (protocol/gitaccess.py)
 
 
 class PendingAuth:

@@ -44,7 +44,7 @@ class QueryFailed(Exception):
 
 
 class ClusterKnowledge(Protocol):
-    """What git-annex knows of the proxy repository (server/annexquery.py)."""
+    """What git-annex knows of the proxy repository (annex/query.py)."""
 
     async def locations(self, key: str) -> frozenset[str]: ...
 
@@ -54,7 +54,7 @@ class ClusterKnowledge(Protocol):
 
 
 class Recorder(Protocol):
-    """The proxy's location log (server/locationlog.py)."""
+    """The proxy's location log (annex/locationlog.py)."""
 
     def record(self, key: str, uuid: str, present: bool) -> None: ...
 
@@ -399,7 +399,7 @@ class ClusterChannel(PeerChannel):
         usable = self._usable()
         logged = await self._locations(request.key)
         # Each node's preferred content, evaluated by git-annex as that node
-        # (server/preferred.py); another gateway weighs its own nodes' itself.
+        # (annex/preferred.py); another gateway weighs its own nodes' itself.
         asked = [n.ref.name for n in usable if n.gateway is None and n.ref.uuid not in logged]
         wanted = await self._wanted(asked, request.key, request.af)
         refs = c.put_targets([n.ref for n in usable], logged, lambda r: wanted.get(r.name, True))

@@ -18,8 +18,8 @@ from pathlib import Path
 import socks  # type: ignore[import-untyped]
 import trio
 
+from torbridge.annex.remotes import NetAddress, TorAddress
 from torbridge.protocol import messages as m
-from torbridge.remotes import NetAddress, TorAddress
 from torbridge.transport.base import (
     PeerChannel,
     PeerUnavailable,

@@ -21,7 +21,7 @@ import trio
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import LineEvent
-from torbridge.protocol.relay import Mode
+from torbridge.protocol.permissions import Mode
 from torbridge.transport.base import (
     PeerChannel,
     PeerUnavailable,

@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torbridge.annex.host import run
+
 _REMOTE_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
 _ONION = re.compile(r"[a-z2-7]{16,56}\.onion")
 _PORT = re.compile(r"[0-9]{1,5}")  # not str.isdigit(): "²" is a digit to it, not to int()
@@ -110,32 +112,19 @@ def check_uuid(uuid: str, what: str) -> str:
 
 
 def git_dir(repository: Path) -> Path:
-    out = subprocess.run(
-        ["git", "rev-parse", "--absolute-git-dir"],
-        cwd=repository,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = run(["git", "rev-parse", "--absolute-git-dir"], cwd=repository)
     if out.returncode != 0:
         raise RemoteError(f"{repository} is not a git repository")
     return Path(out.stdout.strip())
 
 
 def read_remotes(repository: Path) -> dict[str, Remote]:
-    out = subprocess.run(
-        ["git", "config", "-z", "--get-regexp", r"^remote\."],
-        cwd=repository,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    out = run(["git", "config", "-z", "--get-regexp", r"^remote\."], cwd=repository)
     found: dict[str, dict[str, str]] = {}
-    for entry in out.stdout.split(b"\0"):
+    for entry in out.stdout.split("\0"):
         if not entry:
             continue
-        key, _, value = entry.decode("utf-8", "surrogateescape").partition("\n")
+        key, _, value = entry.partition("\n")
         name, _, setting = key[len("remote.") :].rpartition(".")
         found.setdefault(name, {})[setting.lower()] = value
     return {
@@ -279,28 +268,16 @@ def parse_remote_log(text: str) -> dict[str, dict[str, str]]:
 
 def read_annex_log(repository: Path, name: str) -> str:
     """A log file of the git-annex branch as committed ("" when there is none)."""
-    out = subprocess.run(
-        ["git", "cat-file", "-p", f"git-annex:{name}"],
-        cwd=repository,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    return out.stdout.decode("utf-8", "surrogateescape") if out.returncode == 0 else ""
+    out = run(["git", "cat-file", "-p", f"git-annex:{name}"], cwd=repository)
+    return out.stdout if out.returncode == 0 else ""
 
 
 def read_cluster_names(repository: Path) -> dict[str, str]:
     """annex.cluster.NAME = UUID: the clusters this repository is a gateway for."""
-    out = subprocess.run(
-        ["git", "config", "-z", "--get-regexp", r"^annex\.cluster\."],
-        cwd=repository,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    out = run(["git", "config", "-z", "--get-regexp", r"^annex\.cluster\."], cwd=repository)
     clusters = {}
-    for entry in out.stdout.split(b"\0"):
-        key, _, value = entry.decode("utf-8", "surrogateescape").partition("\n")
+    for entry in out.stdout.split("\0"):
+        key, _, value = entry.partition("\n")
         if key.startswith("annex.cluster."):
             clusters[key[len("annex.cluster.") :]] = value.strip()
     return clusters
@@ -377,10 +354,7 @@ def annex_costs(repository: Path, names: list[str]) -> dict[str, float]:
     if not names:
         return {}
     try:
-        done = subprocess.run(
-            ["git", "annex", "info", "--fast", "--json", "--", *names],
-            cwd=repository, capture_output=True, text=True, timeout=60, check=False,
-        )
+        done = run(["git", "annex", "info", "--fast", "--json", "--", *names], cwd=repository)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     costs: dict[str, float] = {}

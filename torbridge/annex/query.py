@@ -5,7 +5,7 @@ preferred content. Both are git-annex's formats and rules, so git-annex
 answers: one long-running ``git annex whereis --batch-keys --json`` for
 locations (it reads the journal on every query, so it sees what was
 recorded a moment ago by any process), and ``git annex find
---want-get-by`` for preferred content (server/preferred.py).
+--want-get-by`` for preferred content (annex/preferred.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import trio
 
+from torbridge.annex.locationlog import LocationLog
+from torbridge.annex.preferred import PreferredContent
 from torbridge.protocol.messages import is_valid_key
-from torbridge.server.locationlog import LocationLog
-from torbridge.server.preferred import PreferredContent
 
 log = logging.getLogger("torbridge.annexquery")
 
@@ -113,5 +113,5 @@ class AnnexQuery:
     # --- preferred content -------------------------------------------------------------
 
     async def wanted(self, remotes: Sequence[str], key: str, af: str | None) -> dict[str, bool]:
-        """Whether each remote's preferred content wants ``key`` (server/preferred.py)."""
+        """Whether each remote's preferred content wants ``key`` (annex/preferred.py)."""
         return await self.preferred.wanted(remotes, key, af)
