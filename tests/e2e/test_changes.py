@@ -237,13 +237,17 @@ def test_a_watcher_that_leaves_frees_its_session(
     with_limits(bridge, max_sessions_per_token=1)
     bridge.start()
     token = bridge.add_token("one", "rw")
-    with RawSession(token.socket) as s:
-        s.auth(token.token, proxy_repo.uuid)
-        s.send_line("NOTIFYCHANGE")
-        wait_for("the watching session", lambda: watching_sessions(bridge) == 1)
-        with RawSession(token.socket) as other:  # the token's one slot is taken
-            assert other.auth(token.token) == "AUTH-FAILURE"
-    # The client hung up while waiting: the session ends although no ref changed.
+    with RawSession(token.socket) as other:
+        with RawSession(token.socket) as s:
+            s.auth(token.token, proxy_repo.uuid)
+            s.send_line("NOTIFYCHANGE")
+            wait_for("the watching session", lambda: watching_sessions(bridge) == 1)
+            # The token's one slot is taken: the next AUTH waits for it.
+            other.send_line(f"AUTH {other.client_uuid} {token.token}")
+            wait_for("the waiting AUTH", lambda: "waiting for a slot" in bridge.log())
+        # The watcher hung up: its slot goes to the waiting connection,
+        # although no ref changed.
+        assert other.read_line() == f"AUTH-SUCCESS {proxy_repo.uuid}"
     wait_for("the session's end", lambda: not status(bridge)["sessions"])
     wait_for("the watch's end", lambda: inotify_descriptors(daemon_pid(bridge)) == 0)
     with RawSession(token.socket) as s:
