@@ -170,21 +170,27 @@ def test_node_endpoint_relays_through_tor(world: TorWorld) -> None:
     assert "node1" in world.bridge.log()
 
 
-def test_j64_through_one_circuit(world: TorWorld) -> None:
+@pytest.mark.parametrize(
+    ("port", "remote"), [(HUB_PORT, "hub"), (NODE_VIA_BRIDGE_PORT, "nodevia")]
+)
+def test_j64_through_one_circuit(world: TorWorld, port: int, remote: str) -> None:
     """One client's ``copy --to -J64`` and ``get --from -J64`` through the
     onion with one token: every stream rides the client's one rendezvous
     circuit, and with the default caps no stream closes it and no
     connection is refused (before: MaxStreams 32 killed the circuit at the
-    33rd job, max_sessions_per_token 16 answered the 17th with AUTH-FAILURE)."""
-    client = linked_client(world, "dave", HUB_PORT, "hub")
+    33rd job, max_sessions_per_token 16 answered the 17th with AUTH-FAILURE).
+    To the proxy's own endpoint, and to the node endpoint, whose sessions
+    the bridge relays over Tor again to the node's own onion."""
+    holder = world.proxy if port == HUB_PORT else world.node_repo
+    client = linked_client(world, f"dave-{remote}", port, remote)
     files = parallel_files(client)
-    out = client.annex("copy", "--to", "hub", f"-J{JOBS}", ".", timeout=900).output
+    out = client.annex("copy", "--to", remote, f"-J{JOBS}", ".", timeout=900).output
     assert_every_file_ok(out, "copy --to over the onion")
     for name, content in files.items():
-        assert world.proxy.key_content(client.key(name)) == content, name
+        assert holder.key_content(client.key(name)) == content, name
     client.annex("drop", f"-J{JOBS}", ".", timeout=900)
     assert client.present_here() == set()
-    out = client.annex("get", "--from", "hub", f"-J{JOBS}", ".", timeout=900).output
+    out = client.annex("get", "--from", remote, f"-J{JOBS}", ".", timeout=900).output
     assert_every_file_ok(out, "get --from over the onion")
     for name, content in files.items():
         assert client.read(name) == content, name
