@@ -49,6 +49,10 @@ class Limits:
     # Authenticated sessions in all: each runs its own git-annex-shell (10-20 MiB).
     max_sessions: int = 256
     max_per_circuit: int = 8  # connections per Tor circuit (with export_circuit_id)
+    # A session's peer (git-annex-shell, a node connection) is stopped after
+    # its client has been quiet this long, unless it holds a lock or a
+    # transfer; the next request starts a new one.
+    peer_idle: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -437,6 +441,7 @@ _LIMIT_COMMENTS = {
     "max_sessions_per_token": "concurrent sessions of one token",
     "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",
     "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
+    "peer_idle": "seconds a quiet session keeps its git-annex-shell or node connection",
 }
 
 

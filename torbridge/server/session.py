@@ -188,7 +188,12 @@ class Session:
         self.limits = endpoint.limits
         self._watched = WatchedStream(stream)
         self.client = FramedStream(self._watched, initial)
-        self.relay = r.Relay(endpoint.uuid, endpoint.transport.name, endpoint.refs is not None)
+        self.relay = r.Relay(
+            endpoint.uuid,
+            endpoint.transport.name,
+            endpoint.refs is not None,
+            peer_max_version=endpoint.transport.known_max_version,
+        )
         self.peer: PeerChannel | None = None
         self.grant: Grant | None = None
         self.outcome = "unfinished"
@@ -291,7 +296,7 @@ class Session:
                 event = got
             else:
                 with evictable, trio.fail_at(deadline):
-                    event = await channel.receive_event()
+                    event = await self._stopping_idle_peer(channel.receive_event)
             if self.pending.evicted and self._pre_auth:
                 self.linger = 0.0
                 return await self._lost(side, "evicted: too many unauthenticated connections")
@@ -350,6 +355,40 @@ class Session:
             raise failed[0]
         # An answer that came in time is used even if the client left as well.
         return answer[0] if answer else left[0]
+
+    async def _stopping_idle_peer(self, wait: Callable[[], Awaitable[T]]) -> T:
+        """``wait()`` for the client; meanwhile, once it has been quiet for
+        ``limits.peer_idle`` seconds, stop the peer if the relay says it may
+        be (``Relay.peer_stoppable``). The next request reopens it.
+
+        ``wait()`` itself is never cancelled by this: a timer beside it does
+        the stopping, shielded, and is cancelled when ``wait()`` returns.
+        """
+        if not self.relay.peer_stoppable:
+            return await wait()
+        result: list[T] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_peer_after, self.limits.peer_idle)
+            try:
+                result.append(await wait())
+            except Exception as e:  # raised as itself, not in the nursery's group
+                failed.append(e)
+            finally:
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return result[0]
+
+    async def _stop_peer_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        with trio.CancelScope(shield=True):
+            actions = self.relay.peer_idle()
+            for action in actions:
+                await self._perform(action)  # ClosePeer: the peer's process exits
+            if actions:
+                log.debug("[%d] peer stopped after %.0f s idle", self.id, seconds)
+                self.endpoint.registry.peer_stopped_idle(self.endpoint.transport.name)
 
     async def _lost(
         self, side: Side, reason: str, header_unsent: bool = False, retry: bool = True
@@ -413,7 +452,10 @@ class Session:
         assert refs is not None
         if self._ref_watch is None:
             self._ref_watch = self._exits.enter_context(refs.watch(self._ref_baseline))
-        got = await self._unless_client_leaves(self._ref_watch.changed, "changes")
+        watch = self._ref_watch
+        got = await self._stopping_idle_peer(
+            lambda: self._unless_client_leaves(watch.changed, "changes")
+        )
         if isinstance(got, ClientLeft):
             return await self._lost(Side.CLIENT, got.reason)
         log.debug("[%d] refs changed: %d commit(s)", self.id, len(got))
