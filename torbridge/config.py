@@ -46,8 +46,9 @@ class Limits:
     stall_timeout: float = 300.0  # no byte of a DATA body moved
     max_unauthenticated: int = 64  # connections not yet past AUTH, all endpoints
     max_sessions_per_token: int = 16
-    # Authenticated sessions in all: each runs its own git-annex-shell (10-20 MiB).
-    max_sessions: int = 256
+    # Authenticated sessions in all: ~16 KiB each while quiet, ~10 MiB more
+    # while a git-annex-shell runs for it (docs/operator-guide.md).
+    max_sessions: int = 2048
     max_per_circuit: int = 8  # connections per Tor circuit (with export_circuit_id)
     # A session's peer (git-annex-shell, a node connection) is stopped after
     # its client has been quiet this long, unless it holds a lock or a
@@ -439,7 +440,7 @@ _LIMIT_COMMENTS = {
     "stall_timeout": "seconds without a byte of a DATA body moving",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
-    "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",
+    "max_sessions": "authenticated sessions in all (~16 KiB quiet, ~10 MiB active)",
     "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
     "peer_idle": "seconds a quiet session keeps its git-annex-shell or node connection",
 }
