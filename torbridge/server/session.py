@@ -295,8 +295,9 @@ class Session:
                     return await self._lost(Side.CLIENT, got.reason)
                 event = got
             else:
+                assert isinstance(channel, FramedStream)
                 with evictable, trio.fail_at(deadline):
-                    event = await self._stopping_idle_peer(channel.receive_event)
+                    event = await self._client_event(channel)
             if self.pending.evicted and self._pre_auth:
                 self.linger = 0.0
                 return await self._lost(side, "evicted: too many unauthenticated connections")
@@ -356,10 +357,23 @@ class Session:
         # An answer that came in time is used even if the client left as well.
         return answer[0] if answer else left[0]
 
+    async def _client_event(self, client: FramedStream) -> LineEvent:
+        """The client's next event; once it has been quiet for ``limits.peer_idle``
+        seconds, stop the peer if the relay says it may be (``Relay.peer_stoppable``).
+
+        One more cancel scope per read, no task: the read is cancelled and
+        repeated, which is safe as in ``_receive_from_peer`` (the FramedStream
+        feeds its decoder only after a read returns).
+        """
+        if self.relay.peer_stoppable:
+            with trio.move_on_after(self.limits.peer_idle):
+                return await client.receive_event()
+            await self._stop_idle_peer()
+        return await client.receive_event()
+
     async def _stopping_idle_peer(self, wait: Callable[[], Awaitable[T]]) -> T:
-        """``wait()`` for the client; meanwhile, once it has been quiet for
-        ``limits.peer_idle`` seconds, stop the peer if the relay says it may
-        be (``Relay.peer_stoppable``). The next request reopens it.
+        """``wait()`` (for changes); meanwhile, once the client has been quiet
+        for ``limits.peer_idle`` seconds, stop the peer if it may be.
 
         ``wait()`` itself is never cancelled by this: a timer beside it does
         the stopping, shielded, and is cancelled when ``wait()`` returns.
@@ -382,12 +396,15 @@ class Session:
 
     async def _stop_peer_after(self, seconds: float) -> None:
         await trio.sleep(seconds)
+        await self._stop_idle_peer()
+
+    async def _stop_idle_peer(self) -> None:
         with trio.CancelScope(shield=True):
             actions = self.relay.peer_idle()
             for action in actions:
                 await self._perform(action)  # ClosePeer: the peer's process exits
             if actions:
-                log.debug("[%d] peer stopped after %.0f s idle", self.id, seconds)
+                log.debug("[%d] peer stopped after %g s idle", self.id, self.limits.peer_idle)
                 self.endpoint.registry.peer_stopped_idle(self.endpoint.transport.name)
 
     async def _lost(
