@@ -272,3 +272,24 @@ def test_lock_survives_the_idle_period(quick_bridge: Bridge, proxy_repo: AnnexRe
         locker.send_line(f"REMOVE {key}")
         locker.expect("SUCCESS")
     assert not proxy_repo.has_key(key)
+
+
+def test_watching_session_stops_its_shell_and_goes_on(
+    quick_bridge: Bridge, proxy_repo: AnnexRepo
+) -> None:
+    """An assistant-like session: a request, then NOTIFYCHANGE on the same connection."""
+    bridge = quick_bridge
+    token = bridge.add_token("assistant", "rw")
+    proxy_repo.add_files({"a.bin": b"a" * 1000})
+    key = proxy_repo.key("a.bin")
+    with raw_session(token, proxy_repo) as s:
+        s.send_line(f"CHECKPRESENT {key}")
+        s.expect("SUCCESS")
+        s.send_line("NOTIFYCHANGE")
+        wait_for("the watching session's shell to stop", lambda: not shells(bridge))
+        assert stopped_idle(bridge) == 1
+        commit = proxy_repo.commit_git_file("n.txt", b"n\n", "a change")
+        s.expect(f"CHANGED {commit}", timeout=WAIT)
+        s.send_line(f"CHECKPRESENT {key}")
+        s.expect("SUCCESS")
+        assert len(shells(bridge)) == 1
