@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,19 +36,17 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 from bench_transfer import (  # noqa: E402 (after the sys.path set-up)
-    OPS,
     PATHS,
     BenchError,
-    Results,
     Runner,
-    Workload,
     add_workload,
     check_disk,
-    fmt,
+    loadavg,
     parse_workload_args,
     report,
     run_in_temp_dir,
     run_rounds,
+    spread,
     workload_parser,
 )
 
@@ -114,38 +111,6 @@ class World:
             self.node.server.stop()
         if errors:
             raise BenchError("the daemon did not stop cleanly:\n" + "\n".join(errors))
-
-
-def spread(results: Results, workloads: Sequence[Workload], paths: Sequence[str]) -> None:
-    """Per run: min..max and (max - min) / median; per round: the bridge/direct ratio."""
-    print("\nspread between rounds (seconds: min..max, (max-min)/median):")
-    for workload in workloads:
-        for op in OPS:
-            for path in paths:
-                values = results.seconds.get((path, workload.name, op), [])
-                if not values:
-                    continue
-                med = statistics.median(values)
-                print(
-                    f"  {path:6} {workload.name:5} {op:4}  {min(values):8.3f}..{max(values):8.3f}"
-                    f"  {100 * (max(values) - min(values)) / med:5.1f}%"
-                )
-    if "direct" not in paths or "bridge" not in paths:
-        return
-    print("per-round ratios (big: throughput bridge/direct; small: elapsed bridge/direct):")
-    for workload in workloads:
-        for op in OPS:
-            direct = results.seconds[("direct", workload.name, op)]
-            bridge = results.seconds[("bridge", workload.name, op)]
-            ratios = [
-                d / b if workload.name == "big" else b / d
-                for d, b in zip(direct, bridge, strict=True)
-            ]
-            print(f"  {workload.name:5} {op:4}  {'  '.join(fmt(r) for r in ratios)}")
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def bench(root: Path, args: argparse.Namespace) -> None:

@@ -496,6 +496,38 @@ def report(results: Results, workloads: Sequence[Workload], paths: Sequence[str]
 # ---------------------------------------------------------------- main
 
 
+def spread(results: Results, workloads: Sequence[Workload], paths: Sequence[str]) -> None:
+    """Per run: min..max and (max - min) / median; per round: the bridge/direct ratio."""
+    print("\nspread between rounds (seconds: min..max, (max-min)/median):")
+    for workload in workloads:
+        for op in OPS:
+            for path in paths:
+                values = results.seconds.get((path, workload.name, op), [])
+                if not values:
+                    continue
+                med = statistics.median(values)
+                print(
+                    f"  {path:6} {workload.name:5} {op:4}  {min(values):8.3f}..{max(values):8.3f}"
+                    f"  {100 * (max(values) - min(values)) / med:5.1f}%"
+                )
+    if "direct" not in paths or "bridge" not in paths:
+        return
+    print("per-round ratios (big: throughput bridge/direct; small: elapsed bridge/direct):")
+    for workload in workloads:
+        for op in OPS:
+            direct = results.seconds[("direct", workload.name, op)]
+            bridge = results.seconds[("bridge", workload.name, op)]
+            ratios = [
+                d / b if workload.name == "big" else b / d
+                for d, b in zip(direct, bridge, strict=True)
+            ]
+            print(f"  {workload.name:5} {op:4}  {'  '.join(fmt(r) for r in ratios)}")
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt so the cleanup in `finally` runs."""
@@ -537,13 +569,17 @@ def bench(root: Path, args: argparse.Namespace) -> None:
             link_direct(runner, client, server)
         if "bridge" in paths:
             daemon = start_bridge(runner, root, client, server, args)
-        print("measuring...", flush=True)
+        load_before = loadavg()
+        print(f"measuring... (load average {load_before})", flush=True)
         pid = daemon.pid if daemon is not None else None
         results = run_rounds(runner, client, paths, workloads, args.rounds, pid)
+        load_after = loadavg()
     finally:
         if daemon is not None:
             daemon.stop()
     report(results, workloads, paths)
+    spread(results, workloads, paths)
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
 
 
 def remove_tree(root: Path) -> None:

@@ -46,10 +46,11 @@ class Limits:
     # a stock client keeps idle connections pooled and fails the next
     # transfer on one the server closed (docs/protocol-notes.md).
     idle_timeout: float = 0.0
-    # A session's peer (git-annex-shell, a node's connection) is closed after
-    # this long without a request, and opened again by the next one; the
-    # client's connection stays open (0 = the peer stays open too).
-    peer_idle: float = 60.0
+    # A session's peer (git-annex-shell, a node connection) is stopped after
+    # its client has been quiet this long, unless it holds a lock or a
+    # transfer; the next request starts a new one. The client's connection
+    # stays open (0 = the peer stays open too).
+    peer_idle: float = 30.0
     # A peer keeping the session waiting: its reply to a request, its part of
     # a DATA body. 0 = none, as git-annex has none: a working peer may be
     # silent for as long as its work takes (a special remote storing a big
@@ -63,8 +64,9 @@ class Limits:
     # git-annex's own P2P server serves 100 connections per network at once:
     # one client's `-J64` fits.
     max_sessions_per_token: int = 100
-    # Authenticated sessions in all: each runs its own git-annex-shell (10-20 MiB).
-    max_sessions: int = 256
+    # Authenticated sessions in all: ~16 KiB each while quiet, ~10 MiB more
+    # while a git-annex-shell runs for it (docs/operator-guide.md).
+    max_sessions: int = 2048
     # A connection with a valid token, over a session cap, waits this long for
     # a slot before it is told ERROR (never AUTH-FAILURE).
     session_wait: float = 60.0
@@ -521,7 +523,7 @@ _LIMIT_COMMENTS = {
     "stall_timeout": "seconds a client may stop mid-DATA or mid-CONNECT (0 = no limit)",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
-    "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",
+    "max_sessions": "authenticated sessions in all (~16 KiB quiet, ~10 MiB active)",
     "session_wait": "seconds a valid token waits for a session slot at a cap",
     "max_per_circuit": "connections per Tor circuit (with [tor] export_circuit_id)",
     "drain_timeout": "on SIGTERM, seconds the sessions in flight get to finish",

@@ -194,11 +194,20 @@ class RelayError(RuntimeError):
 class Relay:
     """State of one client session bridged to one peer."""
 
-    def __init__(self, server_uuid: str, peer_name: str, notifies: bool = False) -> None:
+    def __init__(
+        self,
+        server_uuid: str,
+        peer_name: str,
+        notifies: bool = False,
+        peer_max_version: int | None = None,
+    ) -> None:
         self.server_uuid = server_uuid  # what AUTH-SUCCESS tells the client
         self.peer_name = peer_name  # for error texts: which peer failed
         # NOTIFYCHANGE is served (the proxy's own repository), not a protocol error.
         self.notifies = notifies
+        # The highest version the peer agrees to, when known without asking it
+        # (see _answer_version); None: VERSION opens the peer to ask.
+        self.peer_max_version = peer_max_version
         self.phase = Phase.AUTH
         self.mode = Mode.READ_ONLY  # until AUTH says otherwise
         self.git = GitAccess.NONE  # likewise
@@ -259,15 +268,6 @@ class Relay:
         """The token is valid, but no session slot came free in time."""
         self._expect(Phase.AUTHENTICATING)
         return self._end(f"busy: {text}", [Send(Side.CLIENT, m.Error(text))])
-
-    def peer_idle(self) -> list[Action]:
-        """No request for a while: the peer is closed, the client's connection
-        stays open, and its next request opens the peer again."""
-        self._expect(Phase.IDLE)
-        if not self.peer_open:
-            return []
-        self.peer_open = False
-        return [ClosePeer("idle")]
 
     def auth_rejected(self) -> list[Action]:
         self._expect(Phase.AUTHENTICATING)
@@ -397,6 +397,8 @@ class Relay:
             if self.negotiated:  # only as the first request, as stock clients send it
                 return [Send(Side.CLIENT, m.Error("unexpected command"))]
             self.version = min(event.version, m.MAX_VERSION)
+            if self.peer_max_version is not None:
+                return self._answer_version()
             return self._open([])  # peer_opened answers with the agreed version
         self.negotiated = True
         if isinstance(event, m.Bypass):
@@ -633,6 +635,50 @@ class Relay:
     def _put_failed(self) -> list[Action]:
         self.phase = Phase.IDLE
         return [Send(Side.CLIENT, m.Error(f"{self.peer_name}: connection lost during transfer"))]
+
+    # --- an idle session holds no peer ------------------------------------------------
+    #
+    # A peer connection costs: a git-annex-shell is 10-20 MiB, a node's
+    # git-annex serves at most 100 connections at a time. Clients keep
+    # theirs open for hours (a remotedaemon waiting for changes, a pooled
+    # connection of a long-running git-annex), so the peer is opened at the
+    # first request that needs it and stopped once the client has been
+    # quiet for a while. The next request reopens it at the version the
+    # client agreed to, as after a stale connection; the client never knows.
+
+    def _answer_version(self) -> list[Action]:
+        """VERSION answered here: the peer's answer is known without asking it.
+
+        A git-annex server agrees to min(theirs, its maximum), whoever asks
+        and whenever; the peer is opened at that version by the first
+        request that needs it (and a peer that then agrees to another
+        version fails that request, as a reopen at another version does).
+        """
+        assert self.peer_max_version is not None
+        self.version = min(self.version, self.peer_max_version)
+        self.negotiated = True
+        return [Send(Side.CLIENT, m.Version(self.version))]
+
+    @property
+    def peer_stoppable(self) -> bool:
+        """The peer is open and holds nothing the session still needs.
+
+        Only between requests (IDLE) or while waiting for changes (WATCHING):
+        never while a LOCKCONTENT lock is held (CLIENT_UNLOCK; the lock lives
+        in the peer) or in any part of an exchange (a transfer in progress).
+        git-annex servers keep no other state between requests: BYPASS is
+        passed again on the reopen, and GETTIMESTAMP's clock is the host's
+        (CLOCK_BOOTTIME), the same for a new git-annex-shell.
+        """
+        return self.peer_open and self.phase in (Phase.IDLE, Phase.WATCHING)
+
+    def peer_idle(self) -> list[Action]:
+        """The client has been quiet for the idle period: stop the peer if it may be."""
+        if not self.peer_stoppable:
+            return []
+        self.peer_open = False
+        self._retry_allowed = False
+        return [ClosePeer("idle")]
 
     # --- helpers ------------------------------------------------------------------
 

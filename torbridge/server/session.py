@@ -191,7 +191,12 @@ class Session:
         self.limits = endpoint.limits
         self._watched = WatchedStream(stream)
         self.client = FramedStream(self._watched, initial)
-        self.relay = r.Relay(endpoint.uuid, endpoint.transport.name, endpoint.refs is not None)
+        self.relay = r.Relay(
+            endpoint.uuid,
+            endpoint.transport.name,
+            endpoint.refs is not None,
+            peer_max_version=endpoint.transport.known_max_version,
+        )
         self.peer: PeerChannel | None = None
         self.grant: Grant | None = None
         self.outcome = "unfinished"
@@ -297,7 +302,7 @@ class Session:
             else:
                 assert isinstance(channel, FramedStream)
                 with evictable, trio.fail_at(deadline):
-                    event = await self._receive_from_client(channel)
+                    event = await self._client_event(channel)
             if self.pending.evicted and self._pre_auth:
                 self.linger = 0.0
                 return await self._lost(side, "evicted: too many unauthenticated connections")
@@ -312,24 +317,6 @@ class Session:
             # The client may hear less (protocol/clienttext.py): the log keeps it.
             log.warning("[%d] %s said ERROR %s", self.id, self.endpoint.transport.name, event.text)
         return self.relay.receive(side, event)
-
-    async def _receive_from_client(self, channel: FramedStream) -> LineEvent:
-        """The client's next event; between requests, its peer is closed
-        after ``peer_idle`` seconds of quiet.
-
-        The client's connection stays open: a stock client keeps it pooled
-        and would fail its next transfer on it if it were closed. Its next
-        request opens the peer again. (receive_event is cancel-safe: a
-        FramedStream feeds its decoder only after a read returns.)
-        """
-        quiet = self.limits.peer_idle
-        if quiet and self.relay.phase is r.Phase.IDLE and self.relay.peer_open:
-            with trio.move_on_after(quiet):
-                return await channel.receive_event()
-            log.debug("[%d] %s: client idle, closing its peer", self.id, self.endpoint.name)
-            for action in self.relay.peer_idle():
-                await self._perform(action)
-        return await channel.receive_event()
 
     async def _receive_from_peer(
         self, channel: PeerChannel, deadline: float
@@ -379,6 +366,56 @@ class Session:
             raise failed[0]
         # An answer that came in time is used even if the client left as well.
         return answer[0] if answer else left[0]
+
+    async def _client_event(self, client: FramedStream) -> LineEvent:
+        """The client's next event; once it has been quiet for ``limits.peer_idle``
+        seconds, stop the peer if the relay says it may be (``Relay.peer_stoppable``).
+
+        One more cancel scope per read, no task: the read is cancelled and
+        repeated, which is safe as in ``_receive_from_peer`` (the FramedStream
+        feeds its decoder only after a read returns).
+        """
+        if self.relay.peer_stoppable and self.limits.peer_idle:
+            with trio.move_on_after(self.limits.peer_idle):
+                return await client.receive_event()
+            await self._stop_idle_peer()
+        return await client.receive_event()
+
+    async def _stopping_idle_peer(self, wait: Callable[[], Awaitable[T]]) -> T:
+        """``wait()`` (for changes); meanwhile, once the client has been quiet
+        for ``limits.peer_idle`` seconds, stop the peer if it may be.
+
+        ``wait()`` itself is never cancelled by this: a timer beside it does
+        the stopping, shielded, and is cancelled when ``wait()`` returns.
+        """
+        if not (self.relay.peer_stoppable and self.limits.peer_idle):
+            return await wait()
+        result: list[T] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_peer_after, self.limits.peer_idle)
+            try:
+                result.append(await wait())
+            except Exception as e:  # raised as itself, not in the nursery's group
+                failed.append(e)
+            finally:
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return result[0]
+
+    async def _stop_peer_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        await self._stop_idle_peer()
+
+    async def _stop_idle_peer(self) -> None:
+        with trio.CancelScope(shield=True):
+            actions = self.relay.peer_idle()
+            for action in actions:
+                await self._perform(action)  # ClosePeer: the peer's process exits
+            if actions:
+                log.debug("[%d] peer stopped after %g s idle", self.id, self.limits.peer_idle)
+                self.endpoint.registry.peer_stopped_idle(self.endpoint.transport.name)
 
     async def _lost(
         self, side: Side, reason: str, header_unsent: bool = False, retry: bool = True
@@ -456,7 +493,10 @@ class Session:
         assert refs is not None
         if self._ref_watch is None:
             self._ref_watch = self._exits.enter_context(refs.watch(self._ref_baseline))
-        got = await self._unless_client_leaves(self._ref_watch.changed, "changes")
+        watch = self._ref_watch
+        got = await self._stopping_idle_peer(
+            lambda: self._unless_client_leaves(watch.changed, "changes")
+        )
         if isinstance(got, ClientLeft):
             return await self._lost(Side.CLIENT, got.reason)
         log.debug("[%d] refs changed: %d commit(s)", self.id, len(got))

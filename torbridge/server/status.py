@@ -94,6 +94,10 @@ class Registry:
         health.opens += 1
         health.last_open_seconds = seconds
 
+    def peer_stopped_idle(self, peer: str) -> None:
+        """A session's peer was stopped because its client was quiet (relay.peer_idle)."""
+        self.counters["peers_stopped_idle_total"] += 1
+
     def peer_failed(self, peer: str, reason: str) -> None:
         health = self.peers.setdefault(peer, PeerHealth())
         health.failures += 1
@@ -180,6 +184,10 @@ class Registry:
             (
                 "connections_refused_total",
                 "Connections turned away (the oldest evicted over the pre-auth cap; circuit caps).",
+            ),
+            (
+                "peers_stopped_idle_total",
+                "Peer connections (git-annex-shell, nodes) stopped while their client was quiet.",
             ),
             ("bytes_in_total", "Bytes received from clients."),
             ("bytes_out_total", "Bytes sent to clients."),

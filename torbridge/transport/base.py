@@ -62,6 +62,10 @@ class PeerChannel(abc.ABC):
 class Transport(abc.ABC):
     name: str  # for logs and the client's error texts
     uuid: str  # the UUID the peer must announce
+    # The highest P2P version the peer agrees to, where it is known without
+    # opening the peer (then a client's VERSION is answered without it); None:
+    # VERSION opens the peer to ask (relay.Relay's peer_max_version).
+    known_max_version: int | None = None
 
     @abc.abstractmethod
     async def open(

@@ -276,9 +276,12 @@ class AnnexShellTransport(Transport):
         elif session.mode is Mode.APPEND_ONLY:
             env["GIT_ANNEX_SHELL_APPENDONLY"] = "1"
         if not self.special:
-            return await open_process_channel(
+            channel = await open_process_channel(
                 nursery, self.name, argv, env, self.uuid, version, bypass, auth=None
             )
+            if self.target is None:
+                self._learn_max_version(version, channel.version)
+            return channel
         # At version 1 git-annex-shell takes the VALID after a PUT's body for
         # the next request and dies; at 0 there is no VALID to send.
         version = 0 if version == 1 else version
@@ -286,3 +289,15 @@ class AnnexShellTransport(Transport):
             nursery, self.name, argv, env, self.uuid, version, bypass, auth=None
         )
         return SpecialRemoteChannel(channel)
+
+    def _learn_max_version(self, asked: int, agreed: int) -> None:
+        """What git-annex-shell serving its own repository agrees to, learnt once.
+
+        It answers VERSION n with min(n, its maximum) (P2P/Protocol.hs), at
+        any time and for anyone; so after one answer below what was asked,
+        or of our own maximum, every later VERSION can be answered without
+        starting it. Not for --uuid: a proxied remote's answer is the
+        remote's, and can change with it.
+        """
+        if agreed < asked or agreed == m.MAX_VERSION:
+            self.known_max_version = agreed
