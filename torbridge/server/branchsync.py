@@ -4,9 +4,10 @@ Every gateway of a balanced service writes the location log of what it
 relayed into its own repository; the client's records reach the git
 owner through CONNECT. This task joins them:
 
-* on a host with an owner remote (``[balance] owner_remote``):
-  ``git annex sync --only-annex --no-content OWNER`` merges the owner's
-  git-annex branch into ours and pushes ours to it (as synced/git-annex);
+* on a host with an owner remote (``[balance] owner_remote``): ``git
+  fetch OWNER``, ``git annex merge`` (the owner's git-annex branch, and
+  what other hosts pushed to it, join ours), ``git push OWNER
+  git-annex:synced/git-annex``;
 * on the owner: ``git annex merge`` takes in what the hosts pushed.
 
 It runs every ``sync_interval`` seconds, and within a second after our
@@ -46,11 +47,18 @@ class BranchSync:
     failures: int = field(default=0, init=False)
     last_error: str | None = field(default=None, init=False)
 
-    def argv(self) -> list[str]:
+    def commands(self) -> list[list[str]]:
+        merge = ["git", "annex", "merge", "--quiet"]
         if self.owner_remote is None:
-            return ["git", "annex", "merge", "--quiet"]
-        return ["git", "annex", "sync", "--only-annex", "--no-content", "--quiet", "--",
-                self.owner_remote]
+            return [merge]
+        # Not `git annex sync`: it does not push to a remote whose UUID is
+        # the cluster's (the owner's endpoint announces the cluster).
+        remote = self.owner_remote
+        return [
+            ["git", "fetch", "--quiet", "--", remote],  # the owner's refs, synced/* included
+            merge,  # every */git-annex fetched joins ours
+            ["git", "push", "--quiet", "--", remote, "git-annex:refs/heads/synced/git-annex"],
+        ]
 
     async def run(self) -> None:
         written = self.location_log.written
@@ -67,27 +75,29 @@ class BranchSync:
     async def once(self) -> bool:
         before = await self._branch()
         env = dict(os.environ, TORBRIDGE_SOCKS=self.socks)
-        try:
-            with trio.fail_after(SYNC_TIMEOUT):
-                result = await trio.run_process(
-                    self.argv(), cwd=self.repository, env=env, check=False,
-                    stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True,
-                )
-        except (OSError, trio.TooSlowError) as e:
-            return self._failed(str(e) or f"no end within {SYNC_TIMEOUT:.0f}s")
-        if result.returncode != 0:
-            text = (result.stderr or result.stdout).decode(errors="replace").strip()
-            return self._failed(text.splitlines()[-1] if text else f"status {result.returncode}")
+        for argv in self.commands():
+            try:
+                with trio.fail_after(SYNC_TIMEOUT):
+                    result = await trio.run_process(
+                        argv, cwd=self.repository, env=env, check=False,
+                        stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True,
+                    )
+            except (OSError, trio.TooSlowError) as e:
+                return self._failed(argv, str(e) or f"no end within {SYNC_TIMEOUT:.0f}s")
+            if result.returncode != 0:
+                text = (result.stderr or result.stdout).decode(errors="replace").strip()
+                why = text.splitlines()[-1] if text else f"status {result.returncode}"
+                return self._failed(argv, why)
         self.runs += 1
         self.last_error = None
         if await self._branch() != before and self.query is not None:
             await self.query.refresh()
         return True
 
-    def _failed(self, why: str) -> bool:
+    def _failed(self, argv: list[str], why: str) -> bool:
         self.failures += 1
         self.last_error = why
-        log.warning("git-annex branch sync (%s) failed: %s", " ".join(self.argv()[2:]), why)
+        log.warning("git-annex branch sync: %s failed: %s", " ".join(argv[:3]), why)
         return False
 
     async def _branch(self) -> str:
