@@ -119,7 +119,18 @@ def test_one_instance_stopped(world: BalanceWorld) -> None:
     before = world.bridges["A"].sessions()
     c = clients[0]
     c.add_file("after-stop.bin", b"x" * 50_000)
-    c.annex("copy", "--to", ENDPOINT, "after-stop.bin", timeout=T)
+    # Measured: the first attempt can fail after tor's 120 s SocksTimeout
+    # (SocksErrorTTLExpired) while the client still holds a frontend
+    # descriptor listing B's introduction points; a retry after Onionbalance
+    # republished without B goes through A.
+    attempts = []
+    while True:
+        r = c.annex("copy", "--to", ENDPOINT, "after-stop.bin", check=False, timeout=T)
+        attempts.append(round(time.monotonic() - t0, 1))
+        if r.ok:
+            break
+        assert time.monotonic() - t0 < 600, f"no copy through A in 600 s: {r.describe()}"
+    world.say(f"copy attempts after B stopped ended at {attempts} s")
     waited = time.monotonic() - t0
     world.timings["copy after B stopped"] = waited
     world.say(f"first copy after instance B stopped took {waited:.1f}s")
