@@ -14,6 +14,7 @@ import trio
 from torbridge import __version__
 from torbridge.annex.host import StartupError
 from torbridge.annex.remotes import RemoteError, parse_remote_log, read_annex_log, read_remotes
+from torbridge.balance import BalanceError
 from torbridge.config import Config, ConfigError, load_config
 from torbridge.ops.clients import client_command
 from torbridge.ops.doctor import doctor
@@ -35,7 +36,7 @@ from torbridge.tor.onion import PowDefenses, TorError, stored_onion, torrc_snipp
 DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
 # Errors that are the operator's to fix: one line each, no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, StartupError, TokenError, TorError, ClientAuthError
+    ConfigError, StartupError, TokenError, TorError, ClientAuthError, BalanceError
 )
 
 
@@ -170,6 +171,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke = token.add_parser("revoke", help="revoke a token, at once")
     revoke.add_argument("name")
+    token.add_parser(
+        "export", help="print the token store without secrets (hashes), for other hosts"
+    )
+    token.add_parser(
+        "import", help="replace the token store with an exported one, read from stdin"
+    )
+    balance = sub.add_parser(
+        "balance", help="several hosts behind one Onionbalance address (docs/scale-out.md)"
+    ).add_subparsers(dest="balance_command", required=True)
+    balance.add_parser(
+        "instance-config", help="print this instance's ob_config (for its HiddenServiceDir)"
+    )
+    balance.add_parser(
+        "instance", help="print this instance's line for `balance frontend` (no secret)"
+    )
+    frontend = balance.add_parser(
+        "frontend",
+        help="make the frontend key (0600) and print its address; with instance lines,"
+        " write Onionbalance's config.yaml",
+    )
+    frontend.add_argument("--dir", type=Path, required=True, help="the frontend's directory")
+    frontend.add_argument("instances", nargs="*", help="lines of `torbridge balance instance`")
+    run = balance.add_parser("run", help="run Onionbalance on a `balance frontend` directory")
+    run.add_argument("--dir", type=Path, required=True)
+    run.add_argument("--control", required=True, help='its tor\'s control port, "HOST:PORT"')
+    run.add_argument(
+        "--testnet", action="store_true", help="timings for a private test network only"
+    )
     client = sub.add_parser(
         "client", help="onion client authorization ([tor] client_auth): which tors may connect"
     ).add_subparsers(dest="client_command", required=True)
@@ -184,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
         "testnet", help="run a private Tor network on 127.0.0.1 (tests and demos)"
     )
     testnet.add_argument("--dir", type=Path, help="where to keep it (default: a temp dir)")
+    testnet.add_argument(
+        "--relays",
+        type=int,
+        default=2,
+        help="relays besides the 3 authorities (4 for Onionbalance: it needs 7 HSDirs)",
+    )
     status = sub.add_parser("status", help="what the running daemon is doing")
     status.add_argument("--json", action="store_true", help="the raw snapshot")
     status.add_argument("--metrics", action="store_true", help="Prometheus text")
@@ -216,6 +251,8 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
                 " not known yet: run token add again without --no-wait"
             )
         onion = current_onion(config)  # before the token: a Tor problem leaves nothing made
+        if onion is not None and config.public_onion_override is not None:
+            onion = config.public_onion_override  # clients link the frontend, never an instance
         git = None if args.git is None else GitAccess.parse(args.git)
         token = store.add(args.name, args.mode, args.endpoint, git)
         endpoints = tuple(args.endpoint) if args.endpoint else None
@@ -237,9 +274,46 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
             where = ",".join(info.endpoints) if info.endpoints else "all endpoints"
             access = _git_text(config, info)
             print(f"{info.name}\t{info.mode}\tgit={access}\t{info.created}\t{where}")
+    elif args.token_command == "export":
+        sys.stdout.buffer.write(store.export())
+    elif args.token_command == "import":
+        count = store.import_(sys.stdin.buffer.read())
+        print(f"token store replaced: {count} tokens", file=sys.stderr)
     else:
         store.revoke(args.name)
         print(f"token {args.name!r} revoked", file=sys.stderr)
+    return 0
+
+
+def _balance_command(args: argparse.Namespace) -> int:
+    from torbridge import balance
+
+    if args.balance_command == "frontend":
+        instances = [balance.Instance.parse(line) for line in args.instances]
+        if instances:
+            address = balance.write_frontend_config(args.dir, instances)
+            print(f"frontend: {address}")
+            print(f"wrote {args.dir / balance.CONFIG_FILE} ({len(instances)} instances)",
+                  file=sys.stderr)
+        else:
+            address, made = balance.ensure_frontend_key(args.dir)
+            print(f"frontend: {address}")
+            key = args.dir / balance.KEY_FILE
+            print(f"{'made' if made else 'kept'} {key} (0600)", file=sys.stderr)
+        return 0
+    if args.balance_command == "run":
+        from torbridge.tor.balance import run_frontend
+
+        return run_frontend(args.dir, args.control, testnet=args.testnet)
+    config = load_config(args.config)
+    if config.balance is None:
+        raise balance.BalanceError("no [balance] section in the config")
+    if args.balance_command == "instance-config":
+        print(balance.ob_config_text(config.balance.frontend), end="")
+        return 0
+    onion = current_onion(config)
+    assert onion is not None  # torrc mode: read from hostname, or TorError
+    print(balance.instance_of(config, onion).line())
     return 0
 
 
@@ -291,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             from torbridge.tor.testnet import cli_main
 
             setup_logging(level)
-            return cli_main(args.dir)
+            return cli_main(args.dir, relays=args.relays)
+        if args.command == "balance":
+            return _balance_command(args)
         config = load_config(args.config)
         setup_logging(level, config.log_format)
         if args.command == "serve":
@@ -309,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 config.tor.max_streams,
                 config.tor.export_circuit_id,
                 PowDefenses.of(config.tor),
+                onionbalance_instance=config.balance is not None,
             )
             print(snippet, end="")
             return 0

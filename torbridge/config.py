@@ -136,6 +136,24 @@ class Tor:
         return self.control is not None or self.onion == "torrc"
 
 
+ONION_RE = re.compile(r"[a-z2-7]{56}\.onion")
+
+
+@dataclass(frozen=True)
+class Balance:
+    """This host as one instance behind an Onionbalance frontend (docs/scale-out.md)."""
+
+    frontend: str  # the frontend's (master) address, "NAME.onion": clients link this one
+    # The instance onion of the host that owns the git repository; None on that host.
+    git_owner: str | None = None
+    # The git remote (a p2p-annex remote linked to the owner) the git-annex
+    # branch is synced with; None = no branch sync (a single host, or the owner).
+    owner_remote: str | None = None
+    sync_interval: float = 10.0  # seconds between branch syncs; 0 = never
+    # On the frontend host: the directory of `torbridge balance frontend` (for doctor).
+    frontend_dir: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -147,6 +165,12 @@ class Config:
     expose: tuple[Expose, ...]
     limits: Limits = field(default_factory=Limits)
     tor: Tor = field(default_factory=Tor)
+    balance: Balance | None = None
+
+    @property
+    def public_onion_override(self) -> str | None:
+        """The address clients link, when it is not this host's own onion."""
+        return self.balance.frontend if self.balance is not None else None
 
     def socket_path(self, expose: Expose) -> Path:
         return self.socket_dir / f"{expose.name}.sock"
@@ -174,7 +198,9 @@ _TOP_KEYS = (
     "expose",
     "limits",
     "tor",
+    "balance",
 )
+_BALANCE_KEYS = ("frontend", "git_owner", "owner_remote", "sync_interval", "frontend_dir")
 _TOR_KEYS = (
     "socks",
     "control",
@@ -322,6 +348,7 @@ def load_config(path: Path) -> Config:
     expose = _parse_expose(p, doc.get("expose"))
     limits = _parse_limits(p, doc.get("limits", {}))
     tor = _parse_tor(p, doc.get("tor", {}))
+    balance = _parse_balance(p, doc["balance"], tor) if "balance" in doc else None
     return Config(
         path=path,
         repository=repository,
@@ -332,7 +359,65 @@ def load_config(path: Path) -> Config:
         expose=expose,
         limits=limits,
         tor=tor,
+        balance=balance,
     )
+
+
+def _onion(p: _Parser, raw: Mapping[str, Any], key: str) -> str:
+    value = p.string(raw[key], key, "balance").lower()
+    if not ONION_RE.fullmatch(value):
+        raise p.error(
+            _where(key, "balance"), f"{value!r} is not a v3 onion address (56 letters + .onion)"
+        )
+    return value
+
+
+def _parse_balance(p: _Parser, raw: Any, tor: Tor) -> Balance:
+    if not isinstance(raw, dict):
+        raise p.error("[balance]", f"expected a table, got {_type_name(raw)}")
+    p.check_keys(raw, _BALANCE_KEYS, "balance")
+    if "frontend" not in raw:
+        raise p.error(_where("frontend", "balance"), "required key is missing")
+    frontend = _onion(p, raw, "frontend")
+    if tor.onion != "torrc":
+        raise p.error(
+            _where("frontend", "balance"),
+            'needs [tor] onion = "torrc": an Onionbalance instance needs'
+            " HiddenServiceOnionBalanceInstance, which ADD_ONION cannot set",
+        )
+    if tor.client_auth:
+        raise p.error(
+            _where("frontend", "balance"),
+            "cannot be used with [tor] client_auth: the frontend descriptor is not"
+            " encrypted to client keys (docs/scale-out.md)",
+        )
+    git_owner = _onion(p, raw, "git_owner") if "git_owner" in raw else None
+    if git_owner == frontend:
+        raise p.error(
+            _where("git_owner", "balance"),
+            "must be the owner's INSTANCE onion, not the frontend (which may lead back here)",
+        )
+    owner_remote = None
+    if "owner_remote" in raw:
+        owner_remote = p.string(raw["owner_remote"], "owner_remote", "balance")
+        if not _REMOTE_RE.fullmatch(owner_remote):
+            raise p.error(
+                _where("owner_remote", "balance"), f"{owner_remote!r} is not a remote name"
+            )
+    sync_interval = Balance.sync_interval
+    if "sync_interval" in raw:
+        sync_interval = p.number(raw["sync_interval"], "sync_interval", "balance")
+        if not 0 <= sync_interval <= 86400:
+            raise p.error(
+                _where("sync_interval", "balance"), "must be between 0 and 86400 seconds"
+            )
+    frontend_dir = None
+    if "frontend_dir" in raw:
+        value = p.string(raw["frontend_dir"], "frontend_dir", "balance")
+        if not value:
+            raise p.error(_where("frontend_dir", "balance"), "must not be empty")
+        frontend_dir = p.base / value
+    return Balance(frontend, git_owner, owner_remote, sync_interval, frontend_dir)
 
 
 def _parse_tor(p: _Parser, raw: Any) -> Tor:

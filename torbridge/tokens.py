@@ -177,6 +177,24 @@ class TokenStore:
                 found = entry.info
         return found
 
+    def export(self) -> bytes:
+        """The store as a file without secrets (hashes, names, access), for
+        other hosts of a balanced service (docs/scale-out.md)."""
+        return _serialise(self._load_or_raise())
+
+    def import_(self, data: bytes) -> int:
+        """Replace the store with an exported one (every token of this host
+        not in it is revoked); the number of tokens. A file that does not
+        parse changes nothing."""
+        try:
+            entries = _parse(data)
+        except ValueError as e:
+            raise TokenError(f"not a token file (torbridge token export makes one): {e}") from None
+        self._ensure_state_dir()
+        with self._locked():
+            self._write(entries)
+        return len(entries)
+
     def list(self) -> builtins.list[TokenInfo]:
         """Every token's TokenInfo, sorted by name."""
         # No lock needed: writers replace the file atomically.

@@ -156,8 +156,12 @@ class PrivateNetns:
     def argv(self, cmd: Sequence[str | os.PathLike[str]]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *(os.fspath(c) for c in cmd)]
 
-    def start_forwarder(self, unix_path: Path, timeout: float = 20.0) -> None:
-        """127.0.0.1:9050 inside the namespace -> ``unix_path`` (tor's SocksPort)."""
+    def start_forwarder(
+        self, unix_path: Path, timeout: float = 20.0, *, isolate: bool = False
+    ) -> None:
+        """127.0.0.1:9050 inside the namespace -> ``unix_path`` (tor's SocksPort).
+        ``isolate``: each connection gets a SOCKS username of its own (tor
+        circuits of its own)."""
         assert self.forwarder is None
         argv = self.argv(
             [
@@ -171,6 +175,7 @@ class PrivateNetns:
                 str(NETNS_SOCKS_PORT),
                 "--unix",
                 str(unix_path),
+                *(["--isolate"] if isolate else []),
             ]
         )
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -247,10 +252,44 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-def _forward(conn: socket.socket, unix_path: str) -> None:
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("closed during the SOCKS greeting")
+        data += chunk
+    return data
+
+
+_ISOLATION = iter(range(1, 1 << 62))
+
+
+def _isolated_greeting(conn: socket.socket, upstream: socket.socket) -> None:
+    """Answer the client's SOCKS5 greeting (no authentication) ourselves and
+    greet tor with a username of this connection's own: tor's
+    IsolateSOCKSAuth then gives the connection circuits of its own, so
+    connections to an Onionbalance frontend spread over its instances, as
+    connections from different client machines would. The CONNECT request
+    and everything after it pass unchanged."""
+    _version, count = _recv_exactly(conn, 2)
+    _recv_exactly(conn, count)
+    conn.sendall(b"\x05\x00")
+    upstream.sendall(b"\x05\x01\x02")
+    if _recv_exactly(upstream, 2) != b"\x05\x02":
+        raise OSError("tor refused username authentication")
+    user = f"conn{next(_ISOLATION)}".encode()
+    upstream.sendall(b"\x01" + bytes([len(user)]) + user + b"\x01x")
+    if _recv_exactly(upstream, 2)[1] != 0:
+        raise OSError("tor refused the SOCKS username")
+
+
+def _forward(conn: socket.socket, unix_path: str, isolate: bool = False) -> None:
     try:
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         upstream.connect(unix_path)
+        if isolate:
+            _isolated_greeting(conn, upstream)
     except OSError:
         conn.close()
         return
@@ -262,7 +301,7 @@ def _forward(conn: socket.socket, unix_path: str) -> None:
     upstream.close()
 
 
-def forward_main(netns: str, port: int, unix_path: str) -> int:
+def forward_main(netns: str, port: int, unix_path: str, isolate: bool = False) -> int:
     """The forwarder: refuses to run anywhere but inside the namespace ``netns``
     (port 9050 of the host is not ours), then serves until SIGTERM."""
     if _own_netns_inode() != _netns_inode(netns):
@@ -276,7 +315,7 @@ def forward_main(netns: str, port: int, unix_path: str) -> int:
     print(f"ready {LOOPBACK}:{port} -> {unix_path}", flush=True)
     while True:
         conn, _ = server.accept()
-        threading.Thread(target=_forward, args=(conn, unix_path), daemon=True).start()
+        threading.Thread(target=_forward, args=(conn, unix_path, isolate), daemon=True).start()
 
 
 # --------------------------------------------------------------------------
@@ -706,8 +745,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fwd.add_argument("--netns", required=True)
     fwd.add_argument("--port", type=int, required=True)
     fwd.add_argument("--unix", required=True)
+    fwd.add_argument("--isolate", action="store_true", help="a SOCKS username per connection")
     args = parser.parse_args(argv)
-    return forward_main(args.netns, args.port, args.unix)
+    return forward_main(args.netns, args.port, args.unix, args.isolate)
 
 
 if __name__ == "__main__":

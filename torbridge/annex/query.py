@@ -105,6 +105,12 @@ class AnnexQuery:
                     process.kill()
                     await process.wait()
 
+    async def refresh(self) -> None:
+        """Ask a new git-annex next time: the git-annex branch moved under
+        the running one (a merge from another host, server/branchsync.py)."""
+        async with self._lock:
+            await self._stop()
+
     async def aclose(self) -> None:
         async with self._lock:
             await self._stop()

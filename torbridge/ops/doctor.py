@@ -238,9 +238,26 @@ def _config_checks(config: Config, timeout: float) -> list[Check]:
     if config.tor.enabled:
         _add(checks, "tor socket access", functools.partial(_check_tor_access, config))
     _add(checks, "state_dir", functools.partial(_check_state_dir, config.state_dir))
+    if config.balance is not None:
+        checks += _balance_checks(config)
     own = [x.name for x in config.expose if x.remote == OWN_REPOSITORY]
     _add(checks, "tokens", functools.partial(_check_tokens, config.state_dir, own))
     return checks
+
+
+def _balance_checks(config: Config) -> list[Check]:
+    """The Onionbalance instance (and frontend) checks of torbridge/balance.py."""
+    from torbridge.balance import doctor_checks
+
+    try:
+        found = doctor_checks(config)
+    except Exception as e:
+        return [_fail("balance", f"the check itself failed: {type(e).__name__}: {e}",
+                      "fix what the error names, or report it as a torbridge bug")]
+    return [
+        _ok("balance", what) if ok else _fail("balance", what, fix)
+        for ok, what, fix in found
+    ]
 
 
 # --- git-annex and the repository ---------------------------------------------------------

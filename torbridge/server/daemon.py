@@ -46,6 +46,7 @@ from torbridge.protocol.cluster import NodeRef
 from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
 from torbridge.server import notify
 from torbridge.server.admission import Admission
+from torbridge.server.branchsync import BranchSync
 from torbridge.server.control import (
     ControlServer,
     control_socket,
@@ -55,6 +56,7 @@ from torbridge.server.control import (
     serve_metrics,
 )
 from torbridge.server.fdpass import PassedPipes, accept_stream
+from torbridge.server.gitowner import GitOwner
 from torbridge.server.refwatch import RefWatcher
 from torbridge.server.session import Endpoint, PendingAuth, Session
 from torbridge.server.status import Registry
@@ -103,7 +105,27 @@ def own_endpoints(config: Config) -> list[str]:
 
 def build_endpoints(config: Config, shared: Shared) -> list[Endpoint]:
     own_uuid = repository_uuid(config.repository)
-    return [_build_endpoint(config, expose, own_uuid, shared) for expose in config.expose]
+    endpoints = [_build_endpoint(config, expose, own_uuid, shared) for expose in config.expose]
+    owner = config.balance.git_owner if config.balance is not None else None
+    if owner is not None:
+        # Behind a frontend, on a host that does not own the git repository.
+        for endpoint, expose in zip(endpoints, config.expose, strict=True):
+            endpoint.git_owner = GitOwner(owner, expose.port, config.tor.socks, endpoint.uuid)
+    return endpoints
+
+
+def branch_sync(config: Config, shared: Shared) -> BranchSync | None:
+    """The git-annex branch sync of a balanced host, if it has one (docs/scale-out.md)."""
+    balance = config.balance
+    if balance is None or balance.sync_interval <= 0:
+        return None
+    if balance.git_owner is not None and balance.owner_remote is None:
+        log.warning("[balance] git_owner without owner_remote: the git-annex branch is not"
+                    " synced with the owner's (docs/scale-out.md)")
+        return None
+    return BranchSync(config.repository, balance.sync_interval, config.tor.socks,
+                      balance.owner_remote if balance.git_owner is not None else None,
+                      shared.location_log, shared.query)
 
 
 def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Shared) -> Endpoint:
@@ -555,6 +577,9 @@ async def serve(
             nursery.start_soon(shared.location_log.run)
             nursery.start_soon(shared.refs.run)  # idle until a session watches
             nursery.start_soon(log_progress, shared.registry)
+            syncing = branch_sync(config, shared)
+            if syncing is not None:
+                nursery.start_soon(syncing.run)
             for listener, serve_it in listeners_of_ours:
                 nursery.start_soon(serve_it, listener, shared.registry)
             for endpoint, listener, path in zip(endpoints, listeners, bound, strict=False):

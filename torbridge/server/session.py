@@ -27,6 +27,7 @@ from torbridge.protocol import relay as r
 from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.permissions import Grant
 from torbridge.protocol.relay import Side
+from torbridge.server.gitowner import GitOwner
 from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.refwatch import Refs, RefWatch, RefWatcher
 from torbridge.server.status import Registry
@@ -123,6 +124,9 @@ class Endpoint:
     registry: Registry = field(default_factory=Registry)
     # The proxy repository's refs, for NOTIFYCHANGE; None where it is not served.
     refs: RefWatcher | None = None
+    # Behind an Onionbalance frontend, on a host that does not own the git
+    # repository: CONNECT goes to the owner (server/gitowner.py).
+    git_owner: GitOwner | None = None
 
 
 class _KernelCopy:
@@ -211,6 +215,7 @@ class Session:
         self.started_wall = time.time()
         self.endpoint_name = endpoint.name
         self.token_name: str | None = None
+        self._credentials = ("", "")  # (client UUID, token): only with a git owner
         self._clean = True
         # NOTIFYCHANGE: the refs as known at AUTH, then this session's watch.
         self._ref_baseline: Refs | None = None
@@ -455,6 +460,14 @@ class Session:
             case r.ClosePeer():
                 await self._close_peer()
                 return []
+            case r.RunService(service=service) if self.endpoint.git_owner is not None:
+                # The owner decides with the client's own token (docs/scale-out.md).
+                uuid, token = self._credentials
+                await self.endpoint.git_owner.relay(
+                    self.client, uuid, token, service, self.limits.client_idle,
+                    self.limits.client_stall,
+                )
+                return []
             case r.RunService(service=service, may_rewrite=may_rewrite):
                 # The client's deadlines: stall_timeout once it stops reading,
                 # idle_timeout for silence (git itself sends keepalives while
@@ -640,6 +653,8 @@ class Session:
             # from AUTH: free when the watch runs, else from the first NOTIFYCHANGE.
             self._ref_baseline = self.endpoint.refs.peek()
         self.token_name = grant.token_name
+        if self.endpoint.git_owner is not None:
+            self._credentials = (client_uuid, token)  # for CONNECT, relayed to the owner
         self.endpoint.registry.session_started(self)
         accepted = self.relay.auth_accepted(grant.mode, grant.git)
         log.info(

@@ -347,8 +347,14 @@ def torrc_snippet(
     max_streams: int = 512,
     export_circuit_id: bool = False,
     pow_defenses: PowDefenses = PowDefenses(),
+    onionbalance_instance: bool = False,
 ) -> str:
-    """For operators who keep onion services in torrc: lines for /etc/tor/torrc.d/."""
+    """For operators who keep onion services in torrc: lines for /etc/tor/torrc.d/.
+
+    ``onionbalance_instance``: the service is one instance behind an
+    Onionbalance frontend; tor then reads ``ob_config`` in its directory
+    (``torbridge balance instance-config``) when it starts.
+    """
     lines = [
         "# torbridge onion service: put this in /etc/tor/torrc.d/torbridge.conf",
         f"HiddenServiceDir {hidden_service_dir}",
@@ -364,6 +370,8 @@ def torrc_snippet(
     lines += pow_defenses.torrc_lines()
     if export_circuit_id:
         lines.append("HiddenServiceExportCircuitID haproxy")
+    if onionbalance_instance:
+        lines.append("HiddenServiceOnionBalanceInstance 1")
     return "\n".join(lines) + "\n"
 
 

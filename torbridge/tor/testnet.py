@@ -55,6 +55,9 @@ import stem.control  # type: ignore[import-untyped]
 
 LOOPBACK = "127.0.0.1"
 HOST_SOCKS_PORT = 9050  # the machine's own tor: never ours in the host network namespace
+# Onionbalance 0.2.4 needs this many relays with the HSDir flag (every
+# authority and relay here has it): with fewer its hash ring never completes.
+ONIONBALANCE_MIN_HSDIRS = 7
 TOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 MARKER = ".torbridge-testnet"  # marks a directory as ours (safe to wipe and reuse)
 
@@ -1329,11 +1332,17 @@ class TestNet:
         self._finish_start(tor, time.monotonic() + timeout)
         return tor
 
-    def start_service_tor(self, name: str, *, timeout: float = 60) -> TorProcess:
+    def start_service_tor(
+        self, name: str, *, extra: Sequence[str] = (), timeout: float = 60
+    ) -> TorProcess:
         """A tor for onion services published over its control port
-        (ADD_ONION): SocksPort 0, cookie auth; waits for bootstrap 100%."""
+        (ADD_ONION): SocksPort 0, cookie auth; waits for bootstrap 100%.
+        ``extra`` torrc lines (checked like the rest) add torrc onion
+        services, e.g. an Onionbalance instance: HiddenServiceDir,
+        HiddenServicePort, ``HiddenServiceOnionBalanceInstance 1`` (its
+        ``ob_config`` written in the directory before this call)."""
         node = self._new_node(name, free_ports(1)[0])
-        tor = self._launch(node, service_torrc(self._net(), node), role="service")
+        tor = self._launch(node, service_torrc(self._net(), node, extra=extra), role="service")
         self._finish_start(tor, time.monotonic() + timeout)
         return tor
 
@@ -1434,10 +1443,12 @@ class _Interrupted(Exception):
     pass
 
 
-def cli_main(directory: Path | None) -> int:
+def cli_main(directory: Path | None, relays: int = 2) -> int:
     """Bring up the network, one client tor and one service tor; print
     ``socks=``, ``control=`` (the service tor's) and ``cookie=`` lines; run
-    until SIGINT/SIGTERM, then tear everything down."""
+    until SIGINT/SIGTERM, then tear everything down. ``relays``: besides
+    the three authorities (every one an HSDir); Onionbalance needs 7 HSDirs
+    in all, so 4 for a balanced service (docs/scale-out.md)."""
 
     def progress(message: str) -> None:
         print(f"testnet: {message}", file=sys.stderr, flush=True)
@@ -1454,7 +1465,7 @@ def cli_main(directory: Path | None) -> int:
     for s in previous:
         signal.signal(s, interrupt)
     try:
-        with TestNet(directory, progress=progress) as net:
+        with TestNet(directory, progress=progress, relays=relays) as net:
             net.start()
             client = net.start_client("client")
             service = net.start_service_tor("service")

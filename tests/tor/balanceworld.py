@@ -1,0 +1,358 @@
+"""Two bridge hosts behind one Onionbalance frontend, on a private Tor network.
+
+For tests/tor/test_balance.py and bench/bench_balance.py (docs/scale-out.md):
+
+    stock git-annex clients (private namespace; the forwarder gives each
+    connection a SOCKS username of its own) -> client tor -> FRONTEND
+    address -> instance A's or B's intro points -> torbridge A | B
+    (endpoint "cl", cluster tbcluster) -> nodes c1, c2 (path remotes both
+    hosts proxy)
+
+Host A owns the git repository; host B is a clone that relays CONNECT to
+A's instance onion and syncs its git-annex branch with A through a
+p2p-annex remote "owner". Onionbalance runs as ``torbridge balance run
+--testnet`` on a tor of its own. Every tor is the TestNet's (127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import socks  # type: ignore[import-untyped]
+
+from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose, toml_str
+from tests.tor.torpath import (
+    REPO_ROOT,
+    STARTED,
+    STARTED_PIDS,
+    NetnsAnnexEnv,
+    PrivateNetns,
+    TorPathError,
+    stop_tor,
+)
+from torbridge.tor.testnet import LOOPBACK, TestNet, TorProcess
+
+PORT = 5001
+CLUSTER = "tbcluster"
+ENDPOINT = "cl"
+READY_LINE = "torbridge ready"
+SYNC_INTERVAL = 2.0  # the hosts' git-annex branch sync, seconds
+FRONTEND_TIMEOUT = 240.0  # onionbalance start -> both instances reached through the frontend
+_LINE = re.compile(r"tor-annex::([a-z2-7]{56}\.onion):(\d+):([0-9a-f]+)")
+
+
+class BalancedBridge(Bridge):
+    """``torbridge serve`` in torrc mode, one instance behind the frontend."""
+
+    def __init__(self, env: AnnexEnv, repository: Path, workdir: Path, *, socks_address: str,
+                 frontend: str) -> None:
+        self.hs_dir = workdir / "hs"
+        self.socks_address = socks_address
+        self.frontend = frontend
+        self.git_owner: str | None = None
+        self.owner_remote: str | None = None
+        super().__init__(env, repository, workdir, [Expose(ENDPOINT, CLUSTER, PORT)])
+
+    def config_text(self) -> str:
+        text = super().config_text() + (
+            "\n[tor]\n"
+            'onion = "torrc"\n'
+            f"hidden_service_dir = {toml_str(self.hs_dir)}\n"
+            f"socks = {toml_str(self.socks_address)}\n"
+            "\n[balance]\n"
+            f"frontend = {toml_str(self.frontend)}\n"
+            f"sync_interval = {SYNC_INTERVAL}\n"
+        )
+        if self.git_owner:
+            text += f"git_owner = {toml_str(self.git_owner)}\n"
+        if self.owner_remote:
+            text += f"owner_remote = {toml_str(self.owner_remote)}\n"
+        return text
+
+    def torrc_lines(self) -> list[str]:
+        return [
+            f"HiddenServiceDir {self.hs_dir}",
+            f"HiddenServicePort {PORT} unix:{self.socket_path(ENDPOINT)}",
+            "HiddenServiceOnionBalanceInstance 1",
+            "HiddenServiceNumIntroductionPoints 3",
+        ]
+
+    def start(self, timeout: float = 120.0) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        super().start(timeout)
+        deadline = time.monotonic() + timeout
+        while READY_LINE not in self.log()[offset:]:
+            if not self.running or time.monotonic() > deadline:
+                raise AssertionError(f"torbridge serve not ready:\n{self.log()[-5000:]}")
+            time.sleep(0.05)
+        assert self.proc is not None
+        STARTED_PIDS.add(self.proc.pid)
+
+    @property
+    def onion(self) -> str:
+        return (self.hs_dir / "hostname").read_text().strip()
+
+    def sessions(self, token_name: str | None = None) -> int:
+        """Sessions this instance started (from its log), of one token or all."""
+        who = re.escape(token_name) if token_name else r"\S+"
+        return len(re.findall(rf"session start, token {who} ", self.log()))
+
+
+def _add_node(host: AnnexRepo, name: str, path: Path) -> None:
+    host.git("remote", "add", name, str(path))
+    host.annex("info", name)  # reads the node's UUID
+    host.git("config", f"remote.{name}.annex-proxy", "true")
+    host.git("config", f"remote.{name}.annex-cluster-node", CLUSTER)
+
+
+def whereis(repo: AnnexRepo, key: str) -> set[str]:
+    out = repo.annex("whereis", "--key", key, "--json", check=False).stdout
+    return set(re.findall(r'"uuid":"([0-9a-f-]{36})"', out))
+
+
+class BalanceWorld:
+    """Everything of the module docstring on a running TestNet (7+ HSDirs)."""
+
+    def __init__(self, net: TestNet, root: Path, *, clients: int = 3,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.net = net
+        self.root = root
+        self._say = progress or (lambda _m: None)
+        self._t0 = time.monotonic()
+        self.tors: dict[str, TorProcess] = {}
+        self.netns: PrivateNetns | None = None
+        self.bridges: dict[str, BalancedBridge] = {}
+        self.ob: subprocess.Popen[bytes] | None = None
+        self.timings: dict[str, float] = {}
+        self.tokens: dict[str, str] = {}  # name -> address line
+        self.n_clients = clients
+        if net.workdir is not None:
+            STARTED["workdirs"].add(str(net.workdir))
+        self.socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
+        os.chmod(self.socks_dir, 0o700)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def say(self, message: str) -> None:
+        self._say(f"[{time.monotonic() - self._t0:6.1f}s] {message}")
+
+    def _build(self) -> None:
+        unix_socks = self.socks_dir / "socks.sock"
+        self.tors["client"] = self.net.start_client(
+            "annexclient", extra=[f"SocksPort unix:{unix_socks} ExtendedErrors"]
+        )
+        self.tors["ob"] = self.net.start_client("obtor")
+        client_socks = self.tors["client"].socks
+        assert client_socks is not None
+        self.client_socks = client_socks
+        self.netns = PrivateNetns()
+        self.netns.start_forwarder(unix_socks, isolate=True)
+        self.env = AnnexEnv.create(self.root / "env")
+        self.client_env = NetnsAnnexEnv.inside(self.env, self.netns)
+
+        # The frontend key first: the instances name it before their tor starts.
+        self.ob_dir = self.root / "ob"
+        out = self.env.run(["torbridge", "balance", "frontend", "--dir", str(self.ob_dir)]).stdout
+        self.frontend = out.split("frontend:", 1)[1].split()[0]
+
+        # Host A: the git owner, gateway of the cluster over two path nodes.
+        self.host_a = AnnexRepo.create(self.env, self.root / "hostA", "hostA")
+        self.nodes = {n: AnnexRepo.create(self.env, self.root / n, n) for n in ("c1", "c2")}
+        self.host_a.annex("initcluster", CLUSTER)
+        for name, node in self.nodes.items():
+            _add_node(self.host_a, name, node.path)
+        self.host_a.annex("updateproxy")
+        self.host_a.annex("updatecluster")
+        self.cluster_uuid = self.host_a.git("config", f"annex.cluster.{CLUSTER}").stdout.strip()
+
+        # Host B: a clone (the cluster's logs come with it), the same nodes.
+        b_path = self.root / "hostB"
+        self.env.run(["git", "clone", "-q", str(self.host_a.path), str(b_path)])
+        self.host_b = AnnexRepo(self.env, b_path)
+        self.host_b.annex("init", "hostB")
+        self.host_b.git("remote", "remove", "origin")
+        self.host_b.git("config", f"annex.cluster.{CLUSTER}", self.cluster_uuid)
+        for name, node in self.nodes.items():
+            _add_node(self.host_b, name, node.path)
+        self.host_b.annex("updateproxy")
+        self.host_b.annex("updatecluster")
+
+        for name, repo in (("A", self.host_a), ("B", self.host_b)):
+            bridge = BalancedBridge(self.env, repo.path, self.root / f"bridge{name}",
+                                    socks_address=client_socks, frontend=self.frontend)
+            self.bridges[name] = bridge
+            bridge.hs_dir.mkdir(mode=0o700)
+            ob_config = bridge.cli("balance", "instance-config").stdout
+            (bridge.hs_dir / "ob_config").write_text(ob_config)
+            self.tors[name] = self.net.start_service_tor(f"inst{name}",
+                                                         extra=bridge.torrc_lines())
+        self.say("instance tors bootstrapped")
+        a, b = self.bridges["A"], self.bridges["B"]
+        for bridge in (a, b):
+            deadline = time.monotonic() + 60
+            while not (bridge.hs_dir / "hostname").exists():
+                if time.monotonic() > deadline:
+                    raise TorPathError("an instance tor made no hostname")
+                time.sleep(0.1)
+        a.start()
+        self.net.wait_for_descriptor(self.tors["A"], a.onion, timeout=120)
+        self.say(f"host A ready: {a.onion}")
+
+        # Tokens are made on A (they print the FRONTEND address), imported on B.
+        for name in ["hostB", "probe", *(f"client{i}" for i in range(self.n_clients))]:
+            extra = ["--git", "write"] if name == "hostB" else []
+            out = a.cli("token", "add", name, *extra, timeout=120).stdout.strip()
+            self.tokens[name] = out
+        exported = a.cli("token", "export").stdout
+        self.env.run(["torbridge", "--config", str(b.config_path), "token", "import"],
+                     input=exported)
+
+        # B links A's instance (never the frontend) and syncs its branch with it.
+        token = self.token("hostB")
+        line = f"p2p-annex::torbridge:{a.onion}:{PORT}:{token}"
+        t = time.monotonic()
+        self.env.run(["git", "annex", "p2p", "--link", "--name", "owner"], self.host_b.path,
+                     input=line + "\n", extra_env={"TORBRIDGE_SOCKS": client_socks},
+                     timeout=240)
+        self.timings["B links owner"] = time.monotonic() - t
+        b.git_owner, b.owner_remote = a.onion, "owner"
+        b.write_config()
+        b.start()
+        self.net.wait_for_descriptor(self.tors["B"], b.onion, timeout=120)
+        self.say(f"host B ready: {b.onion}")
+
+        lines = [br.cli("balance", "instance").stdout.strip() for br in (a, b)]
+        self.env.run(["torbridge", "balance", "frontend", "--dir", str(self.ob_dir), *lines])
+        self.start_frontend()
+
+    def token(self, name: str) -> str:
+        match = _LINE.fullmatch(self.tokens[name])
+        assert match is not None, self.tokens[name]
+        return match.group(3)
+
+    def start_frontend(self) -> None:
+        """Onionbalance, then connections through the frontend until both
+        instances have served one (the frontend descriptor lists them both)."""
+        log = open(self.root / "onionbalance.log", "ab")  # noqa: SIM115
+        ob_control = self.tors["ob"].control
+        self.ob = subprocess.Popen(
+            [sys.executable, "-m", "torbridge", "balance", "run", "--dir", str(self.ob_dir),
+             "--control", ob_control, "--testnet"],
+            cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        STARTED_PIDS.add(self.ob.pid)
+        t0 = time.monotonic()
+        first: float | None = None
+        deadline = t0 + FRONTEND_TIMEOUT
+        n = 0
+        while not all(br.sessions("probe") for br in self.bridges.values()):
+            self.net.check()
+            if self.ob.poll() is not None:
+                raise TorPathError(f"onionbalance exited:\n{self.ob_log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TorPathError(
+                    f"the frontend did not reach both instances in {FRONTEND_TIMEOUT:.0f}s"
+                    f" (probe sessions {[b.sessions('probe') for b in self.bridges.values()]})"
+                    f"\n{self.ob_log()[-3000:]}"
+                )
+            n += 1
+            if self.probe(f"gate{n}", timeout=30) and first is None:
+                first = time.monotonic() - t0
+                self.say(f"first connection through the frontend after {first:.1f}s")
+            time.sleep(0.5)
+        self.timings["first connection"] = first or 0.0
+        self.timings["both instances"] = time.monotonic() - t0
+        self.say(f"both instances reached through the frontend ({n} probes)")
+
+    def probe(self, username: str, timeout: float = 60) -> bool:
+        """One P2P AUTH through the frontend, on circuits of its own; True if accepted."""
+        host, port = self.client_socks.rsplit(":", 1)
+        s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
+        s.set_proxy(socks.SOCKS5, host, int(port), rdns=True, username=username, password="x")
+        s.settimeout(timeout)
+        try:
+            s.connect((self.frontend, PORT))
+            s.sendall(f"AUTH 00000000-0000-4000-8000-000000000001 {self.token('probe')}\n"
+                      .encode())
+            data = b""
+            while b"\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                data += chunk
+            return data.startswith(b"AUTH-SUCCESS")
+        except (OSError, socks.ProxyError):
+            return False
+        finally:
+            s.close()
+
+    def ob_log(self) -> str:
+        return (self.root / "onionbalance.log").read_text(errors="replace")
+
+    def client(self, name: str) -> Client:
+        return Client.create(self.client_env, self.root / "clients" / name, name)
+
+    def stop_instance(self, name: str) -> None:
+        stop_tor(self.net, self.tors.pop(name))
+
+    def failure_sections(self) -> list[tuple[str, str]]:
+        out = [(f"torbridge {n}", b.log()[-15000:]) for n, b in self.bridges.items()]
+        with contextlib.suppress(OSError):
+            out.append(("onionbalance", self.ob_log()[-5000:]))
+        out += [(f"tor {t.name}", t.log_tail(20)) for t in self.tors.values()]
+        return out
+
+    def close(self) -> None:
+        if self.ob is not None and self.ob.poll() is None:
+            self.ob.send_signal(signal.SIGTERM)
+            try:
+                self.ob.wait(5)
+            except subprocess.TimeoutExpired:
+                self.ob.kill()
+                self.ob.wait()
+        for bridge in self.bridges.values():
+            with contextlib.suppress(AssertionError):
+                if bridge.running:
+                    bridge.stop(timeout=30)
+            bridge.close()
+        if self.netns is not None:
+            self.netns.close()
+        for tor in self.tors.values():
+            stop_tor(self.net, tor)
+        self.tors.clear()
+        _kill_strays(self.root)
+        shutil.rmtree(self.socks_dir, ignore_errors=True)
+
+
+def _kill_strays(root: Path) -> None:
+    """git's remote helpers that git-annex left running in our repositories
+    (found by their working directory; only ours are under ``root``)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(root) + "/") and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+__all__ = ["LOOPBACK", "BalanceWorld", "whereis"]
