@@ -51,6 +51,10 @@ class Limits:
     peer_idle: float = 60.0
     peer_timeout: float = 600.0  # a peer's reply to a request
     stall_timeout: float = 300.0  # no byte of a DATA body moved
+    # A cluster node's connect + AUTH + VERSION: bounded on its own and short,
+    # so a dead or silent node costs a session this long, once (it is then
+    # marked down and skipped until a probe finds it answering).
+    node_connect_timeout: float = 20.0
     max_unauthenticated: int = 128  # connections not yet past AUTH, all endpoints
     # git-annex's own P2P server serves 100 connections per network at once:
     # one client's `-J64` fits.
@@ -458,6 +462,7 @@ _LIMIT_COMMENTS = {
     "peer_idle": "seconds before an idle session's peer is closed (reopened on demand)",
     "peer_timeout": "seconds to wait for a peer's reply to a request",
     "stall_timeout": "seconds without a byte of a DATA body moving",
+    "node_connect_timeout": "seconds to reach a cluster node (connect, AUTH, VERSION)",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
     "max_sessions": "authenticated sessions in all (each runs a git-annex-shell)",

@@ -248,6 +248,7 @@ def _cluster_transport(
         node_timeout=limits.peer_timeout * 0.8,
         stall_timeout=limits.stall_timeout * 0.8,
         members=cluster.members,
+        connect_timeout=limits.node_connect_timeout,
     )
 
 
@@ -371,6 +372,9 @@ async def serve(
     shared.refs = RefWatcher(config.repository)
     shared.registry.ref_watch = shared.refs.status
     endpoints = build_endpoints(config, shared)
+    for e in endpoints:
+        if isinstance(e.transport, ClusterTransport):
+            shared.registry.clusters[e.transport.name] = e.transport.status
     shared.registry.endpoints = [
         {
             "name": e.name,
