@@ -435,7 +435,8 @@ class Gateway:
         self._queued.pop(name, None)
         was_open = self.open.pop(name, None) is not None
         self.health.failed(name, why, self.now)
-        out: list[Action] = [Log(f"node {name} lost: {why}")]
+        said = f"node {name} {why}" if why.startswith("unreachable") else f"node {name} lost: {why}"
+        out: list[Action] = [Log(said)]
         if was_open:
             out.append(CloseNode(name, why))
         return out + self._lost_in_step(name, told)
@@ -949,8 +950,7 @@ class Gateway:
         self.phase = Phase.DONE
         if get is None or get.node is None or get.node not in self.open:
             return []
-        if self.open[get.node] < 1 and get.length is not None:
-            return []  # a v0 node takes no verdict
+        # At every version the node waits for it (git-annex's sendContent).
         return self._go(get.node, [ToNode(get.node, verdict)])
 
     # --- PUT ---------------------------------------------------------------------------
