@@ -526,3 +526,13 @@ def test_every_node_lost(version: int) -> None:
     sim2 = Sim(nodes(), version=version, lose_at=dict.fromkeys(UUIDS, 0))
     assert isinstance(sim2.put(CONTENT, [])[0], m.Error)
     assert sim2.request(m.LockContent(KEY)) == m.Failure()
+
+
+def test_remove_asks_a_node_marked_down() -> None:
+    """A node back from the dead before its probe: a drop still reaches it."""
+    health = g.NodeHealth(list(UUIDS))
+    health.failed("n2", "refused", now=0.0)
+    sim = Sim(nodes("n1", "n2", "n3"), set(UUIDS.values()), health=health)
+    assert sim.request(m.GetTimestamp()) == m.Timestamp(500)
+    assert sim.request(m.RemoveBefore(560, KEY)) == m.SuccessPlus(tuple(UUIDS.values()))
+    assert KEY not in sim.nodes["n2"].objects and not health.is_down("n2")

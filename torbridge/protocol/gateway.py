@@ -771,11 +771,10 @@ class Gateway:
         self._remove_now = now
         self._replies = dict.fromkeys(usable, "unreachable")
         out: list[Action] = []
-        up, down, probes = self._split_by_health(usable)
-        out.extend(probes)
-        for name in down:
-            self._replies[name] = "unreachable"
-        for name in up:
+        # Nodes marked down are asked too: a drop that skipped a node that
+        # is back would fail for nothing (one that is still down fails the
+        # drop either way, after the connect deadline).
+        for name in usable:
             if isinstance(request, m.RemoveBefore) and name in self.open:
                 told = self._timestamps.remove_for(name, self.open[name], request, now)
                 if isinstance(told, str):
@@ -807,9 +806,10 @@ class Gateway:
     # --- GETTIMESTAMP -----------------------------------------------------------------
 
     def _timestamp_ask(self) -> list[Action]:
-        up, _down, probes = self._split_by_health([n.name for n in self.usable()])
-        out: list[Action] = list(probes)
-        for name in up:
+        # Every node, down or not: a clock not read now refuses the
+        # REMOVE-BEFORE that follows (see _remove_send).
+        out: list[Action] = []
+        for name in (n.name for n in self.usable()):
             version = self.open.get(name)
             if version is not None and c.for_node(m.GetTimestamp(), version) is None:
                 continue
