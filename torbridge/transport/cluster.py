@@ -165,13 +165,29 @@ class ClusterChannel(PeerChannel):
     # --- the PeerChannel the relay sees --------------------------------------------
 
     async def send(self, message: m.Message) -> None:
-        actions = self._feed(lambda: self.gw.client_message(message))
+        try:
+            actions = self._feed(lambda: self.gw.client_message(message))
+        except g.GatewayError as e:
+            raise self._broken(e) from e
         if self.gw.answer_due:
             # A request: worked out when the relay asks for the answer (in a
             # task of its own, so a cancelled wait loses nothing).
             self._deferred.extend(actions)
         else:
-            await self._carry_out(actions, self.t.stall_timeout)
+            await self._guarded(lambda: actions, self.t.stall_timeout)
+
+    async def _guarded(self, event: Callable[[], list[g.Action]], within: float) -> None:
+        """Feed ``event`` and carry out what follows; a gateway out of step
+        (a bug) ends the peer, as a lost connection would."""
+        try:
+            await self._carry_out(self._feed(event), within)
+        except (g.GatewayError, ExceptionGroup) as e:
+            raise self._broken(e) from e
+
+    def _broken(self, e: Exception) -> StreamLost:
+        log.error("%s: the gateway is out of step: %r", self.t.name, e)
+        self._dispatch_now(self.gw.fail(f"{self.t.name}: internal error"))
+        return StreamLost(f"{self.t.name}: internal error")
 
     async def receive_event(self) -> LineEvent:
         """The answer to the last request; cancel-safe.
@@ -207,16 +223,18 @@ class ClusterChannel(PeerChannel):
             done.set()
 
     async def send_body(self, data: bytes) -> None:
-        await self._carry_out(self._feed(lambda: self.gw.client_body(data)), self.t.stall_timeout)
+        await self._guarded(lambda: self.gw.client_body(data), self.t.stall_timeout)
 
     async def receive_body(self, max_bytes: int) -> bytes:
         if self._cut is not None:
             raise StreamLost(self._cut)
         if not self._body:
-            actions = self._feed(lambda: self.gw.client_wants_body(max_bytes))
             # A node's silence, and going on from the next one, within one
             # stall window of the session's.
-            await self._carry_out(actions, self.t.stall_timeout / NODE_SHARE * 0.95)
+            await self._guarded(
+                lambda: self.gw.client_wants_body(max_bytes),
+                self.t.stall_timeout / NODE_SHARE * 0.95,
+            )
         if self._body:
             return self._body.popleft()
         why = self._cut or f"{self.t.name}: no body from the nodes"
