@@ -197,15 +197,19 @@ class ClusterChannel(PeerChannel):
         of its own, which a cancelled wait leaves running, so no node is
         left mid-exchange and no request is lost.
         """
+        answering = self._answering
+        if answering is None and not self.gw.answer_ready:
+            if not self.gw.answer_due and not self._deferred:
+                raise StreamLost(f"{self.t.name}: asked for an answer to nothing")
+            answering = self._answering = trio.Event()
+            self._work_scope = trio.CancelScope()
+            self._nursery.start_soon(self._work_out, answering)
+        if answering is not None:
+            # The work ends before the answer is taken: a renewed wait never
+            # overlaps the next request with this one's last node actions.
+            await answering.wait()
         if not self.gw.answer_ready:
-            if self._answering is None:
-                if not self.gw.answer_due and not self._deferred:
-                    raise StreamLost(f"{self.t.name}: asked for an answer to nothing")
-                self._answering = trio.Event()
-                self._work_scope = trio.CancelScope()
-                self._nursery.start_soon(self._work_out, self._answering)
-            await self._answering.wait()
-            self._answering = None
+            raise StreamLost(f"{self.t.name}: no answer")
         return self.gw.take_answer()
 
     async def _work_out(self, done: trio.Event) -> None:
@@ -213,13 +217,17 @@ class ClusterChannel(PeerChannel):
             with self._work_scope:
                 actions, self._deferred = self._deferred, []
                 await self._carry_out(actions, self.t.node_timeout)
-                if not self.gw.answer_ready:
+                # (The answer may already be taken: a wait the session
+                # cancelled and renewed returns it as soon as it is queued.)
+                if self.gw.answer_due and not self.gw.answer_ready:
                     raise g.GatewayError(f"no answer in {self.gw.phase.value}")
         except Exception:
             log.exception("%s: answering failed", self.t.name)
             # Some node may be mid-exchange and out of step: start afresh.
             self._dispatch_now(self.gw.fail(f"{self.t.name}: internal error"))
         finally:
+            if self._answering is done:
+                self._answering = None
             done.set()
 
     async def send_body(self, data: bytes) -> None:
