@@ -60,6 +60,10 @@ class Limits:
     # The client's part stopped: no byte of a DATA body, or of a CONNECT's git
     # traffic, moved because the client neither sends nor reads. 0 = none.
     stall_timeout: float = 300.0
+    # A cluster node's connect + AUTH + VERSION: bounded on its own and short,
+    # so a dead or silent node costs a session this long, once (it is then
+    # marked down and skipped until a probe finds it answering).
+    node_connect_timeout: float = 20.0
     max_unauthenticated: int = 128  # connections not yet past AUTH, all endpoints
     # git-annex's own P2P server serves 100 connections per network at once:
     # one client's `-J64` fits.
@@ -606,6 +610,7 @@ _LIMIT_COMMENTS = {
     "peer_idle": "seconds before an idle session's peer is closed (reopened on demand)",
     "peer_timeout": "seconds a peer may keep a request waiting (0 = no limit)",
     "stall_timeout": "seconds a client may stop mid-DATA or mid-CONNECT (0 = no limit)",
+    "node_connect_timeout": "seconds to reach a cluster node (connect, AUTH, VERSION)",
     "max_unauthenticated": "connections not yet past AUTH, all endpoints together",
     "max_sessions_per_token": "concurrent sessions of one token",
     "max_sessions": "authenticated sessions in all (~16 KiB quiet, ~10 MiB active)",

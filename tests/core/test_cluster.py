@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from tests.core.peers import CLIENT_UUID, TOKEN, FakeRepo, FakeTransport, OneToken, PeerConnection
 from tests.core.test_session import Client, script
 from tests.fuzz import examples
+from torbridge.annex.query import QueryError
 from torbridge.annex.remotes import parse_cluster_log, parse_proxy_log
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
@@ -443,7 +444,7 @@ class Knowledge:
     async def wanted(self, remotes: Sequence[str], key: str, af: str | None) -> dict[str, bool]:
         self.wanted_asked.append((tuple(remotes), key, af))
         if self.broken:
-            raise OSError("git annex find failed")
+            raise QueryError("git annex find failed")
         return {remote: remote not in self.unwanted for remote in remotes}
 
 
@@ -810,7 +811,9 @@ async def test_get_falls_back_to_the_next_holder(autojump_clock: trio.abc.Clock)
         await cl.client.send(b"SUCCESS\n")
         await cl.client.send(f"CHECKPRESENT {KEY}\n".encode())
         assert await cl.client.line() == b"SUCCESS\n"
-    assert len(cl.transports["n1"].opens) == 2  # tried for GET, and again for CHECKPRESENT
+    # Tried for GET; then down, so CHECKPRESENT went to n2 at once, without
+    # paying n1's connect deadline again.
+    assert len(cl.transports["n1"].opens) == 1
     assert cl.transports["n3"].opens == []  # not logged: never asked
     assert cl.received("n2") == [m.Get(0, "f", KEY), m.Success(), m.CheckPresent(KEY)]
     assert cl.recorder.records == []  # GET teaches the log nothing
@@ -1300,3 +1303,39 @@ async def test_old_clients_get_timestamps_and_remove_before(
         told = cl.received(name)
         assert not any(isinstance(msg, (m.RemoveBefore, m.GetTimestamp)) for msg in told)
         assert m.Remove(KEY2) not in told
+
+
+async def test_put_stalled_node_is_dropped_and_the_others_finish(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A node that stops reading mid-body is dropped after the stall limit;
+    the others finish, SUCCESS-PLUS names exactly them, and the node is
+    marked down for the next sessions."""
+    body = blob(2 * 1024 * 1024)
+
+    async def stalling_put(conn: PeerConnection, message: m.Message) -> None:
+        await conn.send(m.PutFrom(0))
+        assert isinstance(await conn.receive(), m.Data)
+        await conn.framed.receive_body(100_000)
+        # Reads nothing more for longer than any limit, then notices the hang-up.
+        await trio.sleep(LIMITS.stall_timeout * 10)
+        while await conn.framed.receive_body(1 << 16):  # raises once it is closed
+            pass
+
+    repos = {"n1": FakeRepo(uuid=A), "n2": FakeRepo(uuid=B, hooks={m.Put: stalling_put}),
+             "n3": FakeRepo(uuid=C)}
+    async with cluster(repos, lockstep=True) as cl:
+        await login(cl, 4)
+        await cl.client.send(f"PUT  {KEY}\n".encode())
+        assert await cl.client.line() == b"PUT-FROM 0\n"
+        start = trio.current_time()
+        await cl.client.send(f"DATA {len(body)}\n".encode(), body, b"VALID\n")
+        assert plus(await cl.client.line()) == ("SUCCESS-PLUS", {A, C})
+        # Held up by the stalled node for the node stall limit, no longer.
+        assert trio.current_time() - start <= LIMITS.stall_timeout
+        transport = cl.session.endpoint.transport
+        assert isinstance(transport, ClusterTransport)
+        assert transport.health.is_down("n2")
+        assert transport.status()["n2"]["up"] is False
+    assert repos["n1"].contents == repos["n3"].contents == {KEY: body}
+    assert KEY not in repos["n2"].contents

@@ -126,6 +126,18 @@ def for_node(message: m.Message, node_version: int) -> m.Message | None:
     return message
 
 
+def deadline_kept_here(request: m.RemoveBefore, now: int) -> m.Remove | None:
+    """REMOVE-BEFORE for a repository with no clock of its own (a special
+    remote, a node below protocol version 3), kept on our clock ``now``:
+    REMOVE while it is before the deadline, else nothing (the answer is
+    FAILURE, as git-annex's own server decides a deadline that has passed).
+
+    The one place this rule is written: transport/process.py's
+    SpecialRemoteChannel and ``TimestampMap`` both ask it.
+    """
+    return m.Remove(request.key) if now < request.timestamp else None
+
+
 @dataclass
 class TimestampMap:
     """GETTIMESTAMP over many clocks: each node's, and ours.
@@ -153,9 +165,7 @@ class TimestampMap:
         if node_version < 3:
             # No clock to tell below v3 (git-annex's gateway sends REMOVE
             # regardless): ours keeps the deadline for it.
-            if now < request.timestamp:
-                return m.Remove(request.key)
-            return "the deadline has passed"
+            return deadline_kept_here(request, now) or "the deadline has passed"
         clock = self.nodes.get(node)
         if clock is None:
             # Its clock was never read (it was down at GETTIMESTAMP): removing

@@ -235,13 +235,15 @@ def _cluster_transport(
         nodes,
         shared.query,
         shared.location_log,
-        # Shorter than the session's own deadlines: a slow node is dropped
-        # before the session gives up on the whole cluster.
-        # A node holding up a DATA body is the node's side too: peer_timeout
-        # bounds both (none by default, as in git-annex's own gateway).
+        # A node's answer is waited for as a single peer's is (none by
+        # default: a node hashes a big file before its SUCCESS). A node whose
+        # part of a DATA body stops moving is different in a cluster: others
+        # can go on (GET failover, the rest of a PUT fanout), so it is given
+        # up after the stall limit, shorter than the client's own.
         node_timeout=limits.peer_wait * 0.8,
-        stall_timeout=limits.peer_wait * 0.8,
+        stall_timeout=min(limits.peer_wait, limits.client_stall) * 0.8,
         members=cluster.members,
+        connect_timeout=limits.node_connect_timeout,
     )
 
 
@@ -546,6 +548,9 @@ async def serve(
     running.own_uuid = repository_uuid(config.repository)
     endpoints = build_endpoints(config, shared)
     running.endpoints = {e.name: e for e in endpoints}
+    for e in endpoints:
+        if isinstance(e.transport, ClusterTransport):
+            shared.registry.clusters[e.transport.name] = e.transport.status
     shared.registry.endpoints = _endpoint_rows(config, running.endpoints)
     try:
         config.socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)

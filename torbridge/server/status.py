@@ -65,6 +65,8 @@ class Registry:
     endpoints: list[dict[str, Any]] = field(default_factory=list)
     # The daemon's watch on the proxy repository's refs (server/refwatch.py).
     ref_watch: Callable[[], dict[str, Any]] | None = None
+    # Each cluster endpoint's node health (transport/cluster.py), by cluster name.
+    clusters: dict[str, Callable[[], dict[str, dict[str, Any]]]] = field(default_factory=dict)
 
     # --- what sessions report -----------------------------------------------------
 
@@ -145,6 +147,7 @@ class Registry:
                 for name, h in sorted(self.peers.items())
             },
             "ref_watch": self.ref_watch() if self.ref_watch is not None else None,
+            "clusters": {name: nodes() for name, nodes in sorted(self.clusters.items())},
             "totals": {
                 **dict(self.counters),
                 "bytes_in_total": self.counters["bytes_in_total"] + live_in,
@@ -232,6 +235,23 @@ class Registry:
                 if h["last_open_seconds"] is not None
             ],
         )
+        nodes = [
+            (f'{{cluster="{_label(cl)}",node="{_label(n)}"}}', state)
+            for cl, states in snap["clusters"].items()
+            for n, state in sorted(states.items())
+        ]
+        metric(
+            "cluster_node_up",
+            "gauge",
+            "1 while a cluster node is up, 0 while it is down (skipped until a probe answers).",
+            [(labels, 1 if state["up"] else 0) for labels, state in nodes],
+        )
+        metric(
+            "cluster_node_down_seconds",
+            "gauge",
+            "Seconds a cluster node has been down (0 while up).",
+            [(labels, state["down_seconds"] or 0) for labels, state in nodes],
+        )
         return "\n".join(lines) + "\n"
 
 
@@ -277,6 +297,16 @@ def render(snapshot: dict[str, Any]) -> str:
         opened = p["last_open_seconds"]
         latency = f", opens in {opened:.2f}s" if opened is not None else ""
         lines.append(f"peer {name}: {p['opens']} opens, {p['failures']} failures{latency}; {state}")
+    for cluster, nodes in (snapshot.get("clusters") or {}).items():
+        for name, n in sorted(nodes.items()):
+            if n["up"]:
+                state = "up"
+            else:
+                probe = (
+                    "probing now" if n["probing"] else f"next probe in {n['next_probe_seconds']}s"
+                )
+                state = f"DOWN for {n['down_seconds']}s, {probe}; last error: {n['last_error']}"
+            lines.append(f"cluster {cluster} node {name}: {state}")
     watch = snapshot.get("ref_watch")
     if watch and watch["sessions"]:
         lines.append(

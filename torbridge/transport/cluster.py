@@ -1,14 +1,16 @@
 """A cluster as one peer: the channel the relay talks to fans out to the nodes.
 
 The relay (protocol/relay.py) drives a cluster endpoint exactly as it
-drives a single node; this channel stands in for that node. Each request
-the relay sends is answered when the relay asks for the answer: the
-channel then asks the nodes (through their own transports, concurrently
-where the request goes to several) and says what protocol/cluster.py
-decides. Nodes are opened lazily at the client's version, each negotiating
-its own, and a node that fails is dropped from the request and reopened on
-the next one. Every wait on a node has a deadline shorter than the relay's
-own, so a slow node is dropped before the session gives up on the cluster.
+drives a single node; this channel stands in for that node. Everything is
+decided by the sans-I/O gateway (protocol/gateway.py): this channel feeds
+it what the relay sends and what the nodes answer, and carries out the
+actions it returns (actions for different nodes concurrently). Each
+request is answered when the relay asks for the answer. Nodes are opened
+lazily at the client's version, each negotiating its own, within the
+connect deadline; a node that fails is marked down in the cluster's
+``NodeHealth``, which later sessions read. Every wait on a node has a
+deadline shorter than the relay's own, so a slow node is dropped (and a
+GET goes on from another node) before the session gives up on the cluster.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from typing import Protocol
 
 import trio
 
+from torbridge.annex.query import QueryError
 from torbridge.protocol import clienttext
 from torbridge.protocol import cluster as c
+from torbridge.protocol import gateway as g
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream, LineEvent
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
@@ -37,14 +41,18 @@ log = logging.getLogger("torbridge.cluster")
 # node's waits end first, so a silent node is dropped and the others'
 # answers are still used.
 NODE_SHARE = 0.8
-
-
-class QueryFailed(Exception):
-    """The location log or preferred content could not be read."""
+# A GET body read waits this share of the stall limit for the serving node;
+# the rest is left for going on from another node before the session's own
+# stall deadline (one stall window per body read) runs out.
+GET_BODY_SHARE = 0.75
+DEFAULT_CONNECT_TIMEOUT = 20.0
 
 
 class ClusterKnowledge(Protocol):
-    """What git-annex knows of the proxy repository (annex/query.py)."""
+    """What git-annex knows of the proxy repository (annex/query.py).
+
+    Both raise ``QueryError`` when git-annex cannot be asked.
+    """
 
     async def locations(self, key: str) -> frozenset[str]: ...
 
@@ -81,6 +89,8 @@ class ClusterTransport(Transport):
         stall_timeout: float,
         rng: random.Random | None = None,
         members: frozenset[str] = frozenset(),
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        health: g.NodeHealth | None = None,
     ) -> None:
         self.name = name
         self.uuid = uuid  # the cluster's
@@ -91,6 +101,11 @@ class ClusterTransport(Transport):
         self.node_timeout = node_timeout
         self.stall_timeout = stall_timeout
         self.rng = rng or random.Random()
+        # connect + AUTH + VERSION: bounded on its own, shorter than any
+        # transfer timeout, so a dead or silent node costs that much once.
+        self.connect_timeout = min(connect_timeout, node_timeout)
+        # Shared by every session of the cluster: a node that failed is skipped.
+        self.health = health or g.NodeHealth([n.ref.name for n in self.nodes])
         # The cluster's nodes (cluster.log, with the nodes behind other
         # gateways): the only UUIDs a node's PLUS list may pass on.
         self.members = frozenset(members).union(
@@ -109,16 +124,9 @@ class ClusterTransport(Transport):
         # client gets ours, and each node is adapted to on its own.
         return ClusterChannel(self, nursery, session, min(version, m.MAX_VERSION), bypass)
 
-
-class _Marker:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-_PUT_RESULT = _Marker("put result")  # the client's body (and VALID) went out
-_GET_VALIDITY = _Marker("get validity")  # a GET body was passed on
-
-Pending = m.Message | _Marker
+    def status(self) -> dict[str, dict[str, object]]:
+        """Each node's health, for ``torbridge status`` and the metrics."""
+        return self.health.snapshot(trio.current_time())
 
 
 class ClusterChannel(PeerChannel):
@@ -135,39 +143,51 @@ class ClusterChannel(PeerChannel):
         self.version = version
         self._nursery = nursery
         self._session = session
-        self._bypass = {*bypass, transport.own_uuid}
+        self._by_name = {n.ref.name: n for n in transport.nodes}
+        self.gw = g.Gateway(
+            transport.name,
+            version,
+            [g.Node(n.ref, n.gateway) for n in transport.nodes],
+            transport.own_uuid,
+            bypass,
+            transport.members,
+            transport.health,
+            transport.rng,
+        )
         self._open: dict[str, PeerChannel] = {}
-        self._pending: Pending | None = None
-        self._out: deque[LineEvent] = deque()
+        self._deferred: list[g.Action] = []  # worked out when the answer is asked for
+        self._body: deque[bytes] = deque()  # GET body bytes for the relay
+        self._cut: str | None = None  # no node can finish the GET body
         self._answering: trio.Event | None = None  # set when the answer is out
         self._work_scope = trio.CancelScope()  # the answering task's, for aclose
-        self._timestamps = c.TimestampMap()
-        self._node_deadline = math.inf  # no node wait outlasts the current answer
-        # GET in progress: the node it comes from, and what of its body is left.
-        self._get: tuple[ClusterNode, PeerChannel] | None = None
-        self._get_verdict_owed = False  # the client's SUCCESS/FAILURE goes to the node
-        self._body_left = 0
-        # PUT in progress.
-        self._put: c.PutFanout | None = None
-        self._put_key = ""
+        self._deadline = math.inf  # no node wait outlasts the current call
 
     # --- the PeerChannel the relay sees --------------------------------------------
 
     async def send(self, message: m.Message) -> None:
-        if isinstance(message, m.Bypass):
-            self._bypass.update(message.uuids)
-        elif isinstance(message, m.Data) and self._put is not None:
-            await self._put_data(message.length)
-        elif isinstance(message, (m.Valid, m.Invalid, m.DataPresent)) and self._put is not None:
-            await self._put_tell(message)
-            self._pending = _PUT_RESULT
-        elif isinstance(message, (m.Success, m.Failure, m.SuccessPlus, m.FailurePlus)):
-            await self._get_verdict(message)
-        elif isinstance(message, m.UnlockContent):
-            pass  # LOCKCONTENT is always refused: nothing is held
+        try:
+            actions = self._feed(lambda: self.gw.client_message(message))
+        except g.GatewayError as e:
+            raise self._broken(e) from e
+        if self.gw.answer_due:
+            # A request: worked out when the relay asks for the answer (in a
+            # task of its own, so a cancelled wait loses nothing).
+            self._deferred.extend(actions)
         else:
-            self._reset()
-            self._pending = message
+            await self._guarded(lambda: actions, self.t.stall_timeout)
+
+    async def _guarded(self, event: Callable[[], list[g.Action]], within: float) -> None:
+        """Feed ``event`` and carry out what follows; a gateway out of step
+        (a bug) ends the peer, as a lost connection would."""
+        try:
+            await self._carry_out(self._feed(event), within)
+        except (g.GatewayError, ExceptionGroup) as e:
+            raise self._broken(e) from e
+
+    def _broken(self, e: Exception) -> StreamLost:
+        log.error("%s: the gateway is out of step: %r", self.t.name, e)
+        self._dispatch_now(self.gw.fail(f"{self.t.name}: internal error"))
+        return StreamLost(f"{self.t.name}: internal error")
 
     async def receive_event(self) -> LineEvent:
         """The answer to the last request; cancel-safe.
@@ -177,71 +197,56 @@ class ClusterChannel(PeerChannel):
         of its own, which a cancelled wait leaves running, so no node is
         left mid-exchange and no request is lost.
         """
-        if not self._out:
-            if self._answering is None:
-                pending, self._pending = self._pending, None
-                if pending is None:
-                    raise StreamLost(f"{self.t.name}: asked for an answer to nothing")
-                self._answering = trio.Event()
-                self._work_scope = trio.CancelScope()
-                self._nursery.start_soon(self._work_out, pending, self._answering)
-            await self._answering.wait()
-            self._answering = None
-        return self._out.popleft()
+        answering = self._answering
+        if answering is None and not self.gw.answer_ready:
+            if not self.gw.answer_due and not self._deferred:
+                raise StreamLost(f"{self.t.name}: asked for an answer to nothing")
+            answering = self._answering = trio.Event()
+            self._work_scope = trio.CancelScope()
+            self._nursery.start_soon(self._work_out, answering)
+        if answering is not None:
+            # The work ends before the answer is taken: a renewed wait never
+            # overlaps the next request with this one's last node actions.
+            await answering.wait()
+        if not self.gw.answer_ready:
+            raise StreamLost(f"{self.t.name}: no answer")
+        return self.gw.take_answer()
 
-    async def _work_out(self, pending: Pending, done: trio.Event) -> None:
+    async def _work_out(self, done: trio.Event) -> None:
         try:
             with self._work_scope:
-                self._node_deadline = trio.current_time() + self.t.node_timeout * NODE_SHARE
-                with trio.move_on_after(self.t.node_timeout) as scope:
-                    self._out.extend(await self._answer(pending))
-                self._node_deadline = math.inf
-                if scope.cancelled_caught:
-                    # Some node is mid-exchange and out of step: start afresh.
-                    self._reset()
-                    await self._close_nodes()
-                    self._out.append(m.Error(f"{self.t.name}: no answer from the nodes in time"))
+                actions, self._deferred = self._deferred, []
+                await self._carry_out(actions, self.t.node_timeout)
+                # (The answer may already be taken: a wait the session
+                # cancelled and renewed returns it as soon as it is queued.)
+                if self.gw.answer_due and not self.gw.answer_ready:
+                    raise g.GatewayError(f"no answer in {self.gw.phase.value}")
         except Exception:
-            log.exception("%s: answering %s failed", self.t.name, pending)
-            self._reset()
-            await self._close_nodes()
-            self._out.append(m.Error(f"{self.t.name}: internal error"))
+            log.exception("%s: answering failed", self.t.name)
+            # Some node may be mid-exchange and out of step: start afresh.
+            self._dispatch_now(self.gw.fail(f"{self.t.name}: internal error"))
         finally:
+            if self._answering is done:
+                self._answering = None
             done.set()
 
     async def send_body(self, data: bytes) -> None:
-        put = self._put
-        if put is None:
-            return
-        pieces = put.slices(data)
-        self._body_left -= len(data)
-
-        async def one(node: ClusterNode, channel: PeerChannel) -> None:
-            piece = pieces.get(node.ref.name)
-            if piece is None:
-                return
-            if not await self._guard(node, self.t.stall_timeout, channel.send_body(piece)):
-                put.fail(node.ref.name, "lost while sending it data")
-
-        await self._each(self._receiving(put), one)
-        if self._body_left <= 0 and self.version == 0:
-            self._pending = _PUT_RESULT  # no VALID below v1: the results come now
+        await self._guarded(lambda: self.gw.client_body(data), self.t.stall_timeout)
 
     async def receive_body(self, max_bytes: int) -> bytes:
-        if self._get is None:
-            raise StreamLost(f"{self.t.name}: no DATA in progress")
-        node, channel = self._get
-        try:
-            with trio.fail_after(self.t.stall_timeout):
-                data = await channel.receive_body(max_bytes)
-        except (StreamLost, trio.TooSlowError) as e:
-            await self._drop(node, f"lost during GET: {e or 'stalled'}")
-            self._get = None
-            raise StreamLost(f"{node.ref.name} lost during GET") from e
-        self._body_left -= len(data)
-        if self._body_left <= 0 and self.version >= 1:
-            self._pending = _GET_VALIDITY
-        return data
+        if self._cut is not None:
+            raise StreamLost(self._cut)
+        if not self._body:
+            # A node's silence, and going on from the next one, within one
+            # stall window of the session's.
+            await self._guarded(
+                lambda: self.gw.client_wants_body(max_bytes),
+                self.t.stall_timeout / NODE_SHARE * 0.95,
+            )
+        if self._body:
+            return self._body.popleft()
+        why = self._cut or f"{self.t.name}: no body from the nodes"
+        raise StreamLost(why)
 
     async def aclose(self) -> None:
         self._work_scope.cancel()
@@ -253,373 +258,186 @@ class ClusterChannel(PeerChannel):
                 await channel.aclose()
             self._open.clear()
 
-    # --- the requests ----------------------------------------------------------------
+    def _dispatch_now(self, actions: list[g.Action]) -> None:
+        """Actions that need no waiting (closes go to the session's nursery)."""
+        for action in actions:
+            if isinstance(action, g.CloseNode):
+                closing = self._open.pop(action.node, None)
+                if closing is not None:
+                    self._nursery.start_soon(self._aclose, closing)
+            elif isinstance(action, g.Log):
+                log.warning("%s: %s", self.t.name, action.text)
 
-    async def _answer(self, pending: Pending) -> list[LineEvent]:
+    # --- carrying out the gateway's actions --------------------------------------
+
+    def _feed(self, event: Callable[[], list[g.Action]]) -> list[g.Action]:
+        self.gw.at(trio.current_time())
+        return event()
+
+    async def _carry_out(self, actions: list[g.Action], within: float) -> None:
+        """Carry out ``actions`` and all that follow from them; return when
+        nothing is left to do. No node wait outlasts ``within`` from now."""
+        self._deadline = trio.current_time() + within
         try:
-            if pending is _PUT_RESULT:
-                return await self._put_result()
-            if pending is _GET_VALIDITY:
-                return await self._get_validity()
-            assert isinstance(pending, m.Message)
-            match pending:
-                case m.CheckPresent(key=key):
-                    return await self._checkpresent(key)
-                case m.LockContent():
-                    # The cluster is not one disk: clients lock content on nodes.
-                    return [m.Failure()]
-                case m.Remove() | m.RemoveBefore():
-                    return await self._remove(pending)
-                case m.GetTimestamp():
-                    return await self._gettimestamp()
-                case m.Get():
-                    return await self._get_start(pending)
-                case m.Put():
-                    return await self._put_start(pending)
-            return [m.Error("unexpected command")]
-        except QueryFailed as e:
-            log.warning("%s: %s", self.t.name, e)
-            return [m.Error(f"{self.t.name}: cannot read the location log")]
+            async with trio.open_nursery() as nursery:
+                self._dispatch(nursery, actions)
+        finally:
+            self._deadline = math.inf
 
-    async def _locations(self, key: str) -> frozenset[str]:
-        try:
-            return await self.t.knowledge.locations(key)
-        except Exception as e:  # the query layer's own error types
-            raise QueryFailed(f"cannot read the location log: {e}") from e
+    def _dispatch(self, nursery: trio.Nursery, actions: list[g.Action]) -> None:
+        for action in actions:
+            match action:
+                case g.ToClient():
+                    pass  # queued in the gateway: the relay takes it with receive_event
+                case g.ToClientBody(data=data):
+                    self._body.append(data)
+                case g.CutClient(why=why):
+                    log.warning("%s", why)
+                    self._cut = why
+                case g.Record(key=key, uuid=uuid, present=present):
+                    if self.t.recorder is not None:
+                        self.t.recorder.record(key, uuid, present)
+                case g.Log(text=text):
+                    log.warning("%s: %s", self.t.name, text)
+                case g.CloseNode(node=name):
+                    closing = self._open.pop(name, None)
+                    if closing is not None:
+                        log.warning("%s: node %s closed", self.t.name, name)
+                        nursery.start_soon(self._aclose, closing)
+                case g.ProbeNode(node=name, version=version):
+                    # In the background: nobody waits for a down node.
+                    self._nursery.start_soon(self._probe, name, version)
+                case _:
+                    nursery.start_soon(self._node_task, nursery, action)
 
-    async def _holders(self, key: str) -> list[ClusterNode]:
-        usable = {n.ref: n for n in self._usable()}
-        refs = c.holders(list(usable), await self._locations(key), self.t.rng)
-        return [usable[ref] for ref in refs]
+    async def _node_task(self, nursery: trio.Nursery, action: g.Action) -> None:
+        follow = await self._perform(action)
+        self.gw.at(trio.current_time())
+        self._dispatch(nursery, follow())
 
-    async def _checkpresent(self, key: str) -> list[LineEvent]:
-        candidates = await self._holders(key)
-        if not candidates:
-            return [m.Failure()]
-        why: list[str] = []
-        for node in candidates:
-            reply = await self._request(node, m.CheckPresent(key))
-            if isinstance(reply, m.Message):
-                return [reply]
-            why.append(f"{node.ref.name}: {reply}")
-        return [m.Error(f"{self.t.name}: no node that has it answered ({'; '.join(why)})")]
-
-    async def _remove(self, request: m.Remove | m.RemoveBefore) -> list[LineEvent]:
-        # Every node, logged or not: a drop must really remove it everywhere.
-        replies: dict[str, m.Message | str] = {}
-
-        async def one(node: ClusterNode) -> None:
-            channel = await self._channel(node)
-            if channel is None:
-                replies[node.ref.name] = "unreachable"
-                return
-            message: m.Message | str = request
-            if isinstance(request, m.RemoveBefore):
+    async def _perform(self, action: g.Action) -> Callable[[], list[g.Action]]:
+        """One node (or query) action; returns the event it reports."""
+        gw = self.gw
+        match action:
+            case g.OpenNode(node=name, version=version, bypass=bypass):
+                node = self._by_name[name]
+                try:
+                    channel = await self._open_node(node, version, bypass)
+                except (PeerUnavailable, trio.TooSlowError) as e:
+                    why = str(e) or "no answer within the connect deadline"
+                    return lambda: gw.node_lost(name, f"unreachable: {why}", clienttext.UNREACHABLE)
+                self._open[name] = channel
+                return lambda: gw.node_opened(name, channel.version)
+            case g.ToNode(node=name, message=message, reply=reply):
+                sending = self._open.get(name)
+                if sending is None:
+                    return lambda: gw.node_lost(name, "closed", "connection closed")
+                if message is not None:
+                    lost = await self._guard(sending.send(message), self.t.stall_timeout)
+                    if lost is not None:
+                        return lambda: gw.node_lost(name, f"lost at {message}: {lost}")
+                if not reply:
+                    return lambda: gw.node_sent(name)
+                return await self._read(name, sending)
+            case g.ToNodeBody(node=name, data=data):
+                taking = self._open.get(name)
+                if taking is None:
+                    return lambda: gw.node_lost(name, "closed", "connection closed")
+                lost = await self._guard(taking.send_body(data), self.t.stall_timeout)
+                if lost is not None:
+                    return lambda: gw.node_lost(name, f"lost while sending it data: {lost}")
+                return lambda: gw.node_sent(name)
+            case g.ReadNodeBody(node=name, max_bytes=max_bytes):
+                serving = self._open.get(name)
+                if serving is None:
+                    return lambda: gw.node_lost(name, "closed", "connection closed")
+                try:
+                    with trio.fail_at(self._wait_until(self.t.stall_timeout * GET_BODY_SHARE)):
+                        data = await serving.receive_body(max_bytes)
+                except trio.TooSlowError:
+                    return lambda: gw.node_lost(name, "stalled during GET", "stalled")
+                except StreamLost as e:
+                    why = f"lost during GET: {e}"
+                    return lambda: gw.node_lost(name, why)
+                return lambda: gw.node_body(name, data)
+            case g.QueryLocations(key=key):
+                try:
+                    logged = await self.t.knowledge.locations(key)
+                except QueryError as e:
+                    text = f"cannot read the location log: {e}"
+                    return lambda: gw.query_failed("locations", text)
+                return lambda: gw.locations(logged)
+            case g.QueryWanted(nodes=names, key=key, af=af):
+                try:
+                    wanted = await self.t.knowledge.wanted(list(names), key, af)
+                except QueryError as e:
+                    text = f"preferred content not known: {e}"
+                    return lambda: gw.query_failed("wanted", text)
+                return lambda: gw.wanted(wanted)
+            case g.ReadClock():
                 now = int(time.monotonic())
-                message = self._timestamps.remove_for(node.ref.name, channel.version, request, now)
-            if isinstance(message, str):
-                replies[node.ref.name] = message
-                return
-            replies[node.ref.name] = await self._exchange(node, channel, message)
+                return lambda: gw.clock(now)
+        raise g.GatewayError(f"unhandled action {action!r}")
 
-        usable = self._usable()
-        await self._each_node(usable, one)
-        uuids = {n.ref.name: n.ref.uuid for n in usable}
-        in_order = {name: replies[name] for name in uuids}  # not the order they finished in
-        answer, removed = c.remove_outcome(self.version, in_order, uuids, self.t.members)
-        for uuid in removed:
-            self._record(request.key, uuid, present=False)
-        return [answer]
+    def _wait_until(self, limit: float) -> float:
+        return min(trio.current_time() + limit, self._deadline)
 
-    async def _gettimestamp(self) -> list[LineEvent]:
-        clocks: dict[str, int] = {}
+    async def _open_node(
+        self, node: ClusterNode, version: int, bypass: tuple[str, ...]
+    ) -> PeerChannel:
+        with trio.fail_at(self._wait_until(self.t.connect_timeout)):
+            return await node.transport.open(self._nursery, self._session, version, bypass)
 
-        async def one(node: ClusterNode) -> None:
-            channel = await self._channel(node)
-            if channel is None or c.for_node(m.GetTimestamp(), channel.version) is None:
-                return
-            reply = await self._exchange(node, channel, m.GetTimestamp())
-            if isinstance(reply, m.Timestamp):
-                clocks[node.ref.name] = reply.timestamp
-
-        await self._each_node(self._usable(), one)
-        # Our clock is read after theirs: the client's window can only shrink.
-        return [self._timestamps.answer(clocks, int(time.monotonic()))]
-
-    # --- GET ---------------------------------------------------------------------------
-
-    async def _get_start(self, request: m.Get) -> list[LineEvent]:
-        candidates = await self._holders(request.key)
-        why: list[str] = []
-        for node in candidates:
-            channel = await self._channel(node)
-            if channel is None:
-                why.append(f"{node.ref.name}: unreachable")
-                continue
-            reply = await self._exchange(node, channel, request)
-            if isinstance(reply, m.Data):
-                self._get = (node, channel)
-                self._get_verdict_owed = True
-                self._body_left = reply.length
-                if reply.length == 0 and self.version >= 1:
-                    self._pending = _GET_VALIDITY
-                return [reply]
-            if isinstance(reply, m.Message):
-                return [reply]  # the node's ERROR, relayed; the session goes on
-            why.append(f"{node.ref.name}: {reply}")
-        if why:
-            return [m.Error(f"{self.t.name}: no node that has it answered ({'; '.join(why)})")]
-        # No node has it: nothing to send, and nothing the client may keep.
-        return [m.Data(0), m.Invalid()] if self.version >= 1 else [m.Data(0)]
-
-    async def _get_validity(self) -> list[LineEvent]:
-        if self._get is None:
-            return [m.Invalid()]
-        node, channel = self._get
-        if channel.version < 1:
-            return [m.Invalid()]  # the node vouches for nothing: the client verifies
-        reply = await self._read(node, channel)
-        if isinstance(reply, (m.Valid, m.Invalid)):
-            return [reply]
-        await self._drop(node, f"no VALID after GET: {reply}")
-        self._get = None
-        return [m.Invalid()]
-
-    async def _get_verdict(self, verdict: m.Message) -> None:
-        get, self._get = self._get, None
-        if get is None or not self._get_verdict_owed:
-            return
-        self._get_verdict_owed = False
-        node, channel = get
-        await self._guard(node, self.t.stall_timeout, channel.send(verdict))
-
-    # --- PUT ---------------------------------------------------------------------------
-
-    async def _put_start(self, request: m.Put) -> list[LineEvent]:
-        usable = self._usable()
-        logged = await self._locations(request.key)
-        # Each node's preferred content, evaluated by git-annex as that node
-        # (annex/preferred.py); another gateway weighs its own nodes' itself.
-        asked = [n.ref.name for n in usable if n.gateway is None and n.ref.uuid not in logged]
-        wanted = await self._wanted(asked, request.key, request.af)
-        refs = c.put_targets([n.ref for n in usable], logged, lambda r: wanted.get(r.name, True))
-        targets = [n for n in usable if n.ref in refs]
-        put = c.PutFanout(self.version, {n.ref.name: n.ref.uuid for n in targets}, self.t.members)
-
-        async def one(node: ClusterNode) -> None:
-            reply = await self._request(node, request)
-            if isinstance(reply, m.Message):
-                put.answered(node.ref.name, reply)
-            else:
-                put.fail(node.ref.name, reply)
-
-        await self._each_node(targets, one)
-        offer = put.offer()
-        for uuid in put.already:
-            self._record(request.key, uuid, present=True)
-        if isinstance(offer, m.PutFrom):
-            self._put, self._put_key = put, request.key
-        return [self._told(put, offer)]
-
-    async def _wanted(self, names: list[str], key: str, af: str | None) -> Mapping[str, bool]:
-        if not names:
-            return {}
+    async def _probe(self, name: str, version: int) -> None:
+        """Open a down node and close it again; its health says what came of it."""
+        node = self._by_name[name]
+        bypass = tuple(sorted(self.gw.bypass))
         try:
-            return await self.t.knowledge.wanted(names, key, af)
-        except Exception as e:  # the query layer's own error types
-            # Counted as wanted: a copy too many is safe, one too few is not.
-            log.warning("%s: preferred content not known (%s): every node asked", self.t.name, e)
-            return {}
-
-    async def _put_data(self, length: int) -> None:
-        put = self._put
-        assert put is not None
-        headers = put.data(length)
-        self._body_left = length
-
-        async def one(node: ClusterNode, channel: PeerChannel) -> None:
-            header = headers[node.ref.name]
-            if not await self._guard(node, self.t.stall_timeout, channel.send(header)):
-                put.fail(node.ref.name, "lost at DATA")
-
-        # Every node is told its DATA before any of the client's bytes are read.
-        await self._each(self._receiving(put), one)
-        if length == 0 and self.version == 0:
-            self._pending = _PUT_RESULT
-
-    async def _put_tell(self, message: m.Message) -> None:
-        put = self._put
-        assert put is not None
-
-        async def one(node: ClusterNode, channel: PeerChannel) -> None:
-            told = c.for_node(message, channel.version)
-            if told is None:
-                if isinstance(message, m.DataPresent):
-                    put.fail(node.ref.name, "DATA-PRESENT needs protocol version 4")
-                    # It answered PUT-FROM and waits for DATA: closed, or it
-                    # would take the next request as that DATA.
-                    await self._drop(node, "DATA-PRESENT needs protocol version 4")
-                return  # below v1 a node has no VALID to be told
-            if not await self._guard(node, self.t.stall_timeout, channel.send(told)):
-                put.fail(node.ref.name, f"lost at {type(message).__name__}")
-
-        await self._each(self._receiving(put), one)
-
-    async def _put_result(self) -> list[LineEvent]:
-        put, self._put = self._put, None
-        if put is None:
-            return [m.Error("unexpected command")]
-
-        async def one(node: ClusterNode, channel: PeerChannel) -> None:
-            reply = await self._read(node, channel)
-            if isinstance(reply, m.Message):
-                put.result(node.ref.name, reply)
-            else:
-                put.fail(node.ref.name, reply)
-
-        await self._each(self._receiving(put), one)
-        for uuid in put.stored:
-            self._record(self._put_key, uuid, present=True)
-        return [self._told(put, put.outcome())]
-
-    def _receiving(self, put: c.PutFanout) -> list[tuple[ClusterNode, PeerChannel]]:
-        out = []
-        for node in self.t.nodes:
-            channel = self._open.get(node.ref.name)
-            if node.ref.name in put.offsets and channel is not None:
-                out.append((node, channel))
-            elif node.ref.name in put.offsets:
-                put.fail(node.ref.name, "connection closed")
-        return out
-
-    def _told(self, put: c.PutFanout, answer: m.Message) -> m.Message:
-        """Log the nodes left out; a FAILURE becomes an ERROR that says why."""
-        order = {n.ref.name: i for i, n in enumerate(self.t.nodes)}  # not finishing order
-        failed = sorted(put.failed.items(), key=lambda item: order.get(item[0], len(order)))
-        reasons = [f"{name}: {why}" for name, why in failed]
-        put.failed.clear()
-        for reason in reasons:
-            log.warning("%s: node left out of a PUT: %s", self.t.name, reason)
-        if isinstance(answer, m.Failure):
-            told = "; ".join(reasons) or "the cluster has no node to take it"
-            return m.Error(f"{self.t.name}: no node stored it ({told})")
-        return answer
-
-    # --- nodes ---------------------------------------------------------------------------
-
-    def _usable(self) -> list[ClusterNode]:
-        """The nodes this session may use: none the client's BYPASS names."""
-        bypass = self._bypass
-        return [
-            n
-            for n in self.t.nodes
-            if n.ref.uuid not in bypass and (n.gateway is None or n.gateway not in bypass)
-        ]
-
-    async def _channel(self, node: ClusterNode) -> PeerChannel | None:
-        channel = self._open.get(node.ref.name)
-        if channel is not None:
-            return channel
-        bypass = self._bypass
-        if node.gateway is not None:
-            # Every gateway this one fans out to is served here: naming them
-            # all keeps each from passing the request on to another, so a
-            # node behind one is reached once, not once per path to it.
-            bypass = bypass | {n.gateway for n in self._usable() if n.gateway is not None}
-        try:
-            with trio.fail_at(self._node_wait_deadline()):
-                channel = await node.transport.open(
-                    self._nursery, self._session, self.version, tuple(sorted(bypass))
-                )
+            with trio.fail_after(self.t.connect_timeout):
+                channel = await node.transport.open(self._nursery, self._session, version, bypass)
         except (PeerUnavailable, trio.TooSlowError) as e:
-            # One node down is not the cluster down: the others go on.
-            log.warning("%s: node %s unreachable: %s", self.t.name, node.ref.name, e or "timeout")
-            return None
-        self._open[node.ref.name] = channel
-        return channel
+            self.gw.at(trio.current_time()).probe_done(name, False, str(e) or "probe: no answer")
+            log.info("%s: node %s still down: %s", self.t.name, name, e or "no answer")
+            return
+        except trio.Cancelled:
+            self.gw.probe_done(name, False, "cancelled")
+            raise
+        await channel.aclose()
+        self.gw.probe_done(name, True)
+        log.info("%s: node %s answers again", self.t.name, name)
 
-    def _node_wait_deadline(self) -> float:
-        return min(trio.current_time() + self.t.node_timeout, self._node_deadline)
-
-    async def _request(self, node: ClusterNode, message: m.Message) -> m.Message | str:
-        channel = await self._channel(node)
-        if channel is None:
-            return "unreachable"
-        return await self._exchange(node, channel, message)
-
-    async def _exchange(
-        self, node: ClusterNode, channel: PeerChannel, message: m.Message
-    ) -> m.Message | str:
-        if not await self._guard(node, self.t.stall_timeout, channel.send(message)):
-            return "connection lost"
-        return await self._read(node, channel)
-
-    async def _read(self, node: ClusterNode, channel: PeerChannel) -> m.Message | str:
+    async def _read(self, name: str, channel: PeerChannel) -> Callable[[], list[g.Action]]:
+        gw = self.gw
         try:
-            with trio.fail_at(self._node_wait_deadline()):
+            with trio.fail_at(self._wait_until(self.t.node_timeout * NODE_SHARE)):
                 event = await channel.receive_event()
         except trio.TooSlowError:
-            await self._drop(node, "no answer before the deadline")
-            return "no answer before the deadline"
+            why = "no answer before the deadline"
+            return lambda: gw.node_lost(name, why, why)
         except StreamLost as e:
             # The cause (it may name an onion or a path) is for the log only.
-            await self._drop(node, str(e))
-            return clienttext.CONNECTION_LOST
-        if isinstance(event, m.Error):
-            told = clienttext.relayed_error(node.ref.name, event)
-            if told is not event:
-                log.warning("%s: node %s said ERROR %s", self.t.name, node.ref.name, event.text)
-            return told
+            text = str(e)
+            return lambda: gw.node_lost(name, text, clienttext.CONNECTION_LOST)
         if isinstance(event, m.Message):
-            return event
+            message = event
+            return lambda: gw.node_reply(name, message)
         if isinstance(event, EndOfStream):
-            await self._drop(node, "connection closed")
-            return "connection closed"
-        await self._drop(node, f"bad line: {event}")
-        return clienttext.PROTOCOL_ERROR
+            return lambda: gw.node_lost(name, "connection closed", "connection closed")
+        bad = f"bad line: {event}"
+        return lambda: gw.node_lost(name, bad, clienttext.PROTOCOL_ERROR)
 
-    async def _guard(self, node: ClusterNode, within: float, op: Awaitable[None]) -> bool:
-        """Run one send to ``node``; on failure drop the node and say False."""
+    async def _guard(self, op: Awaitable[None], within: float) -> str | None:
+        """Run one send; None, or why it failed."""
         try:
-            with trio.fail_after(within):
+            with trio.fail_at(self._wait_until(within)):
                 await op
-        except (StreamLost, trio.TooSlowError) as e:
-            await self._drop(node, str(e) or "not reading")
-            return False
-        return True
+        except trio.TooSlowError:
+            return "not reading"
+        except StreamLost as e:
+            return str(e) or "connection lost"
+        return None
 
-    async def _drop(self, node: ClusterNode, why: str) -> None:
-        log.warning("%s: node %s dropped: %s", self.t.name, node.ref.name, why)
-        channel = self._open.pop(node.ref.name, None)
-        if channel is not None:
+    @staticmethod
+    async def _aclose(channel: PeerChannel) -> None:
+        with trio.CancelScope(shield=True):
             await channel.aclose()
-
-    async def _each_node(
-        self, nodes: Sequence[ClusterNode], work: Callable[[ClusterNode], Awaitable[None]]
-    ) -> None:
-        async with trio.open_nursery() as nursery:
-            for node in nodes:
-                nursery.start_soon(work, node)
-
-    async def _each(
-        self,
-        pairs: Sequence[tuple[ClusterNode, PeerChannel]],
-        work: Callable[[ClusterNode, PeerChannel], Awaitable[None]],
-    ) -> None:
-        if len(pairs) == 1:  # the common case needs no tasks
-            await work(*pairs[0])
-            return
-        async with trio.open_nursery() as nursery:
-            for node, channel in pairs:
-                nursery.start_soon(work, node, channel)
-
-    def _reset(self) -> None:
-        """A new request: whatever the last one left is over."""
-        self._put = None
-        self._get = None
-        self._get_verdict_owed = False
-        self._pending = None
-
-    def _record(self, key: str, uuid: str, present: bool) -> None:
-        if self.t.recorder is not None and not c.is_cluster_uuid(uuid):
-            self.t.recorder.record(key, uuid, present)

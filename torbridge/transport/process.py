@@ -20,6 +20,7 @@ from pathlib import Path
 import trio
 
 from torbridge.protocol import messages as m
+from torbridge.protocol.cluster import deadline_kept_here
 from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.permissions import Mode
 from torbridge.transport.base import (
@@ -210,8 +211,9 @@ class SpecialRemoteChannel(PeerChannel):
         if isinstance(message, m.GetTimestamp):
             self._answers.append(m.Timestamp(int(time.monotonic())))
         elif isinstance(message, m.RemoveBefore):
-            if time.monotonic() < message.timestamp:
-                await self.inner.send(m.Remove(message.key))
+            remove = deadline_kept_here(message, int(time.monotonic()))
+            if remove is not None:
+                await self.inner.send(remove)
             else:
                 self._answers.append(m.Failure())
         else:
