@@ -9,8 +9,15 @@ import datetime
 import os
 import re
 import shutil
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from torbridge.testnet.process import tor_command
+from torbridge.testnet.torrc import Node, keygen_torrc
+from torbridge.testnet.torrc_safety import TorTestNetError, write_checked_torrc
 
 AUTH_CERT_MIN_VALIDITY = datetime.timedelta(days=7)
 
@@ -67,3 +74,62 @@ def _certificate_fresh(path: Path) -> bool:
 def default_key_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "torbridge" / "testnet-keys"
+
+
+def make_keys(
+    nodes: dict[str, Node],
+    or_ports: dict[str, int],
+    empty: Path,
+    deadline: float,
+    key_cache: KeyCache,
+    spawn: Callable[[list[str], Path | None], subprocess.Popen[bytes]],
+    say: Callable[[str], None],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Relay keys for every node, v3 authority keys for the authorities:
+    from the cache, or made in parallel (and cached). ``spawn(argv, stdin)``
+    starts a helper process (the network tracks it, to stop it). Returns
+    (relay fingerprints, v3 identities), by nickname."""
+    gencert = shutil.which("tor-gencert") or "tor-gencert"
+    made: list[str] = []
+    jobs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    for name, node in nodes.items():
+        authority = name.startswith("auth")
+        if key_cache.restore(name, node.datadir, authority=authority):
+            continue
+        made.append(name)
+        keys = node.datadir / "keys"
+        if authority:
+            argv = [gencert, "--create-identity-key", "--passphrase-fd", "0", "-m", "12"]
+            argv += ["-i", str(keys / "authority_identity_key")]
+            argv += ["-s", str(keys / "authority_signing_key")]
+            argv += ["-c", str(keys / "authority_certificate")]
+            # stdin: an empty passphrase
+            jobs.append((f"tor-gencert for {name}", spawn(argv, empty)))
+        torrc = node.datadir / "torrc.keygen"
+        write_checked_torrc(torrc, keygen_torrc(node.datadir, name, or_ports[name], empty), empty)
+        argv = tor_command(torrc, empty, "--list-fingerprint")
+        jobs.append((f"tor --list-fingerprint for {name}", spawn(argv, None)))
+    if made:
+        say(f"generating keys for {', '.join(made)} (slow; cached afterwards)")
+    else:
+        say(f"keys for {len(nodes)} tors from {key_cache.root}")
+    for what, p in jobs:
+        try:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise TorTestNetError(f"{what} timed out") from None
+        if p.returncode != 0:
+            text = out.decode(errors="replace")[-2000:]
+            raise TorTestNetError(f"{what} failed (status {p.returncode}):\n{text}")
+    fingerprints, v3idents = {}, {}
+    for name, node in nodes.items():
+        fingerprints[name] = (node.datadir / "fingerprint").read_text().split()[1]
+        if name.startswith("auth"):
+            cert = (node.datadir / "keys" / "authority_certificate").read_text()
+            match = re.search(r"^fingerprint ([0-9A-F]{40})$", cert, re.M)
+            if match is None:
+                raise TorTestNetError(f"no fingerprint in {name}'s authority certificate")
+            v3idents[name] = match.group(1)
+        if name in made:
+            key_cache.save(name, node.datadir)
+    return fingerprints, v3idents

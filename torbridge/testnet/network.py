@@ -20,11 +20,9 @@ from pathlib import Path
 from types import TracebackType
 
 import stem  # type: ignore[import-untyped]
-import stem.connection  # type: ignore[import-untyped]
-import stem.control  # type: ignore[import-untyped]
 
 from torbridge.testnet.audit import Watchdog
-from torbridge.testnet.keys import KeyCache, default_key_cache
+from torbridge.testnet.keys import KeyCache, default_key_cache, make_keys
 from torbridge.testnet.process import STOP_GRACE, TOR_ENV, TorProcess, free_ports, tor_command
 from torbridge.testnet.torrc import (
     INITIAL_VOTING_INTERVAL,
@@ -34,7 +32,6 @@ from torbridge.testnet.torrc import (
     authority_torrc,
     client_torrc,
     first_vote_lead,
-    keygen_torrc,
     relay_torrc,
     service_torrc,
     vote_offset,
@@ -207,7 +204,9 @@ class TestNet:
         for node in nodes.values():
             (node.datadir / "keys").mkdir(parents=True, mode=0o700)
             os.chmod(node.datadir, 0o700)
-        fingerprints, v3idents = self._make_keys(nodes, or_ports, empty, deadline)
+        fingerprints, v3idents = make_keys(
+            nodes, or_ports, empty, deadline, self.key_cache, self._helper, self._say
+        )
 
         authorities = tuple(
             Authority(n, or_ports[n], dir_ports[n], fingerprints[n], v3idents[n])
@@ -242,7 +241,7 @@ class TestNet:
             (self.authorities if role == "authority" else self.relays).append(tor)
         self._say(f"{len(names)} tors launched")
         for tor in self.authorities + self.relays:
-            self._connect_monitor(tor, deadline)
+            tor.connect_monitor(deadline, self.check)
         self._time_first_vote(valid_after, offset, deadline)
         self._wait_consensus(deadline)
 
@@ -267,58 +266,6 @@ class TestNet:
         self.workdir = workdir
         self._say(f"working directory {workdir}")
         return workdir
-
-    def _make_keys(
-        self, nodes: dict[str, Node], or_ports: dict[str, int], empty: Path, deadline: float
-    ) -> tuple[dict[str, str], dict[str, str]]:
-        """Relay keys for every node, v3 authority keys for the authorities:
-        from the cache, or made in parallel (and cached)."""
-        gencert = shutil.which("tor-gencert") or "tor-gencert"
-        made: list[str] = []
-        jobs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        for name, node in nodes.items():
-            authority = name.startswith("auth")
-            if self.key_cache.restore(name, node.datadir, authority=authority):
-                continue
-            made.append(name)
-            keys = node.datadir / "keys"
-            if authority:
-                argv = [gencert, "--create-identity-key", "--passphrase-fd", "0", "-m", "12"]
-                argv += ["-i", str(keys / "authority_identity_key")]
-                argv += ["-s", str(keys / "authority_signing_key")]
-                argv += ["-c", str(keys / "authority_certificate")]
-                # stdin: an empty passphrase
-                jobs.append((f"tor-gencert for {name}", self._helper(argv, stdin=empty)))
-            torrc = node.datadir / "torrc.keygen"
-            write_checked_torrc(
-                torrc, keygen_torrc(node.datadir, name, or_ports[name], empty), empty
-            )
-            argv = tor_command(torrc, empty, "--list-fingerprint")
-            jobs.append((f"tor --list-fingerprint for {name}", self._helper(argv)))
-        if made:
-            self._say(f"generating keys for {', '.join(made)} (slow; cached afterwards)")
-        else:
-            self._say(f"keys for {len(nodes)} tors from {self.key_cache.root}")
-        for what, p in jobs:
-            try:
-                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise TorTestNetError(f"{what} timed out") from None
-            if p.returncode != 0:
-                text = out.decode(errors="replace")[-2000:]
-                raise TorTestNetError(f"{what} failed (status {p.returncode}):\n{text}")
-        fingerprints, v3idents = {}, {}
-        for name, node in nodes.items():
-            fingerprints[name] = (node.datadir / "fingerprint").read_text().split()[1]
-            if name.startswith("auth"):
-                cert = (node.datadir / "keys" / "authority_certificate").read_text()
-                match = re.search(r"^fingerprint ([0-9A-F]{40})$", cert, re.M)
-                if match is None:
-                    raise TorTestNetError(f"no fingerprint in {name}'s authority certificate")
-                v3idents[name] = match.group(1)
-            if name in made:
-                self.key_cache.save(name, node.datadir)
-        return fingerprints, v3idents
 
     def _helper(self, argv: list[str], stdin: Path | None = None) -> subprocess.Popen[bytes]:
         with self._lock, open(stdin or os.devnull, "rb") as input_file:
@@ -376,34 +323,6 @@ class TestNet:
             )
             self.tors.append(tor)
         return tor
-
-    def _connect_monitor(self, tor: TorProcess, deadline: float) -> None:
-        """Our own control connection to tor (bootstrap, consensus, HS_DESC)."""
-        while True:
-            self.check()
-            try:
-                c = stem.control.Controller.from_port(address=LOOPBACK, port=tor.control_port)
-            except stem.SocketError:
-                c = None
-            if c is not None:
-                try:
-                    # The first connection to authenticate owns the tor: stem
-                    # sends TAKEOWNERSHIP when __OwningControllerProcess is us.
-                    c.authenticate()
-                    if tor.role in ("client", "service"):
-                        c.add_event_listener(tor._on_hs_desc, stem.control.EventType.HS_DESC)
-                    tor._monitor = c
-                    return
-                except stem.connection.AuthenticationFailure:
-                    c.close()  # the cookie not written yet: retry
-                except BaseException:
-                    c.close()
-                    raise
-            if time.monotonic() > deadline:
-                raise TorTestNetError(
-                    f"tor {tor.name}: no control connection on {tor.control}:\n{tor.log_tail()}"
-                )
-            time.sleep(0.05)
 
     def _wait(
         self,
@@ -544,7 +463,7 @@ class TestNet:
     def _finish_start(self, tor: TorProcess, deadline: float) -> None:
         try:
             with self._stop_means_stopped():
-                self._connect_monitor(tor, deadline)
+                tor.connect_monitor(deadline, self.check)
                 self._wait_bootstrapped(tor, deadline)
         except BaseException:
             self._terminate(tor)
@@ -573,35 +492,7 @@ class TestNet:
         already happened counts."""
         if tor._monitor is None:
             raise TorTestNetError(f"{tor.name} is not a client or service tor of this network")
-        address = onion.removesuffix(".onion")
-        deadline = time.monotonic() + timeout
-        failures: list[str] = []
-        while True:
-            self.check()
-            with tor._hs_changed:
-                pending: dict[str, int] = {}
-                uploaded = 0
-                failures = []
-                for action, addr, hsdir, reason in tor._hs_events:
-                    if addr != address:
-                        continue
-                    if action == "UPLOAD":
-                        pending[hsdir] = pending.get(hsdir, 0) + 1
-                    elif action in ("UPLOADED", "FAILED"):
-                        pending[hsdir] = pending.get(hsdir, 0) - 1
-                        uploaded += action == "UPLOADED"
-                        if action == "FAILED":
-                            failures.append(f"{hsdir[:8]} {reason}".strip())
-                if uploaded and all(n <= 0 for n in pending.values()):
-                    return
-                if time.monotonic() > deadline:
-                    break
-                tor._hs_changed.wait(timeout=0.2)
-        raise TorTestNetError(
-            f"descriptor of {address}.onion not uploaded by {tor.name} in {timeout:.0f}s"
-            + (f" (failed: {', '.join(failures)})" if failures else "")
-            + f"\n{tor.log_tail()}"
-        )
+        tor.wait_for_upload(onion, timeout, self.check)
 
     # ----------------------------------------------------------- plumbing
     def _processes(self) -> list[subprocess.Popen[bytes]]:

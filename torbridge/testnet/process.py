@@ -10,14 +10,17 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import stem  # type: ignore[import-untyped]
+import stem.connection  # type: ignore[import-untyped]
 import stem.control  # type: ignore[import-untyped]
 
-from torbridge.testnet.torrc_safety import LOOPBACK
+from torbridge.testnet.torrc_safety import LOOPBACK, TorTestNetError
 
 TOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
@@ -109,6 +112,67 @@ class TorProcess:
                 (parts[1], parts[2], fingerprint.group(0) if fingerprint else parts[4], reason)
             )
             self._hs_changed.notify_all()
+
+    def connect_monitor(self, deadline: float, check: Callable[[], None]) -> None:
+        """Our own control connection to tor (bootstrap, consensus, HS_DESC).
+        ``check`` raises if the network went wrong meanwhile."""
+        while True:
+            check()
+            try:
+                c = stem.control.Controller.from_port(address=LOOPBACK, port=self.control_port)
+            except stem.SocketError:
+                c = None
+            if c is not None:
+                try:
+                    # The first connection to authenticate owns the tor: stem
+                    # sends TAKEOWNERSHIP when __OwningControllerProcess is us.
+                    c.authenticate()
+                    if self.role in ("client", "service"):
+                        c.add_event_listener(self._on_hs_desc, stem.control.EventType.HS_DESC)
+                    self._monitor = c
+                    return
+                except stem.connection.AuthenticationFailure:
+                    c.close()  # the cookie not written yet: retry
+                except BaseException:
+                    c.close()
+                    raise
+            if time.monotonic() > deadline:
+                raise TorTestNetError(
+                    f"tor {self.name}: no control connection on {self.control}:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def wait_for_upload(self, onion: str, timeout: float, check: Callable[[], None]) -> None:
+        """TestNet.wait_for_descriptor, once this tor is known to be monitored."""
+        address = onion.removesuffix(".onion")
+        deadline = time.monotonic() + timeout
+        failures: list[str] = []
+        while True:
+            check()
+            with self._hs_changed:
+                pending: dict[str, int] = {}
+                uploaded = 0
+                failures = []
+                for action, addr, hsdir, reason in self._hs_events:
+                    if addr != address:
+                        continue
+                    if action == "UPLOAD":
+                        pending[hsdir] = pending.get(hsdir, 0) + 1
+                    elif action in ("UPLOADED", "FAILED"):
+                        pending[hsdir] = pending.get(hsdir, 0) - 1
+                        uploaded += action == "UPLOADED"
+                        if action == "FAILED":
+                            failures.append(f"{hsdir[:8]} {reason}".strip())
+                if uploaded and all(n <= 0 for n in pending.values()):
+                    return
+                if time.monotonic() > deadline:
+                    break
+                self._hs_changed.wait(timeout=0.2)
+        raise TorTestNetError(
+            f"descriptor of {address}.onion not uploaded by {self.name} in {timeout:.0f}s"
+            + (f" (failed: {', '.join(failures)})" if failures else "")
+            + f"\n{self.log_tail()}"
+        )
 
     def _close_controllers(self) -> None:
         for c in [*self._controllers, self._monitor]:
