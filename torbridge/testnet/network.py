@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -46,16 +45,6 @@ MARKER = ".torbridge-testnet"  # marks a directory as ours (safe to wipe and reu
 _NICKNAME = re.compile(r"[A-Za-z0-9]{1,19}")
 
 
-_LIVE: weakref.WeakSet[TestNet] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for net in list(_LIVE):
-        with contextlib.suppress(Exception):
-            net.stop()
-
-
 class TestNet:
     """A private Tor network on 127.0.0.1. Use as a context manager.
 
@@ -65,6 +54,10 @@ class TestNet:
     from another thread, and a start() in progress then fails cleanly.
     ``progress`` gets one-line messages (from the watchdog thread too).
     A given ``workdir`` must be empty or an earlier testnet's, and is kept.
+
+    Nothing is registered until ``start()``: it installs an atexit hook that
+    stops this network if the interpreter exits with it still up, and
+    ``stop()`` removes the hook again.
     """
 
     __test__ = False  # not a pytest test class
@@ -118,7 +111,7 @@ class TestNet:
             if self._started or self._stopped:
                 raise TorTestNetError("a TestNet starts once")
             self._started = True
-            _LIVE.add(self)
+            atexit.register(self._stop_at_exit)
         try:
             with self._stop_means_stopped():
                 self._start(time.monotonic() + timeout)
@@ -134,7 +127,7 @@ class TestNet:
                 return
             self._stopped = True
             tors, helpers = list(self.tors), list(self._helpers)
-        _LIVE.discard(self)
+        atexit.unregister(self._stop_at_exit)
         # Signal first, close our control connections after: the monitor
         # connection owns its tor (stem sends TAKEOWNERSHIP), and a tor told
         # to exit both ways at once can hang on exit.
@@ -161,6 +154,11 @@ class TestNet:
         if tors:
             hung = f" ({killed} hung on exit: SIGKILLed)" if killed else ""
             self._say(f"stopped {len(tors)} tor processes{hung}")
+
+    def _stop_at_exit(self) -> None:
+        """The atexit hook of a started network (start() installs it, stop() removes it)."""
+        with contextlib.suppress(Exception):
+            self.stop()
 
     @contextlib.contextmanager
     def _stop_means_stopped(self) -> Iterator[None]:
