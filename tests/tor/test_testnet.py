@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.tor.conftest import echo_roundtrip, require_tor
-from torbridge.tor.testnet import (
+from torbridge.testnet import (
     Authority,
     InetSocket,
     Network,
