@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.e2e.harness import Client  # noqa: E402
 from tests.tor.balanceworld import ENDPOINT, BalanceWorld  # noqa: E402
 from tests.tor.torpath import leftovers, netns_unavailable  # noqa: E402
-from torbridge.tor.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet  # noqa: E402
+from torbridge.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet  # noqa: E402
 
 MIB = 1024 * 1024
 TIMEOUT = 1800.0

@@ -42,7 +42,7 @@ from tests.tor.torpath import (  # noqa: E402
     leftovers,
     netns_unavailable,
 )
-from torbridge.tor.testnet import TestNet, TorProcess  # noqa: E402
+from torbridge.testnet import TestNet, TorProcess  # noqa: E402
 
 MIB = 1024 * 1024
 SETTINGS = {"one circuit": 1, "spread": 8}

@@ -47,7 +47,7 @@ from tests.tor.torpath import (  # noqa: E402
     leftovers,
     netns_unavailable,
 )
-from torbridge.tor.testnet import TestNet  # noqa: E402
+from torbridge.testnet import TestNet  # noqa: E402
 
 MIB = 1024 * 1024
 PATHS = ("direct", "bridge")

@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text, end="")
             return 0
         if args.command == "testnet":
-            from torbridge.tor.testnet import cli_main
+            from torbridge.testnet.cli import cli_main
 
             setup_logging(level)
             return cli_main(args.dir, relays=args.relays)

@@ -186,7 +186,7 @@ def run_demo(directory: Path | None, check_only: bool = False, use_tor: bool = T
     net = None
     tor_socks = None
     if use_tor and shutil.which("tor") and shutil.which("tor-gencert"):
-        from torbridge.tor.testnet import TestNet
+        from torbridge.testnet import TestNet
 
         logging.getLogger("stem").setLevel(logging.WARNING)
         _say("bringing up a private Tor network on 127.0.0.1 (nothing leaves this machine)")

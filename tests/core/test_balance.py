@@ -22,9 +22,9 @@ from torbridge import balance
 from torbridge.config import ConfigError, load_config
 from torbridge.protocol import messages as m
 from torbridge.server import gitowner
+from torbridge.testnet import check_torrc_safe
 from torbridge.tokens import TokenError, TokenStore
 from torbridge.tor.onion import torrc_snippet
-from torbridge.tor.testnet import check_torrc_safe
 from torbridge.transport.framed import FramedStream
 
 A = "a" * 56 + ".onion"

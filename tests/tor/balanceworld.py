@@ -41,7 +41,7 @@ from tests.tor.torpath import (
     TorPathError,
     stop_tor,
 )
-from torbridge.tor.testnet import LOOPBACK, TestNet, TorProcess
+from torbridge.testnet import LOOPBACK, TestNet, TorProcess
 
 PORT = 5001
 CLUSTER = "tbcluster"

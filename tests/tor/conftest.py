@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import socks  # type: ignore[import-untyped]
 
-from torbridge.tor.testnet import TestNet, TorProcess
+from torbridge.testnet import TestNet, TorProcess
 
 log = logging.getLogger("tests.tor")
 

@@ -18,7 +18,7 @@ from tests.e2e.harness import Client
 from tests.tor.balanceworld import ENDPOINT, PORT, BalanceWorld, whereis
 from tests.tor.conftest import require_tor
 from tests.tor.torpath import TOR_COMMAND_TIMEOUT, netns_unavailable
-from torbridge.tor.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet
+from torbridge.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet
 
 pytestmark = [pytest.mark.tor, pytest.mark.annex]
 log = logging.getLogger("tests.tor.balance")

@@ -39,7 +39,7 @@ from tests.tor.torpath import (
     tor_pids,
     wait_for_upload,
 )
-from torbridge.tor.testnet import LOOPBACK, TestNet
+from torbridge.testnet import LOOPBACK, TestNet
 
 pytestmark = [
     pytest.mark.tor,

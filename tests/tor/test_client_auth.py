@@ -44,6 +44,7 @@ from tests.tor.torpath import (
     parse_tor_lines,
     stop_tor,
 )
+from torbridge.testnet import TestNet, TorProcess
 from torbridge.tor.clientauth import (
     MAX_DESCRIPTOR,
     KeyPair,
@@ -51,7 +52,6 @@ from torbridge.tor.clientauth import (
     max_clients,
 )
 from torbridge.tor.onion import PowDefenses, publish
-from torbridge.tor.testnet import TestNet, TorProcess
 
 pytestmark = [
     pytest.mark.tor,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from torbridge.testnet import TorProcess
 from torbridge.tor.onion import PowDefenses, publish, tor_supports_pow
-from torbridge.tor.testnet import TorProcess
 
 pytestmark = [
     pytest.mark.tor,

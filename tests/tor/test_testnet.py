@@ -3,6 +3,7 @@ the network itself (marked ``tor``: a real private network on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -12,11 +13,12 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.tor.conftest import echo_roundtrip, require_tor
-from torbridge.tor.testnet import (
+from torbridge.testnet import (
     Authority,
     InetSocket,
     Network,
@@ -430,6 +432,72 @@ def test_watchdog_survives_a_transient_failure(sleeper: subprocess.Popen[bytes])
 
 
 # --------------------------------------------------------------------------
+# importing the package does nothing; start() installs the exit hook, stop() removes it
+
+_IMPORT_PROBE = """
+import atexit, threading
+registered = []
+real_register = atexit.register
+def spy(func, *args, **kwargs):
+    registered.append(func)
+    return real_register(func, *args, **kwargs)
+atexit.register = spy
+before = {t.ident for t in threading.enumerate()}
+import torbridge.testnet, torbridge.testnet.cli
+import torbridge.testnet.audit, torbridge.testnet.keys, torbridge.testnet.network
+import torbridge.testnet.process, torbridge.testnet.torrc, torbridge.testnet.torrc_safety
+ours = [f for f in registered if getattr(f, "__module__", "").startswith("torbridge")]
+threads = [t.name for t in threading.enumerate() if t.ident not in before]
+print(repr((ours, threads)))
+"""
+
+
+def test_importing_the_package_registers_nothing_and_starts_no_thread() -> None:
+    # A fresh interpreter (this one has imported the package already), from
+    # the checkout under test. Only handlers of torbridge's own count: stem and
+    # logging register theirs when they are imported, whoever imports them.
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert out.strip() == repr(([], []))
+
+
+@pytest.fixture
+def exit_hooks(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Callable[[], None]]]:
+    """What atexit.register/unregister are called with (still passed on to them)."""
+    calls: dict[str, list[Callable[[], None]]] = {"register": [], "unregister": []}
+    for name in calls:
+        real = getattr(atexit, name)
+
+        def spy(func: Callable[[], None], _real: Any = real, _name: str = name) -> Any:
+            calls[_name].append(func)
+            return _real(func)
+
+        monkeypatch.setattr(atexit, name, spy)
+    return calls
+
+
+def test_failed_start_removes_its_exit_hook(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    exit_hooks: dict[str, list[Callable[[], None]]],
+) -> None:
+    net = TestNet(tmp_path / "net")
+    assert exit_hooks == {"register": [], "unregister": []}  # constructing registers nothing
+    monkeypatch.setenv("PATH", str(tmp_path))  # no tor here: start() fails at once
+    with pytest.raises(TorTestNetError, match="tor not found"):
+        net.start()
+    assert len(exit_hooks["register"]) == 1
+    assert exit_hooks["unregister"] == exit_hooks["register"]
+    assert net.watchdog is None  # no thread was started either
+
+
+# --------------------------------------------------------------------------
 # the network (real tors on 127.0.0.1)
 
 
@@ -526,10 +594,13 @@ def test_unsafe_extra_lines_are_refused(testnet: TestNet) -> None:
 
 
 @pytest.mark.tor
-def test_stop_leaves_no_process_and_no_directory() -> None:
+def test_stop_leaves_no_process_and_no_directory(
+    exit_hooks: dict[str, list[Callable[[], None]]],
+) -> None:
     require_tor()
     net = TestNet()
     net.start()
+    assert len(exit_hooks["register"]) == 1 and not exit_hooks["unregister"]
     client = net.start_client("client")
     assert client.socks is not None
     pids = [t.pid for t in net.tors]
@@ -541,6 +612,7 @@ def test_stop_leaves_no_process_and_no_directory() -> None:
     assert time.monotonic() - started < 5
     assert not any(_alive(p) for p in pids)
     assert not workdir.exists()
+    assert exit_hooks["unregister"] == exit_hooks["register"]
     net.stop()  # idempotent
     with pytest.raises(TorTestNetError):
         net.start()
@@ -554,3 +626,28 @@ def test_failed_start_leaves_nothing() -> None:
         net.start(timeout=0.3)
     assert not any(_alive(t.pid) for t in net.tors)
     assert net.workdir is not None and not net.workdir.exists()
+
+
+_LEFT_RUNNING = """
+from torbridge.testnet import TestNet
+net = TestNet()
+net.start()
+print(net.workdir, *(t.pid for t in net.tors), flush=True)
+# exits with the network up: the hook start() installed stops it
+"""
+
+
+@pytest.mark.tor
+def test_a_network_left_running_is_stopped_at_exit() -> None:
+    require_tor()
+    out = subprocess.run(
+        [sys.executable, "-c", _LEFT_RUNNING],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout.split()
+    workdir, pids = Path(out[0]), [int(p) for p in out[1:]]
+    assert len(pids) == 5
+    assert not workdir.exists()  # stop() ran: it removes the directory it made
+    assert _wait_until(lambda: not any(_alive(p) for p in pids), timeout=30)

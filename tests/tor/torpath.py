@@ -61,7 +61,7 @@ from tests.e2e.harness import (
     descendants,
     toml_str,
 )
-from torbridge.tor.testnet import (
+from torbridge.testnet import (
     LOOPBACK,
     Node,
     TestNet,
