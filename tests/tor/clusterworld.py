@@ -63,7 +63,7 @@ from tests.tor.torpath import (
     stop_tor,
     wait_for_upload,
 )
-from torbridge.tor.testnet import TestNet, TorProcess, unsafe_sockets
+from torbridge.testnet import TestNet, TorProcess, unsafe_sockets
 
 CLUSTER = "torcluster"
 HUB_PORT = 5000  # the bridge: the proxy's own repository

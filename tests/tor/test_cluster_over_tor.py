@@ -36,7 +36,7 @@ from tests.tor.torpath import (
     netns_unavailable,
     tor_pids,
 )
-from torbridge.tor.testnet import TestNet
+from torbridge.testnet import TestNet
 
 pytestmark = [
     pytest.mark.tor,
