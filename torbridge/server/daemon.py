@@ -17,13 +17,7 @@ import trio
 from torbridge.annex.host import StartupError, check_git_annex, repository_uuid
 from torbridge.annex.locationlog import LocationLog
 from torbridge.annex.query import AnnexQuery
-from torbridge.config import (
-    OWN_REPOSITORY,
-    Config,
-    ConfigError,
-    Expose,
-    load_config,
-)
+from torbridge.config import OWN_REPOSITORY, Config, ConfigError, Expose, load_config
 from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
 from torbridge.server import notify
 from torbridge.server.admission import Admission

@@ -33,11 +33,7 @@ from torbridge.server.session import Endpoint
 from torbridge.server.status import Registry
 from torbridge.transport.base import Transport
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
-from torbridge.transport.network import (
-    SOCKS_CONNECT_TIMEOUT,
-    P2PNetTransport,
-    TorAnnexTransport,
-)
+from torbridge.transport.network import SOCKS_CONNECT_TIMEOUT, P2PNetTransport, TorAnnexTransport
 from torbridge.transport.process import AnnexShellTransport
 
 log = logging.getLogger("torbridge")
