@@ -45,13 +45,13 @@ from torbridge.tokens import TokenStore
 from torbridge.tor.clientauth import ClientStore
 from torbridge.tor.onion import (
     ControlSpec,
-    OnionPublisher,
     PowDefenses,
     connect,
     publish,
     stored_onion,
     torrc_onion,
 )
+from torbridge.tor.publisher import OnionPublisher
 from torbridge.transport.cluster import ClusterTransport
 
 log = logging.getLogger("torbridge")
