@@ -8,22 +8,16 @@ from pathlib import Path
 from torbridge.ops.doctor.report import Check, _fail, _ok
 
 UNIT_NAME = "torbridge.service"
-
-
 UNIT_PATHS: tuple[Path, ...] = (
     Path("/etc/systemd/system") / UNIT_NAME,
     Path("/lib/systemd/system") / UNIT_NAME,
     Path("/usr/lib/systemd/system") / UNIT_NAME,
 )
-
-
 # What the shipped unit's RuntimeDirectory= and StateDirectory= create at start.
 SYSTEMD_MADE_DIRS: dict[Path, str] = {
     Path("/run/torbridge"): "RuntimeDirectory=torbridge",
     Path("/var/lib/torbridge"): "StateDirectory=torbridge",
 }
-
-
 TOR_GROUP = "debian-tor"  # Debian's system tor runs as debian-tor
 
 

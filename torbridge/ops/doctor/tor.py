@@ -87,14 +87,8 @@ def _check_tor_control(spec: ControlSpec, timeout: float) -> Check:
 
 # The tor each configured feature needs (ADD_ONION keywords, torrc options).
 MIN_TOR_CLIENT_AUTH = (0, 4, 6, 1)  # ADD_ONION ClientAuthV3 / V3Auth
-
-
 MIN_TOR_TORRC_POW = (0, 4, 8, 1)  # HiddenServicePoWDefensesEnabled
-
-
 MIN_TOR_METRICS = (0, 4, 7, 1)  # MetricsPort with onion service metrics
-
-
 CLOCK_SLACK = 3600.0  # seconds a clock may be off before tor's consensus looks wrong
 
 
