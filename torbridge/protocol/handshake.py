@@ -15,7 +15,7 @@ import enum
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream, LineEvent
-from torbridge.protocol.versions import Feature, supports
+from torbridge.protocol.versions import DEFAULT_VERSION, Feature, supports
 
 
 class HandshakeFailed(Exception):
@@ -50,7 +50,7 @@ class Handshake:
         self.version = version
         self.bypass = bypass
         self.auth = auth
-        self.agreed = 0
+        self.agreed = DEFAULT_VERSION
         self._step = _Step.AUTH
 
     @property
@@ -72,7 +72,7 @@ class Handshake:
                 raise HandshakeFailed(
                     f"{self.name} is repository {reply.uuid}, expected {self.expected_uuid}"
                 )
-            if self.version > 0:
+            if self.version != DEFAULT_VERSION:
                 self._step = _Step.VERSION
                 return [m.Version(self.version)]
             return self._finish()

@@ -214,7 +214,7 @@ class Relay:
         self.mode = Mode.READ_ONLY  # until AUTH says otherwise
         self.git = GitAccess.NONE  # likewise
         self.client_uuid: str | None = None
-        self.version = 0  # agreed with the client
+        self.version = versions.DEFAULT_VERSION  # agreed with the client
         self.negotiated = False  # VERSION is only valid as the first request
         self.bypass: tuple[str, ...] = ()
         self.peer_open = False

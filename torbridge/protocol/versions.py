@@ -13,6 +13,9 @@ import enum
 from collections.abc import Mapping
 from typing import Final
 
+DEFAULT_VERSION: Final = 0
+"""The version of a conversation in which no VERSION was exchanged."""
+
 MAX_VERSION: Final = 4
 """Highest protocol version torbridge (and git-annex 10.20261026) speaks."""
 
