@@ -25,9 +25,9 @@ from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import (
     current_onion,
     onion_ports,
-    own_endpoints,
     run_daemon,
 )
+from torbridge.server.endpoints import own_endpoints
 from torbridge.server.status import render
 from torbridge.tokens import TokenError, TokenInfo, TokenStore
 from torbridge.tor.clientauth import ClientAuthError

@@ -8,7 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from torbridge.config import Tor
-from torbridge.ops.doctor import clock_problem, tor_feature_problems
+from torbridge.ops.doctor.tor import clock_problem, tor_feature_problems
 from torbridge.server.status import Registry, render
 from torbridge.tor.health import (
     TorHealth,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from torbridge.ops import doctor, init
+from torbridge.ops import init
+from torbridge.ops.doctor import systemd
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 UNIT = SYSTEMD / "torbridge.service"
@@ -82,7 +83,7 @@ def test_unit_settings() -> None:
     assert unit["Type"] == ["notify"]
     assert unit["ExecStart"] == [f"/usr/bin/torbridge --config {init.DEFAULT_CONFIG_PATH} serve"]
     assert unit["User"] == unit["Group"] == ["torbridge"]
-    assert unit["SupplementaryGroups"] == [doctor.TOR_GROUP]
+    assert unit["SupplementaryGroups"] == [systemd.TOR_GROUP]
     assert unit["NoNewPrivileges"] == ["yes"]
     assert unit["ProtectSystem"] == ["strict"]
     assert unit["CapabilityBoundingSet"] == [""]
@@ -101,26 +102,26 @@ def test_unit_makes_the_directories_doctor_and_init_expect() -> None:
         / unit["RuntimeDirectory"][0]: f"RuntimeDirectory={unit['RuntimeDirectory'][0]}",
         Path("/var/lib") / unit["StateDirectory"][0]: f"StateDirectory={unit['StateDirectory'][0]}",
     }
-    assert made == doctor.SYSTEMD_MADE_DIRS
+    assert made == systemd.SYSTEMD_MADE_DIRS
     assert Path("/run") / unit["RuntimeDirectory"][0] == init.DEFAULT_SOCKET_DIR
     assert Path("/var/lib") / unit["StateDirectory"][0] == init.DEFAULT_STATE_DIR
     assert unit["StateDirectoryMode"] == ["0700"]
     # The sockets' directory is handed to tor's group, setgid, before the daemon starts.
     assert unit["ExecStartPre"] == [
-        f"+/bin/chgrp {doctor.TOR_GROUP} {init.DEFAULT_SOCKET_DIR}",
+        f"+/bin/chgrp {systemd.TOR_GROUP} {init.DEFAULT_SOCKET_DIR}",
         f"+/bin/chmod 2750 {init.DEFAULT_SOCKET_DIR}",
     ]
 
 
 def test_unit_paths_in_doctor() -> None:
-    assert all(path.name == UNIT.name for path in doctor.UNIT_PATHS)
+    assert all(path.name == UNIT.name for path in systemd.UNIT_PATHS)
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
 def test_sysusers_makes_the_user_in_tor_group(tmp_path: Path) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
-    (etc / "group").write_text(f"{doctor.TOR_GROUP}:x:105:\n")
+    (etc / "group").write_text(f"{systemd.TOR_GROUP}:x:105:\n")
     for name in ("passwd", "shadow", "gshadow"):
         (etc / name).write_text("")
     subprocess.run(
@@ -133,7 +134,7 @@ def test_sysusers_makes_the_user_in_tor_group(tmp_path: Path) -> None:
     assert re.search(
         r"^torbridge:x:\d+:\d+:[^:]*:/var/lib/torbridge:/usr/sbin/nologin$", passwd, re.M
     )
-    assert f"{doctor.TOR_GROUP}:x:105:torbridge\n" in (etc / "group").read_text()
+    assert f"{systemd.TOR_GROUP}:x:105:torbridge\n" in (etc / "group").read_text()
 
 
 @pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="no systemd-tmpfiles")

@@ -17,6 +17,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from torbridge.protocol import messages as m
+from torbridge.protocol.versions import Feature, supports
 
 
 def is_cluster_uuid(uuid: str) -> bool:
@@ -116,13 +117,13 @@ def for_node(message: m.Message, node_version: int) -> m.Message | None:
     REMOVE-BEFORE is handled by ``TimestampMap`` (its timestamp differs per node).
     """
     if isinstance(message, (m.Valid, m.Invalid)):
-        return message if node_version >= 1 else None
+        return message if supports(node_version, Feature.VALIDITY) else None
     if isinstance(message, m.Bypass):
-        return message if node_version >= 2 else None
+        return message if supports(node_version, Feature.BYPASS) else None
     if isinstance(message, m.GetTimestamp):
-        return message if node_version >= 3 else None
+        return message if supports(node_version, Feature.CLOCK) else None
     if isinstance(message, m.DataPresent):
-        return message if node_version >= 4 else None
+        return message if supports(node_version, Feature.DATA_PRESENT) else None
     return message
 
 
@@ -162,7 +163,7 @@ class TimestampMap:
 
         ``now`` is our clock, the one the client's deadline is on.
         """
-        if node_version < 3:
+        if not supports(node_version, Feature.CLOCK):
             # No clock to tell below v3 (git-annex's gateway sends REMOVE
             # regardless): ours keeps the deadline for it.
             return deadline_kept_here(request, now) or "the deadline has passed"
@@ -260,7 +261,7 @@ class PutFanout:
             return m.PutFrom(self.start)
         if self.had:
             # Also when the others failed: the content is in the cluster.
-            if self.client_version >= 2:
+            if supports(self.client_version, Feature.PLUS):
                 return m.AlreadyHavePlus(tuple(dict.fromkeys(self.already)))
             return m.AlreadyHave()
         return self._failure()
@@ -308,7 +309,8 @@ class PutFanout:
         """The client's answer after the body: every repository that has it now."""
         have = tuple(dict.fromkeys((*self.stored, *self.already)))
         if have or self.succeeded or self.had:
-            return m.SuccessPlus(have) if self.client_version >= 2 else m.Success()
+            plus = supports(self.client_version, Feature.PLUS)
+            return m.SuccessPlus(have) if plus else m.Success()
         return self._failure()
 
     def _failure(self) -> m.Message:
@@ -341,9 +343,10 @@ def remove_outcome(
                 why = reply if isinstance(reply, str) else _describe(reply)
                 first_bad = m.Error(f"{node}: {why}")
     done = tuple(dict.fromkeys(removed))
+    plus = supports(client_version, Feature.PLUS)
     if first_bad is None:
-        return (m.SuccessPlus(done) if client_version >= 2 else m.Success()), done
-    if client_version >= 2:
+        return (m.SuccessPlus(done) if plus else m.Success()), done
+    if plus:
         return m.FailurePlus(done), done
     return first_bad, done
 

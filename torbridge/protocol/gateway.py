@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
 from torbridge.protocol.clienttext import CONNECTION_LOST, relayed_error
+from torbridge.protocol.versions import Feature, supports
 
 # --- node health: shared by every session of one cluster ------------------------------
 
@@ -345,6 +346,11 @@ class Gateway:
     # --- what the I/O layer asks ---------------------------------------------------
 
     @property
+    def _validity(self) -> bool:
+        """Whether this conversation has VALID/INVALID after a DATA body."""
+        return supports(self.version, Feature.VALIDITY)
+
+    @property
     def answer_ready(self) -> bool:
         return bool(self._answers)
 
@@ -402,7 +408,7 @@ class Gateway:
             ToNodeBody(name, piece) for name, piece in pieces.items() if name in self.open
         ]
         if self._body_left <= 0:
-            if self.version >= 1:
+            if self._validity:
                 self.phase = Phase.PUT_VALIDITY
             else:
                 # No VALID below v1: the results come now.
@@ -829,7 +835,7 @@ class Gateway:
         if not order:
             # No node has it: nothing to send, and nothing the client may keep.
             self.phase = Phase.GET_VERDICT
-            answers = [m.Data(0), m.Invalid()] if self.version >= 1 else [m.Data(0)]
+            answers = [m.Data(0), m.Invalid()] if self._validity else [m.Data(0)]
             self._answers.extend(answers)
             return [*probes, *(ToClient(a) for a in answers)]
         self._get = _Get(request.key, request.af, request.offset, order)
@@ -905,11 +911,11 @@ class Gateway:
         return [ReadNodeBody(get.node, get.want)]
 
     def _get_body_done(self) -> list[Action]:
-        if self.version >= 1:
+        if self._validity:
             self.phase = Phase.GET_VALIDITY
             get = self._get
             assert get is not None and get.node is not None
-            if self.open.get(get.node, 0) < 1:
+            if not supports(self.open.get(get.node, 0), Feature.VALIDITY):
                 # The node vouches for nothing: the client verifies.
                 return self._get_validity_answer(m.Invalid())
             self._waiting = {get.node}
@@ -1018,7 +1024,7 @@ class Gateway:
             else:
                 put.fail(name, "connection closed")
         if length == 0:
-            if self.version >= 1:
+            if self._validity:
                 self.phase = Phase.PUT_VALIDITY
             else:
                 out.extend(self._put_read_results())

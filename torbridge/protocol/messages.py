@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+# What each version supports is protocol/versions.py; the name stays here too.
+from torbridge.protocol.versions import MAX_VERSION as MAX_VERSION
+
 MAX_LINE = 32768
 """Longest line git-annex accepts, in bytes, newline excluded."""
-
-MAX_VERSION = 4
-"""Highest protocol version torbridge (and git-annex 10.20261026) speaks."""
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"

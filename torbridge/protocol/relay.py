@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 from torbridge.protocol import gitaccess as g
 from torbridge.protocol import messages as m
+from torbridge.protocol import versions
 from torbridge.protocol.clienttext import UNREACHABLE, peer_reason, relayed_error
 from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
 from torbridge.protocol.permissions import GitAccess, Mode
+from torbridge.protocol.versions import Feature, supports
 
 READ_ONLY_ERROR = "this repository is read-only; write access denied"
 APPEND_ONLY_ERROR = "this repository is append-only; removal denied"
@@ -212,7 +214,7 @@ class Relay:
         self.mode = Mode.READ_ONLY  # until AUTH says otherwise
         self.git = GitAccess.NONE  # likewise
         self.client_uuid: str | None = None
-        self.version = 0  # agreed with the client
+        self.version = versions.DEFAULT_VERSION  # agreed with the client
         self.negotiated = False  # VERSION is only valid as the first request
         self.bypass: tuple[str, ...] = ()
         self.peer_open = False
@@ -241,6 +243,11 @@ class Relay:
         if self.phase in (Phase.PEER_REPLY, Phase.PEER_PUT_RESULT, Phase.PEER_VALIDITY):
             return Side.PEER
         return None
+
+    @property
+    def _validity(self) -> bool:
+        """Whether this conversation has VALID/INVALID after a DATA body."""
+        return supports(self.version, Feature.VALIDITY)
 
     @property
     def done(self) -> bool:
@@ -281,7 +288,7 @@ class Relay:
         if not self.negotiated:
             # The client's VERSION opened the peer: tell it what the peer agreed.
             self.negotiated = True
-            self.version = min(self.version, version)
+            self.version = versions.agreed(self.version, version)
             self.phase = Phase.IDLE
             return [Send(Side.CLIENT, m.Version(self.version)), *pending]
         if version != self.version:
@@ -396,13 +403,13 @@ class Relay:
         if isinstance(event, m.Version):
             if self.negotiated:  # only as the first request, as stock clients send it
                 return [Send(Side.CLIENT, m.Error("unexpected command"))]
-            self.version = min(event.version, m.MAX_VERSION)
+            self.version = versions.agreed(event.version)
             if self.peer_max_version is not None:
                 return self._answer_version()
             return self._open([])  # peer_opened answers with the agreed version
         self.negotiated = True
         if isinstance(event, m.Bypass):
-            if self.version < 2:
+            if not supports(self.version, Feature.BYPASS):
                 return [Send(Side.CLIENT, m.Error("unexpected command"))]
             self.bypass = tuple(sorted(set(self.bypass) | set(event.uuids)))
             return [Send(Side.PEER, event)] if self.peer_open else []
@@ -455,14 +462,16 @@ class Relay:
         if isinstance(event, m.Data):
             if not self.peer_open:
                 # The peer went away after PUT-FROM: take the body, then say so.
-                if self.version >= 1:
+                if self._validity:
                     self.phase = Phase.CLIENT_VALIDITY
                     return [DiscardBody(event.length)]
                 return [DiscardBody(event.length), *self._put_failed()]
             self.phase = Phase.BODY
-            self._after_body = Phase.CLIENT_VALIDITY if self.version >= 1 else Phase.PEER_PUT_RESULT
+            self._after_body = (
+                Phase.CLIENT_VALIDITY if self._validity else Phase.PEER_PUT_RESULT
+            )
             return [Send(Side.PEER, event), CopyBody(Side.CLIENT, event.length)]
-        if isinstance(event, m.DataPresent) and self.version >= 4:
+        if isinstance(event, m.DataPresent) and supports(self.version, Feature.DATA_PRESENT):
             if not self.peer_open:
                 return self._put_failed()
             self.phase = Phase.PEER_PUT_RESULT
@@ -525,7 +534,9 @@ class Relay:
             return [Send(Side.CLIENT, event)]
         if isinstance(request, m.Get) and isinstance(event, m.Data):
             self.phase = Phase.BODY
-            self._after_body = Phase.PEER_VALIDITY if self.version >= 1 else Phase.CLIENT_GET_RESULT
+            self._after_body = (
+                Phase.PEER_VALIDITY if self._validity else Phase.CLIENT_GET_RESULT
+            )
             return [Send(Side.CLIENT, event), CopyBody(Side.PEER, event.length)]
         self.phase = Phase.IDLE
         return [*self._observe(event), Send(Side.CLIENT, self._told(event))]
@@ -655,7 +666,7 @@ class Relay:
         version fails that request, as a reopen at another version does).
         """
         assert self.peer_max_version is not None
-        self.version = min(self.version, self.peer_max_version)
+        self.version = versions.agreed(self.version, self.peer_max_version)
         self.negotiated = True
         return [Send(Side.CLIENT, m.Version(self.version))]
 

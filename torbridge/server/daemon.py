@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,33 +17,10 @@ import trio
 from torbridge.annex.host import StartupError, check_git_annex, repository_uuid
 from torbridge.annex.locationlog import LocationLog
 from torbridge.annex.query import AnnexQuery
-from torbridge.annex.remotes import (
-    Remote,
-    RemoteError,
-    TorAddress,
-    annex_costs,
-    parse_p2p_address,
-    parse_proxy_log,
-    proxied_remote,
-    read_annex_log,
-    read_cluster,
-    read_cluster_names,
-    read_token,
-    remote_cost,
-)
-from torbridge.config import (
-    OWN_REPOSITORY,
-    UNIX_PATH_MAX,
-    Config,
-    ConfigError,
-    Expose,
-    load_config,
-)
-from torbridge.protocol.cluster import NodeRef
+from torbridge.config import OWN_REPOSITORY, Config, ConfigError, Expose, load_config
 from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
 from torbridge.server import notify
 from torbridge.server.admission import Admission
-from torbridge.server.branchsync import BranchSync
 from torbridge.server.control import (
     ControlServer,
     control_socket,
@@ -55,203 +29,32 @@ from torbridge.server.control import (
     serve_control,
     serve_metrics,
 )
+from torbridge.server.endpoints import (
+    Shared,
+    branch_sync,
+    build_endpoint,
+    build_endpoints,
+    own_endpoints,
+)
 from torbridge.server.fdpass import PassedPipes, accept_stream
-from torbridge.server.gitowner import GitOwner
 from torbridge.server.refwatch import RefWatcher
 from torbridge.server.session import Endpoint, PendingAuth, Session
+from torbridge.server.sockets import bind_unix, make_state_dir
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
 from torbridge.tor.clientauth import ClientStore
 from torbridge.tor.onion import (
     ControlSpec,
-    OnionPublisher,
     PowDefenses,
     connect,
     publish,
     stored_onion,
     torrc_onion,
 )
-from torbridge.transport.base import Transport
-from torbridge.transport.cluster import ClusterNode, ClusterTransport
-from torbridge.transport.network import (
-    SOCKS_CONNECT_TIMEOUT,
-    P2PNetTransport,
-    TorAnnexTransport,
-)
-from torbridge.transport.process import AnnexShellTransport
+from torbridge.tor.publisher import OnionPublisher
+from torbridge.transport.cluster import ClusterTransport
 
 log = logging.getLogger("torbridge")
-
-SOCKET_BACKLOG = 128
-
-
-@dataclass
-class Shared:
-    """What all the endpoints of one daemon share."""
-
-    admission: Admission
-    location_log: LocationLog
-    registry: Registry
-    export_circuit_id: bool = False  # tor prepends a PROXY line with the circuit id
-    query: AnnexQuery | None = None  # the location log and preferred content, for clusters
-    refs: RefWatcher | None = None  # the proxy repository's refs, for NOTIFYCHANGE
-
-
-def own_endpoints(config: Config) -> list[str]:
-    """The endpoints that serve the proxy's own repository (``remote = "."``): a
-    token limited to other endpoints gets read access to git at most."""
-    return [x.name for x in config.expose if x.remote == OWN_REPOSITORY]
-
-
-def build_endpoints(config: Config, shared: Shared) -> list[Endpoint]:
-    own_uuid = repository_uuid(config.repository)
-    endpoints = [_build_endpoint(config, expose, own_uuid, shared) for expose in config.expose]
-    owner = config.balance.git_owner if config.balance is not None else None
-    if owner is not None:
-        # Behind a frontend, on a host that does not own the git repository.
-        for endpoint, expose in zip(endpoints, config.expose, strict=True):
-            endpoint.git_owner = GitOwner(owner, expose.port, config.tor.socks, endpoint.uuid)
-    return endpoints
-
-
-def branch_sync(config: Config, shared: Shared) -> BranchSync | None:
-    """The git-annex branch sync of a balanced host, if it has one (docs/scale-out.md)."""
-    balance = config.balance
-    if balance is None or balance.sync_interval <= 0:
-        return None
-    if balance.git_owner is not None and balance.owner_remote is None:
-        log.warning("[balance] git_owner without owner_remote: the git-annex branch is not"
-                    " synced with the owner's (docs/scale-out.md)")
-        return None
-    return BranchSync(config.repository, balance.sync_interval, config.tor.socks,
-                      balance.owner_remote if balance.git_owner is not None else None,
-                      shared.location_log, shared.query)
-
-
-def _build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Shared) -> Endpoint:
-    def endpoint(uuid: str, transport: Transport, records: bool = False) -> Endpoint:
-        return Endpoint(
-            expose.name,
-            uuid,
-            transport,
-            config.repository,
-            shared.admission,
-            config.limits,
-            shared.location_log if records else None,
-            shared.registry,
-        )
-
-    if expose.remote == OWN_REPOSITORY:
-        own = endpoint(own_uuid, AnnexShellTransport(expose.name, config.repository, own_uuid))
-        # NOTIFYCHANGE is served here only: proxied remotes and clusters
-        # answer it with a protocol error, as git-annex's proxy does.
-        own.refs = shared.refs
-        return own
-    try:
-        if expose.remote in read_cluster_names(config.repository):
-            # The cluster's channel records what its nodes did itself.
-            cluster = _cluster_transport(config, expose.remote, own_uuid, shared)
-            return endpoint(cluster.uuid, cluster)
-        remote = proxied_remote(config.repository, expose.remote)
-        transport, records = _remote_transport(config, remote, own_uuid)
-    except RemoteError as e:
-        raise StartupError(f"expose {expose.name!r}: {e}") from None
-    return endpoint(transport.uuid, transport, records)
-
-
-def _remote_transport(config: Config, remote: Remote, own_uuid: str) -> tuple[Transport, bool]:
-    """How to reach one remote, and whether the bridge must keep its location log."""
-    assert remote.uuid is not None
-    address = parse_p2p_address(remote.url or "")
-    if address is None:
-        # A remote git-annex can proxy itself (ssh, path, special remote):
-        # git-annex-shell reaches it and keeps its location log, but only
-        # once `git annex updateproxy` has listed it in proxy.log.
-        proxied = parse_proxy_log(read_annex_log(config.repository, "proxy.log"))
-        if remote.uuid not in proxied.get(own_uuid, frozenset()):
-            raise RemoteError(
-                f"git-annex does not proxy remote {remote.name!r} yet: run"
-                " `git annex updateproxy` in the proxy repository"
-            )
-        shell = AnnexShellTransport(
-            remote.name, config.repository, remote.uuid, remote.uuid, special=remote.is_special
-        )
-        return shell, False
-    token = read_token(config.repository, address)
-    if isinstance(address, TorAddress):
-        tor = TorAnnexTransport(
-            remote.name,
-            address,
-            remote.uuid,
-            token,
-            own_uuid,
-            config.tor.socks,
-            # tor itself gives up on a stream it cannot attach (SocksTimeout,
-            # 120 s): with no peer_timeout, that is the bound.
-            connect_timeout=config.limits.peer_timeout or SOCKS_CONNECT_TIMEOUT,
-            circuits=config.tor.node_circuits,
-        )
-        return tor, True
-    net = P2PNetTransport(remote.name, address, remote.uuid, token, own_uuid, config.repository)
-    return net, True
-
-
-def _cluster_transport(
-    config: Config, name: str, own_uuid: str, shared: Shared
-) -> ClusterTransport:
-    cluster = read_cluster(
-        config.repository,
-        name,
-        read_annex_log(config.repository, "cluster.log"),
-        read_annex_log(config.repository, "proxy.log"),
-    )
-    # The order git-annex's gateway asks holders in: git-annex's own costs.
-    remotes = [*cluster.nodes, *(link.remote for link in cluster.via_gateways)]
-    costs = annex_costs(config.repository, [r.name for r in remotes])
-    for remote in remotes:
-        if remote.name not in costs:
-            log.warning("cluster %s: git-annex did not tell node %s's cost", name, remote.name)
-            costs[remote.name] = remote_cost(remote)
-    log.info(
-        "cluster %s: node costs %s", name,
-        ", ".join(f"{r.name} {costs[r.name]:g}" for r in remotes),
-    )
-    nodes = []
-    for remote in cluster.nodes:
-        transport, _ = _remote_transport(config, remote, own_uuid)
-        assert remote.uuid is not None
-        ref = NodeRef(remote.uuid, remote.name, costs[remote.name])
-        nodes.append(ClusterNode(ref, transport))
-    for link in cluster.via_gateways:
-        transport, _ = _remote_transport(config, link.remote, own_uuid)
-        ref = NodeRef(cluster.uuid, link.remote.name, costs[link.remote.name], link.nodes)
-        nodes.append(ClusterNode(ref, transport, gateway=link.gateway_uuid))
-    limits = config.limits
-    assert shared.query is not None
-    return ClusterTransport(
-        name,
-        cluster.uuid,
-        own_uuid,
-        nodes,
-        shared.query,
-        shared.location_log,
-        # A node's answer is waited for as a single peer's is (none by
-        # default: a node hashes a big file before its SUCCESS). A node whose
-        # part of a DATA body stops moving is different in a cluster: others
-        # can go on (GET failover, the rest of a PUT fanout), so it is given
-        # up after the stall limit, shorter than the client's own.
-        node_timeout=limits.peer_wait * 0.8,
-        stall_timeout=min(limits.peer_wait, limits.client_stall) * 0.8,
-        members=cluster.members,
-        connect_timeout=limits.node_connect_timeout,
-    )
-
-
-def _make_state_dir(path: Path) -> None:
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise StartupError(f"cannot create state_dir {path}: {e.strerror}") from e
 
 
 def onion_ports(config: Config) -> dict[int, Path]:
@@ -302,7 +105,7 @@ def current_onion(config: Config) -> str | None:
         return None
     onion = stored_onion(config.state_dir)
     if onion is None:
-        _make_state_dir(config.state_dir)
+        make_state_dir(config.state_dir)
         controller = connect(ControlSpec(tor.control, tor.password))
         try:
             # A moment's service, to learn the address: no defenses needed.
@@ -312,45 +115,6 @@ def current_onion(config: Config) -> str | None:
         finally:
             controller.close()
     return onion
-
-
-def _claim_socket_path(path: Path) -> None:
-    """Remove a stale socket; refuse one a live daemon is listening on."""
-    if len(os.fsencode(path)) > UNIX_PATH_MAX:
-        raise StartupError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes")
-    if not os.path.lexists(path):
-        return
-    if not path.is_socket():
-        raise StartupError(f"{path} exists and is not a socket; remove it or change socket_dir")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as e:
-        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise StartupError(f"cannot check socket {path}: {e.strerror}") from e
-        path.unlink(missing_ok=True)  # stale: left by a daemon that was killed
-        return
-    finally:
-        probe.close()
-    raise StartupError(f"socket {path} is in use: is another torbridge running?")
-
-
-async def bind_unix(path: Path, mode: int) -> trio.SocketListener:
-    """Listen on ``path``; the name appears only once it accepts connections."""
-    _claim_socket_path(path)
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    staging.unlink(missing_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(str(staging))
-        os.chmod(staging, mode)
-        sock.listen(SOCKET_BACKLOG)
-        os.replace(staging, path)
-    except BaseException:
-        sock.close()
-        staging.unlink(missing_ok=True)
-        raise
-    return trio.SocketListener(sock)
 
 
 class Running:
@@ -429,7 +193,7 @@ class Running:
                 continue
             try:
                 endpoint = await trio.to_thread.run_sync(
-                    _build_endpoint, new, expose, self.own_uuid, shared
+                    build_endpoint, new, expose, self.own_uuid, shared
                 )
             except StartupError as e:
                 log.error("reload: %s; keeping endpoint %s as it was", e, name)
@@ -530,7 +294,7 @@ async def serve(
     """Serve until cancelled (SIGTERM/SIGINT/SIGHUP are handled by run_daemon)."""
     running = running or Running(config)
     check_git_annex()
-    _make_state_dir(config.state_dir)
+    make_state_dir(config.state_dir)
     shared = Shared(
         Admission(
             TokenStore(config.state_dir),

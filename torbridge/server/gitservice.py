@@ -19,6 +19,7 @@ import trio
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream
+from torbridge.protocol.pktline import PktStream, pkt_line
 from torbridge.server import pushguard
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import StderrTail
@@ -34,70 +35,7 @@ GIT_EXIT_GRACE = 60.0
 WATCHDOG_STEP = 0.5
 # Seconds to read what git still says on stderr, once it has exited.
 STDERR_AFTER_EXIT = 1.0
-CAPS_WINDOW = 4096  # bytes of a push request searched for its capabilities
 SERVICES = {"git-upload-pack": "upload-pack", "git-receive-pack": "receive-pack"}
-
-
-def pkt_line(text: str | bytes) -> bytes:
-    payload = text.encode("utf-8", "replace") if isinstance(text, str) else text
-    return b"%04x" % (len(payload) + 4) + payload
-
-
-class PktStream:
-    """Where git's output stands in pkt-lines, so that a failure can be told in git's terms.
-
-    upload-pack and receive-pack write nothing but pkt-lines (in the pack
-    phase, side-band packets: a first payload byte of 1, 2 or 3). When git
-    dies in the middle of that, a client given only the truncated stream
-    waits for the rest forever (git fetch does, and git-annex's helper with
-    it); a complete packet, then an error message on the channel the
-    client reads, ends it with "remote error: ...".
-    """
-
-    def __init__(self) -> None:
-        self._header = b""  # the 4 hex digits of the packet under way, as far as seen
-        self._remaining = 0  # payload bytes of the packet under way not seen yet
-        self._first = True  # the next byte is the first one of a payload
-        self.sideband = False  # the last payload started with a side-band number
-        # receive-pack answers a push that asked for side-band in side-band,
-        # though all it sent before (the ref advertisement) was plain.
-        self.client_asked_sideband = False
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self._remaining:
-                if self._first:
-                    self.sideband = view[0] in (1, 2, 3)
-                    self._first = False
-                n = min(self._remaining, len(view))
-                self._remaining -= n
-                view = view[n:]
-                continue
-            n = min(4 - len(self._header), len(view))
-            self._header += bytes(view[:n])
-            view = view[n:]
-            if len(self._header) == 4:
-                try:
-                    length = int(self._header, 16)
-                except ValueError:
-                    length = 0  # not pkt-lines after all: nothing sensible to complete
-                self._header = b""
-                self._remaining = max(0, length - 4)
-                self._first = True
-
-    def failure_tail(self, message: str) -> bytes:
-        """Bytes that complete the packet under way, then say ``message`` as an error."""
-        tail = b""
-        if self._header:  # "1" becomes a 4096-byte packet, "0".."000" a flush
-            tail = b"0" * (4 - len(self._header))
-            self.feed(tail)
-        if self._remaining:
-            tail += bytes(self._remaining)  # its content is lost anyway
-            self._remaining = 0
-        if self.sideband or self.client_asked_sideband:
-            return tail + pkt_line(b"\x03" + message.encode("utf-8", "replace") + b"\n")
-        return tail + pkt_line(f"ERR {message}\n")
 
 
 def exit_text(code: int) -> str:
@@ -207,7 +145,6 @@ async def _run_git_service(
     async def client_to_git() -> None:
         nonlocal last_activity
         assert process.stdin
-        head = b""  # the start of the client's request, where its capabilities are
         try:
             while True:
                 event = await client.receive_event()
@@ -218,9 +155,8 @@ async def _run_git_service(
                 while client.body_remaining:
                     chunk = await client.receive_body(CHUNK)
                     last_activity = trio.current_time()
-                    if service == "git-receive-pack" and len(head) < CAPS_WINDOW:
-                        head += chunk[: CAPS_WINDOW - len(head)]
-                        packets.client_asked_sideband = b"side-band" in head
+                    if service == "git-receive-pack":
+                        packets.client_wrote(chunk)
                     await process.stdin.send_all(chunk)
         except (StreamLost, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # git sees EOF and finishes or fails on its own

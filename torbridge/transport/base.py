@@ -3,7 +3,7 @@
 A ``Transport`` knows how to reach one peer: a local ``git-annex-shell
 p2pstdio``, a tor-annex node through SOCKS5, a ``git-annex-p2p-NET``
 program, a cluster of those. ``open`` returns a ``PeerChannel`` that has
-already been through AUTH and VERSION, so the relay (server/session.py)
+already been through AUTH and VERSION (protocol/handshake.py), so the relay (server/session.py)
 talks to every kind of peer the same way.
 """
 
@@ -16,8 +16,9 @@ import trio
 
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import LineEvent
+from torbridge.protocol.handshake import Handshake, HandshakeFailed
 from torbridge.protocol.permissions import Mode
-from torbridge.transport.framed import FramedStream, StreamLost, expect
+from torbridge.transport.framed import FramedStream, StreamLost
 
 
 class PeerUnavailable(Exception):
@@ -117,29 +118,20 @@ async def negotiate(
     bypass: tuple[str, ...],
     auth: m.Auth | None,
 ) -> int:
-    """AUTH (unless the peer speaks first, as git-annex-shell does), VERSION, BYPASS.
+    """Carry out protocol/handshake.py's ``Handshake`` over ``framed``.
 
-    Returns the version the peer agreed to.
+    AUTH (unless the peer speaks first, as git-annex-shell does), VERSION,
+    BYPASS; returns the version the peer agreed to.
     """
+    handshake = Handshake(name, expected_uuid, version, bypass, auth)
     try:
-        if auth is not None:
-            await framed.send(auth)
-        reply = await expect(framed, m.AuthSuccess, m.AuthFailure)
-        if isinstance(reply, m.AuthFailure):
-            raise PeerUnavailable(f"{name} refused our token (AUTH-FAILURE)")
-        assert isinstance(reply, m.AuthSuccess)
-        if reply.uuid != expected_uuid:
-            raise PeerUnavailable(f"{name} is repository {reply.uuid}, expected {expected_uuid}")
-        agreed = 0
-        if version > 0:
-            await framed.send(m.Version(version))
-            answer = await expect(framed, m.Version)
-            assert isinstance(answer, m.Version)
-            if answer.version > version:
-                raise PeerUnavailable(f"{name} answered VERSION {answer.version} > {version}")
-            agreed = answer.version
-        if bypass and agreed >= 2:
-            await framed.send(m.Bypass(bypass))
-        return agreed
+        for message in handshake.start():
+            await framed.send(message)
+        while not handshake.done:
+            for message in handshake.receive(await framed.receive_event()):
+                await framed.send(message)
+    except HandshakeFailed as e:
+        raise PeerUnavailable(str(e)) from None
     except StreamLost as e:
         raise PeerUnavailable(f"{name}: {e}") from e
+    return handshake.agreed

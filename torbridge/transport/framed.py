@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from torbridge.protocol import messages as m
-from torbridge.protocol.framing import Chunk, Decoder, EndOfStream, LineEvent, NeedData
+from torbridge.protocol.framing import Chunk, Decoder, LineEvent, NeedData
 from torbridge.transport import splice
 
 RECEIVE_SIZE = 256 * 1024
@@ -137,14 +137,3 @@ class FramedStream:
     async def aclose(self) -> None:
         await self.stream.aclose()
 
-
-async def expect(framed: FramedStream, *types: type[m.Message]) -> m.Message:
-    """The next message, which must be one of ``types`` (handshakes only)."""
-    event = await framed.receive_event()
-    if isinstance(event, types):
-        return event
-    if isinstance(event, m.Error):
-        raise StreamLost(f"peer said ERROR {event.text}")
-    if isinstance(event, EndOfStream):
-        raise StreamLost("peer closed the connection")
-    raise StreamLost(f"unexpected {type(event).__name__} from peer")

@@ -23,6 +23,7 @@ from torbridge.protocol import messages as m
 from torbridge.protocol.cluster import deadline_kept_here
 from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.permissions import Mode
+from torbridge.protocol.versions import MAX_VERSION, Feature, supports, without
 from torbridge.transport.base import (
     PeerChannel,
     PeerUnavailable,
@@ -284,9 +285,11 @@ class AnnexShellTransport(Transport):
             if self.target is None:
                 self._learn_max_version(version, channel.version)
             return channel
-        # At version 1 git-annex-shell takes the VALID after a PUT's body for
-        # the next request and dies; at 0 there is no VALID to send.
-        version = 0 if version == 1 else version
+        # At version 1 (VALID, but not yet what version 2 brings)
+        # git-annex-shell takes the VALID after a PUT's body for the next
+        # request and dies; below VALID's version there is none to send.
+        if supports(version, Feature.VALIDITY) and not supports(version, Feature.PLUS):
+            version = without(version, Feature.VALIDITY)
         channel = await open_process_channel(
             nursery, self.name, argv, env, self.uuid, version, bypass, auth=None
         )
@@ -301,5 +304,5 @@ class AnnexShellTransport(Transport):
         starting it. Not for --uuid: a proxied remote's answer is the
         remote's, and can change with it.
         """
-        if agreed < asked or agreed == m.MAX_VERSION:
+        if agreed < asked or agreed == MAX_VERSION:
             self.known_max_version = agreed
