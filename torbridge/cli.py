@@ -14,8 +14,8 @@ import trio
 from torbridge import __version__
 from torbridge.annex.host import StartupError
 from torbridge.annex.remotes import RemoteError, parse_remote_log, read_annex_log, read_remotes
-from torbridge.balance import BalanceError
 from torbridge.config import Config, ConfigError, load_config
+from torbridge.ops.balance import BalanceError
 from torbridge.ops.clients import client_command
 from torbridge.ops.doctor import doctor
 from torbridge.ops.init import init_config
@@ -286,7 +286,7 @@ def _token_command(config: Config, args: argparse.Namespace) -> int:
 
 
 def _balance_command(args: argparse.Namespace) -> int:
-    from torbridge import balance
+    from torbridge.ops import balance
 
     if args.balance_command == "frontend":
         instances = [balance.Instance.parse(line) for line in args.instances]

@@ -18,8 +18,8 @@ import pytest
 import trio
 import trio.testing
 
-from torbridge import balance
 from torbridge.config import ConfigError, load_config
+from torbridge.ops import balance
 from torbridge.protocol import messages as m
 from torbridge.server import gitowner
 from torbridge.testnet import check_torrc_safe

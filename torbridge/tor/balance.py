@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torbridge.balance import CONFIG_FILE, BalanceError
+from torbridge.ops.balance import CONFIG_FILE, BalanceError
 
 PINNED = "0.2.4"  # the version the Tor tier proves (pyproject's balance extra)
 

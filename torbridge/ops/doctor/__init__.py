@@ -144,8 +144,8 @@ def _config_checks(config: Config, timeout: float) -> list[Check]:
 
 
 def _balance_checks(config: Config) -> list[Check]:
-    """The Onionbalance instance (and frontend) checks of torbridge/balance.py."""
-    from torbridge.balance import doctor_checks
+    """The Onionbalance instance (and frontend) checks of torbridge/ops/balance.py."""
+    from torbridge.ops.balance import doctor_checks
 
     try:
         found = doctor_checks(config)
