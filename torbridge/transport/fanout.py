@@ -38,7 +38,6 @@ from typing import Protocol, runtime_checkable
 
 import trio
 
-from torbridge.transport import splice
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import PIPES
 
@@ -46,6 +45,8 @@ log = logging.getLogger("torbridge.cluster")
 
 _NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 _MOVE = getattr(os, "SPLICE_F_MOVE", 1)
+# errnos that say splice cannot join these two descriptors (not that one broke)
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _tee = getattr(_libc, "tee", None)
@@ -88,7 +89,8 @@ class _Woken(Exception):
 class Stage:
     """A pipe of ours: a node's bytes of the current round, or the client's inlet."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink: int | None = None) -> None:
+        self.sink = sink  # the node's descriptor this stage goes to
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.large = PIPES.enlarge([self.w])
         self.capacity = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
@@ -125,21 +127,24 @@ def _read_some(fd: int, n: int) -> bytes:
 
 
 async def deliver(stage: Stage, framed: FramedStream, length: int) -> None:
-    """Move ``length`` bytes of ``stage`` into ``framed``'s descriptor, at its pace.
+    """Move ``length`` bytes of ``stage`` into the node's descriptor, at its pace.
 
     Where splice cannot join the two, they go through user space
     (``framed.send_body``). StreamLost when the node's end broke.
     """
-    fd = framed.splice_sink()
+    fd = stage.sink
     left = length
     while left:
         if fd is not None:
             try:
-                n = await splice.splice_some(stage.r, fd, left)
-            except splice.SpliceUnsupported:
-                fd = None
+                n = os.splice(stage.r, fd, left, flags=_NONBLOCK | _MOVE)
+            except BlockingIOError:  # the stage holds bytes: the node's end is full
+                await trio.lowlevel.wait_writable(fd)
                 continue
             except OSError as e:
+                if e.errno in _UNSUPPORTED:
+                    fd = None
+                    continue
                 raise StreamLost(e.strerror or str(e)) from e
             if not n:  # our own pipe does not end: the node's side did
                 raise StreamLost("closed")
@@ -203,11 +208,14 @@ class BodyFanout:
         takers = self.sink.fanout_takers()
         if takers is None:
             return 0  # this piece is for user space (an offset ahead, the PUT over)
-        fd = self.src.splice_source()
-        if fd is None or any(f.splice_sink() is None for f in takers.values()):
-            return 0  # not yet: bytes are buffered, or a node's DATA line is held
+        # Once the kernel took a first piece, nothing else reads the client
+        # during the body: its descriptor is asked for once.
+        fd = self._client if self._client is not None else self.src.splice_source()
+        if fd is None:
+            return 0  # not yet: the client's bytes are buffered above it
         try:
-            self._prepare(fd, takers)
+            if not self._prepare(fd, takers):
+                return 0  # not yet: a node's DATA line is held
         except (FanoutTrouble, OSError) as e:
             self._give_up(f"cannot set up: {e}")
             return 0
@@ -243,7 +251,11 @@ class BodyFanout:
 
     # --- the rounds ---------------------------------------------------------------
 
-    def _prepare(self, fd: int, takers: Mapping[str, FramedStream]) -> None:
+    def _prepare(self, fd: int, takers: Mapping[str, FramedStream]) -> bool:
+        """Stages for ``takers``; False while a node cannot be spliced to yet."""
+        for name, framed in takers.items():
+            if name not in self.stages and framed.splice_sink() is None:
+                return False  # its DATA line is held for its first piece
         if self._client is None:
             if _tee is None:
                 raise FanoutTrouble("no tee(2)")
@@ -253,11 +265,12 @@ class BodyFanout:
                 self._inlet = Stage()
         elif fd != self._client:
             raise FanoutTrouble("the client's descriptor changed")
-        for name in takers:
+        for name, framed in takers.items():
             if name not in self.stages:
-                self.stages[name] = Stage()
+                self.stages[name] = Stage(framed.splice_sink())
         for name in [n for n in self.stages if n not in takers]:
             self.drop(name)  # a node dropped meanwhile
+        return True
 
     def _ordered(self, takers: Mapping[str, FramedStream]) -> list[Stage]:
         # The smallest stage first: the first tee takes what every stage can.
@@ -303,11 +316,12 @@ class BodyFanout:
         # the first trouble, through user space.
         while inlet.held:
             takers_now = self.sink.fanout_takers()
-            if takers_now is None or any(f.splice_sink() is None for f in takers_now.values()):
-                await self._rest_by_copy("a node's offset or stream changed")
+            if takers_now is None:
+                await self._rest_by_copy("a node's offset changed")
                 break
             try:
-                self._prepare(sock, takers_now)
+                if not self._prepare(sock, takers_now):
+                    raise FanoutTrouble("a node's stream changed")
                 n = self._tee_round(inlet.r, self._ordered(takers_now), inlet.held)
             except _Woken:
                 await self._rest_by_copy("tee found the inlet empty")
