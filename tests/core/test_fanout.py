@@ -47,6 +47,7 @@ from torbridge.transport.framed import StreamLost
 MiB = 1 << 20
 BODY = random.Random(7).randbytes(3 * MiB + 4321)  # many rounds of a 256 KiB stage
 KEY = f"SHA256E-s{len(BODY)}--" + "cd" * 32
+KEY2 = f"SHA256E-s{MiB}--" + "ef" * 32
 A, B, C = NODE_UUIDS["n1"], NODE_UUIDS["n2"], NODE_UUIDS["n3"]
 GUARD = 120.0  # seconds: a hang fails the test, load does not
 
@@ -129,6 +130,10 @@ async def put(r: Rig, body: bytes = BODY, key: str = KEY) -> bytes:
     return await r.client.line()
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def repos3() -> dict[str, FakeRepo]:
     return {name: FakeRepo(uuid=uuid) for name, uuid in NODE_UUIDS.items()}
 
@@ -167,20 +172,25 @@ async def test_every_node_gets_the_body_exact(
     caplog.set_level(logging.DEBUG, logger="torbridge.cluster")
     repos = repos3()
     repos["n2"].hooks[m.Put] = slow_reader
+    fds = open_fds()
     with trio.fail_after(GUARD):
         async with rig(repos, connect) as r:
             assert plus(await put(r)) == ("SUCCESS-PLUS", {A, B, C})
             # The session goes on: lines after the body are intact.
             await r.client.send(f"CHECKPRESENT {KEY}\n".encode())
             assert (await r.client.line()).startswith((b"SUCCESS", b"FAILURE"))
+            # A second body through the same session: fresh stages.
+            assert plus(await put(r, BODY[:MiB], KEY2)) == ("SUCCESS-PLUS", {A, B, C})
+    assert open_fds() == fds  # every stage pipe closed
     for name, repo in repos.items():
-        assert repo.contents == {KEY: BODY}, name
+        assert repo.contents == {KEY: BODY, KEY2: BODY[:MiB]}, name
         [conn] = repo.connections
-        assert conn.bodies == [BODY], name
+        assert conn.bodies == [BODY, BODY[:MiB]], name
     # All but the first pieces (a node's held DATA line, the client's
     # buffered bytes) went by tee.
-    assert len(BODY) - fanned_out(caplog) <= 2 * 256 * 1024
-    assert sorted(r.recorder.records) == sorted((KEY, u, True) for u in (A, B, C))
+    assert len(BODY) + MiB - fanned_out(caplog) <= 4 * 256 * 1024
+    stored = sorted((k, u, True) for u in (A, B, C) for k in (KEY, KEY2))
+    assert sorted(r.recorder.records) == stored
 
 
 async def test_a_node_that_dies_mid_body_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
@@ -254,6 +264,25 @@ async def test_offsets_ahead_and_kernel_off_go_by_copy(caplog: pytest.LogCapture
     for name, repo in repos.items():
         assert repo.contents == {KEY: BODY}, name
     assert fanned_out(caplog) == 0
+
+
+@pytest.mark.parametrize("connect", [client_on_socket, client_on_pipes], ids=["socket", "pipes"])
+async def test_client_hangs_up_mid_body(
+    connect: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]],
+) -> None:
+    repos = repos3()
+    with trio.fail_after(GUARD):
+        async with rig(repos, connect) as r:
+            await r.client.send(f"PUT file {KEY}\n".encode())
+            assert await r.client.line() == b"PUT-FROM 0\n"
+            await r.client.send(b"DATA %d\n" % len(BODY))
+            await r.client.send_in_pieces(BODY[: 2 * MiB], 100_003)
+            await r.client.stream.aclose()
+        # (The rig's nursery waited for the session to end.)
+    assert r.session.outcome.startswith("client lost"), r.session.outcome
+    for name, repo in repos.items():
+        assert repo.contents == {}, name
+        assert all(conn.finished.is_set() for conn in repo.connections), name
 
 
 async def test_tee_duplicates_without_taking() -> None:

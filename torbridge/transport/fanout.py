@@ -405,12 +405,15 @@ class BodyFanout:
         if self.usable:
             log.info("kernel fanout ends: %s", why)
         self.usable = False
-        while inlet.held:
-            data = _read_some(inlet.r, inlet.held)
-            if not data:
-                raise StreamLost("the inlet lost bytes")  # a bug: never lose bytes silently
-            inlet.held -= len(data)
-            await self.sink.send_body(data)
+        # Bytes taken from the inlet are nowhere else: shielded from the
+        # session's waits (the cluster bounds its own).
+        with trio.CancelScope(shield=True):
+            while inlet.held:
+                data = _read_some(inlet.r, inlet.held)
+                if not data:
+                    raise StreamLost("the inlet lost bytes")  # a bug: never lose bytes silently
+                inlet.held -= len(data)
+                await self.sink.send_body(data)
 
     def _empty_stages(self) -> None:
         assert self._null is not None
