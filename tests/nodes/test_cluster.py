@@ -85,6 +85,29 @@ def test_copy_get_drop_through_the_cluster(cluster: Callable[..., ClusterSetup])
         node.assert_sound()
 
 
+def test_a_big_upload_is_fanned_out_by_the_kernel(cluster: Callable[..., ClusterSetup]) -> None:
+    """The stock client's PUT body reaches every kind of node (a p2p-annex
+    program and git-annex-shell on pipes, a tor-annex node on a socket) by
+    tee(2)/splice(2), byte-exact (transport/fanout.py)."""
+    s = cluster()
+    s.bridge.stop()  # again at debug level, where the fanout says what it moved
+    s.bridge.proc = None
+    s.bridge.verbose = True
+    s.bridge.start()
+    size = 8 * 1024 * 1024 + 1234
+    data = os.urandom(size)
+    s.client.add_file("t.bin", data)
+    key = s.client.key("t.bin")
+    s.client.annex("copy", "--to", ENDPOINT, "--", "t.bin")
+    assert s.holding(key) == ALL
+    for node in s.nodes:
+        node.assert_holds({key: data})
+    log = s.bridge.log_path.read_text()
+    moved = [int(x) for x in re.findall(r"(\d+) body bytes fanned out by tee", log)]
+    # All but the first pieces (the held DATA lines, the client's buffered bytes).
+    assert moved and size - moved[-1] <= 1024 * 1024, moved
+
+
 def test_drop_reaches_a_node_the_log_does_not_know(cluster: Callable[..., ClusterSetup]) -> None:
     s = cluster()
     content = os.urandom(50_000)

@@ -166,6 +166,16 @@ class ToNodeBody:
 
 
 @dataclass(frozen=True)
+class NodeBodyStaged:
+    """The transport holds the client's next ``length`` body bytes for
+    ``node`` itself (moved there by the kernel, transport/fanout.py):
+    deliver them; report ``node_sent`` or ``node_lost``, as for ToNodeBody."""
+
+    node: str
+    length: int
+
+
+@dataclass(frozen=True)
 class ReadNodeBody:
     """Read up to ``max_bytes`` of ``node``'s DATA body; report ``node_body``."""
 
@@ -236,7 +246,8 @@ class Log:
 
 
 Action = (
-    OpenNode | ProbeNode | ToNode | ToNodeBody | ReadNodeBody | CloseNode | QueryLocations
+    OpenNode | ProbeNode | ToNode | ToNodeBody | NodeBodyStaged | ReadNodeBody | CloseNode
+    | QueryLocations
     | QueryWanted | ReadClock | ToClient | ToClientBody | CutClient | Record | Log
 )
 
@@ -403,10 +414,41 @@ class Gateway:
         if self.phase is not Phase.PUT_BODY or put is None:
             return []  # the PUT failed early: the body is only drained
         pieces = put.slices(data)
-        self._body_left -= len(data)
         out: list[Action] = [
             ToNodeBody(name, piece) for name, piece in pieces.items() if name in self.open
         ]
+        return out + self._body_counted(len(data))
+
+    def whole_body_takers(self) -> tuple[str, ...] | None:
+        """The nodes that take the whole of the client's next body piece, when
+        every node still sent to does (no PUT-FROM offset ahead of the body's
+        position); None otherwise, or when no body is being fanned out.
+
+        For a transport that moves the piece to them itself (``client_body_staged``).
+        """
+        put = self._put
+        if self.phase is not Phase.PUT_BODY or put is None:
+            return None
+        takers = tuple(name for name in put.offsets if name in self.open)
+        if not takers or any(put.offsets[name] > put.position for name in takers):
+            return None
+        return takers
+
+    def client_body_staged(self, length: int) -> list[Action]:
+        """As ``client_body``, for ``length`` bytes the transport moved for
+        ``whole_body_takers`` itself: the same accounting, with
+        NodeBodyStaged in place of ToNodeBody."""
+        takers = self.whole_body_takers()
+        put = self._put
+        if takers is None or put is None:
+            raise GatewayError("no body to stage")
+        put.position += length
+        out: list[Action] = [NodeBodyStaged(name, length) for name in takers]
+        return out + self._body_counted(length)
+
+    def _body_counted(self, length: int) -> list[Action]:
+        self._body_left -= length
+        out: list[Action] = []
         if self._body_left <= 0:
             if self._validity:
                 self.phase = Phase.PUT_VALIDITY

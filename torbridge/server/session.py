@@ -34,6 +34,7 @@ from torbridge.server.status import Registry
 from torbridge.server.watched import WatchedStream
 from torbridge.transport import splice
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
+from torbridge.transport.fanout import BodyFanout, KernelFanoutCapable
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import argv_safe_uuid
 
@@ -148,7 +149,9 @@ class _KernelCopy:
     @classmethod
     def between(
         cls, src: FramedStream | PeerChannel, dst: FramedStream | PeerChannel
-    ) -> _KernelCopy | None:
+    ) -> _KernelCopy | BodyFanout | None:
+        if isinstance(src, FramedStream) and isinstance(dst, KernelFanoutCapable):
+            return dst.kernel_fanout(src)  # a cluster: to every node (transport/fanout.py)
         s = src if isinstance(src, FramedStream) else src.framed_stream()
         d = dst if isinstance(dst, FramedStream) else dst.framed_stream()
         return None if s is None or d is None else cls(s, d)
@@ -553,7 +556,7 @@ class Session:
         dst_side = Side.PEER if source is Side.CLIENT else Side.CLIENT
         assert src is not None
         remaining = length
-        kernel: _KernelCopy | None = None
+        kernel: _KernelCopy | BodyFanout | None = None
         # Since when nothing moved, and until when the kernel copy waits
         # before it finds out which side holds it up.
         still_since = trio.current_time()

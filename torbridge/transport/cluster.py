@@ -11,6 +11,12 @@ connect deadline; a node that fails is marked down in the cluster's
 ``NodeHealth``, which later sessions read. Every wait on a node has a
 deadline shorter than the relay's own, so a slow node is dropped (and a
 GET goes on from another node) before the session gives up on the cluster.
+
+A PUT body is fanned out by the kernel where the client and the nodes are
+reached through descriptors (transport/fanout.py: tee(2) into a stage pipe
+per node, then splice(2) into each node at its pace); the gateway sees the
+same per-node body events either way (``NodeBodyStaged`` in place of
+``ToNodeBody``), so failover, drops and the -PLUS answers do not change.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from torbridge.protocol import gateway as g
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream, LineEvent
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
-from torbridge.transport.framed import StreamLost
+from torbridge.transport.fanout import BodyFanout, deliver
+from torbridge.transport.framed import FramedStream, StreamLost
 
 log = logging.getLogger("torbridge.cluster")
 
@@ -91,8 +98,12 @@ class ClusterTransport(Transport):
         members: frozenset[str] = frozenset(),
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         health: g.NodeHealth | None = None,
+        kernel_fanout: bool = True,
     ) -> None:
         self.name = name
+        # PUT bodies by tee(2)/splice(2) where descriptors allow (False: the
+        # user-space copy only, as bench/bench_splice.py compares).
+        self.kernel_fanout = kernel_fanout
         self.uuid = uuid  # the cluster's
         self.own_uuid = own_uuid  # this gateway's repository: always bypassed by nodes
         self.nodes = list(nodes)
@@ -161,10 +172,12 @@ class ClusterChannel(PeerChannel):
         self._answering: trio.Event | None = None  # set when the answer is out
         self._work_scope = trio.CancelScope()  # the answering task's, for aclose
         self._deadline = math.inf  # no node wait outlasts the current call
+        self._fanout: BodyFanout | None = None  # the current PUT body's, by the kernel
 
     # --- the PeerChannel the relay sees --------------------------------------------
 
     async def send(self, message: m.Message) -> None:
+        self._end_fanout()  # a line after a body: that body is over
         try:
             actions = self._feed(lambda: self.gw.client_message(message))
         except g.GatewayError as e:
@@ -250,7 +263,48 @@ class ClusterChannel(PeerChannel):
 
     async def aclose(self) -> None:
         self._work_scope.cancel()
+        self._end_fanout()
         await self._close_nodes()
+
+    # --- a PUT body by the kernel (transport/fanout.py) ------------------------------
+
+    def kernel_fanout(self, src: FramedStream) -> BodyFanout | None:
+        """The kernel fanout of the client's current body, for the session."""
+        self._end_fanout()
+        if not self.t.kernel_fanout:
+            return None
+        self._fanout = BodyFanout(src, self)
+        return self._fanout
+
+    def fanout_takers(self) -> dict[str, FramedStream] | None:
+        takers = self.gw.whole_body_takers()
+        if takers is None:
+            return None
+        streams: dict[str, FramedStream] = {}
+        for name in takers:
+            channel = self._open.get(name)
+            framed = channel.framed_stream() if channel is not None else None
+            if framed is None:
+                return None
+            streams[name] = framed
+        return streams
+
+    async def fanout_staged(self, length: int) -> None:
+        # Shielded from the session's waits: the nodes' waits are bounded by
+        # our own deadline (shorter than the session's), and a round cut in
+        # two would leave staged bytes nobody accounts for.
+        with trio.CancelScope(shield=True):
+            await self._guarded(lambda: self.gw.client_body_staged(length), self.t.stall_timeout)
+
+    def _end_fanout(self) -> None:
+        fanout, self._fanout = self._fanout, None
+        if fanout is not None:
+            if fanout.moved:
+                log.debug(
+                    "%s: %d body bytes fanned out by tee in %d rounds",
+                    self.t.name, fanout.moved, fanout.rounds,
+                )
+            fanout.close()
 
     async def _close_nodes(self) -> None:
         with trio.CancelScope(shield=True):
@@ -345,6 +399,20 @@ class ClusterChannel(PeerChannel):
                     return lambda: gw.node_lost(name, "closed", "connection closed")
                 lost = await self._guard(taking.send_body(data), self.t.stall_timeout)
                 if lost is not None:
+                    return lambda: gw.node_lost(name, f"lost while sending it data: {lost}")
+                return lambda: gw.node_sent(name)
+            case g.NodeBodyStaged(node=name, length=length):
+                taking = self._open.get(name)
+                fanout = self._fanout
+                stage = fanout.stage(name) if fanout is not None else None
+                framed = taking.framed_stream() if taking is not None else None
+                if fanout is None or stage is None or framed is None:
+                    if fanout is not None:
+                        fanout.drop(name)
+                    return lambda: gw.node_lost(name, "closed", "connection closed")
+                lost = await self._guard(deliver(stage, framed, length), self.t.stall_timeout)
+                if lost is not None:
+                    fanout.drop(name)
                     return lambda: gw.node_lost(name, f"lost while sending it data: {lost}")
                 return lambda: gw.node_sent(name)
             case g.ReadNodeBody(node=name, max_bytes=max_bytes):
