@@ -58,12 +58,12 @@ from tests.tor.torpath import (
     PrivateNetns,
     TorBridge,
     TorPathError,
+    WorldBase,
     hs_event_count,
     netns_unavailable,
-    stop_tor,
     wait_for_upload,
 )
-from torbridge.testnet import TestNet, TorProcess, unsafe_sockets
+from torbridge.testnet import TestNet, TorProcess
 
 CLUSTER = "torcluster"
 HUB_PORT = 5000  # the bridge: the proxy's own repository
@@ -90,7 +90,7 @@ def success_plus(copy: Result) -> set[str]:
     return set(lines[-1].split("SUCCESS-PLUS", 1)[1].split())
 
 
-class ClusterTorWorld:
+class ClusterTorWorld(WorldBase):
     """The path of the module docstring on a running TestNet; ``close()``
     undoes all of it (the TestNet itself stays up).
 
@@ -106,31 +106,12 @@ class ClusterTorWorld:
         progress: Callable[[str], None] | None = None,
         bridge_pythonpath: str | None = None,
     ) -> None:
-        self.net = net
-        self.root = root
-        self._say = progress or (lambda _m: None)
-        self._t0 = time.monotonic()
-        self._closed = False
         self.bridge_pythonpath = bridge_pythonpath
-        self.netns: PrivateNetns | None = None
         self.bridge: TorBridge | None = None
         self.nodes: dict[str, TorNode] = {}
         self._node_daemons: list[TorBridge] = []
-        self.tors: dict[str, TorProcess] = {}
-        self.socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
-        os.chmod(self.socks_dir, 0o700)
-        try:
-            self._build()
-        except BaseException:
-            self.close(check=False)
-            raise
-
-    def say(self, message: str) -> None:
-        self._say(f"[{time.monotonic() - self._t0:6.1f}s] {message}")
-
-    @property
-    def socks_unix(self) -> Path:
-        return self.socks_dir / "socks.sock"
+        self._frozen: set[str] = set()  # node hosts SIGSTOPped, thawed at close
+        super().__init__(net, root, progress=progress)
 
     def _build(self) -> None:
         if not GIT_ANNEX_BINARY.exists():
@@ -141,7 +122,6 @@ class ClusterTorWorld:
         self.tors["bridge"] = self.net.start_service_tor("clbridgehs")
         self.tors["nodes"] = self.net.start_service_tor("clnodeshs")
         self.tors["n3"] = self.net.start_service_tor("cln3hs")  # n3's host, frozen at will
-        self._frozen: set[str] = set()
         self.say("client and service tors bootstrapped")
         self.netns = PrivateNetns()
         self.netns.start_forwarder(self.socks_unix)
@@ -263,49 +243,10 @@ class ClusterTorWorld:
     def daemons(self) -> list[TorBridge]:
         return [*self._node_daemons, *([self.bridge] if self.bridge is not None else [])]
 
-    def our_pids(self) -> list[int]:
-        return [pid for d in self.daemons() for pid in d.process_tree()]
-
-    def assert_loopback_only(self) -> None:
-        self.net.check()
-        pids = set(self.our_pids())
-        if pids:
-            bad = unsafe_sockets(pids)
-            assert not bad, f"a socket of ours is not on loopback: {bad}"
-
-    def failure_sections(self) -> list[tuple[str, str]]:
-        sections = [(f"torbridge log ({d.log_path})", d.log()[-20000:]) for d in self.daemons()]
-        sections += [(f"tor {t.name}", t.log_tail(30)) for t in self.tors.values()]
-        return sections
-
-    def close(self, *, check: bool = True) -> None:
-        """Stop the daemons (cleanly: exit 0, when ``check``), the namespace
-        and forwarder, and our three tors."""
-        if self._closed:
-            return
-        self._closed = True
-        errors: list[str] = []
+    def _before_close(self) -> None:
         for name in list(self._frozen):
             with contextlib.suppress(ProcessLookupError):
                 self.thaw_host(name)
-        for d in self.daemons():
-            try:
-                if d.running:
-                    if check:
-                        d.stop(timeout=STOP_TIMEOUT)
-                    else:
-                        d.kill()
-            except AssertionError as e:
-                errors.append(str(e))
-            finally:
-                d.close()
-        if self.netns is not None:
-            self.netns.close()
-        for tor in self.tors.values():
-            stop_tor(self.net, tor)
-        shutil.rmtree(self.socks_dir, ignore_errors=True)
-        if errors and check:
-            raise AssertionError("daemon did not stop cleanly:\n" + "\n".join(errors))
 
 
 # --------------------------------------------------------------------------

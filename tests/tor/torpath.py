@@ -530,7 +530,102 @@ def object_keys(repo: AnnexRepo) -> set[str]:
     return {p.name for p in objects.rglob("*") if p.is_file() and p.parent.name == p.name}
 
 
-class TorWorld:
+class WorldBase:
+    """What every Tor-tier world shares, built on a running TestNet: tors of
+    its own, a private namespace for the stock clients, torbridge daemons.
+
+    A subclass sets its own attributes, then calls ``__init__`` here, which
+    runs its ``_build()`` (undone by ``close()`` if it fails) and lists its
+    daemons in ``daemons()``. ``close()`` undoes all of it; the TestNet
+    itself stays up.
+    """
+
+    def __init__(
+        self, net: TestNet, root: Path, *, progress: Callable[[str], None] | None = None
+    ) -> None:
+        self.net = net
+        self.root = root
+        self._say = progress or (lambda _m: None)
+        self._t0 = time.monotonic()
+        self._closed = False
+        self.netns: PrivateNetns | None = None
+        self.tors: dict[str, TorProcess] = {}
+        if net.workdir is not None:
+            STARTED["workdirs"].add(str(net.workdir))
+        # AF_UNIX paths are short (108 bytes): the SocksPort lives in /tmp.
+        self.socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
+        os.chmod(self.socks_dir, 0o700)  # tor wants a private directory for unix sockets
+        try:
+            self._build()
+        except BaseException:
+            self.close(check=False)
+            raise
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def daemons(self) -> list[TorBridge]:
+        raise NotImplementedError
+
+    def say(self, message: str) -> None:
+        self._say(f"[{time.monotonic() - self._t0:6.1f}s] {message}")
+
+    @property
+    def socks_unix(self) -> Path:
+        return self.socks_dir / "socks.sock"
+
+    def our_pids(self) -> list[int]:
+        return [pid for b in self.daemons() for pid in b.process_tree()]
+
+    def assert_loopback_only(self) -> None:
+        """No process of ours (the daemons and their children) has a socket
+        off loopback (the tors are watched by the TestNet's watchdog; the
+        client side lives in a namespace with nothing but lo)."""
+        self.net.check()
+        pids = set(self.our_pids())
+        if pids:
+            bad = unsafe_sockets(pids)
+            assert not bad, f"a socket of ours is not on loopback: {bad}"
+
+    def failure_sections(self) -> list[tuple[str, str]]:
+        sections = [(f"torbridge log ({b.log_path})", b.log()[-20000:]) for b in self.daemons()]
+        sections += [(f"tor {t.name}", t.log_tail(30)) for t in self.tors.values()]
+        return sections
+
+    def _before_close(self) -> None:
+        """What a subclass must undo before its daemons stop."""
+
+    def close(self, *, check: bool = True) -> None:
+        """Stop the daemons (cleanly: exit 0, sockets removed, when ``check``),
+        the namespace and forwarder, and our tors."""
+        if self._closed:
+            return
+        self._closed = True
+        self._before_close()
+        errors: list[str] = []
+        for b in self.daemons():
+            try:
+                if b.proc is not None and b.returncode is None and b.running:
+                    if check:
+                        b.stop(timeout=STOP_TIMEOUT)
+                    else:
+                        b.kill()
+                elif check and b.proc is not None and b.returncode is None:
+                    errors.append(f"{b.workdir.name} had died:\n{b.log()[-5000:]}")
+            except AssertionError as e:
+                errors.append(str(e))
+            finally:
+                b.close()
+        if self.netns is not None:
+            self.netns.close()
+        for tor in self.tors.values():
+            stop_tor(self.net, tor)
+        shutil.rmtree(self.socks_dir, ignore_errors=True)
+        if errors and check:
+            raise AssertionError("daemon did not stop cleanly:\n" + "\n".join(errors))
+
+
+class TorWorld(WorldBase):
     """The path of the module docstring, built on a running TestNet.
 
     Three tors of its own on the network (a client with a TCP and a unix
@@ -544,33 +639,10 @@ class TorWorld:
     def __init__(
         self, net: TestNet, root: Path, *, progress: Callable[[str], None] | None = None
     ) -> None:
-        self.net = net
-        self.root = root
-        self._say = progress or (lambda _m: None)
-        self._t0 = time.monotonic()
-        self._closed = False
-        self.netns: PrivateNetns | None = None
         self.bridge: TorBridge | None = None
         self.node: TorBridge | None = None
-        self.tors: dict[str, TorProcess] = {}
         self.timings: dict[str, float] = {}
-        if net.workdir is not None:
-            STARTED["workdirs"].add(str(net.workdir))
-        # AF_UNIX paths are short (108 bytes): the SocksPort lives in /tmp.
-        self.socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
-        os.chmod(self.socks_dir, 0o700)  # tor wants a private directory for unix sockets
-        try:
-            self._build()
-        except BaseException:
-            self.close(check=False)
-            raise
-
-    def say(self, message: str) -> None:
-        self._say(f"[{time.monotonic() - self._t0:6.1f}s] {message}")
-
-    @property
-    def socks_unix(self) -> Path:
-        return self.socks_dir / "socks.sock"
+        super().__init__(net, root, progress=progress)
 
     def _build(self) -> None:
         if not GIT_ANNEX_BINARY.exists():
@@ -652,52 +724,6 @@ class TorWorld:
         new = restart_tor(self.net, self.tors[which])
         self.tors[which] = new
         return new
-
-    def our_pids(self) -> list[int]:
-        return [pid for b in self.daemons() for pid in b.process_tree()]
-
-    def assert_loopback_only(self) -> None:
-        """No process of ours (the daemons and their children) has a socket
-        off loopback (the tors are watched by the TestNet's watchdog; the
-        client side lives in a namespace with nothing but lo)."""
-        self.net.check()
-        pids = set(self.our_pids())
-        if pids:
-            bad = unsafe_sockets(pids)
-            assert not bad, f"a socket of ours is not on loopback: {bad}"
-
-    def failure_sections(self) -> list[tuple[str, str]]:
-        sections = [(f"torbridge log ({b.log_path})", b.log()[-20000:]) for b in self.daemons()]
-        sections += [(f"tor {t.name}", t.log_tail(30)) for t in self.tors.values()]
-        return sections
-
-    def close(self, *, check: bool = True) -> None:
-        """Stop the daemons (cleanly: exit 0, sockets removed, when ``check``),
-        the namespace and forwarder, and our three tors."""
-        if self._closed:
-            return
-        self._closed = True
-        errors: list[str] = []
-        for b in self.daemons():
-            try:
-                if b.proc is not None and b.returncode is None and b.running:
-                    if check:
-                        b.stop(timeout=STOP_TIMEOUT)
-                    else:
-                        b.kill()
-                elif check and b.proc is not None and b.returncode is None:
-                    errors.append(f"{b.workdir.name} had died:\n{b.log()[-5000:]}")
-            except AssertionError as e:
-                errors.append(str(e))
-            finally:
-                b.close()
-        if self.netns is not None:
-            self.netns.close()
-        for tor in self.tors.values():
-            stop_tor(self.net, tor)
-        shutil.rmtree(self.socks_dir, ignore_errors=True)
-        if errors and check:
-            raise AssertionError("daemon did not stop cleanly:\n" + "\n".join(errors))
 
 
 # --------------------------------------------------------------------------
