@@ -118,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
             try:
                 assert world.bridge is not None
                 client = world.client("jobs")
-                client.link(world.bridge.tor_lines("bench")[NODE_VIA_BRIDGE_PORT].line,
-                            "nodevia", timeout=300)
+                client.link(
+                    world.bridge.tor_lines("bench")[NODE_VIA_BRIDGE_PORT].line,
+                    "nodevia",
+                    timeout=300,
+                )
                 files = [f"f{i}.bin" for i in range(args.files)]
                 client.add_files({f: os.urandom(args.mib * MIB) for f in files}, "payload")
                 keys = [client.key(f) for f in files]
@@ -130,10 +133,12 @@ def run(args: argparse.Namespace) -> int:
                         seconds, circuits = one_copy(world, client, files, keys)
                         times[name].append(seconds)
                         seen[name].append(circuits)
-                        say(f"round {n}: {name:11s} copy -J4 {seconds:6.1f}s"
+                        say(
+                            f"round {n}: {name:11s} copy -J4 {seconds:6.1f}s"
                             f" ({args.files * args.mib / seconds:5.2f} MiB/s),"
                             f" {circuits} rendezvous circuit(s) to the node;"
-                            f" load {os.getloadavg()[0]:.1f}")
+                            f" load {os.getloadavg()[0]:.1f}"
+                        )
                 world.assert_loopback_only()
             finally:
                 world.close()
@@ -143,12 +148,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     total = args.files * args.mib
-    print(f"\ncopy -J4 of {args.files} x {args.mib} MiB through the bridge to a tor-annex node,"
-          f" {args.rounds} round(s), medians")
+    print(
+        f"\ncopy -J4 of {args.files} x {args.mib} MiB through the bridge to a tor-annex node,"
+        f" {args.rounds} round(s), medians"
+    )
     for name, n in SETTINGS.items():
         s = statistics.median(times[name])
-        print(f"  node_circuits = {n} ({name}): {s:6.1f}s ({total / s:5.2f} MiB/s),"
-              f" rendezvous circuits seen: {seen[name]}")
+        print(
+            f"  node_circuits = {n} ({name}): {s:6.1f}s ({total / s:5.2f} MiB/s),"
+            f" rendezvous circuits seen: {seen[name]}"
+        )
     ratio = statistics.median(times["one circuit"]) / statistics.median(times["spread"])
     print(f"spread / one circuit throughput: {ratio:.2f}x")
     print(f"load average: {os.getloadavg()} ({os.cpu_count()} CPUs)")

@@ -115,7 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median over them)")
     parser.add_argument("--nodes", type=int, default=3, help="cluster nodes (default 3)")
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help=f"a smoke run: --big-mib {QUICK['big_mib']} --small {QUICK['small']}"
         f" --rounds {QUICK['rounds']}",
     )
@@ -182,7 +183,9 @@ def build(root: Path, args: argparse.Namespace, stack: ExitStack) -> tuple[Rig, 
     init_cluster(proxy, cluster_nodes)
     # limits={}: the daemon's own defaults, not the short ones of the tests.
     bridge = NodeBridge(
-        env, proxy.path, root / "bridge",
+        env,
+        proxy.path,
+        root / "bridge",
         [Expose("hub", ".", 5000), Expose("cl", CLUSTER, 5001), Expose("solo", "solo", 5002)],
         limits={},
     )
@@ -240,8 +243,12 @@ def cpu_parts(rig: Rig, path: str) -> dict[str, float]:
         if node.server is not None and node.server.proc is not None:
             nodes += proc_cpu_secs(node.server.proc.pid)[0] + helpers_cpu(node.server.proc.pid)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"daemon": own, "relays": children, "nodes": nodes,
-            "client": usage.ru_utime + usage.ru_stime}
+    return {
+        "daemon": own,
+        "relays": children,
+        "nodes": nodes,
+        "client": usage.ru_utime + usage.ru_stime,
+    }
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -262,7 +269,8 @@ def annex_json(repo: AnnexRepo, args: Sequence[str], expect: int) -> float:
         raise BenchError(f"`git annex {' '.join(args)}` failed:\n{e}") from None
     elapsed = time.perf_counter() - start
     ok = sum(
-        1 for line in result.stdout.splitlines()
+        1
+        for line in result.stdout.splitlines()
         if line.strip() and json.loads(line).get("success") is True
     )
     if ok != expect:
@@ -350,8 +358,10 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 def report(results: Results, workloads: Sequence[Workload], nodes: int) -> None:
     print()
-    print(f"{'path':8} {'workload':22} {'seconds':>9} {'rate':>13} {'spread':>7}"
-          f" {'VmHWM KiB':>10}   CPU s: daemon relays nodes client (median)")
+    print(
+        f"{'path':8} {'workload':22} {'seconds':>9} {'rate':>13} {'spread':>7}"
+        f" {'VmHWM KiB':>10}   CPU s: daemon relays nodes client (median)"
+    )
     for workload in workloads:
         for path in PATHS:
             secs = results.median(path, workload.name)
@@ -364,8 +374,10 @@ def report(results: Results, workloads: Sequence[Workload], nodes: int) -> None:
             spread = results.spread(path, workload.name)
             spread_text = "-" if spread is None else f"{spread * 100:.0f}%"
             parts = results.cpu[(path, workload.name)]
-            cpu = " ".join(f"{statistics.median(parts[p]):6.2f}"
-                           for p in ("daemon", "relays", "nodes", "client"))
+            cpu = " ".join(
+                f"{statistics.median(parts[p]):6.2f}"
+                for p in ("daemon", "relays", "nodes", "client")
+            )
             rss = max(results.rss_kib[(path, workload.name)])
             print(
                 f"{path:8} {workload.label:22} {secs:9.3f} {rate:>13} {spread_text:>7}"
@@ -428,9 +440,11 @@ def check_disk(root: Path, args: argparse.Namespace) -> None:
 
 def bench(root: Path, args: argparse.Namespace) -> None:
     check_disk(root, args)
-    print(f"{os.cpu_count()} CPUs; load {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
-          f" big file {args.big_mib} MiB, {args.small} small files, {args.rounds} round(s),"
-          f" {args.nodes} cluster nodes")
+    print(
+        f"{os.cpu_count()} CPUs; load {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
+        f" big file {args.big_mib} MiB, {args.small} small files, {args.rounds} round(s),"
+        f" {args.nodes} cluster nodes"
+    )
     print(f"temp dir {root}")
     print("setting up nodes, cluster, daemon and client...", flush=True)
     with ExitStack() as stack:

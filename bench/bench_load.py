@@ -105,7 +105,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return float("nan"), float("nan")
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
@@ -128,8 +128,9 @@ class HelperSampler:
         self.peak_rss_kib = 0
 
     def sample(self) -> None:
-        helpers = [pid for pid, cmd in descendants(self.pid)
-                   if any(w in cmd for w in SESSION_HELPERS)]
+        helpers = [
+            pid for pid, cmd in descendants(self.pid) if any(w in cmd for w in SESSION_HELPERS)
+        ]
         rss = sum(pss_kib(pid) for pid in helpers)
         self.peak_count = max(self.peak_count, len(helpers))
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
@@ -143,8 +144,10 @@ class HelperSampler:
 
 def row(op: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
-    return (f"  {op:<14} {len(ms):>6} {percentile(ms, 50):>9.1f} {percentile(ms, 90):>9.1f}"
-            f" {percentile(ms, 99):>9.1f} {max(ms):>9.1f}")
+    return (
+        f"  {op:<14} {len(ms):>6} {percentile(ms, 50):>9.1f} {percentile(ms, 90):>9.1f}"
+        f" {percentile(ms, 99):>9.1f} {max(ms):>9.1f}"
+    )
 
 
 async def bench(args: argparse.Namespace, work: Path) -> int:
@@ -180,8 +183,9 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
         mixing = trio.CapacityLimiter(args.mix_at_once or n)
         rss = RssSampler(bridge.pid)
         helpers = HelperSampler(bridge.pid)
-        print(f"{n} sessions{f' and a flood of {args.flood}' if args.flood else ''} ...",
-              flush=True)
+        print(
+            f"{n} sessions{f' and a flood of {args.flood}' if args.flood else ''} ...", flush=True
+        )
         start = time.monotonic()
         with trio.fail_after(args.time_limit):
             async with trio.open_nursery() as outer:
@@ -189,18 +193,34 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
                 outer.start_soon(helpers.run)
                 async with trio.open_nursery() as nursery:
                     if args.flood:
-                        nursery.start_soon(lambda: flood(
-                            token.socket, args.flood, args.flood_concurrency,
-                            (args.auth_timeout or 10.0) + 10.0, fstats,
-                            time_limit=args.time_limit))
+                        nursery.start_soon(
+                            lambda: flood(
+                                token.socket,
+                                args.flood,
+                                args.flood_concurrency,
+                                (args.auth_timeout or 10.0) + 10.0,
+                                fstats,
+                                time_limit=args.time_limit,
+                            )
+                        )
                     for i in range(n):
-                        nursery.start_soon(partial(
-                            run_mix, target, seeds[i % len(seeds)], absent[i % len(absent)],
-                            fresh[i], stats, name=f"session {i}", gate=gate,
-                            end_gate=end_gate, gate_timeout=args.time_limit,
-                            connect_limiter=limiter, work_limiter=mixing,
-                            reply_timeout=args.time_limit / 2,
-                        ))
+                        nursery.start_soon(
+                            partial(
+                                run_mix,
+                                target,
+                                seeds[i % len(seeds)],
+                                absent[i % len(absent)],
+                                fresh[i],
+                                stats,
+                                name=f"session {i}",
+                                gate=gate,
+                                end_gate=end_gate,
+                                gate_timeout=args.time_limit,
+                                connect_limiter=limiter,
+                                work_limiter=mixing,
+                                reply_timeout=args.time_limit / 2,
+                            )
+                        )
                 outer.cancel_scope.cancel()
         wall = time.monotonic() - start
         rss.sample()
@@ -219,9 +239,11 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
         bridge.close()
 
     print()
-    print(f"torbridge load bench: {n} concurrent sessions "
-          f"({args.mix_at_once or n} in requests at once), objects {args.min_size}.."
-          f"{args.max_size} B, git-annex {GIT_ANNEX_BINARY.parent.name}")
+    print(
+        f"torbridge load bench: {n} concurrent sessions "
+        f"({args.mix_at_once or n} in requests at once), objects {args.min_size}.."
+        f"{args.max_size} B, git-annex {GIT_ANNEX_BINARY.parent.name}"
+    )
     print(f"  {'operation':<14} {'n':>6} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9}")
     for op in (*REQUEST_OPS, "auth", "version"):
         if stats.latencies.get(op):
@@ -229,20 +251,28 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
     reqs = stats.all(REQUEST_OPS)
     if reqs:
         print(row("all requests", reqs))
-    print(f"sessions ok {stats.sessions_ok}/{n}, errors {len(stats.errors)}, "
-          f"at most {stats.peak_open} open at once, "
-          f"connect retries (backlog full) {stats.connect_retries}")
+    print(
+        f"sessions ok {stats.sessions_ok}/{n}, errors {len(stats.errors)}, "
+        f"at most {stats.peak_open} open at once, "
+        f"connect retries (backlog full) {stats.connect_retries}"
+    )
     for e in stats.errors[:10]:
         print(f"  error: {e}")
-    print(f"wall {wall:.1f}s; throughput {stats.requests / wall:.1f} requests/s "
-          f"({stats.exchanges / wall:.1f}/s with AUTH and VERSION), "
-          f"{stats.sessions_ok / wall:.1f} sessions/s")
-    print(f"daemon: VmRSS idle {idle.get('VmRSS', 0) / 1024:.1f} MiB, peak "
-          f"{rss.peak_kib / 1024:.1f} MiB (sampled), VmHWM {after.get('VmHWM', 0) / 1024:.1f} MiB;"
-          f" CPU {cpu:.1f}s ({cpu / wall * 100:.0f}% of one core)")
-    print(f"session helpers (git-annex-shell): at most {helpers.peak_count} at once, "
-          f"summed PSS peak {helpers.peak_rss_kib / 1024:.0f} MiB, "
-          f"CPU {children_cpu:.1f}s in all (machine: {os.cpu_count()} cores)")
+    print(
+        f"wall {wall:.1f}s; throughput {stats.requests / wall:.1f} requests/s "
+        f"({stats.exchanges / wall:.1f}/s with AUTH and VERSION), "
+        f"{stats.sessions_ok / wall:.1f} sessions/s"
+    )
+    print(
+        f"daemon: VmRSS idle {idle.get('VmRSS', 0) / 1024:.1f} MiB, peak "
+        f"{rss.peak_kib / 1024:.1f} MiB (sampled), VmHWM {after.get('VmHWM', 0) / 1024:.1f} MiB;"
+        f" CPU {cpu:.1f}s ({cpu / wall * 100:.0f}% of one core)"
+    )
+    print(
+        f"session helpers (git-annex-shell): at most {helpers.peak_count} at once, "
+        f"summed PSS peak {helpers.peak_rss_kib / 1024:.0f} MiB, "
+        f"CPU {children_cpu:.1f}s in all (machine: {os.cpu_count()} cores)"
+    )
     print(f"daemon totals: {totals}")
     if args.flood:
         print(f"flood: {fstats.summary()}")
@@ -252,46 +282,78 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
         print(f"session helpers still running 60 s after the end: {len(left)}")
     p50 = percentile(reqs, 50) * 1000 if reqs else float("nan")
     p99 = percentile(reqs, 99) * 1000 if reqs else float("nan")
-    print(f"RESULT sessions={n} errors={len(stats.errors)} wall_s={wall:.1f} "
-          f"req_per_s={stats.requests / wall:.1f} p50_ms={p50:.1f} p99_ms={p99:.1f} "
-          f"rss_peak_kib={rss.peak_kib} hwm_kib={after.get('VmHWM', 0)} "
-          f"daemon_cpu_s={cpu:.1f} helpers_peak={helpers.peak_count} "
-          f"helpers_cpu_s={children_cpu:.1f} helpers_pss_kib={helpers.peak_rss_kib} "
-          f"refused={totals.get('connections_refused_total', 0)}")
+    print(
+        f"RESULT sessions={n} errors={len(stats.errors)} wall_s={wall:.1f} "
+        f"req_per_s={stats.requests / wall:.1f} p50_ms={p50:.1f} p99_ms={p99:.1f} "
+        f"rss_peak_kib={rss.peak_kib} hwm_kib={after.get('VmHWM', 0)} "
+        f"daemon_cpu_s={cpu:.1f} helpers_peak={helpers.peak_count} "
+        f"helpers_cpu_s={children_cpu:.1f} helpers_pss_kib={helpers.peak_rss_kib} "
+        f"refused={totals.get('connections_refused_total', 0)}"
+    )
     return 1 if stats.errors or missing or left else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", "-n", type=int, default=200,
-                        help="concurrent sessions (default 200)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sessions", "-n", type=int, default=200, help="concurrent sessions (default 200)"
+    )
     parser.add_argument("--seed", type=int, default=16, help="objects in the proxy (16)")
     parser.add_argument("--min-size", type=int, default=64, help="smallest object, bytes")
     parser.add_argument("--max-size", type=int, default=4096, help="largest object, bytes")
-    parser.add_argument("--mix-at-once", type=int, default=0,
-                        help="at most this many sessions in requests at once "
-                             "(default: all N; the others stay connected)")
-    parser.add_argument("--connects-at-once", type=int, default=64,
-                        help="sessions in the AUTH phase at once, from the bench's side (64)")
-    parser.add_argument("--flood", type=int, default=0,
-                        help="also run this many unauthenticated connections (0: none)")
-    parser.add_argument("--flood-concurrency", type=int, default=300,
-                        help="at most this many flood connections open at once (300)")
-    parser.add_argument("--pre-auth-cap", type=int, default=0,
-                        help="max_unauthenticated (default: above N, not measured)")
-    parser.add_argument("--auth-timeout", type=float, default=0.0,
-                        help="auth_timeout in seconds (default: the daemon's)")
-    parser.add_argument("--fsck", action="store_true",
-                        help="git annex fsck the proxy repository afterwards")
-    parser.add_argument("--time-limit", type=float, default=1800.0,
-                        help="seconds the load phase may take (1800)")
+    parser.add_argument(
+        "--mix-at-once",
+        type=int,
+        default=0,
+        help="at most this many sessions in requests at once "
+        "(default: all N; the others stay connected)",
+    )
+    parser.add_argument(
+        "--connects-at-once",
+        type=int,
+        default=64,
+        help="sessions in the AUTH phase at once, from the bench's side (64)",
+    )
+    parser.add_argument(
+        "--flood",
+        type=int,
+        default=0,
+        help="also run this many unauthenticated connections (0: none)",
+    )
+    parser.add_argument(
+        "--flood-concurrency",
+        type=int,
+        default=300,
+        help="at most this many flood connections open at once (300)",
+    )
+    parser.add_argument(
+        "--pre-auth-cap",
+        type=int,
+        default=0,
+        help="max_unauthenticated (default: above N, not measured)",
+    )
+    parser.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=0.0,
+        help="auth_timeout in seconds (default: the daemon's)",
+    )
+    parser.add_argument(
+        "--fsck", action="store_true", help="git annex fsck the proxy repository afterwards"
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=1800.0, help="seconds the load phase may take (1800)"
+    )
     parser.add_argument("--seed-rng", type=int, default=1, help="random seed")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args(argv)
     if not GIT_ANNEX_BINARY.exists():
-        print(f"git-annex binary not found at {GIT_ANNEX_BINARY}: pip install git-annex",
-              file=sys.stderr)
+        print(
+            f"git-annex binary not found at {GIT_ANNEX_BINARY}: pip install git-annex",
+            file=sys.stderr,
+        )
         return 2
     if args.sessions < 1 or args.min_size < 1 or args.max_size < args.min_size:
         parser.error("need --sessions >= 1 and 1 <= --min-size <= --max-size")

@@ -66,8 +66,9 @@ def _pipes(size: int) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]
         ["dd", "if=/dev/zero", f"bs={PIECE}", f"count={size // PIECE}", "status=none"],
         stdout=subprocess.PIPE,
     )
-    reader = subprocess.Popen(["dd", "of=/dev/null", f"bs={PIECE}", "status=none"],
-                              stdin=subprocess.PIPE)
+    reader = subprocess.Popen(
+        ["dd", "of=/dev/null", f"bs={PIECE}", "status=none"], stdin=subprocess.PIPE
+    )
     assert writer.stdout is not None and reader.stdin is not None
     for pipe in (writer.stdout, reader.stdin):
         fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIECE)
@@ -175,7 +176,7 @@ def client_program(wfd: int, rfd: int, size: int) -> None:
     def send(data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(wfd, view):]
+            view = view[os.write(wfd, view) :]
 
     send(f"AUTH {CLIENT_UUID} {TOKEN}\nVERSION 4\n".encode())
     for expected in (b"AUTH-SUCCESS", b"VERSION"):
@@ -215,9 +216,7 @@ class AllWant:
     async def locations(self, key: str) -> frozenset[str]:
         return frozenset()
 
-    async def wanted(
-        self, remotes: Sequence[str], key: str, af: str | None
-    ) -> Mapping[str, bool]:
+    async def wanted(self, remotes: Sequence[str], key: str, af: str | None) -> Mapping[str, bool]:
         return {r: True for r in remotes}
 
 
@@ -240,14 +239,24 @@ def cluster_put(nodes: int, kernel: bool, pipes: bool) -> Callable[[int], Awaita
     async def put(size: int) -> int:
         limits = Limits(stall_timeout=DEADLINE * 4, peer_timeout=DEADLINE * 4)
         refs = [
-            ClusterNode(c.NodeRef(KEY_UUIDS[i], f"n{i}", 200.0, frozenset()),
-                        NodeProgram(f"n{i}", KEY_UUIDS[i]))
+            ClusterNode(
+                c.NodeRef(KEY_UUIDS[i], f"n{i}", 200.0, frozenset()),
+                NodeProgram(f"n{i}", KEY_UUIDS[i]),
+            )
             for i in range(nodes)
         ]
         transport = ClusterTransport(
-            "cl", CLUSTER_UUID, GATEWAY_UUID, refs, AllWant(), None,
-            node_timeout=DEADLINE * 3, stall_timeout=DEADLINE * 3, rng=random.Random(0),
-            members=frozenset(KEY_UUIDS[:nodes]), kernel_fanout=kernel,
+            "cl",
+            CLUSTER_UUID,
+            GATEWAY_UUID,
+            refs,
+            AllWant(),
+            None,
+            node_timeout=DEADLINE * 3,
+            stall_timeout=DEADLINE * 3,
+            rng=random.Random(0),
+            members=frozenset(KEY_UUIDS[:nodes]),
+            kernel_fanout=kernel,
         )
         endpoint = Endpoint("cl", CLUSTER_UUID, transport, Path("/nonexistent"), OneToken(), limits)
         stream, (wfd, rfd), close = client_ends(pipes)
@@ -278,8 +287,10 @@ def cluster_bench(args: argparse.Namespace) -> None:
     ways = {"copy": cluster_put(n, False, pipes), "tee": cluster_put(n, True, pipes)}
     cpu: dict[str, list[float]] = {name: [] for name in ways}
     wall: dict[str, list[float]] = {name: [] for name in ways}
-    print(f"cluster of {n} program nodes, client on {args.client}; {args.mib} MiB per PUT,"
-          f" {args.rounds} rounds; {os.cpu_count()} CPUs, load average {os.getloadavg()}")
+    print(
+        f"cluster of {n} program nodes, client on {args.client}; {args.mib} MiB per PUT,"
+        f" {args.rounds} rounds; {os.cpu_count()} CPUs, load average {os.getloadavg()}"
+    )
     for i in range(args.rounds):
         order = list(ways) if i % 2 == 0 else list(reversed(ways))
         for name in order:
@@ -287,19 +298,25 @@ def cluster_bench(args: argparse.Namespace) -> None:
             cpu[name].append(c_)
             wall[name].append(w_)
     per_gib = (1 << 30) / size
-    print(f"{'way':6} {'CPU s/GiB':>10} {'per node':>9} {'min-max':>13} {'wall s/GiB':>11}"
-          "   (daemon only; medians)")
+    print(
+        f"{'way':6} {'CPU s/GiB':>10} {'per node':>9} {'min-max':>13} {'wall s/GiB':>11}"
+        "   (daemon only; medians)"
+    )
     for name in ways:
         med = statistics.median(cpu[name]) * per_gib
         lo, hi = min(cpu[name]) * per_gib, max(cpu[name]) * per_gib
-        print(f"{name:6} {med:10.3f} {med / n:9.3f} {lo:6.2f}-{hi:<6.2f}"
-              f" {statistics.median(wall[name]) * per_gib:11.2f}")
+        print(
+            f"{name:6} {med:10.3f} {med / n:9.3f} {lo:6.2f}-{hi:<6.2f}"
+            f" {statistics.median(wall[name]) * per_gib:11.2f}"
+        )
     ratio = statistics.median(cpu["tee"]) / statistics.median(cpu["copy"])
     rounds = " ".join(f"{t / c_:.2f}" for t, c_ in zip(cpu["tee"], cpu["copy"], strict=True))
     print(f"tee / copy CPU: {ratio:.2f} (per round: {rounds})")
-    print(f"RESULT nodes={n} client={args.client} cpu_ratio={ratio:.3f} copy_cpu_s_per_gib_node="
-          f"{statistics.median(cpu['copy']) * per_gib / n:.3f} tee_cpu_s_per_gib_node="
-          f"{statistics.median(cpu['tee']) * per_gib / n:.3f}")
+    print(
+        f"RESULT nodes={n} client={args.client} cpu_ratio={ratio:.3f} copy_cpu_s_per_gib_node="
+        f"{statistics.median(cpu['copy']) * per_gib / n:.3f} tee_cpu_s_per_gib_node="
+        f"{statistics.median(cpu['tee']) * per_gib / n:.3f}"
+    )
 
 
 def main() -> None:
@@ -312,11 +329,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024, help="body size (default 1024)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cluster", type=int, default=0, metavar="N",
-                        help="a cluster PUT's fanout to N nodes instead of the single path")
-    parser.add_argument("--client", choices=("socket", "pipes"), default="socket",
-                        help="--cluster: the client on a unix socket (tor) or on pipes"
-                        " (git-annex-p2p-torbridge)")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a cluster PUT's fanout to N nodes instead of the single path",
+    )
+    parser.add_argument(
+        "--client",
+        choices=("socket", "pipes"),
+        default="socket",
+        help="--cluster: the client on a unix socket (tor) or on pipes (git-annex-p2p-torbridge)",
+    )
     args = parser.parse_args()
     if args.cluster:
         cluster_bench(args)
@@ -335,14 +360,18 @@ def main() -> None:
     per_gib = (1 << 30) / size
     print(f"{'way':8} {'CPU s/GiB':>10} {'wall s/GiB':>11}   (medians)")
     for name in ways:
-        print(f"{name:8} {statistics.median(cpu[name]) * per_gib:10.3f}"
-              f" {statistics.median(wall[name]) * per_gib:11.3f}")
+        print(
+            f"{name:8} {statistics.median(cpu[name]) * per_gib:10.3f}"
+            f" {statistics.median(wall[name]) * per_gib:11.3f}"
+        )
     ratio = statistics.median(cpu["splice"]) / statistics.median(cpu["copy"])
     rounds = " ".join(f"{s / c:.2f}" for s, c in zip(cpu["splice"], cpu["copy"], strict=True))
     print(f"splice / copy CPU: {ratio:.2f} (per round: {rounds})")
-    print(f"RESULT cpu_ratio={ratio:.3f} copy_cpu_s_per_gib="
-          f"{statistics.median(cpu['copy']) * per_gib:.3f} splice_cpu_s_per_gib="
-          f"{statistics.median(cpu['splice']) * per_gib:.3f}")
+    print(
+        f"RESULT cpu_ratio={ratio:.3f} copy_cpu_s_per_gib="
+        f"{statistics.median(cpu['copy']) * per_gib:.3f} splice_cpu_s_per_gib="
+        f"{statistics.median(cpu['splice']) * per_gib:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,12 @@ from torbridge.tor.onion import PowDefenses, TorError, stored_onion, torrc_snipp
 DEFAULT_CONFIG = Path("/etc/torbridge/torbridge.toml")
 # Errors that are the operator's to fix: one line each, no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, StartupError, TokenError, TorError, ClientAuthError, BalanceError
+    ConfigError,
+    StartupError,
+    TokenError,
+    TorError,
+    ClientAuthError,
+    BalanceError,
 )
 
 
@@ -174,9 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_parser(
         "export", help="print the token store without secrets (hashes), for other hosts"
     )
-    token.add_parser(
-        "import", help="replace the token store with an exported one, read from stdin"
-    )
+    token.add_parser("import", help="replace the token store with an exported one, read from stdin")
     balance = sub.add_parser(
         "balance", help="several hosts behind one Onionbalance address (docs/scale-out.md)"
     ).add_subparsers(dest="balance_command", required=True)
@@ -293,8 +296,10 @@ def _balance_command(args: argparse.Namespace) -> int:
         if instances:
             address = balance.write_frontend_config(args.dir, instances)
             print(f"frontend: {address}")
-            print(f"wrote {args.dir / balance.CONFIG_FILE} ({len(instances)} instances)",
-                  file=sys.stderr)
+            print(
+                f"wrote {args.dir / balance.CONFIG_FILE} ({len(instances)} instances)",
+                file=sys.stderr,
+            )
         else:
             address, made = balance.ensure_frontend_key(args.dir)
             print(f"frontend: {address}")

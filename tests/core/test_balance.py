@@ -155,11 +155,14 @@ def test_doctor_checks(tmp_path: Path) -> None:
 
 
 def test_instance_torrc_passes_the_testnet_checker(tmp_path: Path) -> None:
-    snippet = torrc_snippet(tmp_path / "hs", {5001: tmp_path / "cl.sock"},
-                            onionbalance_instance=True)
+    snippet = torrc_snippet(
+        tmp_path / "hs", {5001: tmp_path / "cl.sock"}, onionbalance_instance=True
+    )
     assert "HiddenServiceOnionBalanceInstance 1" in snippet.splitlines()
-    head = ("TestingTorNetwork 1\nUseDefaultFallbackDirs 0\n"
-            "DirAuthority a orport=1 no-v2 v3ident=" + "0" * 40 + " 127.0.0.1:2 " + "0" * 40 + "\n")
+    head = (
+        "TestingTorNetwork 1\nUseDefaultFallbackDirs 0\n"
+        "DirAuthority a orport=1 no-v2 v3ident=" + "0" * 40 + " 127.0.0.1:2 " + "0" * 40 + "\n"
+    )
     check_torrc_safe(head + snippet)
 
 
@@ -245,6 +248,7 @@ async def test_pump_owner_lost_fails_the_client() -> None:
     client_side, client = await _pair()
     owner, owner_side = await _pair()
     async with trio.open_nursery() as nursery:
+
         async def vanish() -> None:
             await owner_side.aclose()
 
@@ -258,8 +262,9 @@ async def test_pump_owner_lost_fails_the_client() -> None:
 async def test_relay_unreachable_owner_refuses_with_git_error() -> None:
     client_side, client = await _pair()
     owner = gitowner.GitOwner(A, 5001, "127.0.0.1:1", "u" * 8)  # nothing listens on port 1
-    code = await owner.relay(client, "00000000-0000-0000-0000-000000000001", "t" * 8,
-                             "git-upload-pack", 30.0)
+    code = await owner.relay(
+        client, "00000000-0000-0000-0000-000000000001", "t" * 8, "git-upload-pack", 30.0
+    )
     assert code == 1 and owner.failed == 1
     data = await client_side.receive_event()
     assert isinstance(data, m.Data)

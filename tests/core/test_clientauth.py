@@ -36,8 +36,10 @@ def test_keys_are_x25519_and_printed_as_tor_reads_them() -> None:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     pair = KeyPair.new()
-    assert X25519PrivateKey.from_private_bytes(pair.private).public_key().public_bytes_raw() \
+    assert (
+        X25519PrivateKey.from_private_bytes(pair.private).public_key().public_bytes_raw()
         == pair.public
+    )
     line = auth_private_line(ONION, pair.private)
     onion_id, kind, algo, key = line.split(":")
     assert (onion_id, kind, algo) == ("b" * 56, "descriptor", "x25519")
@@ -92,9 +94,14 @@ def test_the_client_over_the_limit_is_refused_with_the_number_that_fits(tmp_path
 
 def test_a_damaged_store_is_an_error_not_an_empty_list(tmp_path: Path) -> None:
     path = tmp_path / "onion_clients.json"
-    for text in ("{", '{"version": 9}', json.dumps({"version": 1, "clients": [{"name": "x"}]}),
-                 json.dumps({"version": 1, "clients": [
-                     {"name": "x", "public": "not base32", "created": "2026"}]})):
+    for text in (
+        "{",
+        '{"version": 9}',
+        json.dumps({"version": 1, "clients": [{"name": "x"}]}),
+        json.dumps(
+            {"version": 1, "clients": [{"name": "x", "public": "not base32", "created": "2026"}]}
+        ),
+    ):
         path.write_text(text)
         with pytest.raises(ClientAuthError, match=r"onion_clients\.json"):
             ClientStore(tmp_path).list()

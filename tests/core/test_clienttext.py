@@ -44,8 +44,13 @@ def test_a_cause_becomes_connection_lost(cause: str) -> None:
 
 @pytest.mark.parametrize(
     "reason",
-    ["connection closed", "no message before the deadline", "not reading",
-     "protocol error: unexpected Success to Get", "closed inside a DATA body"],
+    [
+        "connection closed",
+        "no message before the deadline",
+        "not reading",
+        "protocol error: unexpected Success to Get",
+        "closed inside a DATA body",
+    ],
 )
 def test_the_bridges_own_words_pass(reason: str) -> None:
     assert clienttext.peer_reason(reason) == reason
@@ -59,8 +64,13 @@ def test_a_protocol_error_with_the_peers_words_is_cut() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["content not present", "this repository is read-only; write access denied",
-     "unknown command", "expected VALID or INVALID", "transfer failed"],
+    [
+        "content not present",
+        "this repository is read-only; write access denied",
+        "unknown command",
+        "expected VALID or INVALID",
+        "transfer failed",
+    ],
 )
 def test_git_annex_error_words_are_relayed(text: str) -> None:
     assert clienttext.relayed_error("n1", m.Error(text)) == m.Error(text)

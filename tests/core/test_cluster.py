@@ -60,8 +60,10 @@ def test_cluster_uuids() -> None:
 
 
 def refs(*costs: float) -> list[c.NodeRef]:
-    return [c.NodeRef(f"{i:08x}-0000-4000-8000-000000000000", f"n{i}", cost)
-            for i, cost in enumerate(costs)]
+    return [
+        c.NodeRef(f"{i:08x}-0000-4000-8000-000000000000", f"n{i}", cost)
+        for i, cost in enumerate(costs)
+    ]
 
 
 def test_holders_cheapest_first_then_by_cost() -> None:
@@ -335,11 +337,15 @@ def test_cluster_uuids_never_reported(version: int, script_: list[tuple[str, str
     """Whatever nodes say, no cluster UUID is ever told as a copy, nor recorded."""
     plus = (A, CLUSTER, C, OTHER_CLUSTER)
     offers = {
-        "from": m.PutFrom(0), "have": m.AlreadyHave(), "haveplus": m.AlreadyHavePlus(plus),
+        "from": m.PutFrom(0),
+        "have": m.AlreadyHave(),
+        "haveplus": m.AlreadyHavePlus(plus),
         "error": m.Error("no"),
     }
     results = {
-        "success": m.Success(), "successplus": m.SuccessPlus(plus), "failure": m.Failure(),
+        "success": m.Success(),
+        "successplus": m.SuccessPlus(plus),
+        "failure": m.Failure(),
         "failureplus": m.FailurePlus(plus),
     }
     put = fanout(version, {node: offers[o] for node, o, _ in script_})
@@ -471,7 +477,9 @@ class Cluster:
     def received(self, name: str) -> list[Any]:
         """Every message node ``name`` received, past the handshake."""
         return [
-            msg for conn in self.conns(name) for msg in conn.received
+            msg
+            for conn in self.conns(name)
+            for msg in conn.received
             if not isinstance(msg, (m.Version, m.Bypass))
         ]
 
@@ -514,8 +522,14 @@ async def cluster(
                 for name, repo in repos.items()
             ]
             transport = ClusterTransport(
-                "cl", CLUSTER, GATEWAY, nodes, knowledge, recorder,
-                node_timeout=LIMITS.peer_timeout * 0.8, stall_timeout=LIMITS.stall_timeout * 0.8,
+                "cl",
+                CLUSTER,
+                GATEWAY,
+                nodes,
+                knowledge,
+                recorder,
+                node_timeout=LIMITS.peer_timeout * 0.8,
+                stall_timeout=LIMITS.stall_timeout * 0.8,
                 rng=random.Random(seed),
                 # What cluster.log lists: n1, n2, n3 unless told.
                 members=frozenset(NODE_UUIDS.values()) if members is None else members,
@@ -602,9 +616,7 @@ async def test_put_v0_and_v1_clients(autojump_clock: trio.abc.Clock) -> None:
         async with cluster() as cl:
             await login(cl, version)
             tail = b"VALID\n" if version else b""
-            await cl.client.send(
-                script(f"PUT  {KEY}\n".encode(), b"DATA 11\n", content, tail)
-            )
+            await cl.client.send(script(f"PUT  {KEY}\n".encode(), b"DATA 11\n", content, tail))
             assert await cl.client.line() == b"PUT-FROM 0\n"
             assert await cl.client.line() == b"SUCCESS\n"
         for name in NODE_UUIDS:
@@ -797,8 +809,9 @@ async def test_get_no_logged_holder(autojump_clock: trio.abc.Clock) -> None:
 
 async def test_get_falls_back_to_the_next_holder(autojump_clock: trio.abc.Clock) -> None:
     content = blob(200_000)
-    repos = {name: FakeRepo(uuid=uuid, contents={KEY: content})
-             for name, uuid in NODE_UUIDS.items()}
+    repos = {
+        name: FakeRepo(uuid=uuid, contents={KEY: content}) for name, uuid in NODE_UUIDS.items()
+    }
     knowledge = Knowledge(logged={KEY: {A, B}})
     # n1 is the cheapest holder, so it is asked first; it is down.
     async with cluster(repos, knowledge, costs={"n1": 100.0}) as cl:
@@ -963,8 +976,10 @@ async def test_get_from_the_gateway_whose_nodes_have_it(
     autojump_clock: trio.abc.Clock, logged: set[str], known: bool, asked: str
 ) -> None:
     content = {KEY: b"hello world"}
-    repos = {"n1": FakeRepo(uuid=A, contents=content if asked == "n1" else {}),
-             "gw2": FakeRepo(uuid=CLUSTER, contents=content if asked == "gw2" else {})}
+    repos = {
+        "n1": FakeRepo(uuid=A, contents=content if asked == "n1" else {}),
+        "gw2": FakeRepo(uuid=CLUSTER, contents=content if asked == "gw2" else {}),
+    }
     knowledge = Knowledge(logged={KEY: logged})
     behind = {"gw2": frozenset({D})} if known else {}
     async with cluster(repos, knowledge, gateways={"gw2": OTHER_GATEWAY}, behind=behind) as cl:
@@ -984,8 +999,7 @@ async def test_put_reaches_the_gateway_whose_nodes_lack_it(
 ) -> None:
     # n1 has it; D behind gw2 does not (or gw2's nodes are not known): only
     # gw2 is a target, though the log shows the cluster's UUID (n1 has it).
-    repos = {"n1": FakeRepo(uuid=A, contents={KEY: b"hello world"}),
-             "gw2": FakeRepo(uuid=CLUSTER)}
+    repos = {"n1": FakeRepo(uuid=A, contents={KEY: b"hello world"}), "gw2": FakeRepo(uuid=CLUSTER)}
     knowledge = Knowledge(logged={KEY: {A, CLUSTER}})
     behind = {"gw2": frozenset({D})} if known else {}
     async with cluster(repos, knowledge, gateways={"gw2": OTHER_GATEWAY}, behind=behind) as cl:
@@ -1054,9 +1068,7 @@ async def test_put_nodes_at_their_own_versions(autojump_clock: trio.abc.Clock) -
     assert cl.received("n2") == [m.Put(None, KEY), m.Data(11), m.Valid()]
     assert cl.received("n3") == [m.Put(None, KEY), m.Data(11), m.Valid()]
     # No BYPASS below v2, and nothing the v0 node could not parse.
-    assert [conn.bypass for n in ("n1", "n2", "n3") for conn in cl.conns(n)] == [
-        (), (), (GATEWAY,)
-    ]
+    assert [conn.bypass for n in ("n1", "n2", "n3") for conn in cl.conns(n)] == [(), (), (GATEWAY,)]
 
 
 async def test_put_client_stops_short(autojump_clock: trio.abc.Clock) -> None:
@@ -1209,9 +1221,7 @@ def test_proxy_and_cluster_logs_newest_line_wins() -> None:
         f"1700000200s {GATEWAY} {A}:n1\n"  # n2 no longer proxied
         "garbage\n"
     )
-    assert parse_proxy_log(proxy_log) == {
-        GATEWAY: frozenset({A}), OTHER_GATEWAY: frozenset({D})
-    }
+    assert parse_proxy_log(proxy_log) == {GATEWAY: frozenset({A}), OTHER_GATEWAY: frozenset({D})}
     cluster_log = f"5s {CLUSTER} {A} {B}\n4s {CLUSTER} {A}\n"
     assert parse_cluster_log(cluster_log) == {CLUSTER: frozenset({A, B})}
 
@@ -1322,8 +1332,11 @@ async def test_put_stalled_node_is_dropped_and_the_others_finish(
         while await conn.framed.receive_body(1 << 16):  # raises once it is closed
             pass
 
-    repos = {"n1": FakeRepo(uuid=A), "n2": FakeRepo(uuid=B, hooks={m.Put: stalling_put}),
-             "n3": FakeRepo(uuid=C)}
+    repos = {
+        "n1": FakeRepo(uuid=A),
+        "n2": FakeRepo(uuid=B, hooks={m.Put: stalling_put}),
+        "n3": FakeRepo(uuid=C),
+    }
     async with cluster(repos, lockstep=True) as cl:
         await login(cl, 4)
         await cl.client.send(f"PUT  {KEY}\n".encode())

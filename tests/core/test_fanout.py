@@ -96,9 +96,16 @@ async def rig(
             for name, repo in repos.items()
         ]
         transport = ClusterTransport(
-            "cl", CLUSTER, GATEWAY, nodes, Knowledge(), recorder,
-            node_timeout=LIMITS.peer_timeout * 0.8, stall_timeout=LIMITS.stall_timeout * 0.8,
-            rng=random.Random(0), members=frozenset(NODE_UUIDS.values()),
+            "cl",
+            CLUSTER,
+            GATEWAY,
+            nodes,
+            Knowledge(),
+            recorder,
+            node_timeout=LIMITS.peer_timeout * 0.8,
+            stall_timeout=LIMITS.stall_timeout * 0.8,
+            rng=random.Random(0),
+            members=frozenset(NODE_UUIDS.values()),
             kernel_fanout=kernel,
         )
         endpoint = Endpoint("cl", CLUSTER, transport, Path("/nonexistent"), OneToken(), LIMITS)

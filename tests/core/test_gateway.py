@@ -150,12 +150,15 @@ class Sim:
     now: float = 0.0
 
     def __post_init__(self) -> None:
-        refs = [
-            g.Node(c.NodeRef(UUIDS[n], n, self.costs.get(n, 200.0))) for n in self.nodes
-        ]
+        refs = [g.Node(c.NodeRef(UUIDS[n], n, self.costs.get(n, 200.0))) for n in self.nodes]
         self.health = self.health or g.NodeHealth(list(self.nodes))
         self.gw = g.Gateway(
-            "cl", self.version, refs, GATEWAY, health=self.health, rng=random.Random(0),
+            "cl",
+            self.version,
+            refs,
+            GATEWAY,
+            health=self.health,
+            rng=random.Random(0),
             members=frozenset(UUIDS.values()),
         )
 
@@ -267,7 +270,7 @@ class Sim:
         offer = answers[0]
         if not isinstance(offer, m.PutFrom):
             return answers
-        rest = content[offer.offset:]
+        rest = content[offer.offset :]
         self.send(m.Data(len(rest)))
         at = 0
         for cut in [*sorted({min(max(0, x), len(rest)) for x in cuts}), len(rest)]:
@@ -284,8 +287,7 @@ class Sim:
 def nodes(*holding: str, versions: dict[str, int] | None = None) -> dict[str, SimNode]:
     versions = versions or {}
     return {
-        n: SimNode(n, versions.get(n, 4), {KEY: CONTENT} if n in holding else {})
-        for n in UUIDS
+        n: SimNode(n, versions.get(n, 4), {KEY: CONTENT} if n in holding else {}) for n in UUIDS
     }
 
 
@@ -294,8 +296,7 @@ def nodes(*holding: str, versions: dict[str, int] | None = None) -> dict[str, Si
 
 def test_get_transcript_failover_mid_body() -> None:
     # n1 is cheapest and dies after 2 body reads (open, GET, 2 reads: its 4th action).
-    sim = Sim(nodes("n1", "n2"), {UUIDS["n1"], UUIDS["n2"]}, costs={"n1": 100.0},
-              lose_at={"n1": 4})
+    sim = Sim(nodes("n1", "n2"), {UUIDS["n1"], UUIDS["n2"]}, costs={"n1": 100.0}, lose_at={"n1": 4})
     data, got, validity = sim.get(chunk=30)
     assert bytes(sim.client) == b"DATA 100\n" + CONTENT + b"VALID\n"
     assert (data, got, validity) == (m.Data(100), CONTENT, m.Valid())
@@ -306,16 +307,19 @@ def test_get_transcript_failover_mid_body() -> None:
 
 
 def test_get_transcript_failover_before_data() -> None:
-    sim = Sim(nodes("n1", "n2"), {UUIDS["n1"], UUIDS["n2"]}, costs={"n1": 100.0},
-              lose_at={"n1": 1})
+    sim = Sim(nodes("n1", "n2"), {UUIDS["n1"], UUIDS["n2"]}, costs={"n1": 100.0}, lose_at={"n1": 1})
     assert sim.get()[1] == CONTENT
     assert bytes(sim.client) == b"DATA 100\n" + CONTENT + b"VALID\n"
     assert sim.nodes["n2"].heard[0] == b"GET 0 f " + KEY.encode() + b"\n"
 
 
 def test_get_no_node_can_finish_cuts_the_client() -> None:
-    sim = Sim(nodes("n1", "n2"), {UUIDS["n1"], UUIDS["n2"]}, costs={"n1": 100.0},
-              lose_at={"n1": 3, "n2": 3})
+    sim = Sim(
+        nodes("n1", "n2"),
+        {UUIDS["n1"], UUIDS["n2"]},
+        costs={"n1": 100.0},
+        lose_at={"n1": 3, "n2": 3},
+    )
     _, _, validity = sim.get(chunk=25)
     # One DATA, the bytes of the object so far, then the connection is cut:
     # no padding, no VALID or INVALID (docs/clusters.md says why).
@@ -325,8 +329,12 @@ def test_get_no_node_can_finish_cuts_the_client() -> None:
 
 
 def test_get_failover_node_with_another_size_is_not_used() -> None:
-    sim = Sim(nodes("n1", "n2", "n3"), {UUIDS[n] for n in UUIDS},
-              costs={"n1": 100.0, "n2": 150.0}, lose_at={"n1": 3})
+    sim = Sim(
+        nodes("n1", "n2", "n3"),
+        {UUIDS[n] for n in UUIDS},
+        costs={"n1": 100.0, "n2": 150.0},
+        lose_at={"n1": 3},
+    )
     sim.nodes["n2"].objects[KEY] = CONTENT + b"more"
     _data, got, _ = sim.get(chunk=40)
     assert got == CONTENT
@@ -340,7 +348,9 @@ def test_put_transcript_one_node_dead_at_open() -> None:
     assert outcome == m.SuccessPlus((UUIDS["n1"], UUIDS["n3"]))
     assert sim.nodes["n1"].objects[KEY] == CONTENT == sim.nodes["n3"].objects[KEY]
     assert bytes(sim.client) == b"PUT-FROM 0\nSUCCESS-PLUS %s %s\n" % (
-        UUIDS["n1"].encode(), UUIDS["n3"].encode())
+        UUIDS["n1"].encode(),
+        UUIDS["n3"].encode(),
+    )
     # The next session skips the node marked down at once: not even opened.
     again = Sim(nodes(), health=sim.health)
     again.put(CONTENT, [])
@@ -382,8 +392,7 @@ def test_every_target_down_is_asked_all_the_same() -> None:
 
 
 def test_checkpresent_asks_the_next_holder() -> None:
-    sim = Sim(nodes("n1", "n2"), {UUIDS["n1"], UUIDS["n2"]}, costs={"n1": 100.0},
-              lose_at={"n1": 0})
+    sim = Sim(nodes("n1", "n2"), {UUIDS["n1"], UUIDS["n2"]}, costs={"n1": 100.0}, lose_at={"n1": 0})
     assert sim.request(m.CheckPresent(KEY)) == m.Success()
     assert sim.nodes["n2"].heard == [b"CHECKPRESENT " + KEY.encode() + b"\n"]
 
@@ -425,7 +434,10 @@ def test_bypass_keeps_a_node_out() -> None:
     node_versions=st.dictionaries(st.sampled_from(list(UUIDS)), st.sampled_from([0, 1, 4])),
 )
 def test_put_any_chunking_any_loss(
-    cuts: list[int], partial: dict[str, int], lose: dict[str, int], version: int,
+    cuts: list[int],
+    partial: dict[str, int],
+    lose: dict[str, int],
+    version: int,
     node_versions: dict[str, int],
 ) -> None:
     """Every chunking of the body, any node lost at any point: the client hears
@@ -518,8 +530,12 @@ def test_small_requests_any_loss(lose: dict[str, int], request: str) -> None:
 
 @pytest.mark.parametrize("version", [0, 1, 4])
 def test_every_node_lost(version: int) -> None:
-    sim = Sim(nodes("n1", "n2", "n3"), set(UUIDS.values()), version=version,
-              lose_at=dict.fromkeys(UUIDS, 0))
+    sim = Sim(
+        nodes("n1", "n2", "n3"),
+        set(UUIDS.values()),
+        version=version,
+        lose_at=dict.fromkeys(UUIDS, 0),
+    )
     answer, _, _ = sim.get()
     assert isinstance(answer, m.Error)
     assert b"no node that has it answered" in bytes(sim.client)

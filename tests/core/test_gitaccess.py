@@ -66,8 +66,7 @@ def test_labels_and_order() -> None:
         ("ro", False, READ),
     ],
 )
-def test_default_follows_mode_and_endpoints(mode: str, reaches_own: bool,
-                                            level: GitAccess) -> None:
+def test_default_follows_mode_and_endpoints(mode: str, reaches_own: bool, level: GitAccess) -> None:
     assert default_for(mode, reaches_own) is level
 
 
@@ -85,8 +84,9 @@ def test_default_follows_mode_and_endpoints(mode: str, reaches_own: bool,
         (None, READ, READ),
     ],
 )
-def test_effective_access_of_an_rw_token(endpoints: tuple[str, ...] | None,
-                                         explicit: GitAccess | None, level: GitAccess) -> None:
+def test_effective_access_of_an_rw_token(
+    endpoints: tuple[str, ...] | None, explicit: GitAccess | None, level: GitAccess
+) -> None:
     assert effective("rw", explicit, endpoints, {"hub", "mirror"}) is level
 
 
@@ -182,10 +182,18 @@ UP, RECEIVE = "git-upload-pack", "git-receive-pack"
         (Mode.APPEND_ONLY, None, RunService(UP), RefuseService(RECEIVE, READ_ONLY_ERROR)),
         (Mode.READ_ONLY, None, RunService(UP), RefuseService(RECEIVE, READ_ONLY_ERROR)),
         # Explicit levels.
-        (Mode.READ_WRITE, NONE, RefuseService(UP, NO_GIT_ERROR),
-         RefuseService(RECEIVE, NO_GIT_ERROR)),
-        (Mode.READ_ONLY, NONE, RefuseService(UP, NO_GIT_ERROR),
-         RefuseService(RECEIVE, NO_GIT_ERROR)),
+        (
+            Mode.READ_WRITE,
+            NONE,
+            RefuseService(UP, NO_GIT_ERROR),
+            RefuseService(RECEIVE, NO_GIT_ERROR),
+        ),
+        (
+            Mode.READ_ONLY,
+            NONE,
+            RefuseService(UP, NO_GIT_ERROR),
+            RefuseService(RECEIVE, NO_GIT_ERROR),
+        ),
         (Mode.READ_WRITE, READ, RunService(UP), RefuseService(RECEIVE, GIT_READ_ONLY_ERROR)),
         (Mode.APPEND_ONLY, READ, RunService(UP), RefuseService(RECEIVE, READ_ONLY_ERROR)),
         (Mode.READ_WRITE, WRITE, RunService(UP), RunService(RECEIVE, may_rewrite=False)),
@@ -193,8 +201,7 @@ UP, RECEIVE = "git-upload-pack", "git-receive-pack"
         (Mode.READ_WRITE, REWRITE, RunService(UP), RunService(RECEIVE, may_rewrite=True)),
     ],
 )
-def test_connect_by_access(mode: Mode, git: GitAccess | None, fetch: object,
-                           push: object) -> None:
+def test_connect_by_access(mode: Mode, git: GitAccess | None, fetch: object, push: object) -> None:
     assert connect(mode, git, UP) == [fetch]
     assert connect(mode, git, RECEIVE) == [push]
 
@@ -213,8 +220,14 @@ def test_admission_grants_the_effective_access(tmp_path: Path) -> None:
         "contentonly": store.add("contentonly", "rw", None, NONE),
     }
     admission = Admission(store, Limits(), own_endpoints=["hub"])
-    want = {"everywhere": WRITE, "hubonly": WRITE, "nodeonly": READ, "nodewriter": WRITE,
-            "reader": READ, "contentonly": NONE}
+    want = {
+        "everywhere": WRITE,
+        "hubonly": WRITE,
+        "nodeonly": READ,
+        "nodewriter": WRITE,
+        "reader": READ,
+        "contentonly": NONE,
+    }
     for name, token in tokens.items():
         endpoint = "node1" if name.startswith("node") else "hub"
         grant = admission.authorize(endpoint, token)
@@ -238,8 +251,12 @@ def test_a_store_from_before_git_access_is_read(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     token = "ab" * 64
-    entry = {"sha256": hashlib.sha256(token.encode()).hexdigest(), "mode": "rw",
-             "created": "2025-01-31T12:00:00Z", "endpoints": ["node1"]}
+    entry = {
+        "sha256": hashlib.sha256(token.encode()).hexdigest(),
+        "mode": "rw",
+        "created": "2025-01-31T12:00:00Z",
+        "endpoints": ["node1"],
+    }
     (state / "tokens.json").write_text(json.dumps({"version": 1, "tokens": {"old": entry}}))
     info = TokenStore(state).check(token)
     assert info is not None and info.git is None

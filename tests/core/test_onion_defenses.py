@@ -16,7 +16,9 @@ from torbridge.cli import main
 from torbridge.config import ConfigError, dump_config, load_config
 from torbridge.tor.onion import PowDefenses, add_onion_command, torrc_snippet
 
-CONFIG = MINIMAL + """
+CONFIG = (
+    MINIMAL
+    + """
 [[expose]]
 name = "node1"
 remote = "node1"
@@ -26,6 +28,7 @@ port = 5001
 onion = "torrc"
 hidden_service_dir = "/var/lib/tor/torbridge"
 """
+)
 PORTS = {5000: Path("/run/torbridge/hub.sock"), 5001: Path("/run/torbridge/node1.sock")}
 
 
@@ -55,8 +58,11 @@ def test_onion_snippet_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_onion_snippet_tuned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = _snippet(tmp_path, capsys, "max_streams = 8\npow_queue_rate = 50\n"
-                     "pow_queue_burst = 400\nexport_circuit_id = true\n")
+    lines = _snippet(
+        tmp_path,
+        capsys,
+        "max_streams = 8\npow_queue_rate = 50\npow_queue_burst = 400\nexport_circuit_id = true\n",
+    )
     assert lines[5:] == [
         "HiddenServiceMaxStreams 8",
         "HiddenServiceMaxStreamsCloseCircuit 1",
@@ -68,8 +74,9 @@ def test_onion_snippet_tuned(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     ]
 
 
-def test_onion_snippet_without_pow_or_stream_cap(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_onion_snippet_without_pow_or_stream_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     lines = _snippet(tmp_path, capsys, "max_streams = 0\npow_defenses = false\n")
     assert lines[-1] == "HiddenServiceEnableIntroDoSDefense 1"
     assert not any("PoW" in ln or "MaxStreams" in ln for ln in lines), lines
@@ -82,8 +89,10 @@ def test_add_onion_command() -> None:
         " Port=5000,unix:/run/torbridge/hub.sock Port=5001,unix:/run/torbridge/node1.sock"
     )
     tuned = add_onion_command(PORTS, "ED25519-V3", "KEY", 8, PowDefenses(True, 10, 20))
-    assert tuned.startswith("ADD_ONION ED25519-V3:KEY Flags=MaxStreamsCloseCircuit MaxStreams=8"
-                            " PoWDefensesEnabled=1 PoWQueueRate=10 PoWQueueBurst=20 Port=5000,")
+    assert tuned.startswith(
+        "ADD_ONION ED25519-V3:KEY Flags=MaxStreamsCloseCircuit MaxStreams=8"
+        " PoWDefensesEnabled=1 PoWQueueRate=10 PoWQueueBurst=20 Port=5000,"
+    )
     # Off: nothing sent, which is tor's default and what a tor before 0.4.9.2 takes.
     off = add_onion_command(PORTS, "NEW", "ED25519-V3", None, PowDefenses(enabled=False))
     assert "PoW" not in off and "MaxStreams" not in off and "Flags" not in off
@@ -95,18 +104,27 @@ def test_config_defaults_and_round_trip(tmp_path: Path) -> None:
     tuned = load_config(_config(tmp_path, "pow_queue_rate = 5\npow_queue_burst = 9\n"))
     assert PowDefenses.of(tuned.tor) == PowDefenses(True, 5, 9)
     out = tmp_path / "dumped.toml"
-    for c in (cfg, tuned, dataclasses.replace(cfg, tor=dataclasses.replace(
-            cfg.tor, pow_defenses=False))):
+    for c in (
+        cfg,
+        tuned,
+        dataclasses.replace(cfg, tor=dataclasses.replace(cfg.tor, pow_defenses=False)),
+    ):
         out.write_text(dump_config(c))
         assert load_config(out).tor == c.tor
 
 
-@pytest.mark.parametrize(("extra", "problem"), [
-    ("pow_defenses = 1\n", 'key "pow_defenses" in tor: expected a boolean, got integer'),
-    ("pow_queue_rate = 0\n", 'key "pow_queue_rate" in tor: must be between 1 and 2147483647'),
-    ("pow_queue_burst = 2147483648\n", 'key "pow_queue_burst" in tor: must be between 1 and'),
-    ('pow_queue_rate = "fast"\n', 'key "pow_queue_rate" in tor: expected an integer, got string'),
-])
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ("pow_defenses = 1\n", 'key "pow_defenses" in tor: expected a boolean, got integer'),
+        ("pow_queue_rate = 0\n", 'key "pow_queue_rate" in tor: must be between 1 and 2147483647'),
+        ("pow_queue_burst = 2147483648\n", 'key "pow_queue_burst" in tor: must be between 1 and'),
+        (
+            'pow_queue_rate = "fast"\n',
+            'key "pow_queue_rate" in tor: expected an integer, got string',
+        ),
+    ],
+)
 def test_config_errors(tmp_path: Path, extra: str, problem: str) -> None:
     path = _config(tmp_path, extra)
     with pytest.raises(ConfigError, match=problem):
@@ -115,5 +133,6 @@ def test_config_errors(tmp_path: Path, extra: str, problem: str) -> None:
 
 def test_snippet_function_matches_the_cli_default() -> None:
     text = torrc_snippet(Path("/var/lib/tor/torbridge"), PORTS)
-    assert text.endswith("HiddenServiceEnableIntroDoSDefense 1\n"
-                         "HiddenServicePoWDefensesEnabled 1\n")
+    assert text.endswith(
+        "HiddenServiceEnableIntroDoSDefense 1\nHiddenServicePoWDefensesEnabled 1\n"
+    )

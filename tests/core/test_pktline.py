@@ -20,7 +20,7 @@ def packets(data: bytes) -> list[bytes]:
         length = int(data[:4], 16)
         assert length == 0 or length >= 4, data[:4]
         out.append(data[4:length] if length else b"")
-        data = data[max(length, 4):]
+        data = data[max(length, 4) :]
     return out
 
 
@@ -50,8 +50,12 @@ def test_push_that_asked_for_sideband_gets_band_3() -> None:
 
 def test_cut_inside_a_packet_is_completed_first() -> None:
     stream = ADVERTISEMENT + SIDEBAND_PACK
-    for cut in (len(ADVERTISEMENT) + 1, len(ADVERTISEMENT) + 3, len(ADVERTISEMENT) + 100,
-                len(stream) - 1):
+    for cut in (
+        len(ADVERTISEMENT) + 1,
+        len(ADVERTISEMENT) + 3,
+        len(ADVERTISEMENT) + 100,
+        len(stream) - 1,
+    ):
         p = PktStream()
         p.feed(stream[:cut])
         got = packets(stream[:cut] + p.failure_tail(MESSAGE))
@@ -62,8 +66,9 @@ def test_cut_inside_a_packet_is_completed_first() -> None:
 
 @settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.binary(max_size=300), max_size=8), st.booleans(), st.data())
-def test_any_cut_of_any_pkt_stream_becomes_whole(payloads: list[bytes], sideband: bool,
-                                                 data: st.DataObject) -> None:
+def test_any_cut_of_any_pkt_stream_becomes_whole(
+    payloads: list[bytes], sideband: bool, data: st.DataObject
+) -> None:
     """However git's output is cut and chunked, output + tail is whole pkt-lines."""
     stream = b"".join(pkt_line((b"\x01" if sideband else b"") + p) for p in payloads)
     cut = data.draw(st.integers(0, len(stream)))
@@ -71,7 +76,7 @@ def test_any_cut_of_any_pkt_stream_becomes_whole(payloads: list[bytes], sideband
     pos = 0
     while pos < cut:  # fed in random chunks, as git's stdout is read
         n = data.draw(st.integers(1, cut - pos))
-        p.feed(stream[pos:pos + n])
+        p.feed(stream[pos : pos + n])
         pos += n
     got = packets(stream[:cut] + p.failure_tail(MESSAGE))
     assert got[-1].endswith(MESSAGE.encode() + b"\n")

@@ -23,15 +23,25 @@ from torbridge.server import pushguard
 
 GIT_ENV = {
     **os.environ,
-    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
-    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.invalid",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
 }
 
 
 def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env=GIT_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if check:
         assert result.returncode == 0, f"git {args}: {result.stderr}"
     return result
@@ -56,8 +66,17 @@ def repos(tmp_path: Path) -> tuple[Path, Path]:
     git(tmp_path, "init", "-q", "--bare", "-b", "main", str(hub))
     git(tmp_path, "init", "-q", "-b", "main", str(client))
     commit(client, "base")
-    git(client, "push", "-q", str(hub), "main", "main:synced/main", "main:git-annex",
-        "main:feature", "main:trunk")
+    git(
+        client,
+        "push",
+        "-q",
+        str(hub),
+        "main",
+        "main:synced/main",
+        "main:git-annex",
+        "main:feature",
+        "main:trunk",
+    )
     git(client, "checkout", "-q", "--orphan", "evil")
     git(client, "rm", "-rqf", "--cached", ".")
     commit(client, "evil")
@@ -70,8 +89,9 @@ def guarded_push(hub: Path, client: Path, *refspecs: str) -> subprocess.Complete
     try:
         # As the bridge runs it: core.hooksPath through GIT_CONFIG_COUNT.
         extra = pushguard.git_config_env(hooks, {})
-        receive = f"env {' '.join(f'{k}={shlex.quote(v)}' for k, v in extra.items())} " \
-                  "git receive-pack"
+        receive = (
+            f"env {' '.join(f'{k}={shlex.quote(v)}' for k, v in extra.items())} git receive-pack"
+        )
         return git(client, "push", "--receive-pack", receive, str(hub), *refspecs, check=False)
     finally:
         pushguard.remove(hooks)
@@ -79,15 +99,20 @@ def guarded_push(hub: Path, client: Path, *refspecs: str) -> subprocess.Complete
 
 
 def rejected(result: subprocess.CompletedProcess[str], ref: str) -> bool:
-    return re.search(rf"! \[remote rejected\] (\S+ -> )?{re.escape(ref)} \(hook declined\)",
-                     result.stderr) is not None
+    return (
+        re.search(
+            rf"! \[remote rejected\] (\S+ -> )?{re.escape(ref)} \(hook declined\)", result.stderr
+        )
+        is not None
+    )
 
 
 def test_protected_rewrites_refused_per_ref(repos: tuple[Path, Path]) -> None:
     hub, client = repos
     before = {b: rev(hub, b) for b in ("main", "synced/main", "git-annex")}
-    result = guarded_push(hub, client, "+evil:main", "+evil:synced/main", ":git-annex",
-                          "+evil:feature")
+    result = guarded_push(
+        hub, client, "+evil:main", "+evil:synced/main", ":git-annex", "+evil:feature"
+    )
     assert result.returncode != 0
     for branch in before:
         assert rejected(result, branch), result.stderr
@@ -114,14 +139,16 @@ def test_fast_forwards_and_new_branches_go_through(repos: tuple[Path, Path]) -> 
     assert rev(hub, "main") == rev(hub, "synced/main") == rev(hub, "synced/new") == head
 
 
-def test_the_repositorys_own_hooks_still_run(repos: tuple[Path, Path],
-                                             tmp_path: Path) -> None:
+def test_the_repositorys_own_hooks_still_run(repos: tuple[Path, Path], tmp_path: Path) -> None:
     hub, client = repos
     log = tmp_path / "hooks.log"
     for name, body in (
         ("post-receive", f'cat >> "{log}"'),
-        ("update", f'echo "update $1" >> "{log}"; [ "$1" != refs/heads/forbidden ] || '
-                   '{ echo "operator says no" >&2; exit 1; }'),
+        (
+            "update",
+            f'echo "update $1" >> "{log}"; [ "$1" != refs/heads/forbidden ] || '
+            '{ echo "operator says no" >&2; exit 1; }',
+        ),
     ):
         path = hub / "hooks" / name
         path.write_text(f"#!/bin/sh\n{body}\n")
@@ -154,11 +181,19 @@ def test_a_relative_hooks_path_is_followed(repos: tuple[Path, Path], tmp_path: P
 
 
 def test_config_env_extends_what_is_there() -> None:
-    base = {"PATH": "/bin", "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "a.b",
-            "GIT_CONFIG_VALUE_0": "c"}
+    base = {
+        "PATH": "/bin",
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "a.b",
+        "GIT_CONFIG_VALUE_0": "c",
+    }
     env = pushguard.git_config_env(Path("/h"), base)
-    assert env == {**base, "GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_1": "core.hooksPath",
-                   "GIT_CONFIG_VALUE_1": "/h"}
+    assert env == {
+        **base,
+        "GIT_CONFIG_COUNT": "2",
+        "GIT_CONFIG_KEY_1": "core.hooksPath",
+        "GIT_CONFIG_VALUE_1": "/h",
+    }
     assert base["GIT_CONFIG_COUNT"] == "1"  # not changed in place
 
 
@@ -173,11 +208,14 @@ def test_prepare_fails_cleanly_outside_a_repository(tmp_path: Path) -> None:
 # --- the CLI -----------------------------------------------------------------------
 
 
-def test_token_add_and_list_show_git_access(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_token_add_and_list_show_git_access(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "torbridge.toml"
-    config.write_text(MINIMAL.replace("/var/lib/torbridge", str(tmp_path / "state"))
-                      + '\n[[expose]]\nname = "node1"\nremote = "node1"\nport = 5001\n')
+    config.write_text(
+        MINIMAL.replace("/var/lib/torbridge", str(tmp_path / "state"))
+        + '\n[[expose]]\nname = "node1"\nremote = "node1"\nport = 5001\n'
+    )
     base = ["--config", str(config), "token"]
     assert main([*base, "add", "alice"]) == 0
     assert main([*base, "add", "nodeonly", "--endpoint", "node1"]) == 0

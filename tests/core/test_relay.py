@@ -859,9 +859,7 @@ def test_open_fails(version: int) -> None:
         ]
     else:
         assert client(relay, m.CheckPresent(KEY)) == [OpenPeer(0, ())]
-    assert relay.side_lost(P, "node1: connection refused") == [
-        error(f"{PEER}: unreachable")
-    ]
+    assert relay.side_lost(P, "node1: connection refused") == [error(f"{PEER}: unreachable")]
     assert idle(relay) and not relay.peer_open
     # The next request tries again.
     assert client(relay, m.CheckPresent(KEY)) == [OpenPeer(version, ())]
@@ -915,7 +913,8 @@ def test_no_retry_on_a_fresh_connection_after_a_protocol_error() -> None:
     why = "protocol error: unparsable line (unknown command)"
     # The client hears that the peer broke the protocol, not what it said.
     assert peer(relay, BadLine("unknown command")) == [
-        ClosePeer(why), error(f"{PEER}: protocol error")
+        ClosePeer(why),
+        error(f"{PEER}: protocol error"),
     ]
     # The next request opens a fresh connection, where a loss is not retried.
     request(relay, m.CheckPresent(KEY))
@@ -975,7 +974,8 @@ def test_remove_never_sent_is_not_logged() -> None:
     assert peer(relay, m.Failure()) == [to_client(m.Failure())]
     request(relay, m.CheckPresent(KEY))
     assert relay.side_lost(P, "late", retry=False) == [
-        ClosePeer("late"), error(f"{PEER}: connection lost")
+        ClosePeer("late"),
+        error(f"{PEER}: connection lost"),
     ]
 
 

@@ -223,9 +223,7 @@ def test_reopen_after_idle_that_fails_tells_the_client() -> None:
     peer(relay, m.Success())
     assert relay.peer_idle() == [IDLE]
     assert client(relay, m.CheckPresent(KEY)) == [OpenPeer(4, ())]
-    assert relay.side_lost(P, "cannot run git-annex-shell") == [
-        error(f"{PEER}: unreachable")
-    ]
+    assert relay.side_lost(P, "cannot run git-annex-shell") == [error(f"{PEER}: unreachable")]
     assert idle(relay) and relay.version == 4
 
 

@@ -16,8 +16,7 @@ def test_the_newest_line_per_uuid_wins_whatever_the_order() -> None:
     )
     log = parse_remote_log(text)
     assert log[U1]["directory"] == "/srv/new"
-    assert log[U2] == {"encryption": "none", "name": "rs", "rsyncurl": "host:/x",
-                       "type": "rsync"}
+    assert log[U2] == {"encryption": "none", "name": "rs", "rsyncurl": "host:/x", "type": "rsync"}
 
 
 def test_escaped_values_are_decoded() -> None:

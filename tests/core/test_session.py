@@ -834,9 +834,7 @@ async def test_peer_transport_refuses(autojump_clock: trio.abc.Clock) -> None:
         await b.client.login()
         await b.client.send(b"VERSION 4\n")
         # Told why, then closed: an ERROR alone would leave the client at v0.
-        await b.client.expect(
-            f"ERROR {PEER_NAME}: unreachable\n".encode()
-        )
+        await b.client.expect(f"ERROR {PEER_NAME}: unreachable\n".encode())
         await b.client.expect_eof()
     assert [v for v, _, _ in b.transport.opens] == [4]
 

@@ -49,8 +49,9 @@ def test_events_before_the_address_is_known_are_kept_and_matched() -> None:
     h = TorHealth()
 
     def ev(action: str, hsdir: str, address: str = "UNKNOWN", reason: str | None = None) -> object:
-        return SimpleNamespace(action=action, directory_fingerprint=hsdir, address=address,
-                               reason=reason)
+        return SimpleNamespace(
+            action=action, directory_fingerprint=hsdir, address=address, reason=reason
+        )
 
     h.on_hs_desc(ev("UPLOAD", A, SID))
     h.on_hs_desc(ev("UPLOAD", B, "d" * 56))  # another service of this tor
@@ -79,12 +80,15 @@ def test_metrics_text_of_one_service() -> None:
 
 
 def test_intro_points_and_bootstrap() -> None:
-    status = "\n".join([
-        f"1 BUILT $X~a PURPOSE=HS_SERVICE_INTRO HS_STATE=HSSI_ESTABLISHED REND_QUERY={SID}",
-        f"2 BUILT $X~a PURPOSE=HS_SERVICE_INTRO HS_STATE=HSSI_CONNECTING REND_QUERY={SID}",
-        f"3 BUILT $X~a PURPOSE=HS_SERVICE_INTRO HS_STATE=HSSI_ESTABLISHED REND_QUERY={'d' * 56}",
-        "4 BUILT $X~a PURPOSE=GENERAL",
-    ])
+    status = "\n".join(
+        [
+            f"1 BUILT $X~a PURPOSE=HS_SERVICE_INTRO HS_STATE=HSSI_ESTABLISHED REND_QUERY={SID}",
+            f"2 BUILT $X~a PURPOSE=HS_SERVICE_INTRO HS_STATE=HSSI_CONNECTING REND_QUERY={SID}",
+            "3 BUILT $X~a PURPOSE=HS_SERVICE_INTRO HS_STATE=HSSI_ESTABLISHED"
+            f" REND_QUERY={'d' * 56}",
+            "4 BUILT $X~a PURPOSE=GENERAL",
+        ]
+    )
     assert count_intro_points(status, SID) == 1
     assert bootstrap_percent('NOTICE BOOTSTRAP PROGRESS=100 TAG=done SUMMARY="Done"') == 100
     assert bootstrap_percent("") is None
@@ -99,8 +103,10 @@ def test_status_shows_tor_health() -> None:
     registry = Registry(onion=SID + ".onion", onion_state="published")
     registry.tor_health = h.snapshot
     text = render(registry.snapshot())
-    assert "tor: degraded: descriptor upload failed at 1 of 1 HSDirs; bootstrap 100%," \
-        " network up, 3 introduction points" in text, text
+    assert (
+        "tor: degraded: descriptor upload failed at 1 of 1 HSDirs; bootstrap 100%,"
+        " network up, 3 introduction points" in text
+    ), text
     assert f"HSDir {A}: failed" in text and "(UPLOAD_REJECTED)" in text, text
     metrics = registry.metrics()
     assert "torbridge_onion_degraded 1" in metrics

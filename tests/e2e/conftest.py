@@ -27,9 +27,7 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed:
         for b in item.stash.get(BRIDGES, []):
-            report.sections.append(
-                (f"torbridge daemon log ({b.log_path})", b.log()[-20000:])
-            )
+            report.sections.append((f"torbridge daemon log ({b.log_path})", b.log()[-20000:]))
     return report
 
 
@@ -55,8 +53,7 @@ def make_bridge(
     request.node.stash[BRIDGES] = bridges
 
     def make(**kwargs: object) -> Bridge:
-        b = Bridge(annex_env, proxy_repo.path, tmp_path / f"bridge{len(bridges)}",
-                   **kwargs)  # type: ignore[arg-type]
+        b = Bridge(annex_env, proxy_repo.path, tmp_path / f"bridge{len(bridges)}", **kwargs)  # type: ignore[arg-type]
         bridges.append(b)
         return b
 
@@ -67,8 +64,9 @@ def make_bridge(
             if b.proc is not None and b.returncode is None:  # started, not stopped
                 left = b.wait_idle(10)
                 if left:
-                    errors.append(f"session processes leaked (still running 10 s after "
-                                  f"the test): {left}")
+                    errors.append(
+                        f"session processes leaked (still running 10 s after the test): {left}"
+                    )
                 b.stop()
         except AssertionError as exc:
             errors.append(str(exc))

@@ -301,15 +301,25 @@ class AnnexRepo:
         return f"{type(self).__name__}({str(self.path)!r})"
 
     # commands
-    def git(self, *args: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT,
-            input: bytes | str | None = None) -> Result:
-        return self.env.run(["git", *args], self.path, check=check, timeout=timeout,
-                            input=input)
+    def git(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        input: bytes | str | None = None,
+    ) -> Result:
+        return self.env.run(["git", *args], self.path, check=check, timeout=timeout, input=input)
 
-    def annex(self, *args: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT,
-              input: bytes | str | None = None) -> Result:
-        return self.env.run(["git", "annex", *args], self.path, check=check,
-                            timeout=timeout, input=input)
+    def annex(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        input: bytes | str | None = None,
+    ) -> Result:
+        return self.env.run(
+            ["git", "annex", *args], self.path, check=check, timeout=timeout, input=input
+        )
 
     @property
     def uuid(self) -> str:
@@ -404,11 +414,19 @@ class Client(AnnexRepo):
         repo.init(description)
         return repo
 
-    def link(self, address: str, name: str = "hub", *, check: bool = True,
-             timeout: float = 60.0) -> Result:
+    def link(
+        self, address: str, name: str = "hub", *, check: bool = True, timeout: float = 60.0
+    ) -> Result:
         """``git annex p2p --link --name NAME`` with the address on stdin."""
-        return self.annex("p2p", "--link", "--name", name, check=check, timeout=timeout,
-                          input=address.strip() + "\n")
+        return self.annex(
+            "p2p",
+            "--link",
+            "--name",
+            name,
+            check=check,
+            timeout=timeout,
+            input=address.strip() + "\n",
+        )
 
     def remote_uuid(self, name: str) -> str:
         return self.git("config", f"remote.{name}.annex-uuid").stdout.strip()
@@ -436,7 +454,7 @@ class Address:
     def parse(cls, line: str) -> Address:
         line = line.strip()
         assert line.startswith(ADDRESS_PREFIX), f"not a torbridge address: {line!r}"
-        rest = line[len(ADDRESS_PREFIX):]
+        rest = line[len(ADDRESS_PREFIX) :]
         sock, sep, token = rest.rpartition(":")
         assert sep and sock and re.fullmatch(r"[A-Za-z0-9]+", token), (
             f"malformed address line: {line!r}"
@@ -465,8 +483,13 @@ def toml_str(value: str | os.PathLike[str]) -> str:
 class Bridge:
     """One torbridge daemon: config, process, tokens, log."""
 
-    def __init__(self, env: AnnexEnv, repository: Path, workdir: Path,
-                 exposes: Iterable[Expose] = (Expose(),)) -> None:
+    def __init__(
+        self,
+        env: AnnexEnv,
+        repository: Path,
+        workdir: Path,
+        exposes: Iterable[Expose] = (Expose(),),
+    ) -> None:
         self.env = env
         self.repository = repository
         self.workdir = workdir
@@ -508,8 +531,12 @@ class Bridge:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> Result:
         """``torbridge --config CFG ARGS...``"""
-        return self.env.run(["torbridge", "--config", str(self.config_path), *args],
-                            self.workdir, check=check, timeout=timeout)
+        return self.env.run(
+            ["torbridge", "--config", str(self.config_path), *args],
+            self.workdir,
+            check=check,
+            timeout=timeout,
+        )
 
     # process
     @property
@@ -522,8 +549,13 @@ class Bridge:
         self._log_file = log
         self.returncode = None
         self.proc = subprocess.Popen(
-            ["torbridge", *(["-v"] if self.verbose else []), "--config", str(self.config_path),
-             "serve"],
+            [
+                "torbridge",
+                *(["-v"] if self.verbose else []),
+                "--config",
+                str(self.config_path),
+                "serve",
+            ],
             cwd=self.workdir,
             env=self.env.env,
             stdin=subprocess.DEVNULL,
@@ -546,8 +578,7 @@ class Bridge:
             if time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(
-                    f"torbridge serve did not listen on {sockets} within {timeout}s:\n"
-                    f"{self.log()}"
+                    f"torbridge serve did not listen on {sockets} within {timeout}s:\n{self.log()}"
                 )
             time.sleep(0.05)
 
@@ -559,8 +590,11 @@ class Bridge:
         """
         if self.proc is None or self.proc.poll() is not None:
             return []
-        return [cmd for _pid, cmd in descendants(self.proc.pid)
-                if any(w in cmd for w in SESSION_HELPERS)]
+        return [
+            cmd
+            for _pid, cmd in descendants(self.proc.pid)
+            if any(w in cmd for w in SESSION_HELPERS)
+        ]
 
     def wait_idle(self, timeout: float = 10.0) -> list[str]:
         """Wait for every session helper to exit; the ones still there after ``timeout``."""
@@ -591,8 +625,9 @@ class Bridge:
         died = self.proc.poll()
         if died is not None:
             self._close_log()
-            raise AssertionError(f"the daemon had died (exit {died}) before the stop:\n"
-                                 f"{self.log()}")
+            raise AssertionError(
+                f"the daemon had died (exit {died}) before the stop:\n{self.log()}"
+            )
         self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout=timeout)
@@ -680,7 +715,7 @@ def descendants(pid: int) -> list[tuple[int, str]]:
         except OSError:
             continue
         # The state and ppid follow the ")" that ends the command name.
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] == "Z":
             continue
         child = int(entry.name)

@@ -78,8 +78,17 @@ class BatchCopy:
 
     def __init__(self, client: Client, remote: str, *options: str) -> None:
         self.proc = subprocess.Popen(
-            ["git-annex", "copy", "--to", remote, *options, "--batch", "--json",
-             "--json-error-messages", "--debug"],
+            [
+                "git-annex",
+                "copy",
+                "--to",
+                remote,
+                *options,
+                "--batch",
+                "--json",
+                "--json-error-messages",
+                "--debug",
+            ],
             cwd=client.path,
             env=client.env.env,
             stdin=subprocess.PIPE,

@@ -51,8 +51,9 @@ def assert_serves(bridge: Bridge, token: Address, proxy: AnnexRepo) -> None:
 # --- authentication ----------------------------------------------------------------
 
 
-def test_wrong_token_fails_and_closes(bridge: Bridge, token: Address,
-                                      proxy_repo: AnnexRepo) -> None:
+def test_wrong_token_fails_and_closes(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo
+) -> None:
     with RawSession(token.socket) as s:
         s.send_line(f"AUTH {s.client_uuid} {'0' * 128}")
         assert s.read_line() == "AUTH-FAILURE"
@@ -63,12 +64,18 @@ def test_wrong_token_fails_and_closes(bridge: Bridge, token: Address,
     assert_serves(bridge, token, proxy_repo)
 
 
-MALFORMED_AUTH = ["AUTH", "AUTH x", "AUTH  ", "AUTH x -", "AUTH x tok%en", "AUTH x  y",
-                  "auth x 0123"]
+MALFORMED_AUTH = [
+    "AUTH",
+    "AUTH x",
+    "AUTH  ",
+    "AUTH x -",
+    "AUTH x tok%en",
+    "AUTH x  y",
+    "auth x 0123",
+]
 
 
-def test_malformed_auth_is_refused(bridge: Bridge, token: Address,
-                                   proxy_repo: AnnexRepo) -> None:
+def test_malformed_auth_is_refused(bridge: Bridge, token: Address, proxy_repo: AnnexRepo) -> None:
     for line in [*MALFORMED_AUTH, f"AUTH {token.token}", f"AUTH x {token.token} extra"]:
         with RawSession(token.socket) as s:
             s.send_line(line)
@@ -81,12 +88,12 @@ def test_malformed_auth_is_refused(bridge: Bridge, token: Address,
     assert_serves(bridge, token, proxy_repo)
 
 
-def test_commands_before_auth_are_not_served(bridge: Bridge, token: Address,
-                                             proxy_repo: AnnexRepo) -> None:
+def test_commands_before_auth_are_not_served(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo
+) -> None:
     proxy_repo.add_files({"secret.txt": b"secret\n"})
     key = proxy_repo.key("secret.txt")
-    for line in [f"CHECKPRESENT {key}", f"GET 0  {key}", "CONNECT git-upload-pack",
-                 "VERSION 4"]:
+    for line in [f"CHECKPRESENT {key}", f"GET 0  {key}", "CONNECT git-upload-pack", "VERSION 4"]:
         with RawSession(token.socket) as s:
             s.send_line(line)
             got = b""
@@ -107,8 +114,9 @@ def test_wrong_token_link_fails(bridge: Bridge, token: Address, client: Client) 
     assert "hub" not in client.git("remote").stdout.split()
 
 
-def test_revoked_token(bridge: Bridge, make_client: Callable[[str], Client],
-                       proxy_repo: AnnexRepo) -> None:
+def test_revoked_token(
+    bridge: Bridge, make_client: Callable[[str], Client], proxy_repo: AnnexRepo
+) -> None:
     client = make_client("alice")
     old = bridge.add_token("alice", "rw")
     client.link(old.line, "hub")
@@ -139,8 +147,7 @@ def test_revoked_token(bridge: Bridge, make_client: Callable[[str], Client],
 # --- framing and garbage ------------------------------------------------------------
 
 
-def test_line_length_limit_is_exact(bridge: Bridge, token: Address,
-                                    proxy_repo: AnnexRepo) -> None:
+def test_line_length_limit_is_exact(bridge: Bridge, token: Address, proxy_repo: AnnexRepo) -> None:
     """32768 bytes (newline excluded) is still a line; one byte more is not."""
     limit = 32768
     with RawSession(token.socket) as s:  # before AUTH: a (wrong) token that long
@@ -159,8 +166,9 @@ def test_line_length_limit_is_exact(bridge: Bridge, token: Address,
 
 
 @pytest.mark.parametrize("newline", [True, False], ids=["with-newline", "no-newline"])
-def test_overlong_line_before_auth(bridge: Bridge, token: Address, proxy_repo: AnnexRepo,
-                                   newline: bool) -> None:
+def test_overlong_line_before_auth(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, newline: bool
+) -> None:
     with RawSession(token.socket) as s:
         data = b"AUTH " + b"x" * 40000 + (b"\n" if newline else b"")
         s.send_raw(data, may_close=True)
@@ -169,8 +177,7 @@ def test_overlong_line_before_auth(bridge: Bridge, token: Address, proxy_repo: A
     assert_serves(bridge, token, proxy_repo)
 
 
-def test_overlong_line_after_auth(bridge: Bridge, token: Address,
-                                  proxy_repo: AnnexRepo) -> None:
+def test_overlong_line_after_auth(bridge: Bridge, token: Address, proxy_repo: AnnexRepo) -> None:
     with RawSession(token.socket) as s:
         s.auth(token.token, proxy_repo.uuid)
         s.send_raw(b"CHECKPRESENT " + b"k" * 40000, may_close=True)
@@ -202,8 +209,9 @@ def test_garbage_before_auth(bridge: Bridge, token: Address, proxy_repo: AnnexRe
     assert_serves(bridge, token, proxy_repo)
 
 
-def test_garbage_after_auth_is_unknown_command(bridge: Bridge, token: Address,
-                                               proxy_repo: AnnexRepo) -> None:
+def test_garbage_after_auth_is_unknown_command(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo
+) -> None:
     with RawSession(token.socket) as s:
         s.auth(token.token, proxy_repo.uuid)
         s.send_line(b"\xff\xfe\xfd\x01 garbage \xc3\x28")
@@ -220,8 +228,9 @@ def test_garbage_after_auth_is_unknown_command(bridge: Bridge, token: Address,
     assert_serves(bridge, token, proxy_repo)
 
 
-def test_unknown_command_then_session_continues(bridge: Bridge, token: Address,
-                                                proxy_repo: AnnexRepo) -> None:
+def test_unknown_command_then_session_continues(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo
+) -> None:
     proxy_repo.add_files({"f.txt": b"present\n"})
     key = proxy_repo.key("f.txt")
     with RawSession(token.socket) as s:
@@ -242,8 +251,9 @@ def test_notifychange_served_on_own_endpoint_protocol_error_on_a_node(
     cluster) answers ERROR protocol error and ends, as git-annex's proxy."""
     directory = tmp_path / "special"
     directory.mkdir()
-    proxy_repo.annex("initremote", "sr", "type=directory", f"directory={directory}",
-                     "encryption=none")
+    proxy_repo.annex(
+        "initremote", "sr", "type=directory", f"directory={directory}", "encryption=none"
+    )
     proxy_repo.git("config", "remote.sr.annex-proxy", "true")
     proxy_repo.annex("updateproxy")
     bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("sr", "sr", 5001)])
@@ -343,9 +353,9 @@ def wait_partial(proxy: AnnexRepo, key: str, size: int, timeout: float = 10) -> 
     return seen
 
 
-def test_put_cut_mid_data_then_real_copy(bridge: Bridge, token: Address,
-                                         proxy_repo: AnnexRepo,
-                                         upload: tuple[Client, str, bytes]) -> None:
+def test_put_cut_mid_data_then_real_copy(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, upload: tuple[Client, str, bytes]
+) -> None:
     client, key, content = upload
     client.link(token.line, "hub")
     cut_put(token, proxy_repo, key, content)
@@ -359,8 +369,9 @@ def test_put_cut_mid_data_then_real_copy(bridge: Bridge, token: Address,
     client.annex("fsck", "--from", "hub", "upload.bin")
 
 
-def test_put_cut_mid_data_resumes(bridge: Bridge, token: Address, proxy_repo: AnnexRepo,
-                                  upload: tuple[Client, str, bytes]) -> None:
+def test_put_cut_mid_data_resumes(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, upload: tuple[Client, str, bytes]
+) -> None:
     """The partial upload is kept: the next PUT answers PUT-FROM <what arrived>."""
     _client, key, content = upload
     half = cut_put(token, proxy_repo, key, content)
@@ -381,8 +392,9 @@ def test_put_cut_mid_data_resumes(bridge: Bridge, token: Address, proxy_repo: An
     proxy_repo.fsck_content()
 
 
-def test_get_cut_mid_body(bridge: Bridge, token: Address, proxy_repo: AnnexRepo,
-                          client: Client) -> None:
+def test_get_cut_mid_body(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, client: Client
+) -> None:
     content = os.urandom(8 * 1024 * 1024)  # far more than the socket buffers hold
     proxy_repo.add_files({"download.bin": content})
     key = proxy_repo.key("download.bin")
@@ -422,9 +434,14 @@ def test_get_cut_mid_body(bridge: Bridge, token: Address, proxy_repo: AnnexRepo,
 
 def start(client: Client, *args: str) -> subprocess.Popen[bytes]:
     """A client command in the background, in its own process group."""
-    return subprocess.Popen(list(args), cwd=client.path, env=client.env.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        list(args),
+        cwd=client.path,
+        env=client.env.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -433,8 +450,9 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.communicate(timeout=30)
 
 
-def test_real_copy_killed_midway_resumes(bridge: Bridge, rw_client: Client,
-                                         proxy_repo: AnnexRepo) -> None:
+def test_real_copy_killed_midway_resumes(
+    bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo
+) -> None:
     """Kill ``git annex copy`` mid-upload; the next copy resumes from the partial file."""
     size = 64 * 1024 * 1024
     content = os.urandom(size)
@@ -461,13 +479,11 @@ def test_real_copy_killed_midway_resumes(bridge: Bridge, rw_client: Client,
     again = rw_client.annex("copy", "--to", "hub", "big.bin", "--debug", timeout=120)
     offsets = [int(m) for m in re.findall(r"P2P < PUT-FROM (\d+)", again.output)]
     assert offsets and offsets[0] > 0, f"did not resume: PUT-FROM {offsets}"
-    assert hashlib.sha256(proxy_repo.key_content(key)).digest() == \
-        hashlib.sha256(content).digest()
+    assert hashlib.sha256(proxy_repo.key_content(key)).digest() == hashlib.sha256(content).digest()
     proxy_repo.fsck_content()
 
 
-def test_real_fetch_killed_midway(bridge: Bridge, rw_client: Client,
-                                  proxy_repo: AnnexRepo) -> None:
+def test_real_fetch_killed_midway(bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo) -> None:
     """Kill ``git fetch`` during CONNECT; git's server side must go away, the daemon stays."""
     blob = os.urandom(12 * 1024 * 1024).hex().encode()  # ~24 MiB of loose git object
     sha = proxy_repo.commit_git_file("big.txt", blob, "big commit")
@@ -490,8 +506,7 @@ def test_real_fetch_killed_midway(bridge: Bridge, rw_client: Client,
     rw_client.git("fsck", "--no-dangling", "--no-progress")
 
 
-def test_real_push_killed_midway(bridge: Bridge, rw_client: Client,
-                                 proxy_repo: AnnexRepo) -> None:
+def test_real_push_killed_midway(bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo) -> None:
     """Kill ``git push`` during CONNECT: no half-updated branch, the daemon stays."""
     blob = os.urandom(12 * 1024 * 1024).hex().encode()
     sha = rw_client.commit_git_file("big.txt", blob, "big commit")
@@ -516,8 +531,9 @@ def test_real_push_killed_midway(bridge: Bridge, rw_client: Client,
     assert proxy_repo.git("show", "synced/main:big.txt").stdout_bytes == blob
 
 
-def test_real_get_killed_midway_resumes(bridge: Bridge, rw_client: Client,
-                                        proxy_repo: AnnexRepo) -> None:
+def test_real_get_killed_midway_resumes(
+    bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo
+) -> None:
     """Kill ``git annex get`` mid-download; the daemon stays, the next get resumes."""
     size = 64 * 1024 * 1024
     content = os.urandom(size)
@@ -546,19 +562,23 @@ def test_real_get_killed_midway_resumes(bridge: Bridge, rw_client: Client,
     again = rw_client.annex("get", "--from", "hub", "big.bin", "--debug", timeout=120)
     offsets = [int(m) for m in re.findall(r"P2P > GET (\d+) ", again.output)]
     assert offsets and offsets[0] > 0, f"did not resume: GET {offsets}"
-    assert hashlib.sha256(rw_client.read("big.bin")).digest() == \
-        hashlib.sha256(content).digest()
+    assert hashlib.sha256(rw_client.read("big.bin")).digest() == hashlib.sha256(content).digest()
     proxy_repo.fsck_content()
 
 
-def test_keys_that_look_like_paths_stay_inside(bridge: Bridge, token: Address,
-                                               proxy_repo: AnnexRepo, tmp_path: Path) -> None:
+def test_keys_that_look_like_paths_stay_inside(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, tmp_path: Path
+) -> None:
     """Keys naming other places: refused, or stored inside ``.git/annex`` and nowhere else."""
     target = tmp_path / "escaped"
     up = os.path.relpath(target, proxy_repo.path / ".git" / "annex" / "objects" / "aa" / "bb")
     before = sorted(p.name for p in tmp_path.iterdir())
-    for key in [f"WORM-s5-m0--{up}", f"WORM-s5-m0--{target}", "WORM-s5-m0--..",
-                f"WORM-s5-m0--{'../' * 20}tmp"]:
+    for key in [
+        f"WORM-s5-m0--{up}",
+        f"WORM-s5-m0--{target}",
+        "WORM-s5-m0--..",
+        f"WORM-s5-m0--{'../' * 20}tmp",
+    ]:
         with RawSession(token.socket) as s:
             s.auth(token.token, proxy_repo.uuid)
             assert s.version(4) == "VERSION 4"

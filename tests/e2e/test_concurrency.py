@@ -35,8 +35,9 @@ def test_parallel_jobs(rw_client: Client, proxy_repo: AnnexRepo, bridge: Bridge)
     bridge.assert_alive()
 
 
-def test_clients_at_once(bridge: Bridge, proxy_repo: AnnexRepo,
-                         make_client: Callable[[str], Client]) -> None:
+def test_clients_at_once(
+    bridge: Bridge, proxy_repo: AnnexRepo, make_client: Callable[[str], Client]
+) -> None:
     """Three clients upload, fetch and push at the same time."""
     clients = [make_client(f"c{i}") for i in range(3)]
     files = {c.path.name: some_files(c.path.name, 6, 1) for c in clients}

@@ -42,8 +42,12 @@ def locks(repo: AnnexRepo) -> list[str]:
 
 def git_left_alone(bridge: Bridge, service: str = "receive-pack") -> str:
     """The session ends once git has ended on its own, never killed; how it ended."""
-    _wait("git and its session ending after the client was killed",
-          lambda: not _helpers(bridge) and not _sessions(bridge), GIT_EXIT_GRACE + 30, 0.1)
+    _wait(
+        "git and its session ending after the client was killed",
+        lambda: not _helpers(bridge) and not _sessions(bridge),
+        GIT_EXIT_GRACE + 30,
+        0.1,
+    )
     bridge.assert_alive()
     log = bridge.log()
     assert "after its pipes were closed: killed" not in log, log[-3000:]
@@ -68,8 +72,11 @@ def test_push_killed_mid_pack(bridge: Bridge, rw_client: Client, proxy_repo: Ann
     proxy_repo.git("config", "receive.unpackLimit", "1")  # a growing tmp_pack_* to see
     proc = _start_git(rw_client, "push", "hub", "main:synced/main")
     try:
-        _wait("the pack arriving", lambda: _incoming_pack(proxy_repo) > 0
-              or proc.poll() is not None, timeout=60)
+        _wait(
+            "the pack arriving",
+            lambda: _incoming_pack(proxy_repo) > 0 or proc.poll() is not None,
+            timeout=60,
+        )
         assert proc.poll() is None, "the push finished before it could be killed"
         got = _incoming_pack(proxy_repo)
     finally:

@@ -39,8 +39,9 @@ def assert_one_line_error(result: Result) -> str:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_with_open_sessions(make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo,
-                                 sig: signal.Signals) -> None:
+def test_stop_with_open_sessions(
+    make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, sig: signal.Signals
+) -> None:
     """A signal stops the daemon promptly even with sessions open; sockets go.
     (SIGTERM first waits for requests in flight: the stalled PUT here holds it
     for [limits] drain_timeout, 1 s.)"""
@@ -105,30 +106,40 @@ CASES: dict[str, Callable[[Path, Path, Path, Path], str]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_config_error_is_one_line(annex_env: AnnexEnv, proxy_repo: AnnexRepo, tmp_path: Path,
-                                  case: str) -> None:
+def test_config_error_is_one_line(
+    annex_env: AnnexEnv, proxy_repo: AnnexRepo, tmp_path: Path, case: str
+) -> None:
     sockets = tmp_path / "s"
     plain_dir = tmp_path / "plain"
     plain_dir.mkdir()
     cfg = tmp_path / "bad.toml"
     cfg.write_text(CASES[case](proxy_repo.path, tmp_path / "state", sockets, plain_dir))
-    result = annex_env.run(["torbridge", "--config", str(cfg), "serve"], tmp_path,
-                           check=False, timeout=30)
+    result = annex_env.run(
+        ["torbridge", "--config", str(cfg), "serve"], tmp_path, check=False, timeout=30
+    )
     assert_one_line_error(result)
     assert not (sockets / "hub.sock").exists()
 
 
 def test_missing_config_file(annex_env: AnnexEnv, tmp_path: Path) -> None:
-    result = annex_env.run(["torbridge", "--config", str(tmp_path / "none.toml"), "serve"],
-                           tmp_path, check=False, timeout=30)
+    result = annex_env.run(
+        ["torbridge", "--config", str(tmp_path / "none.toml"), "serve"],
+        tmp_path,
+        check=False,
+        timeout=30,
+    )
     assert_one_line_error(result)
 
 
 def test_socket_in_use(bridge: Bridge, annex_env: AnnexEnv, proxy_repo: AnnexRepo) -> None:
     """A second daemon on the same sockets fails and leaves the first one alone."""
     address = bridge.add_token("t", "ro")
-    second = annex_env.run(["torbridge", "--config", str(bridge.config_path), "serve"],
-                           bridge.workdir, check=False, timeout=30)
+    second = annex_env.run(
+        ["torbridge", "--config", str(bridge.config_path), "serve"],
+        bridge.workdir,
+        check=False,
+        timeout=30,
+    )
     assert_one_line_error(second)
     assert bridge.socket_path().exists(), "the failed second daemon removed the live socket"
     bridge.assert_alive()
@@ -153,8 +164,9 @@ def test_stale_socket_file(make_bridge: Callable[..., Bridge], proxy_repo: Annex
 
 
 def test_tokens_not_stored_in_clear(bridge: Bridge) -> None:
-    tokens = [bridge.add_token(f"t{i}", mode).token
-              for i, mode in enumerate(["rw", "ro", "append"])]
+    tokens = [
+        bridge.add_token(f"t{i}", mode).token for i, mode in enumerate(["rw", "ro", "append"])
+    ]
     for path in [p for p in bridge.state_dir.rglob("*") if p.is_file()]:
         data = path.read_bytes().lower()
         for token in tokens:
@@ -180,8 +192,9 @@ def test_token_list_and_revoke(bridge: Bridge, proxy_repo: AnnexRepo) -> None:
         s.auth(c.token, proxy_repo.uuid)
 
 
-def test_two_endpoints(make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo,
-                       make_client: Callable[[str], Client]) -> None:
+def test_two_endpoints(
+    make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, make_client: Callable[[str], Client]
+) -> None:
     """One address line per endpoint; each socket serves the proxy's repository."""
     b = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("mirror", ".", 5001)])
     b.start()
@@ -198,8 +211,7 @@ def test_two_endpoints(make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
     assert proxy_repo.key_content(client.key("via mirror.txt")) == b"mirror\n"
 
 
-def test_idle_unauthenticated_connection_is_harmless(bridge: Bridge,
-                                                     proxy_repo: AnnexRepo) -> None:
+def test_idle_unauthenticated_connection_is_harmless(bridge: Bridge, proxy_repo: AnnexRepo) -> None:
     """A peer that connects and says nothing does not block others."""
     address = bridge.add_token("t")
     silent = [RawSession(address.socket) for _ in range(5)]
@@ -216,34 +228,46 @@ def test_idle_unauthenticated_connection_is_harmless(bridge: Bridge,
 # --- the transport program -------------------------------------------------------------
 
 
-def test_transport_program(bridge: Bridge, annex_env: AnnexEnv, proxy_repo: AnnexRepo,
-                           tmp_path: Path) -> None:
+def test_transport_program(
+    bridge: Bridge, annex_env: AnnexEnv, proxy_repo: AnnexRepo, tmp_path: Path
+) -> None:
     """``git-annex-p2p-torbridge ADDR`` relays stdio to the socket; exit 0 when done."""
     address = bridge.add_token("t", "ro")
     request = f"AUTH {proxy_repo.uuid} {address.token}\nVERSION 4\n".encode()
     expected = f"AUTH-SUCCESS {proxy_repo.uuid}\nVERSION 4\n"
     # stdin/stdout are pipes (as git-annex makes them).
-    piped = annex_env.run(["git-annex-p2p-torbridge", str(address.socket)], tmp_path,
-                          input=request, timeout=30)
+    piped = annex_env.run(
+        ["git-annex-p2p-torbridge", str(address.socket)], tmp_path, input=request, timeout=30
+    )
     assert piped.stdout == expected, piped.describe()
     # stdin/stdout are regular files: the bytes are copied.
     (tmp_path / "in").write_bytes(request)
     with open(tmp_path / "in", "rb") as stdin, open(tmp_path / "out", "wb") as stdout:
-        proc = subprocess.run(["git-annex-p2p-torbridge", str(address.socket)], stdin=stdin,
-                              stdout=stdout, stderr=subprocess.PIPE, env=annex_env.env,
-                              timeout=30, check=False)
+        proc = subprocess.run(
+            ["git-annex-p2p-torbridge", str(address.socket)],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=annex_env.env,
+            timeout=30,
+            check=False,
+        )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out").read_text() == expected
 
 
 def test_transport_program_no_daemon(annex_env: AnnexEnv, tmp_path: Path) -> None:
-    result = annex_env.run(["git-annex-p2p-torbridge", str(tmp_path / "none.sock")], tmp_path,
-                           input=b"AUTH x y\n", check=False, timeout=30)
+    result = annex_env.run(
+        ["git-annex-p2p-torbridge", str(tmp_path / "none.sock")],
+        tmp_path,
+        input=b"AUTH x y\n",
+        check=False,
+        timeout=30,
+    )
     assert_one_line_error(result)
 
 
-def test_stop_during_transfers(bridge: Bridge, rw_client: Client,
-                               proxy_repo: AnnexRepo) -> None:
+def test_stop_during_transfers(bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo) -> None:
     """SIGTERM while a git fetch and a content download are running: exit 0, promptly."""
     blob = os.urandom(12 * 1024 * 1024).hex().encode()
     proxy_repo.commit_git_file("big.txt", blob, "big commit")
@@ -253,9 +277,14 @@ def test_stop_during_transfers(bridge: Bridge, rw_client: Client,
     proxy_repo.commit_git_file("big2.txt", blob[::-1], "another big commit")
 
     procs = [
-        subprocess.Popen(cmd, cwd=rw_client.path, env=rw_client.env.env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+        subprocess.Popen(
+            cmd,
+            cwd=rw_client.path,
+            env=rw_client.env.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         for cmd in (["git", "fetch", "hub"], ["git", "annex", "get", "--from", "hub", "."])
     ]
     try:
@@ -263,8 +292,7 @@ def test_stop_during_transfers(bridge: Bridge, rw_client: Client,
         running: list[str] = []
         while time.monotonic() < deadline:
             running = bridge.session_processes()
-            if any("upload-pack" in c for c in running) and any("p2pstdio" in c
-                                                                  for c in running):
+            if any("upload-pack" in c for c in running) and any("p2pstdio" in c for c in running):
                 break
             time.sleep(0.01)
         assert running, "no transfer was under way when the daemon was stopped"

@@ -126,7 +126,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mountpoint.mkdir()
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs", str(mountpoint)],
-        check=True, timeout=30,
+        check=True,
+        timeout=30,
     )
     try:
         yield mountpoint
@@ -190,9 +191,14 @@ def _start_git(client: Client, *args: str) -> subprocess.Popen[bytes]:
     a ``tmp_pack_*`` file growing as it arrives), not loose objects written
     at the end: so a test can see the transfer under way.
     """
-    return subprocess.Popen(["git", "-c", "transfer.unpackLimit=1", *args], cwd=client.path,
-                            env=client.env.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        ["git", "-c", "transfer.unpackLimit=1", *args],
+        cwd=client.path,
+        env=client.env.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> str:
@@ -217,8 +223,11 @@ def _incoming_pack(repo: AnnexRepo) -> int:
     """Bytes of the packs git is receiving into ``repo`` right now (fetch or push)."""
     objects = repo.path / ".git" / "objects"
     total = 0
-    for pattern in ("pack/tmp_pack_*", "tmp_objdir-incoming-*/pack/tmp_pack_*",
-                    "tmp_objdir-incoming-*/??/*"):
+    for pattern in (
+        "pack/tmp_pack_*",
+        "tmp_objdir-incoming-*/pack/tmp_pack_*",
+        "tmp_objdir-incoming-*/??/*",
+    ):
         for p in objects.glob(pattern):
             with contextlib.suppress(FileNotFoundError):
                 total += p.stat().st_size
@@ -258,17 +267,21 @@ def stall_bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
 
 def _assert_session_ended(bridge: Bridge, service: str, stopped_at: float, why: str) -> float:
     """The frozen client's session ends at its deadline: git, session and slot gone."""
-    took = _wait(f"{service} and its session ending after the client froze",
-                 lambda: not _helpers(bridge) and not _sessions(bridge),
-                 timeout=STALL + 30, step=0.1)
+    took = _wait(
+        f"{service} and its session ending after the client froze",
+        lambda: not _helpers(bridge) and not _sessions(bridge),
+        timeout=STALL + 30,
+        step=0.1,
+    )
     took = time.monotonic() - stopped_at
     bridge.assert_alive()
     assert f"{service} {why} {STALL:.0f}s" in bridge.log(), bridge.log()[-3000:]
     return took
 
 
-def test_fetch_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Callable[
-        [str], Client], proxy_repo: AnnexRepo) -> None:
+def test_fetch_client_stalled_mid_transfer(
+    stall_bridge: Bridge, make_client: Callable[[str], Client], proxy_repo: AnnexRepo
+) -> None:
     """``git fetch`` frozen (SIGSTOP) while the pack arrives: cut at stall_timeout."""
     client = make_client("client")
     client.link(stall_bridge.add_token("client", "rw").line, "hub")
@@ -279,10 +292,13 @@ def test_fetch_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Ca
     try:
         stopped_at = _freeze_mid_pack(proc, client)
         got = _incoming_pack(client)
-        took = _assert_session_ended(stall_bridge, "upload-pack", stopped_at,
-                                     "client not reading for")
-        print(f"fetch frozen after {got} bytes of the pack; session ended {took:.1f}s later "
-              f"(stall_timeout {STALL:.0f}s)")
+        took = _assert_session_ended(
+            stall_bridge, "upload-pack", stopped_at, "client not reading for"
+        )
+        print(
+            f"fetch frozen after {got} bytes of the pack; session ended {took:.1f}s later "
+            f"(stall_timeout {STALL:.0f}s)"
+        )
     finally:
         _kill_group(proc)
     assert _refs(proxy_repo) == proxy_refs
@@ -294,8 +310,9 @@ def test_fetch_client_stalled_mid_transfer(stall_bridge: Bridge, make_client: Ca
     client.git("fsck", "--no-dangling", "--no-progress")
 
 
-def test_push_client_stalled_mid_transfer(make_bridge: Callable[..., Bridge], make_client:
-        Callable[[str], Client], proxy_repo: AnnexRepo) -> None:
+def test_push_client_stalled_mid_transfer(
+    make_bridge: Callable[..., Bridge], make_client: Callable[[str], Client], proxy_repo: AnnexRepo
+) -> None:
     """``git push`` frozen while its pack is sent: cut at idle_timeout, refs unchanged.
 
     The frozen client sends nothing: that is client silence, as while its git
@@ -334,16 +351,20 @@ def test_push_client_stalled_mid_transfer(make_bridge: Callable[..., Bridge], ma
 
 def _freeze_mid_pack(proc: subprocess.Popen[bytes], receiving: AnnexRepo) -> float:
     """SIGSTOP the client's git once ``receiving`` gets the pack; when it stopped."""
-    _wait("the pack arriving", lambda: _incoming_pack(receiving) > 0
-          or proc.poll() is not None, timeout=60)
+    _wait(
+        "the pack arriving",
+        lambda: _incoming_pack(receiving) > 0 or proc.poll() is not None,
+        timeout=60,
+    )
     os.killpg(proc.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
     assert proc.poll() is None, "git finished before it could be frozen mid-pack"
     return stopped_at
 
 
-def _kill_service_mid_pack(bridge: Bridge, proc: subprocess.Popen[bytes], service: str,
-                           receiving: AnnexRepo) -> None:
+def _kill_service_mid_pack(
+    bridge: Bridge, proc: subprocess.Popen[bytes], service: str, receiving: AnnexRepo
+) -> None:
     """SIGKILL the bridge's git ``service`` once ``receiving`` gets the pack; the
     client's git must fail, saying why, and its session end."""
     try:
@@ -366,8 +387,9 @@ def _kill_service_mid_pack(bridge: Bridge, proc: subprocess.Popen[bytes], servic
     bridge.assert_alive()
 
 
-def test_upload_pack_killed_mid_fetch(bridge: Bridge, rw_client: Client,
-                                      proxy_repo: AnnexRepo) -> None:
+def test_upload_pack_killed_mid_fetch(
+    bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo
+) -> None:
     """The bridge's ``git upload-pack`` SIGKILLed mid-pack: the fetch fails, and says so."""
     blob = os.urandom(GIT_BLOB).hex().encode()
     sha = proxy_repo.commit_git_file("big.txt", blob, "big commit")
@@ -383,8 +405,9 @@ def test_upload_pack_killed_mid_fetch(bridge: Bridge, rw_client: Client,
     assert rw_client.git("show", f"{sha}:big.txt").stdout_bytes == blob
 
 
-def test_receive_pack_killed_mid_push(bridge: Bridge, rw_client: Client,
-                                      proxy_repo: AnnexRepo) -> None:
+def test_receive_pack_killed_mid_push(
+    bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo
+) -> None:
     """The bridge's ``git receive-pack`` SIGKILLed mid-push: a failure, the refs unchanged."""
     blob = os.urandom(GIT_BLOB).hex().encode()
     sha = rw_client.commit_git_file("big.txt", blob, "big commit")

@@ -60,13 +60,15 @@ def assert_rejected(result: Result, ref: str) -> None:
 
 
 @pytest.fixture
-def two_endpoints(make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo,
-                  tmp_path: Path) -> Bridge:
+def two_endpoints(
+    make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, tmp_path: Path
+) -> Bridge:
     """``hub`` (the proxy's own repository) and ``node1`` (a remote it proxies)."""
     directory = tmp_path / "node1-store"
     directory.mkdir()
-    proxy_repo.annex("initremote", "node1", "type=directory", f"directory={directory}",
-                     "encryption=none")
+    proxy_repo.annex(
+        "initremote", "node1", "type=directory", f"directory={directory}", "encryption=none"
+    )
     proxy_repo.git("config", "remote.node1.annex-proxy", "true")
     proxy_repo.annex("updateproxy")
     bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("node1", "node1", 5001)])
@@ -87,14 +89,16 @@ def evil_commit(client: Client) -> None:
 # --- git access per token --------------------------------------------------------
 
 
-def test_node_scoped_token_reads_git_only(two_endpoints: Bridge, client: Client,
-                                          proxy_repo: AnnexRepo) -> None:
+def test_node_scoped_token_reads_git_only(
+    two_endpoints: Bridge, client: Client, proxy_repo: AnnexRepo
+) -> None:
     """The issue's case: `token add nodeonly --endpoint node1` cannot push into the hub."""
     bridge = two_endpoints
     proxy_repo.add_files({"hub.txt": b"hub\n"}, "hub file")
     proxy_repo.git("branch", "synced/main")
-    client.link(add_token(bridge, "nodeonly", "--endpoint", "node1", endpoint="node1").line,
-                "viaNode")
+    client.link(
+        add_token(bridge, "nodeonly", "--endpoint", "node1", endpoint="node1").line, "viaNode"
+    )
     assert "nodeonly\trw\tgit=read(default)\t" in bridge.list_tokens()
     # What the token is for works: content to and from its node (before any
     # fetch: the git-annex branch would tell the client it is a special remote).
@@ -118,25 +122,30 @@ def test_node_scoped_token_reads_git_only(two_endpoints: Bridge, client: Client,
     bridge.assert_alive()
 
 
-def test_node_scoped_token_with_git_write(two_endpoints: Bridge, client: Client,
-                                          proxy_repo: AnnexRepo) -> None:
+def test_node_scoped_token_with_git_write(
+    two_endpoints: Bridge, client: Client, proxy_repo: AnnexRepo
+) -> None:
     bridge = two_endpoints
-    client.link(add_token(bridge, "nodewriter", "--endpoint", "node1", "--git", "write",
-                          endpoint="node1").line, "viaNode")
+    client.link(
+        add_token(
+            bridge, "nodewriter", "--endpoint", "node1", "--git", "write", endpoint="node1"
+        ).line,
+        "viaNode",
+    )
     assert "nodewriter\trw\tgit=write\t" in bridge.list_tokens()
     evil_commit(client)
     client.git("push", "viaNode", "evil:refs/heads/injected", timeout=PUSH_TIMEOUT)
     assert rev(proxy_repo, "injected") == client.git("rev-parse", "evil").stdout.strip()
     # Write is not rewrite: synced/main exists now and cannot be replaced.
     client.git("push", "viaNode", "main:synced/main", timeout=PUSH_TIMEOUT)
-    result = client.git("push", "viaNode", "+evil:synced/main", check=False,
-                        timeout=PUSH_TIMEOUT)
+    result = client.git("push", "viaNode", "+evil:synced/main", check=False, timeout=PUSH_TIMEOUT)
     assert_rejected(result, "synced/main")
     assert rev(proxy_repo, "synced/main") == client.git("rev-parse", "main").stdout.strip()
 
 
-def test_git_none_refuses_fetch_and_push(bridge: Bridge, client: Client,
-                                         proxy_repo: AnnexRepo) -> None:
+def test_git_none_refuses_fetch_and_push(
+    bridge: Bridge, client: Client, proxy_repo: AnnexRepo
+) -> None:
     proxy_repo.add_files({"kept.txt": b"kept\n"}, "proxy file")
     client.link(add_token(bridge, "contentonly", "--git", "none").line, "hub")
     assert "contentonly\trw\tgit=none\t" in bridge.list_tokens()
@@ -161,8 +170,7 @@ def pushed(bridge: Bridge, client: Client, proxy_repo: AnnexRepo) -> Client:
     proxy_repo.git("checkout", "-q", "-b", "work")
     client.link(add_token(bridge, "writer").line, "hub")
     client.add_files({"a.txt": b"a\n"}, "first")
-    client.git("push", "hub", "main:main", "main:synced/main", "main:feature",
-               timeout=PUSH_TIMEOUT)
+    client.git("push", "hub", "main:main", "main:synced/main", "main:feature", timeout=PUSH_TIMEOUT)
     client.annex("sync", "--no-content", "hub", timeout=PUSH_TIMEOUT)  # git-annex branches
     assert rev(proxy_repo, "git-annex") is not None
     evil_commit(client)
@@ -170,8 +178,9 @@ def pushed(bridge: Bridge, client: Client, proxy_repo: AnnexRepo) -> Client:
 
 
 @pytest.mark.parametrize("target", ["main", "synced/main", "git-annex", "synced/git-annex"])
-def test_force_push_to_protected_branch_refused(pushed: Client, proxy_repo: AnnexRepo,
-                                                target: str) -> None:
+def test_force_push_to_protected_branch_refused(
+    pushed: Client, proxy_repo: AnnexRepo, target: str
+) -> None:
     before = rev(proxy_repo, target)
     result = pushed.git("push", "hub", f"+evil:{target}", check=False, timeout=PUSH_TIMEOUT)
     assert_rejected(result, target)
@@ -182,8 +191,9 @@ def test_force_push_to_protected_branch_refused(pushed: Client, proxy_repo: Anne
 def test_deleting_protected_branches_refused(pushed: Client, proxy_repo: AnnexRepo) -> None:
     targets = ["main", "synced/main", "git-annex", "synced/git-annex"]
     before = {t: rev(proxy_repo, t) for t in targets}
-    result = pushed.git("push", "hub", *(f":{t}" for t in targets), check=False,
-                        timeout=PUSH_TIMEOUT)
+    result = pushed.git(
+        "push", "hub", *(f":{t}" for t in targets), check=False, timeout=PUSH_TIMEOUT
+    )
     for target in targets:
         assert_rejected(result, target)
     assert "deleting refs/heads/git-annex is refused" in result.output, result.describe()
@@ -193,8 +203,9 @@ def test_deleting_protected_branches_refused(pushed: Client, proxy_repo: AnnexRe
 def test_other_branches_may_be_rewritten(pushed: Client, proxy_repo: AnnexRepo) -> None:
     """Only the protected branches are guarded; in the same push, others go through."""
     main = rev(proxy_repo, "main")
-    result = pushed.git("push", "hub", "+evil:feature", "+evil:main", check=False,
-                        timeout=PUSH_TIMEOUT)
+    result = pushed.git(
+        "push", "hub", "+evil:feature", "+evil:main", check=False, timeout=PUSH_TIMEOUT
+    )
     assert_rejected(result, "main")
     assert rev(proxy_repo, "feature") == pushed.git("rev-parse", "evil").stdout.strip()
     assert rev(proxy_repo, "main") == main
@@ -217,8 +228,9 @@ def test_rewrite_allowance(bridge: Bridge, client: Client, proxy_repo: AnnexRepo
     assert rev(proxy_repo, "synced/main") is None
 
 
-def test_ordinary_sync_unchanged(bridge: Bridge, proxy_repo: AnnexRepo,
-                                 make_client: Callable[[str], Client]) -> None:
+def test_ordinary_sync_unchanged(
+    bridge: Bridge, proxy_repo: AnnexRepo, make_client: Callable[[str], Client]
+) -> None:
     """Two clients sync through the bridge, both pushing, with merges; the
     operator's own hooks run as ever, and the proxy's config is untouched."""
     hooks = Path(proxy_repo.git("rev-parse", "--absolute-git-dir").stdout.strip()) / "hooks"
@@ -227,8 +239,9 @@ def test_ordinary_sync_unchanged(bridge: Bridge, proxy_repo: AnnexRepo,
     post.write_text(f'#!/bin/sh\necho "post-update $*" >> "{ran}"\n')
     post.chmod(0o755)
     update = hooks / "update"  # the operator's own rule: no branch called "forbidden"
-    update.write_text('#!/bin/sh\n[ "$1" != refs/heads/forbidden ] || '
-                      '{ echo "operator says no" >&2; exit 1; }\n')
+    update.write_text(
+        '#!/bin/sh\n[ "$1" != refs/heads/forbidden ] || { echo "operator says no" >&2; exit 1; }\n'
+    )
     update.chmod(0o755)
     config_before = proxy_repo.git("config", "--list", "--local").stdout
 
@@ -247,8 +260,11 @@ def test_ordinary_sync_unchanged(bridge: Bridge, proxy_repo: AnnexRepo,
     bob.annex("sync", "--content", "hub", timeout=120)
     assert len(alice.git("rev-list", "--merges", "main").stdout.split()) >= 1
     for who in (alice, bob):
-        for name, content in (("alice.txt", b"from alice\n"), ("bob.txt", b"from bob\n"),
-                              ("alice2.txt", b"again\n")):
+        for name, content in (
+            ("alice.txt", b"from alice\n"),
+            ("bob.txt", b"from bob\n"),
+            ("alice2.txt", b"again\n"),
+        ):
             assert who.read(name) == content
     assert rev(alice, "main") == rev(bob, "main") == rev(proxy_repo, "synced/main")
     # A plain push of new commits, too.

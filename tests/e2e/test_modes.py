@@ -74,8 +74,7 @@ def test_read_only_token(bridge: Bridge, client: Client, proxy_with_file: AnnexR
     bridge.assert_alive()
 
 
-def test_append_only_token(bridge: Bridge, client: Client,
-                           proxy_with_file: AnnexRepo) -> None:
+def test_append_only_token(bridge: Bridge, client: Client, proxy_with_file: AnnexRepo) -> None:
     proxy = proxy_with_file
     client.link(bridge.add_token("appender", "append").line, "hub")
 
@@ -99,9 +98,14 @@ def test_append_only_token(bridge: Bridge, client: Client,
     ("mode", "put_refusal", "remove_refusal"),
     [("ro", READ_ONLY_TEXT, READ_ONLY_TEXT), ("append", None, APPEND_ONLY_TEXT)],
 )
-def test_mode_refusals_on_the_wire(bridge: Bridge, client: Client, proxy_repo: AnnexRepo,
-                                   mode: str, put_refusal: str | None,
-                                   remove_refusal: str) -> None:
+def test_mode_refusals_on_the_wire(
+    bridge: Bridge,
+    client: Client,
+    proxy_repo: AnnexRepo,
+    mode: str,
+    put_refusal: str | None,
+    remove_refusal: str,
+) -> None:
     """The exact ERROR lines, and the session goes on after each refusal."""
     proxy_repo.add_files({"kept.txt": b"kept\n"})
     kept = proxy_repo.key("kept.txt")

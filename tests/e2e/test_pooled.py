@@ -52,7 +52,8 @@ def three_files(client: Client) -> dict[str, bytes]:
 
 
 def test_a_server_closed_pooled_connection_costs_the_stock_client_a_transfer(
-    make_limits_bridge: Callable[[dict[str, float]], Bridge], client: Client,
+    make_limits_bridge: Callable[[dict[str, float]], Bridge],
+    client: Client,
     proxy_repo: AnnexRepo,
 ) -> None:
     """The finding, with an operator-set idle_timeout: the transfer after the
@@ -63,8 +64,12 @@ def test_a_server_closed_pooled_connection_costs_the_stock_client_a_transfer(
     with batch_copy(client, "hub") as batch:
         assert batch.copy("f0")["success"] is True
         # The daemon ends the idle session; the client's pool still holds it.
-        wait_until("the idle session ended", lambda: "client lost" in bridge.log()
-                   or "no message before the deadline" in bridge.log())
+        wait_until(
+            "the idle session ended",
+            lambda: (
+                "client lost" in bridge.log() or "no message before the deadline" in bridge.log()
+            ),
+        )
         second = batch.copy("f1")
         third = batch.copy("f2")
         transcript = batch.close()
@@ -75,7 +80,8 @@ def test_a_server_closed_pooled_connection_costs_the_stock_client_a_transfer(
 
 
 def test_default_keeps_pooled_connections_and_closes_only_the_idle_peer(
-    make_limits_bridge: Callable[[dict[str, float]], Bridge], client: Client,
+    make_limits_bridge: Callable[[dict[str, float]], Bridge],
+    client: Client,
     proxy_repo: AnnexRepo,
 ) -> None:
     """Defaults (idle_timeout none), with a short peer_idle: the session's

@@ -44,11 +44,16 @@ class FrozenCopy:
         self.key = client.key("big.bin")
         self.proc = subprocess.Popen(
             ["git", "annex", "copy", "--to", "hub", "big.bin"],
-            cwd=client.path, env=client.env.env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=client.path,
+            env=client.env.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        wait_for("part of the file in the proxy",
-                 lambda: any(size > 0 for size in proxy.tmp_files().values()))
+        wait_for(
+            "part of the file in the proxy",
+            lambda: any(size > 0 for size in proxy.tmp_files().values()),
+        )
         os.killpg(self.proc.pid, signal.SIGSTOP)
 
     def resume(self) -> str:
@@ -107,8 +112,9 @@ def test_sigterm_lets_the_transfer_in_flight_finish(
     assert "drain: no request in flight; stopping" in bridge.log()
 
 
-def test_sigterm_grace_runs_out(make_bridge: Callable[..., Bridge], client: Client,
-                                proxy_repo: AnnexRepo) -> None:
+def test_sigterm_grace_runs_out(
+    make_bridge: Callable[..., Bridge], client: Client, proxy_repo: AnnexRepo
+) -> None:
     """A transfer that does not finish within drain_timeout is cut; exit 0."""
     bridge = make_bridge()
     with_limits(bridge, drain_timeout=1)
@@ -125,7 +131,9 @@ def test_sigterm_grace_runs_out(make_bridge: Callable[..., Bridge], client: Clie
 
 
 def test_sighup_adds_and_removes_endpoints_without_dropping_the_transfer(
-    drain_bridge: Bridge, frozen: FrozenCopy, proxy_repo: AnnexRepo,
+    drain_bridge: Bridge,
+    frozen: FrozenCopy,
+    proxy_repo: AnnexRepo,
     make_client: Callable[[str], Client],
 ) -> None:
     bridge = drain_bridge
@@ -143,7 +151,8 @@ def test_sighup_adds_and_removes_endpoints_without_dropping_the_transfer(
     other.add_file("small.txt", b"through the endpoint added by a reload\n")
     other.annex("copy", "--to", "second", "small.txt", timeout=T)
     assert proxy_repo.key_content(other.key("small.txt")) == (
-        b"through the endpoint added by a reload\n")
+        b"through the endpoint added by a reload\n"
+    )
 
     bridge.exposes.pop()
     with_limits(bridge, drain_timeout=T)
@@ -155,14 +164,15 @@ def test_sighup_adds_and_removes_endpoints_without_dropping_the_transfer(
     assert "endpoint hub:" in status and "endpoint second" not in status, status
 
 
-def test_sighup_with_a_broken_config_keeps_serving(bridge: Bridge, rw_client: Client,
-                                                   proxy_repo: AnnexRepo) -> None:
+def test_sighup_with_a_broken_config_keeps_serving(
+    bridge: Bridge, rw_client: Client, proxy_repo: AnnexRepo
+) -> None:
     assert bridge.proc is not None
     good = bridge.config_path.read_text()
     bridge.config_path.write_text(good + "\n[limits]\nidle_timout = 3\n")
     bridge.proc.send_signal(signal.SIGHUP)
     wait_for("the refusal", lambda: "keeping the running configuration" in bridge.log())
-    assert 'idle_timout' in bridge.log()
+    assert "idle_timout" in bridge.log()
     rw_client.add_file("after.txt", b"still serving\n")
     rw_client.annex("copy", "--to", "hub", "after.txt", timeout=T)
     assert proxy_repo.key_content(rw_client.key("after.txt")) == b"still serving\n"

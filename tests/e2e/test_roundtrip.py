@@ -28,8 +28,9 @@ def assert_files(repo: AnnexRepo, files: dict[str, bytes]) -> None:
         assert got == content, f"{name}: content differs ({len(got)} vs {len(content)} bytes)"
 
 
-def test_copy_drop_get_fsck_drop_from(rw_client: Client, proxy_repo: AnnexRepo,
-                                      bridge: Bridge) -> None:
+def test_copy_drop_get_fsck_drop_from(
+    rw_client: Client, proxy_repo: AnnexRepo, bridge: Bridge
+) -> None:
     client = rw_client
     client.add_files(FILES)
     keys = {name: client.key(name) for name in FILES}
@@ -99,8 +100,10 @@ def test_push_reaches_proxy(rw_client: Client, proxy_repo: AnnexRepo) -> None:
     # A second push with new commits goes through too (a fresh connection).
     client.add_files({"second.txt": b"two\n"}, "second push")
     client.git("push", "hub", "main:synced/main", timeout=60)
-    assert (proxy_repo.git("rev-parse", "synced/main").stdout.strip()
-            == client.git("rev-parse", "HEAD").stdout.strip())
+    assert (
+        proxy_repo.git("rev-parse", "synced/main").stdout.strip()
+        == client.git("rev-parse", "HEAD").stdout.strip()
+    )
     # And the git-annex branch (location log) can be pushed as well.
     client.git("push", "hub", "git-annex:synced/git-annex", timeout=60)
     assert proxy_repo.git("rev-parse", "--verify", "synced/git-annex").ok
@@ -139,8 +142,9 @@ def test_many_fetches_with_new_objects(rw_client: Client, proxy_repo: AnnexRepo)
     client.git("fsck", "--no-dangling")
 
 
-def test_two_clients_share_content(rw_client: Client, bridge: Bridge,
-                                   make_client: Callable[[str], Client]) -> None:
+def test_two_clients_share_content(
+    rw_client: Client, bridge: Bridge, make_client: Callable[[str], Client]
+) -> None:
     """One client uploads and pushes, another pulls and downloads through the proxy."""
     alice = rw_client
     alice.add_files({"shared ✓.txt": b"shared content\n"}, "alice's file")
@@ -171,8 +175,9 @@ def test_big_git_objects_both_ways(rw_client: Client, proxy_repo: AnnexRepo) -> 
     proxy_repo.git("fsck", "--no-dangling", "--no-progress")
 
 
-def test_sync_content(rw_client: Client, bridge: Bridge, proxy_repo: AnnexRepo,
-                      make_client: Callable[[str], Client]) -> None:
+def test_sync_content(
+    rw_client: Client, bridge: Bridge, proxy_repo: AnnexRepo, make_client: Callable[[str], Client]
+) -> None:
     """``git annex sync --content``: git and content through one remote, two clients."""
     alice = rw_client
     files = {"synced ✓.txt": b"synced\n", "data/синх.bin": os.urandom(50_000)}

@@ -49,7 +49,7 @@ def scaled_defaults(short: float = SHORT) -> dict[str, float]:
 
 # The special remote: each TRANSFER waits SILENT seconds, saying nothing, then
 # does its work; it logs when each silence began and ended.
-SLOW_REMOTE = '''\
+SLOW_REMOTE = """\
 #!{python}
 import os, shutil, sys, time
 STORE = {store!r}
@@ -99,7 +99,7 @@ for line in sys.stdin:
         say(f"REMOVE-SUCCESS {{words[1]}}")
     else:
         say("UNSUPPORTED-REQUEST")
-'''
+"""
 
 
 @dataclass
@@ -125,13 +125,15 @@ def install_slow_remote(env: AnnexEnv, store: Path, silent: float) -> None:
 
 
 @pytest.fixture
-def slow_remote(make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo,
-                annex_env: AnnexEnv, tmp_path: Path) -> SlowRemote:
+def slow_remote(
+    make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, annex_env: AnnexEnv, tmp_path: Path
+) -> SlowRemote:
     store = tmp_path / "slowbox"
     store.mkdir()
     install_slow_remote(annex_env, store, SILENT)
-    proxy_repo.annex("initremote", "slow", "type=external", "externaltype=slowbox",
-                     "encryption=none")
+    proxy_repo.annex(
+        "initremote", "slow", "type=external", "externaltype=slowbox", "encryption=none"
+    )
     proxy_repo.git("config", "remote.slow.annex-proxy", "true")
     proxy_repo.annex("updateproxy")
     bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("slow", "slow", 5001)])
@@ -159,15 +161,17 @@ def test_slow_special_remote_store_and_retrieve(slow_remote: SlowRemote, client:
     client.add_file("big.bin", data)
     key = client.key("big.bin")
 
-    copy = client.annex("copy", "--to", "slow", "--debug", "--", "big.bin", check=False,
-                        timeout=20 * SILENT)
+    copy = client.annex(
+        "copy", "--to", "slow", "--debug", "--", "big.bin", check=False, timeout=20 * SILENT
+    )
     assert copy.ok, copy.describe()
     assert (slow_remote.store / key).read_bytes() == data
     client.annex("drop", "--", "big.bin")  # the special remote holds the copy now
     assert "big.bin" not in client.present_here()
 
-    get = client.annex("get", "--from", "slow", "--debug", "--", "big.bin", check=False,
-                       timeout=20 * SILENT)
+    get = client.annex(
+        "get", "--from", "slow", "--debug", "--", "big.bin", check=False, timeout=20 * SILENT
+    )
     assert get.ok, get.describe()
     assert client.read("big.bin") == data
     client.fsck_content()

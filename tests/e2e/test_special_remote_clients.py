@@ -52,8 +52,11 @@ class Proxied:
     def token(self, name: str) -> tuple[dict[str, str], str]:
         """``token add NAME``: the address per endpoint (by socket name), and stderr."""
         result = self.bridge.cli("token", "add", name, "--mode", "rw")
-        lines = {Path(line.rsplit(":", 1)[0]).stem: line
-                 for line in result.stdout.splitlines() if line.strip()}
+        lines = {
+            Path(line.rsplit(":", 1)[0]).stem: line
+            for line in result.stdout.splitlines()
+            if line.strip()
+        }
         return lines, result.stderr
 
 
@@ -66,8 +69,9 @@ def _proxy_env(env: AnnexEnv, invocations: Path) -> AnnexEnv:
 
 
 @pytest.fixture(params=KINDS)
-def proxied(request: pytest.FixtureRequest, annex_env: AnnexEnv,
-            tmp_path: Path) -> Iterator[Proxied]:
+def proxied(
+    request: pytest.FixtureRequest, annex_env: AnnexEnv, tmp_path: Path
+) -> Iterator[Proxied]:
     kind: str = request.param
     if kind == "rsync" and shutil.which("rsync") is None:
         pytest.skip("rsync is not installed (Debian: apt-get install rsync)")
@@ -84,13 +88,23 @@ def proxied(request: pytest.FixtureRequest, annex_env: AnnexEnv,
     proxy.annex("initremote", "sr", *settings, "encryption=none")
     proxy.git("config", "remote.sr.annex-proxy", "true")
     proxy.annex("updateproxy")
-    bridge = Bridge(proxy_env, proxy.path, tmp_path / "bridge",
-                    [Expose("hub", ".", 5000), Expose("sr", "sr", 5001)])
+    bridge = Bridge(
+        proxy_env,
+        proxy.path,
+        tmp_path / "bridge",
+        [Expose("hub", ".", 5000), Expose("sr", "sr", 5001)],
+    )
     request.node.stash[BRIDGES] = [bridge]
     try:
         bridge.start()
-        yield Proxied(kind, bridge, proxy, store, invocations,
-                      proxy.git("config", "remote.sr.annex-uuid").stdout.strip())
+        yield Proxied(
+            kind,
+            bridge,
+            proxy,
+            store,
+            invocations,
+            proxy.git("config", "remote.sr.annex-uuid").stdout.strip(),
+        )
         assert bridge.wait_idle(10) == [], "session processes left behind"
         bridge.stop()
     finally:
@@ -158,8 +172,7 @@ def test_copy_get_drop_fsck(proxied: Proxied, client: Client, synced: bool) -> N
         client.annex("sync", "hub")  # and pushes again
 
     if proxied.kind == "external":
-        runs = [line.split("\t") for line in
-                proxied.invocations.read_text().splitlines()]
+        runs = [line.split("\t") for line in proxied.invocations.read_text().splitlines()]
         proxy_git = str((proxied.proxy.path / ".git").resolve())
         assert {git_dir for _pid, _cwd, git_dir, _event in runs} == {proxy_git}, runs
         events = " ".join(event for *_, event in runs)

@@ -32,8 +32,9 @@ def session(token: Address, proxy: AnnexRepo, version: int = 4) -> RawSession:
     return s
 
 
-def test_version_negotiation_and_get(bridge: Bridge, token: Address, proxy_repo: AnnexRepo,
-                                     key: str) -> None:
+def test_version_negotiation_and_get(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, key: str
+) -> None:
     for version in (1, 2, 3, 4):
         with session(token, proxy_repo, version) as s:
             s.send_line(f"GET 0 f.bin {key}")
@@ -47,8 +48,7 @@ def test_version_negotiation_and_get(bridge: Bridge, token: Address, proxy_repo:
         assert s.version(99) == "VERSION 4"  # the server's maximum
 
 
-def test_get_with_offset(bridge: Bridge, token: Address, proxy_repo: AnnexRepo,
-                         key: str) -> None:
+def test_get_with_offset(bridge: Bridge, token: Address, proxy_repo: AnnexRepo, key: str) -> None:
     with session(token, proxy_repo) as s:
         for offset in (1, 65536, len(CONTENT) - 1):
             s.send_line(f"GET {offset} f.bin {key}")
@@ -64,8 +64,9 @@ def test_get_with_offset(bridge: Bridge, token: Address, proxy_repo: AnnexRepo,
         s.expect("SUCCESS")
 
 
-def test_put_roundtrip_and_already_have(bridge: Bridge, token: Address,
-                                        proxy_repo: AnnexRepo, key: str) -> None:
+def test_put_roundtrip_and_already_have(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, key: str
+) -> None:
     data = os.urandom(200_000)
     client_files = proxy_repo.path.parent / "scratch"
     client_files.mkdir()
@@ -86,8 +87,7 @@ def test_put_roundtrip_and_already_have(bridge: Bridge, token: Address,
     proxy_repo.fsck_content()
 
 
-def test_put_invalid_is_not_stored(bridge: Bridge, token: Address,
-                                   proxy_repo: AnnexRepo) -> None:
+def test_put_invalid_is_not_stored(bridge: Bridge, token: Address, proxy_repo: AnnexRepo) -> None:
     """Bytes that do not match the key (or that the client calls INVALID) are refused."""
     fake = "SHA256E-s10--" + "5" * 64 + ".bin"
     with session(token, proxy_repo) as s:
@@ -107,8 +107,9 @@ def test_put_invalid_is_not_stored(bridge: Bridge, token: Address,
     proxy_repo.fsck_content()
 
 
-def test_lock_protects_against_remove(bridge: Bridge, token: Address,
-                                      proxy_repo: AnnexRepo, key: str) -> None:
+def test_lock_protects_against_remove(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, key: str
+) -> None:
     """LOCKCONTENT in one session keeps another session's REMOVE from deleting it."""
     with session(token, proxy_repo) as locker:
         locker.send_line(f"LOCKCONTENT {key}")
@@ -132,8 +133,9 @@ def test_lock_protects_against_remove(bridge: Bridge, token: Address,
     assert not proxy_repo.has_key(key)
 
 
-def test_timestamps_and_remove_before(bridge: Bridge, token: Address,
-                                      proxy_repo: AnnexRepo, key: str) -> None:
+def test_timestamps_and_remove_before(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, key: str
+) -> None:
     with session(token, proxy_repo) as s:
         s.send_line("GETTIMESTAMP")
         m = re.fullmatch(r"TIMESTAMP (\d+)", s.read_line())
@@ -147,13 +149,14 @@ def test_timestamps_and_remove_before(bridge: Bridge, token: Address,
     assert not proxy_repo.has_key(key)
 
 
-def test_many_requests_in_one_session(bridge: Bridge, token: Address,
-                                      proxy_repo: AnnexRepo, key: str) -> None:
+def test_many_requests_in_one_session(
+    bridge: Bridge, token: Address, proxy_repo: AnnexRepo, key: str
+) -> None:
     """Pipelined requests (sent before reading replies) are answered in order."""
     absent = "SHA256E-s1--" + "7" * 64
     with session(token, proxy_repo) as s:
-        s.send_raw(b"".join(
-            f"CHECKPRESENT {key if i % 2 else absent}\n".encode() for i in range(200)
-        ))
+        s.send_raw(
+            b"".join(f"CHECKPRESENT {key if i % 2 else absent}\n".encode() for i in range(200))
+        )
         for i in range(200):
             s.expect("SUCCESS" if i % 2 else "FAILURE")

@@ -55,8 +55,10 @@ def make_load_bridge(
             if b.proc is not None and b.returncode is None:
                 left = b.wait_idle(IDLE_WAIT)
                 if left:
-                    errors.append(f"{len(left)} session processes still running "
-                                  f"{IDLE_WAIT:.0f} s after the test: {left[:5]}")
+                    errors.append(
+                        f"{len(left)} session processes still running "
+                        f"{IDLE_WAIT:.0f} s after the test: {left[:5]}"
+                    )
                 b.stop(timeout=30)
         except AssertionError as exc:
             errors.append(str(exc)[-5000:])

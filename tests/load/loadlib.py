@@ -188,8 +188,9 @@ def absent_keys(repo: AnnexRepo, keys: Sequence[str], timeout: float = 120.0) ->
     """The keys whose content ``repo`` does not have (one batch process)."""
     if not keys:
         return []
-    result = repo.annex("contentlocation", "--batch", input="".join(k + "\n" for k in keys),
-                        timeout=timeout)
+    result = repo.annex(
+        "contentlocation", "--batch", input="".join(k + "\n" for k in keys), timeout=timeout
+    )
     lines = result.stdout.split("\n")
     assert len(lines) >= len(keys), result.describe()
     return [k for k, loc in zip(keys, lines, strict=False) if not loc.strip()]
@@ -234,8 +235,9 @@ class Stats:
 
     def all(self, ops: Iterable[str] | None = None) -> list[float]:
         wanted = set(ops) if ops is not None else None
-        return [v for op, vs in self.latencies.items()
-                if wanted is None or op in wanted for v in vs]
+        return [
+            v for op, vs in self.latencies.items() if wanted is None or op in wanted for v in vs
+        ]
 
     @property
     def requests(self) -> int:
@@ -251,21 +253,27 @@ class Stats:
         return percentile(self.all(ops), q)
 
     def table(self, title: str) -> str:
-        rows = [f"{title}: {self.sessions_ok} sessions ok, {len(self.errors)} errors, "
-                f"{self.requests} requests, at most {self.peak_open} sessions open at once, "
-                f"{self.connect_retries} connect retries (backlog full), "
-                f"{self.verified_bytes} bytes of GET/PUT bodies verified"]
+        rows = [
+            f"{title}: {self.sessions_ok} sessions ok, {len(self.errors)} errors, "
+            f"{self.requests} requests, at most {self.peak_open} sessions open at once, "
+            f"{self.connect_retries} connect retries (backlog full), "
+            f"{self.verified_bytes} bytes of GET/PUT bodies verified"
+        ]
         for op in [*REQUEST_OPS, *sorted(set(self.latencies) - set(REQUEST_OPS))]:
             vs = self.latencies.get(op)
             if vs:
-                rows.append(f"  {op:<14} n={len(vs):<5} p50={percentile(vs, 50) * 1000:8.1f} ms"
-                            f"  p99={percentile(vs, 99) * 1000:8.1f} ms"
-                            f"  max={max(vs) * 1000:8.1f} ms")
+                rows.append(
+                    f"  {op:<14} n={len(vs):<5} p50={percentile(vs, 50) * 1000:8.1f} ms"
+                    f"  p99={percentile(vs, 99) * 1000:8.1f} ms"
+                    f"  max={max(vs) * 1000:8.1f} ms"
+                )
         vs = self.all(REQUEST_OPS)
         if vs:
-            rows.append(f"  {'all requests':<14} n={len(vs):<5} "
-                        f"p50={percentile(vs, 50) * 1000:8.1f} ms"
-                        f"  p99={percentile(vs, 99) * 1000:8.1f} ms")
+            rows.append(
+                f"  {'all requests':<14} n={len(vs):<5} "
+                f"p50={percentile(vs, 50) * 1000:8.1f} ms"
+                f"  p99={percentile(vs, 99) * 1000:8.1f} ms"
+            )
         for e in self.errors[:10]:
             rows.append(f"  error: {e}")
         if len(self.errors) > 10:
@@ -292,8 +300,9 @@ class ProtocolMismatch(AssertionError):
 CONNECT_RETRY = 0.01  # seconds between attempts while the listen backlog is full
 
 
-async def connect_unix(path: Path | str, seconds: float = 30.0,
-                       stats: Stats | None = None) -> trio.SocketStream:
+async def connect_unix(
+    path: Path | str, seconds: float = 30.0, stats: Stats | None = None
+) -> trio.SocketStream:
     """Connect to a unix socket; retries (for up to ``seconds``) while its backlog is full.
 
     A non-blocking AF_UNIX connect fails with EAGAIN instead of waiting when
@@ -330,8 +339,13 @@ class AsyncSession:
         self.client_uuid = str(uuid.uuid4())
 
     @classmethod
-    async def open(cls, path: Path | str, seconds: float = 30.0,
-                   stats: Stats | None = None, reply_timeout: float = 30.0) -> AsyncSession:
+    async def open(
+        cls,
+        path: Path | str,
+        seconds: float = 30.0,
+        stats: Stats | None = None,
+        reply_timeout: float = 30.0,
+    ) -> AsyncSession:
         return cls(await connect_unix(path, seconds, stats), reply_timeout)
 
     async def aclose(self) -> None:
@@ -356,8 +370,10 @@ class AsyncSession:
             chunk = b""
         if not chunk:
             self.eof = True
-            raise SessionClosed("connection closed by the daemon"
-                                + (f" after {bytes(self.buf)[:100]!r}" if self.buf else ""))
+            raise SessionClosed(
+                "connection closed by the daemon"
+                + (f" after {bytes(self.buf)[:100]!r}" if self.buf else "")
+            )
         self.buf += chunk
 
     async def read_line(self, seconds: float | None = None) -> str:
@@ -482,8 +498,9 @@ async def run_mix(
             # "auth" is connect + AUTH + AUTH-SUCCESS (the wait for the limiter,
             # on this side, is not counted).
             start = time.monotonic()
-            session = await AsyncSession.open(target.socket, stats=stats,
-                                              reply_timeout=reply_timeout)
+            session = await AsyncSession.open(
+                target.socket, stats=stats, reply_timeout=reply_timeout
+            )
             stats.opened()
             op = "auth"
             await session.auth(target.token, target.server_uuid)
@@ -549,16 +566,21 @@ class FloodStats:
     busy: trio.Event = field(default_factory=trio.Event)
 
     def summary(self) -> str:
-        parts = [f"{self.started} connections in {self.elapsed:.1f}s, "
-                 f"at most {self.peak_open} open at once; outcomes {dict(self.outcomes)}"]
+        parts = [
+            f"{self.started} connections in {self.elapsed:.1f}s, "
+            f"at most {self.peak_open} open at once; outcomes {dict(self.outcomes)}"
+        ]
         for kind, ts in sorted(self.close_times.items()):
-            parts.append(f"  {kind:<12} closed by the daemon after p50={percentile(ts, 50):.2f}s"
-                         f" max={max(ts):.2f}s (n={len(ts)})")
+            parts.append(
+                f"  {kind:<12} closed by the daemon after p50={percentile(ts, 50):.2f}s"
+                f" max={max(ts):.2f}s (n={len(ts)})"
+            )
         return "\n".join(parts)
 
 
-async def _flood_one(path: Path, kind: str, hold: float, rng: random.Random,
-                     stats: FloodStats) -> None:
+async def _flood_one(
+    path: Path, kind: str, hold: float, rng: random.Random, stats: FloodStats
+) -> None:
     stats.open_now += 1
     stats.peak_open = max(stats.peak_open, stats.open_now)
     if stats.open_now >= stats.busy_at:
@@ -592,9 +614,18 @@ async def _flood_one(path: Path, kind: str, hold: float, rng: random.Random,
         stats.open_now -= 1
 
 
-async def flood(path: Path, total: int, concurrency: int, hold: float, stats: FloodStats,
-                *, rate: float | None = None, seed: int = 1,
-                kinds: Sequence[str] = FLOOD_KINDS, time_limit: float = 600.0) -> None:
+async def flood(
+    path: Path,
+    total: int,
+    concurrency: int,
+    hold: float,
+    stats: FloodStats,
+    *,
+    rate: float | None = None,
+    seed: int = 1,
+    kinds: Sequence[str] = FLOOD_KINDS,
+    time_limit: float = 600.0,
+) -> None:
     """``total`` unauthenticated connections, at most ``concurrency`` open at once.
 
     Each is of one of ``kinds`` (round robin) and waits at most ``hold`` s for
@@ -608,8 +639,9 @@ async def flood(path: Path, total: int, concurrency: int, hold: float, stats: Fl
         async with trio.open_nursery() as nursery:
             for i in range(total):
                 if rate:
-                    await trio.sleep_until(trio.current_time() + max(
-                        0.0, start + i / rate - time.monotonic()))
+                    await trio.sleep_until(
+                        trio.current_time() + max(0.0, start + i / rate - time.monotonic())
+                    )
                 await limiter.acquire()
                 stats.started += 1
 

@@ -43,10 +43,24 @@ class Profile:
     time_limit: float  # seconds any one load phase may take
 
 
-CI = Profile("ci", sessions=200, mix_at_once=200, flood_total=2000, flood_concurrency=300,
-             flood_sessions=20, time_limit=180.0)
-LONG = Profile("long", sessions=1000, mix_at_once=100, flood_total=20000, flood_concurrency=500,
-               flood_sessions=50, time_limit=1200.0)
+CI = Profile(
+    "ci",
+    sessions=200,
+    mix_at_once=200,
+    flood_total=2000,
+    flood_concurrency=300,
+    flood_sessions=20,
+    time_limit=180.0,
+)
+LONG = Profile(
+    "long",
+    sessions=1000,
+    mix_at_once=100,
+    flood_total=20000,
+    flood_concurrency=500,
+    flood_sessions=50,
+    time_limit=1200.0,
+)
 
 
 def current() -> Profile:

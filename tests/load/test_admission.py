@@ -49,8 +49,7 @@ def open_session(token: Address, proxy: AnnexRepo) -> RawSession:
     return s
 
 
-def test_per_token_cap(make_load_bridge: Callable[..., LoadBridge],
-                       proxy_repo: AnnexRepo) -> None:
+def test_per_token_cap(make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo) -> None:
     bridge = make_load_bridge({"max_sessions_per_token": 3, "session_wait": 5})
     bridge.start()
     alice = bridge.add_token("alice", "rw")
@@ -128,10 +127,10 @@ def closed_after(conn: tuple[socket.socket, float], timeout: float) -> float:
     return time.monotonic() - opened
 
 
-def test_auth_deadline_frees_the_slot(make_load_bridge: Callable[..., LoadBridge],
-                                      proxy_repo: AnnexRepo) -> None:
-    bridge = make_load_bridge({"auth_timeout": AUTH_TIMEOUT,
-                               "max_unauthenticated": PRE_AUTH_CAP})
+def test_auth_deadline_frees_the_slot(
+    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+) -> None:
+    bridge = make_load_bridge({"auth_timeout": AUTH_TIMEOUT, "max_unauthenticated": PRE_AUTH_CAP})
     bridge.start()
     token = bridge.add_token("t", "rw")
     path = str(token.socket)
@@ -167,17 +166,20 @@ def test_auth_deadline_frees_the_slot(make_load_bridge: Callable[..., LoadBridge
         finally:
             for s in sessions:
                 s.close()
-    print(f"\nidle connections closed after {min(figures):.2f}..{max(figures):.2f}s "
-          f"(auth_timeout {AUTH_TIMEOUT}s); the oldest, evicted by a newcomer, after "
-          f"{min(evicted_after):.2f}..{max(evicted_after):.2f}s")
+    print(
+        f"\nidle connections closed after {min(figures):.2f}..{max(figures):.2f}s "
+        f"(auth_timeout {AUTH_TIMEOUT}s); the oldest, evicted by a newcomer, after "
+        f"{min(evicted_after):.2f}..{max(evicted_after):.2f}s"
+    )
     totals = bridge.totals()
     assert totals.get("connections_refused_total") == 3, totals
     assert totals.get("sessions_total") == 3 * PRE_AUTH_CAP + 3, totals
     bridge.assert_alive()
 
 
-def test_auth_deadline_counts_from_accept(make_load_bridge: Callable[..., LoadBridge],
-                                          proxy_repo: AnnexRepo) -> None:
+def test_auth_deadline_counts_from_accept(
+    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+) -> None:
     """A client that sends the start of an AUTH late does not get a second auth_timeout.
 
     ``auth_timeout`` is "seconds from accepting a connection to its AUTH"
@@ -192,8 +194,10 @@ def test_auth_deadline_counts_from_accept(make_load_bridge: Callable[..., LoadBr
         time.sleep(AUTH_TIMEOUT * 0.8)
         s.sendall(b"AUTH ")  # a partial line, then nothing
         took = closed_after((s, opened), 3 * AUTH_TIMEOUT + SLACK)
-    print(f"\npartial AUTH at {AUTH_TIMEOUT * 0.8:.1f}s: closed after {took:.2f}s "
-          f"(auth_timeout {AUTH_TIMEOUT}s)")
+    print(
+        f"\npartial AUTH at {AUTH_TIMEOUT * 0.8:.1f}s: closed after {took:.2f}s "
+        f"(auth_timeout {AUTH_TIMEOUT}s)"
+    )
     assert took <= AUTH_TIMEOUT + 0.5, (
         f"closed {took:.2f}s after accept; auth_timeout is {AUTH_TIMEOUT}s"
     )

@@ -52,18 +52,21 @@ CONNECTS_AT_ONCE = 64
 RSS_LIMIT_KIB = 200 * MIB // 1024
 
 
-async def test_sessions_and_flood_at_once(make_load_bridge: Callable[..., LoadBridge],
-                                          proxy_repo: AnnexRepo) -> None:
+async def test_sessions_and_flood_at_once(
+    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+) -> None:
     n = PROFILE.sessions
     rng = random.Random(7_200_2000)
     seeds = seed_proxy(proxy_repo, SEED_OBJECTS, rng)
-    bridge = make_load_bridge({
-        "max_sessions": n + 10,
-        "max_sessions_per_token": n + 10,
-        "max_unauthenticated": PRE_AUTH_CAP,
-        "auth_timeout": AUTH_TIMEOUT,
-        "peer_timeout": PROFILE.time_limit,  # git-annex-shell may queue for its locks
-    })
+    bridge = make_load_bridge(
+        {
+            "max_sessions": n + 10,
+            "max_sessions_per_token": n + 10,
+            "max_unauthenticated": PRE_AUTH_CAP,
+            "auth_timeout": AUTH_TIMEOUT,
+            "peer_timeout": PROFILE.time_limit,  # git-annex-shell may queue for its locks
+        }
+    )
     bridge.start()
     token = bridge.add_token("load", "rw")
     target = Target(token.socket, token.token, proxy_repo.uuid)
@@ -84,10 +87,18 @@ async def test_sessions_and_flood_at_once(make_load_bridge: Callable[..., LoadBr
         async with trio.open_nursery() as outer:
             outer.start_soon(sampler.run)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: flood(
-                    token.socket, PROFILE.flood_total, PROFILE.flood_concurrency, FLOOD_HOLD,
-                    fstats, rate=PROFILE.flood_total / duration, seed=rng.randrange(1 << 30),
-                    time_limit=PROFILE.time_limit))
+                nursery.start_soon(
+                    lambda: flood(
+                        token.socket,
+                        PROFILE.flood_total,
+                        PROFILE.flood_concurrency,
+                        FLOOD_HOLD,
+                        fstats,
+                        rate=PROFILE.flood_total / duration,
+                        seed=rng.randrange(1 << 30),
+                        time_limit=PROFILE.time_limit,
+                    )
+                )
                 await until_evicting(bridge, fstats, PRE_AUTH_CAP)
                 sessions_start = time.monotonic()
 
@@ -95,13 +106,23 @@ async def test_sessions_and_flood_at_once(make_load_bridge: Callable[..., LoadBr
                     nonlocal sessions_end
                     async with trio.open_nursery() as inner:
                         for i in range(n):
-                            inner.start_soon(partial(
-                                run_mix, target, seeds[i % len(seeds)], absent[i % len(absent)],
-                                fresh[i], stats, name=f"session {i}", gate=gate,
-                                end_gate=end_gate, gate_timeout=PROFILE.time_limit,
-                                connect_limiter=limiter, work_limiter=work,
-                                reply_timeout=PROFILE.time_limit / 2,
-                            ))
+                            inner.start_soon(
+                                partial(
+                                    run_mix,
+                                    target,
+                                    seeds[i % len(seeds)],
+                                    absent[i % len(absent)],
+                                    fresh[i],
+                                    stats,
+                                    name=f"session {i}",
+                                    gate=gate,
+                                    end_gate=end_gate,
+                                    gate_timeout=PROFILE.time_limit,
+                                    connect_limiter=limiter,
+                                    work_limiter=work,
+                                    reply_timeout=PROFILE.time_limit / 2,
+                                )
+                            )
                     sessions_end = time.monotonic()
 
                 nursery.start_soon(sessions)
@@ -112,16 +133,26 @@ async def test_sessions_and_flood_at_once(make_load_bridge: Callable[..., LoadBr
     flood_during = fstats.started  # (the flood goes on while the sessions work)
 
     print()
-    print(stats.table(f"{n} sessions under a flood of {PROFILE.flood_total} pre-auth "
-                      f"connections ({PROFILE.name} profile)"))
+    print(
+        stats.table(
+            f"{n} sessions under a flood of {PROFILE.flood_total} pre-auth "
+            f"connections ({PROFILE.name} profile)"
+        )
+    )
     print(f"flood: {fstats.summary()}")
-    print(f"sessions ran {sessions_end - sessions_start:.1f}s, from {sessions_start - start:.1f}s"
-          f" into the flood; whole test {wall:.1f}s")
-    print(f"connections_refused_total {totals.get('connections_refused_total', 0)}, "
-          f"sessions_total {totals.get('sessions_total', 0)}, "
-          f"sessions_failed_total {totals.get('sessions_failed_total', 0)}")
-    print(f"daemon VmRSS idle {rss_idle / 1024:.1f} MiB, peak {sampler.peak_kib / 1024:.1f} MiB "
-          f"({sampler.samples} samples)")
+    print(
+        f"sessions ran {sessions_end - sessions_start:.1f}s, from {sessions_start - start:.1f}s"
+        f" into the flood; whole test {wall:.1f}s"
+    )
+    print(
+        f"connections_refused_total {totals.get('connections_refused_total', 0)}, "
+        f"sessions_total {totals.get('sessions_total', 0)}, "
+        f"sessions_failed_total {totals.get('sessions_failed_total', 0)}"
+    )
+    print(
+        f"daemon VmRSS idle {rss_idle / 1024:.1f} MiB, peak {sampler.peak_kib / 1024:.1f} MiB "
+        f"({sampler.samples} samples)"
+    )
 
     bridge.assert_alive()
     assert fstats.started == flood_during == PROFILE.flood_total, fstats.summary()

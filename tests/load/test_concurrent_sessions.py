@@ -40,18 +40,21 @@ SEED_OBJECTS = 16
 CONNECTS_AT_ONCE = 64  # connections in the AUTH phase at once, from this side
 
 
-async def test_concurrent_sessions(make_load_bridge: Callable[..., LoadBridge],
-                                   proxy_repo: AnnexRepo) -> None:
+async def test_concurrent_sessions(
+    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+) -> None:
     n = PROFILE.sessions
     rng = random.Random(20261026)
     seeds = seed_proxy(proxy_repo, SEED_OBJECTS, rng)
     # No cap is what this test measures.
-    bridge = make_load_bridge({
-        "max_sessions": n + 10,
-        "max_sessions_per_token": n + 10,
-        "max_unauthenticated": n + 64,
-        "peer_timeout": PROFILE.time_limit,  # git-annex-shell may queue for its locks
-    })
+    bridge = make_load_bridge(
+        {
+            "max_sessions": n + 10,
+            "max_sessions_per_token": n + 10,
+            "max_unauthenticated": n + 64,
+            "peer_timeout": PROFILE.time_limit,  # git-annex-shell may queue for its locks
+        }
+    )
     bridge.start()
     token = bridge.add_token("load", "rw")
     target = Target(token.socket, token.token, proxy_repo.uuid)
@@ -70,22 +73,39 @@ async def test_concurrent_sessions(make_load_bridge: Callable[..., LoadBridge],
             outer.start_soon(sampler.run)
             async with trio.open_nursery() as nursery:
                 for i in range(n):
-                    nursery.start_soon(partial(
-                        run_mix, target, seeds[i % len(seeds)], absent[i % len(absent)],
-                        fresh[i], stats, name=f"session {i}", gate=gate, end_gate=end_gate,
-                        gate_timeout=PROFILE.time_limit, connect_limiter=limiter,
-                        work_limiter=work, reply_timeout=PROFILE.time_limit / 2,
-                    ))
+                    nursery.start_soon(
+                        partial(
+                            run_mix,
+                            target,
+                            seeds[i % len(seeds)],
+                            absent[i % len(absent)],
+                            fresh[i],
+                            stats,
+                            name=f"session {i}",
+                            gate=gate,
+                            end_gate=end_gate,
+                            gate_timeout=PROFILE.time_limit,
+                            connect_limiter=limiter,
+                            work_limiter=work,
+                            reply_timeout=PROFILE.time_limit / 2,
+                        )
+                    )
             outer.cancel_scope.cancel()
     wall = time.monotonic() - start
     sampler.sample()
 
     print()
-    print(stats.table(f"{n} concurrent sessions, at most {PROFILE.mix_at_once} in requests "
-                      f"at once ({PROFILE.name} profile)"))
-    print(f"wall time {wall:.1f}s, {stats.requests / wall:.0f} requests/s "
-          f"({stats.exchanges / wall:.0f}/s with AUTH and VERSION); "
-          f"daemon RSS idle {rss_idle / 1024:.1f} MiB, peak {sampler.peak_kib / 1024:.1f} MiB")
+    print(
+        stats.table(
+            f"{n} concurrent sessions, at most {PROFILE.mix_at_once} in requests "
+            f"at once ({PROFILE.name} profile)"
+        )
+    )
+    print(
+        f"wall time {wall:.1f}s, {stats.requests / wall:.0f} requests/s "
+        f"({stats.exchanges / wall:.0f}/s with AUTH and VERSION); "
+        f"daemon RSS idle {rss_idle / 1024:.1f} MiB, peak {sampler.peak_kib / 1024:.1f} MiB"
+    )
 
     assert not stats.errors, stats.table("errors")
     assert stats.sessions_ok == n

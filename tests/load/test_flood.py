@@ -91,40 +91,51 @@ def stock_round(client: Client, files: dict[str, bytes]) -> StockTimes:
     return StockTimes(times, errors)
 
 
-async def mix_round(target: Target, seeds: list[Obj], fresh: list[Obj], absent: str,
-                    label: str) -> Stats:
+async def mix_round(
+    target: Target, seeds: list[Obj], fresh: list[Obj], absent: str, label: str
+) -> Stats:
     stats = Stats()
     async with trio.open_nursery() as nursery:
         for i, obj in enumerate(fresh):
-            nursery.start_soon(partial(run_mix, target, seeds[i % len(seeds)], absent, obj,
-                                       stats, name=f"{label} {i}"))
+            nursery.start_soon(
+                partial(
+                    run_mix, target, seeds[i % len(seeds)], absent, obj, stats, name=f"{label} {i}"
+                )
+            )
     return stats
 
 
-async def test_flood_with_clients(make_load_bridge: Callable[..., LoadBridge],
-                                  proxy_repo: AnnexRepo, client: Client) -> None:
+async def test_flood_with_clients(
+    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo, client: Client
+) -> None:
     rng = random.Random(4711)
     n = PROFILE.flood_sessions
-    bridge = make_load_bridge({
-        "max_unauthenticated": PRE_AUTH_CAP,
-        "auth_timeout": AUTH_TIMEOUT,
-        "max_sessions_per_token": 2 * n + 8,
-    })
+    bridge = make_load_bridge(
+        {
+            "max_unauthenticated": PRE_AUTH_CAP,
+            "auth_timeout": AUTH_TIMEOUT,
+            "max_sessions_per_token": 2 * n + 8,
+        }
+    )
     seeds = seed_proxy(proxy_repo, 8, rng)
     bridge.start()
     token = bridge.add_token("load", "rw")
     target = Target(token.socket, token.token, proxy_repo.uuid)
     client.link(bridge.add_token("stock", "rw").line, "hub")
-    stock_files = {f"{phase}/{i}.bin": rng.randbytes(rng.randint(1000, 200_000))
-                   for phase in ("base", "load") for i in range(STOCK_FILES)}
+    stock_files = {
+        f"{phase}/{i}.bin": rng.randbytes(rng.randint(1000, 200_000))
+        for phase in ("base", "load")
+        for i in range(STOCK_FILES)
+    }
     client.add_files(stock_files)
     absent = Obj.random(rng).key
     fresh = [Obj.random(rng) for _ in range(2 * n)]
 
     # --- the baseline, unloaded -------------------------------------------------------
     base = await mix_round(target, seeds, fresh[:n], absent, "baseline")
-    base_stock = stock_round(client, {k: v for k, v in stock_files.items()
-                                      if k.startswith("base/")})
+    base_stock = stock_round(
+        client, {k: v for k, v in stock_files.items() if k.startswith("base/")}
+    )
     refused_before = bridge.totals().get("connections_refused_total", 0)
     rss_before = bridge.rss_kib()
 
@@ -139,16 +150,25 @@ async def test_flood_with_clients(make_load_bridge: Callable[..., LoadBridge],
         async with trio.open_nursery() as outer:
             outer.start_soon(sampler.run)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: flood(
-                    token.socket, PROFILE.flood_total, PROFILE.flood_concurrency, FLOOD_HOLD,
-                    fstats, rate=PROFILE.flood_total / duration, seed=rng.randrange(1 << 30),
-                    time_limit=PROFILE.time_limit))
+                nursery.start_soon(
+                    lambda: flood(
+                        token.socket,
+                        PROFILE.flood_total,
+                        PROFILE.flood_concurrency,
+                        FLOOD_HOLD,
+                        fstats,
+                        rate=PROFILE.flood_total / duration,
+                        seed=rng.randrange(1 << 30),
+                        time_limit=PROFILE.time_limit,
+                    )
+                )
                 await until_evicting(bridge, fstats, PRE_AUTH_CAP)
                 loaded_start = time.monotonic()
 
                 async def clients() -> None:
                     nonlocal loaded, load_stock
                     async with trio.open_nursery() as inner:
+
                         async def mix() -> None:
                             nonlocal loaded
                             loaded = await mix_round(target, seeds, fresh[n:], absent, "loaded")
@@ -156,8 +176,10 @@ async def test_flood_with_clients(make_load_bridge: Callable[..., LoadBridge],
                         async def stock() -> None:
                             nonlocal load_stock
                             load_stock = await trio.to_thread.run_sync(
-                                stock_round, client,
-                                {k: v for k, v in stock_files.items() if k.startswith("load/")})
+                                stock_round,
+                                client,
+                                {k: v for k, v in stock_files.items() if k.startswith("load/")},
+                            )
 
                         inner.start_soon(mix)
                         inner.start_soon(stock)
@@ -178,16 +200,24 @@ async def test_flood_with_clients(make_load_bridge: Callable[..., LoadBridge],
     print(f"stock client unloaded: {base_stock}")
     print(f"stock client under the flood: {load_stock}")
     print(f"flood: {fstats.summary()}")
-    print(f"flood phase {flood_wall:.1f}s (clients started after "
-          f"{loaded_start - start:.1f}s, ran to the end {loaded_wall:.1f}s)")
-    print(f"connections_refused_total {refused_before} -> "
-          f"{status_totals.get('connections_refused_total', 0)} (metrics: "
-          f"{metrics.get('torbridge_connections_refused_total')}); "
-          f"auth_failures_total {status_totals.get('auth_failures_total', 0)}")
-    print(f"daemon VmRSS before {rss_before / 1024:.1f} MiB, peak under the flood "
-          f"{sampler.peak_kib / 1024:.1f} MiB ({sampler.samples} samples)")
-    print(f"request p99: baseline {base_p99 * 1000:.0f} ms, under the flood "
-          f"{load_p99 * 1000:.0f} ms (bound {(20 * base_p99 + 2) * 1000:.0f} ms)")
+    print(
+        f"flood phase {flood_wall:.1f}s (clients started after "
+        f"{loaded_start - start:.1f}s, ran to the end {loaded_wall:.1f}s)"
+    )
+    print(
+        f"connections_refused_total {refused_before} -> "
+        f"{status_totals.get('connections_refused_total', 0)} (metrics: "
+        f"{metrics.get('torbridge_connections_refused_total')}); "
+        f"auth_failures_total {status_totals.get('auth_failures_total', 0)}"
+    )
+    print(
+        f"daemon VmRSS before {rss_before / 1024:.1f} MiB, peak under the flood "
+        f"{sampler.peak_kib / 1024:.1f} MiB ({sampler.samples} samples)"
+    )
+    print(
+        f"request p99: baseline {base_p99 * 1000:.0f} ms, under the flood "
+        f"{load_p99 * 1000:.0f} ms (bound {(20 * base_p99 + 2) * 1000:.0f} ms)"
+    )
 
     bridge.assert_alive()
     assert fstats.started == PROFILE.flood_total, fstats.summary()
@@ -204,24 +234,31 @@ async def test_flood_with_clients(make_load_bridge: Callable[..., LoadBridge],
     # The flood went over the cap and was evicted, and both views agree.
     refused = status_totals.get("connections_refused_total", 0)
     check(refused > refused_before, f"connections_refused_total did not grow: {status_totals}")
-    check(metrics.get("torbridge_connections_refused_total", -1) >= refused,
-          f"metrics {metrics.get('torbridge_connections_refused_total')} < status {refused}")
+    check(
+        metrics.get("torbridge_connections_refused_total", -1) >= refused,
+        f"metrics {metrics.get('torbridge_connections_refused_total')} < status {refused}",
+    )
     check(sampler.peak_kib < RSS_LIMIT_KIB, f"daemon VmRSS peaked at {sampler.peak_kib} KiB")
     # Every flood connection was closed by the daemon; none had to give up waiting.
     lingering = {k: v for k, v in fstats.outcomes.items() if "still open" in k}
     check(not lingering, f"flood connections the daemon kept open: {lingering}")
     # The real clients under the flood.
-    check(load_stock is not None and not load_stock.errors,
-          f"stock client under the flood: {load_stock}")
+    check(
+        load_stock is not None and not load_stock.errors,
+        f"stock client under the flood: {load_stock}",
+    )
     check(not loaded.errors and loaded.sessions_ok == n, loaded.table("under the flood"))
-    check(not load_p99 > 20 * base_p99 + 2.0,  # (nan when nothing got through: no verdict)
-          f"p99 under the flood {load_p99:.2f}s > 20 x {base_p99:.2f}s + 2s")
+    check(
+        not load_p99 > 20 * base_p99 + 2.0,  # (nan when nothing got through: no verdict)
+        f"p99 under the flood {load_p99:.2f}s > 20 x {base_p99:.2f}s + 2s",
+    )
 
     # Afterwards: all the pre-auth slots are free again (a cap's worth of
     # connections authenticates at once), and the repository is sound.
     await trio.sleep(1.0)
-    after = await mix_round(target, seeds, [Obj.random(rng) for _ in range(PRE_AUTH_CAP)],
-                            absent, "after")
+    after = await mix_round(
+        target, seeds, [Obj.random(rng) for _ in range(PRE_AUTH_CAP)], absent, "after"
+    )
     check(not after.errors, after.table("after the flood"))
     missing = absent_keys(proxy_repo, base.stored + loaded.stored + after.stored)
     check(not missing, f"PUT objects missing from the proxy repository: {missing[:5]}")

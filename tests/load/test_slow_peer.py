@@ -51,8 +51,9 @@ def helper_count(bridge: LoadBridge) -> int:
     return sum("p2pstdio" in cmd for cmd in bridge.session_processes())
 
 
-def test_peer_timeout_is_reported_once(make_load_bridge: Callable[..., LoadBridge],
-                                       proxy_repo: AnnexRepo) -> None:
+def test_peer_timeout_is_reported_once(
+    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+) -> None:
     proxy_repo.add_file("f.bin", b"some content\n")
     key = proxy_repo.key("f.bin")
     bridge = make_load_bridge({"peer_timeout": PEER_TIMEOUT})
@@ -72,8 +73,10 @@ def test_peer_timeout_is_reported_once(make_load_bridge: Callable[..., LoadBridg
                 with contextlib.suppress(TimeoutError):
                     reply = s.read_line(timeout=0.2)
             took = time.monotonic() - start
-        print(f"\nGET with a stuck peer (peer_timeout {PEER_TIMEOUT}s): {reply!r} after "
-              f"{took:.1f}s; {peers_seen} peer process(es) seen at once")
+        print(
+            f"\nGET with a stuck peer (peer_timeout {PEER_TIMEOUT}s): {reply!r} after "
+            f"{took:.1f}s; {peers_seen} peer process(es) seen at once"
+        )
         assert reply is not None and reply.startswith("ERROR"), reply
         assert took <= PEER_TIMEOUT + EXIT_GRACE + SLACK, (
             f"the client heard of the stuck peer only after {took:.1f}s "
@@ -86,8 +89,9 @@ def test_peer_timeout_is_reported_once(make_load_bridge: Callable[..., LoadBridg
     bridge.assert_alive()
 
 
-def test_client_leaving_ends_a_waiting_session(make_load_bridge: Callable[..., LoadBridge],
-                                               proxy_repo: AnnexRepo) -> None:
+def test_client_leaving_ends_a_waiting_session(
+    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+) -> None:
     proxy_repo.add_file("f.bin", b"some content\n")
     key = proxy_repo.key("f.bin")
     peer_timeout = 60.0
@@ -112,8 +116,10 @@ def test_client_leaving_ends_a_waiting_session(make_load_bridge: Callable[..., L
         took = time.monotonic() - gone
         sessions = bridge.sessions()
         helpers = helper_count(bridge)
-    print(f"\nclient left during a stuck GET: session {'gone' if not sessions else 'alive'}, "
-          f"{helpers} peer process(es) after {took:.1f}s (peer_timeout {peer_timeout:.0f}s)")
+    print(
+        f"\nclient left during a stuck GET: session {'gone' if not sessions else 'alive'}, "
+        f"{helpers} peer process(es) after {took:.1f}s (peer_timeout {peer_timeout:.0f}s)"
+    )
     assert not sessions and helpers == 0, (
         f"{took:.1f}s after the client hung up, the daemon still has {len(sessions)} "
         f"session(s) and {helpers} git-annex-shell process(es) for it "

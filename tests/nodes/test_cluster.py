@@ -42,7 +42,11 @@ def cluster(
 ) -> Callable[..., ClusterSetup]:
     def make(**kwargs: object) -> ClusterSetup:
         return setup_cluster(
-            make_nodes, make_node_bridge, make_client, proxy_repo, node_net,
+            make_nodes,
+            make_node_bridge,
+            make_client,
+            proxy_repo,
+            node_net,
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -50,8 +54,12 @@ def cluster(
 
 
 def wait_logged(s: ClusterSetup, key: str, names: set[str]) -> None:
-    wait_for(lambda: s.logged(key) == names, 30, f"the proxy's log to list {names} for {key}",
-             interval=0.25)
+    wait_for(
+        lambda: s.logged(key) == names,
+        30,
+        f"the proxy's log to list {names} for {key}",
+        interval=0.25,
+    )
 
 
 def test_copy_get_drop_through_the_cluster(cluster: Callable[..., ClusterSetup]) -> None:
@@ -332,8 +340,11 @@ def test_two_gateways(
     gw_b = AnnexRepo.create(annex_env, tmp_path / "gwB", "gateway B")
     c2 = make_node("p2p", "c2-p2p", annex_env, node_net, gw_b, tmp_path / "nodesB")
     bridge_b = NodeBridge(
-        annex_env, gw_b.path, tmp_path / "bridgeB",
-        [Expose("hub", ".", 5000), Expose(ENDPOINT, CLUSTER, 5001)], socks=socks_server.address,
+        annex_env,
+        gw_b.path,
+        tmp_path / "bridgeB",
+        [Expose("hub", ".", 5000), Expose(ENDPOINT, CLUSTER, 5001)],
+        socks=socks_server.address,
     )
     try:
         link_gateway(gw_b, "gwA", bridge_a)
@@ -350,8 +361,9 @@ def test_two_gateways(
         nodes = {"c1-p2p": c1, "c2-p2p": c2}
         for gateway, bridge in (("A", bridge_a), ("B", bridge_b)):
             client = make_client(f"client{gateway}")
-            client.link(bridge.add_token(f"client{gateway}", "rw", endpoint=ENDPOINT).line,
-                        ENDPOINT)
+            client.link(
+                bridge.add_token(f"client{gateway}", "rw", endpoint=ENDPOINT).line, ENDPOINT
+            )
             assert client.remote_uuid(ENDPOINT) == uuid
             data = os.urandom(100_000)
             client.add_file(f"via-{gateway}.bin", data)

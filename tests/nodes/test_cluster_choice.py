@@ -98,7 +98,11 @@ def cluster_of_paths(
 ) -> Callable[[Callable[[AnnexRepo], None]], ClusterSetup]:
     def make(configure: Callable[[AnnexRepo], None]) -> ClusterSetup:
         return setup_cluster(
-            make_nodes, make_node_bridge, make_client, proxy_repo, node_net,
+            make_nodes,
+            make_node_bridge,
+            make_client,
+            proxy_repo,
+            node_net,
             kinds=("local", "local", "local"),
             before_start=lambda nodes: configure(proxy_repo),
         )
@@ -177,8 +181,11 @@ async def test_evaluation_leaves_the_proxy_untouched(
     def snapshot() -> tuple[str, str, int]:
         index = proxy_repo.path / ".git" / "index"
         objects = sum(1 for _ in (proxy_repo.path / ".git" / "objects").rglob("*"))
-        return (index.read_bytes().hex() if index.exists() else "",
-                proxy_repo.git("status", "--porcelain").stdout, objects)
+        return (
+            index.read_bytes().hex() if index.exists() else "",
+            proxy_repo.git("status", "--porcelain").stdout,
+            objects,
+        )
 
     before = snapshot()
     scratch = tmp_path / "scratch"

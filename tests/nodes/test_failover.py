@@ -90,14 +90,16 @@ def test_get_goes_on_from_the_next_node(
     if fault == "kill":
         s.net.set_fault(victim.name, down_bytes=CUT, kill=pid)
     elif fault == "stop":
-        s.net.set_fault(victim.name, down_bytes=CUT, kill=pid, signal=int(signal.SIGSTOP),
-                        stop=False)
+        s.net.set_fault(
+            victim.name, down_bytes=CUT, kill=pid, signal=int(signal.SIGSTOP), stop=False
+        )
     else:  # the connection is cut mid-body (the relay dies); the node lives
         s.net.set_fault(victim.name, down_bytes=CUT, kill=0)
     try:
         started = time.monotonic()
-        get = s.client.annex("get", *NO_RETRY, "--from", ENDPOINT, "--debug", "--", "big",
-                             check=False, timeout=300)
+        get = s.client.annex(
+            "get", *NO_RETRY, "--from", ENDPOINT, "--debug", "--", "big", check=False, timeout=300
+        )
         took = time.monotonic() - started
         assert s.net.fired(victim.name), "the fault never fired"
     finally:
@@ -128,7 +130,8 @@ def test_get_when_no_node_can_finish(
     """Every holder lost mid-body: the client's connection is cut; it keeps
     what it got and resumes from there on the next get (no bad byte kept)."""
     s = cluster(
-        limits=LIMITS, kinds=("p2p", "tor"),
+        limits=LIMITS,
+        kinds=("p2p", "tor"),
         before_start=costs(proxy_repo, {"c1-p2p": 50, "c2-tor": 60}),
     )
     data = os.urandom(BIG)
@@ -138,8 +141,9 @@ def test_get_when_no_node_can_finish(
     s.client.annex("drop", "--force", "--", "big")
     s.net.set_fault("c1-p2p", down_bytes=CUT, kill=0)
     s.net.set_fault("c2-tor", down_bytes=CUT, kill=0)
-    get = s.client.annex("get", *NO_RETRY, "--from", ENDPOINT, "--debug", "--", "big",
-                         check=False, timeout=300)
+    get = s.client.annex(
+        "get", *NO_RETRY, "--from", ENDPOINT, "--debug", "--", "big", check=False, timeout=300
+    )
     assert not get.ok, get.describe()
     assert "big" not in s.client.present_here()
     partial = s.client.tmp_files().get(key, 0)
@@ -171,8 +175,7 @@ def test_put_with_a_dead_and_a_silent_node(cluster: Callable[..., ClusterSetup])
             # SUCCESS-PLUS names exactly the node that stored it.
             plus = [line for line in copy.output.splitlines() if "P2P < SUCCESS-PLUS" in line]
             assert plus and plus[-1].split("SUCCESS-PLUS")[1].split() == [live.uuid], plus
-        print(f"\ncopy with a dead and a silent node: first {times[0]:.1f}s,"
-              f" next {times[1]:.1f}s")
+        print(f"\ncopy with a dead and a silent node: first {times[0]:.1f}s, next {times[1]:.1f}s")
         assert times[0] < 60, times  # the connect deadline (20 s), not a transfer timeout
         log = s.bridge.log()
         # The second session did not try the silent node again: it was down.

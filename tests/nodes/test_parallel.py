@@ -46,11 +46,13 @@ def test_j64_to_a_cluster(
     proxy_repo: AnnexRepo,
     node_net: NodeNet,
 ) -> None:
-    c = setup_cluster(make_nodes, make_node_bridge, make_client, proxy_repo, node_net,
-                      kinds=("p2p", "tor"))
+    c = setup_cluster(
+        make_nodes, make_node_bridge, make_client, proxy_repo, node_net, kinds=("p2p", "tor")
+    )
     files = parallel_files(c.client)
-    run_parallel_workflow(c.client, ENDPOINT, files, lambda key: bool(c.holding(key)),
-                          force_local_drop=True)
+    run_parallel_workflow(
+        c.client, ENDPOINT, files, lambda key: bool(c.holding(key)), force_local_drop=True
+    )
     log = c.bridge.log()
     assert "authentication failed" not in log
     assert peak_sessions(log) > 16, peak_sessions(log)
@@ -117,8 +119,9 @@ def test_cluster_stores_nowhere_then_back(
 ) -> None:
     """No node of the cluster can take a PUT; once they are back, the next
     transfer of the same process works on the same connection."""
-    c = setup_cluster(make_nodes, make_node_bridge, make_client, proxy_repo, node_net,
-                      kinds=("p2p", "tor"))
+    c = setup_cluster(
+        make_nodes, make_node_bridge, make_client, proxy_repo, node_net, kinds=("p2p", "tor")
+    )
     two_files(c.client)
     with batch_copy(c.client, ENDPOINT, "--fast") as batch:
         assert batch.copy("a")["success"] is True

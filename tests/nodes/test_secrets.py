@@ -80,8 +80,12 @@ def test_no_token_in_the_debug_log(
     assert " DEBUG " in log, "the daemon did not log at debug level"
     assert "client: AUTH" in log and "<token>" in log, log[-2000:]  # logged, redacted
     assert "authentication failed" in log
-    for name, token in (("client", client.token), ("node", node_token), ("wrong", wrong),
-                        ("linked client", _linked_token(s))):
+    for name, token in (
+        ("client", client.token),
+        ("node", node_token),
+        ("wrong", wrong),
+        ("linked client", _linked_token(s)),
+    ):
         for form in _forms(token):
             assert form not in log, f"the {name} token is in the daemon's log"
     # Nor in what the bridge keeps at rest besides the node tokens git-annex stores.

@@ -68,8 +68,9 @@ def test_node_silent_before_its_put_result(setup_node: Callable[..., Setup]) -> 
     s.client.add_file("big", data)
     key = s.client.key("big")
     with silent_node(s, up_line="VALID") as silence:
-        copy = s.client.annex("copy", "--to", s.remote, "--debug", "big", check=False,
-                              timeout=BOUND)
+        copy = s.client.annex(
+            "copy", "--to", s.remote, "--debug", "big", check=False, timeout=BOUND
+        )
     print(f"\nnode silent {silence[0]:.1f}s after VALID (bridge limits {scaled_defaults()})")
     assert s.net.fired(s.node.name)
     assert silence[0] >= SILENT > SHORT
@@ -87,8 +88,9 @@ def test_node_silent_before_its_data(setup_node: Callable[..., Setup]) -> None:
     s.client.annex("copy", "--to", s.remote, "big", timeout=BOUND)
     s.client.annex("drop", "big")
     with silent_node(s, up_line="GET ") as silence:
-        get = s.client.annex("get", "--from", s.remote, "--debug", "big", check=False,
-                             timeout=BOUND)
+        get = s.client.annex(
+            "get", "--from", s.remote, "--debug", "big", check=False, timeout=BOUND
+        )
     print(f"\nnode silent {silence[0]:.1f}s before DATA")
     assert s.net.fired(s.node.name)
     assert silence[0] >= SILENT

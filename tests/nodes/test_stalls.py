@@ -136,7 +136,9 @@ def next_session_works(s: Setup) -> None:
     ],
 )
 def test_node_stalls_during_put(
-    phase: str, trigger: dict[str, object], causes: tuple[str, ...],
+    phase: str,
+    trigger: dict[str, object],
+    causes: tuple[str, ...],
     setup_node: Callable[..., Setup],
 ) -> None:
     s = setup_node("p2p", limits=STALLS)
@@ -146,8 +148,11 @@ def test_node_stalls_during_put(
     s.client.add_file("big", data)
     key = s.client.key("big")
     with frozen_node(s, **trigger):
-        first, took = timed(lambda: s.client.annex(
-            "copy", "--to", s.remote, "--debug", "big", check=False, timeout=BOUND))
+        first, took = timed(
+            lambda: s.client.annex(
+                "copy", "--to", s.remote, "--debug", "big", check=False, timeout=BOUND
+            )
+        )
         told(first, s, took, *causes)
         # Not recorded as stored anywhere while the node is frozen.
         assert s.node.uuid not in whereis_uuids(s.proxy, key)
@@ -192,8 +197,11 @@ def test_node_stalls_during_get(
     s.client.annex("copy", "--to", s.remote, "big", timeout=BOUND)
     s.client.annex("drop", "big")
     with frozen_node(s, **trigger):
-        first, took = timed(lambda: s.client.annex(
-            "get", "--from", s.remote, "--debug", "big", check=False, timeout=BOUND))
+        first, took = timed(
+            lambda: s.client.annex(
+                "get", "--from", s.remote, "--debug", "big", check=False, timeout=BOUND
+            )
+        )
         if phase == "request":
             told(first, s, took, "no message before the deadline")
         else:
@@ -229,8 +237,11 @@ def test_node_stalls_on_remove(setup_node: Callable[..., Setup]) -> None:
     s.client.annex("copy", "--to", s.remote, "f")
     wait_location(s.proxy, key, s.node.uuid, present=True)
     with frozen_node(s, up_line="REMOVE"):
-        first, took = timed(lambda: s.client.annex(
-            "drop", "--from", s.remote, "--debug", "f", check=False, timeout=BOUND))
+        first, took = timed(
+            lambda: s.client.annex(
+                "drop", "--from", s.remote, "--debug", "f", check=False, timeout=BOUND
+            )
+        )
         told(first, s, took, "no message before the deadline")
         assert s.node.uuid in whereis_uuids(s.client, key)  # not claimed removed
         # The bridge cannot know whether the node removed it: its log stops
@@ -255,8 +266,9 @@ def test_node_stalls_before_answering_lockcontent(setup_node: Callable[..., Setu
     key = s.client.key("f")
     s.client.annex("copy", "--to", s.remote, "f")
     with frozen_node(s, up_line="LOCKCONTENT"):
-        drop, took = timed(lambda: s.client.annex(
-            "drop", "--debug", "f", check=False, timeout=BOUND))
+        drop, took = timed(
+            lambda: s.client.annex("drop", "--debug", "f", check=False, timeout=BOUND)
+        )
         told(drop, s, took, "no message before the deadline")
         assert s.client.read("f") == content  # not dropped without the lock
     settle(s)
@@ -281,11 +293,13 @@ def test_node_stalls_holding_a_lock(setup_node: Callable[..., Setup]) -> None:
     key = s.client.key("f")
     s.client.annex("copy", "--to", s.remote, "f")
     with frozen_node(s, down_after_up_line="LOCKCONTENT"):
-        drop, took = timed(lambda: s.client.annex(
-            "drop", "--debug", "f", check=False, timeout=BOUND))
+        drop, took = timed(
+            lambda: s.client.annex("drop", "--debug", "f", check=False, timeout=BOUND)
+        )
         print(f"\ndrop under a frozen node's lock: ok={drop.ok} after {took:.1f}s")
         assert "P2P < SUCCESS" in drop.output and "P2P > UNLOCKCONTENT" in drop.output, (
-            drop.describe())
+            drop.describe()
+        )
         assert took < BOUND
         # The bridge does not wait for the frozen node to end the session.
         left = s.bridge.wait_idle(30)
@@ -307,8 +321,9 @@ def _stall_client(s: Setup, tmp_path: Path, *args: str, **trigger: int) -> Annex
     """Start ``git-annex ARGS``; it is SIGSTOPped when the node's relay sees ``trigger``."""
     pidfile = tmp_path / "client.pid"
     pidfile.write_text("0")
-    s.net.set_fault(s.node.name, kill_file=str(pidfile), signal=int(signal.SIGSTOP),
-                    stop=False, **trigger)
+    s.net.set_fault(
+        s.node.name, kill_file=str(pidfile), signal=int(signal.SIGSTOP), stop=False, **trigger
+    )
     proc = AnnexProcess(s.client, *args, "--debug")
     pidfile.write_text(str(proc.pid))
     wait_for(lambda: s.net.fired(s.node.name), BOUND, "the client to be stopped")
@@ -382,8 +397,9 @@ def _sweep_stale_disks() -> None:
                 continue
             pid = int(source.rsplit("-", 1)[1])
             if not Path(f"/proc/{pid}").exists():
-                subprocess.run(["umount", "-l", target.replace("\\040", " ")],
-                               check=False, timeout=30)
+                subprocess.run(
+                    ["umount", "-l", target.replace("\\040", " ")], check=False, timeout=30
+                )
 
 
 @pytest.fixture
@@ -395,9 +411,17 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mountpoint = tmp_path / "disk"
     mountpoint.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755",
-         f"{DISK_TAG}-{os.getpid()}", str(mountpoint)],
-        check=True, timeout=30,
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=48m,mode=0755",
+            f"{DISK_TAG}-{os.getpid()}",
+            str(mountpoint),
+        ],
+        check=True,
+        timeout=30,
     )
     try:
         yield mountpoint
@@ -406,9 +430,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("reserve", ["default", "none"])
-def test_node_disk_full(
-    reserve: str, small_disk: Path, setup_node: Callable[..., Setup]
-) -> None:
+def test_node_disk_full(reserve: str, small_disk: Path, setup_node: Callable[..., Setup]) -> None:
     """A 64 MiB copy to a node on a 48 MiB disk.
 
     ``default``: git-annex's annex.diskreserve (100 MiB) makes the node
@@ -424,10 +446,11 @@ def test_node_disk_full(
     s.client.add_files({"huge": huge, "small": b"fits\n"})
     key = s.client.key("huge")
 
-    first = s.client.annex("copy", "--to", s.remote, "--debug", "huge",
-                           check=False, timeout=BOUND)
-    print(f"\ncopy to a full node ({reserve}): ok={first.ok}, ERROR {p2p_errors(first)}, "
-          f"{[ln for ln in first.output.splitlines() if 'P2P < FAILURE' in ln][:1]}")
+    first = s.client.annex("copy", "--to", s.remote, "--debug", "huge", check=False, timeout=BOUND)
+    print(
+        f"\ncopy to a full node ({reserve}): ok={first.ok}, ERROR {p2p_errors(first)}, "
+        f"{[ln for ln in first.output.splitlines() if 'P2P < FAILURE' in ln][:1]}"
+    )
     assert not first.ok, first.describe()
     assert "copy huge" in first.output and "failed" in first.output, first.describe()
     settle(s)

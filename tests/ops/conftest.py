@@ -107,8 +107,13 @@ class FakeTor:
     connections and never answer).
     """
 
-    def __init__(self, path: Path, auth: str = "NULL", version: str = "0.4.8.10",
-                 consensus_at: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        auth: str = "NULL",
+        version: str = "0.4.8.10",
+        consensus_at: float | None = None,
+    ) -> None:
         self.path = path
         self.auth = auth
         self.version = version
@@ -150,12 +155,15 @@ class FakeTor:
                 line = raw.decode().strip()
                 if self.consensus_at is not None:
                     after = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.consensus_at))
-                    until = time.strftime("%Y-%m-%d %H:%M:%S",
-                                          time.gmtime(self.consensus_at + 3 * 3600))
+                    until = time.strftime(
+                        "%Y-%m-%d %H:%M:%S", time.gmtime(self.consensus_at + 3 * 3600)
+                    )
                     replies["GETINFO consensus/valid-after"] = (
-                        f"250-consensus/valid-after={after}\r\n250 OK\r\n")
+                        f"250-consensus/valid-after={after}\r\n250 OK\r\n"
+                    )
                     replies["GETINFO consensus/valid-until"] = (
-                        f"250-consensus/valid-until={until}\r\n250 OK\r\n")
+                        f"250-consensus/valid-until={until}\r\n250 OK\r\n"
+                    )
                 reply = next(
                     (r for cmd, r in replies.items() if line.startswith(cmd)),
                     "552 Unrecognized key\r\n" if line.startswith("GETINFO") else "250 OK\r\n",

@@ -150,9 +150,7 @@ def test_all_good(host: Host, fake_tor: Callable[..., FakeTor], socks_listener: 
     assert "1 token(s)" in line(checks, "tokens")
 
 
-def test_tor_too_old_for_a_configured_feature(
-    host: Host, fake_tor: Callable[..., FakeTor]
-) -> None:
+def test_tor_too_old_for_a_configured_feature(host: Host, fake_tor: Callable[..., FakeTor]) -> None:
     host.tor.update(control=fake_tor(version="0.4.5.16").address, client_auth=True)
     checks = host.run()
     found = next(c for c in checks if c.name == "tor features")
@@ -385,8 +383,16 @@ def test_expose_remote_through_git_annex_shell(host: Host, tmp_path: Path) -> No
 def test_expose_special_remote_published_in_remote_log(host: Host, tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    git(host.repo, "annex", "initremote", "sr", "type=directory", f"directory={store}",
-        "encryption=none", "autoenable=true")
+    git(
+        host.repo,
+        "annex",
+        "initremote",
+        "sr",
+        "type=directory",
+        f"directory={store}",
+        "encryption=none",
+        "autoenable=true",
+    )
     git(host.repo, "config", "remote.sr.annex-proxy", "true")
     git(host.repo, "annex", "updateproxy")
     host.expose.append(("sr", "sr", 5001))
@@ -395,8 +401,14 @@ def test_expose_special_remote_published_in_remote_log(host: Host, tmp_path: Pat
     assert report.startswith("WARN") or "warn" in report.lower(), report
     assert "autoenable=true" in report and "enableremote sr autoenable=false" in report, report
     assert exit_status(checks) == 0  # a warning only: the endpoint works
-    git(host.repo, "annex", "enableremote", "sr", "autoenable=false",  # the fix it names
-        f"directory={store}")
+    git(
+        host.repo,
+        "annex",
+        "enableremote",
+        "sr",
+        "autoenable=false",  # the fix it names
+        f"directory={store}",
+    )
     report = line(host.run(), "expose sr")
     assert report.startswith("ok   expose sr: port 5001: remote sr"), report
     assert "special remote in remote.log" in report and "verify it once" in report, report

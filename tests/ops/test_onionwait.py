@@ -43,9 +43,21 @@ def write_config(tmp_path: Path) -> Path:
 def token_add(config: Path, *extra: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen(
-        [sys.executable, "-m", "torbridge", "--config", str(config), "token", "add", "alice",
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torbridge",
+            "--config",
+            str(config),
+            "token",
+            "add",
+            "alice",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 

@@ -115,7 +115,10 @@ def _serve(host: Host, timeout: float = 30.0) -> subprocess.CompletedProcess[str
     try:
         return subprocess.run(
             [sys.executable, "-m", "torbridge", "--config", str(host.config_path), "serve"],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the daemon started with a bad remote (still running after 30 s)")
@@ -147,8 +150,9 @@ def test_doctor_and_daemon_refuse_a_bad_address(host: Host, trap: Path, url: str
     assert "Traceback" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("uuid", ["-uuid", "--uuid=x", "5f4e3d2c 0000", "5f4e3d2c\nERROR x",
-                                  "a\x1bb", "x" * 65])
+@pytest.mark.parametrize(
+    "uuid", ["-uuid", "--uuid=x", "5f4e3d2c 0000", "5f4e3d2c\nERROR x", "a\x1bb", "x" * 65]
+)
 def test_a_remote_uuid_that_is_not_a_uuid_is_refused(host: Host, trap: Path, uuid: str) -> None:
     """annex-uuid goes into AUTH-SUCCESS and git-annex-shell's argv: a UUID or nothing."""
     _link(host.repo, "peer", "p2p-annex::evil:addr", uuid=uuid)
@@ -161,8 +165,12 @@ def test_a_remote_uuid_that_is_not_a_uuid_is_refused(host: Host, trap: Path, uui
     assert "not a valid UUID" in result.stderr, result.stderr
 
 
-def _cluster(repo: Path, node: str, node_uuid: str = UUID,
-             cluster_uuid: str = "ac59f2a8-0000-4000-8000-000000000c1c") -> None:
+def _cluster(
+    repo: Path,
+    node: str,
+    node_uuid: str = UUID,
+    cluster_uuid: str = "ac59f2a8-0000-4000-8000-000000000c1c",
+) -> None:
     git(repo, "config", "annex.cluster.c1", cluster_uuid)
     _link(repo, node, "p2p-annex::evil:addr", uuid=node_uuid)
     git(repo, "config", f"remote.{node}.annex-cluster-node", "c1")

@@ -310,8 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         net.start()
         for i in range(args.rounds):
             root = Path(tempfile.mkdtemp(prefix="tb-clusterworld-"))
-            world = ClusterTorWorld(net, root, progress=say,
-                                    bridge_pythonpath=args.bridge_pythonpath)
+            world = ClusterTorWorld(
+                net, root, progress=say, bridge_pythonpath=args.bridge_pythonpath
+            )
             try:
                 client = world.client(f"timer{i}")
                 results.append(time_copies_with_a_dead_node(world, client, "n3", args.how))
@@ -321,8 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 world.close(check=False)
                 shutil.rmtree(root, ignore_errors=True)
     for r, n in zip(results, tried, strict=True):
-        print(f"all up {r.all_up:.1f}s; n3 {args.how}: first {r.first:.1f}s, next {r.next:.1f}s"
-              f" (sessions that tried n3: {n})")
+        print(
+            f"all up {r.all_up:.1f}s; n3 {args.how}: first {r.first:.1f}s, next {r.next:.1f}s"
+            f" (sessions that tried n3: {n})"
+        )
     return 0
 
 

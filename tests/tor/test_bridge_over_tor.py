@@ -170,9 +170,7 @@ def test_node_endpoint_relays_through_tor(world: TorWorld) -> None:
     assert "node1" in world.bridge.log()
 
 
-@pytest.mark.parametrize(
-    ("port", "remote"), [(HUB_PORT, "hub"), (NODE_VIA_BRIDGE_PORT, "nodevia")]
-)
+@pytest.mark.parametrize(("port", "remote"), [(HUB_PORT, "hub"), (NODE_VIA_BRIDGE_PORT, "nodevia")])
 def test_j64_through_one_circuit(world: TorWorld, port: int, remote: str) -> None:
     """One client's ``copy --to -J64`` and ``get --from -J64`` through the
     onion with one token: every stream rides the client's one rendezvous
@@ -271,8 +269,9 @@ def test_remotedaemon_over_tor_fetches_a_push(world: TorWorld) -> None:
         commit = bob.commit_git_file("over-tor.txt", b"pushed over tor\n", "over tor")
         bob.git("push", "hub", "HEAD:refs/heads/over-tor", timeout=T)
         assert watcher.expect("DONESYNCING ", timeout=T).endswith(" 1"), watcher.seen
-        got = alice.git("rev-parse", "--verify", "--quiet", "refs/remotes/hub/over-tor",
-                        check=False).stdout.strip()
+        got = alice.git(
+            "rev-parse", "--verify", "--quiet", "refs/remotes/hub/over-tor", check=False
+        ).stdout.strip()
         assert got == commit, watcher.seen
     finally:
         watcher.stop()

@@ -113,10 +113,26 @@ def world(testnet: TestNet, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         env = AnnexEnv.create(root / "env")
         proxy = AnnexRepo.create(env, root / "proxy", "proxy")
         assert client_tor.socks is not None
-        bridge = AuthBridge(env, proxy.path, root / "bridge", [Expose("hub", ".", HUB_PORT)],
-                            control=service_tor.control, socks=client_tor.socks)
-        yield AuthWorld(testnet, client_tor, service_tor, auth_dir, netns,
-                        env, NetnsAnnexEnv.inside(env, netns), proxy, bridge, root)
+        bridge = AuthBridge(
+            env,
+            proxy.path,
+            root / "bridge",
+            [Expose("hub", ".", HUB_PORT)],
+            control=service_tor.control,
+            socks=client_tor.socks,
+        )
+        yield AuthWorld(
+            testnet,
+            client_tor,
+            service_tor,
+            auth_dir,
+            netns,
+            env,
+            NetnsAnnexEnv.inside(env, netns),
+            proxy,
+            bridge,
+            root,
+        )
     finally:
         if bridge is not None:
             if bridge.running:
@@ -316,8 +332,9 @@ def test_status_shows_the_publishing_tors_health(world: AuthWorld) -> None:
     assert "tor: ok; bootstrap 100%, network up, " in text, text
     assert "introduction points" in text and ": uploaded " in text, text
     metrics = world.bridge.cli("status", "--metrics").stdout
-    assert "torbridge_onion_degraded 0" in metrics and "torbridge_tor_bootstrap_percent 100" \
-        in metrics, metrics
+    assert (
+        "torbridge_onion_degraded 0" in metrics and "torbridge_tor_bootstrap_percent 100" in metrics
+    ), metrics
 
 
 def test_the_clients_that_fit_fit_in_tors_descriptor(world: AuthWorld, tmp_path: Path) -> None:
@@ -329,10 +346,20 @@ def test_the_clients_that_fit_fit_in_tors_descriptor(world: AuthWorld, tmp_path:
         for count, which in ((1, keys[:1]), (n, keys)):
             state = tmp_path / str(count)
             state.mkdir()
-            onion = publish(c, state, {5000: tmp_path / "x.sock"}, 32, 180,
-                            pow_defenses=PowDefenses(), client_keys=which)
+            onion = publish(
+                c,
+                state,
+                {5000: tmp_path / "x.sock"},
+                32,
+                180,
+                pow_defenses=PowDefenses(),
+                client_keys=which,
+            )
             size = len(c.get_info(f"hs/service/desc/id/{onion.removesuffix('.onion')}"))
-            log.info("descriptor with %d clients: %d bytes (estimate %d)",
-                     count, size, descriptor_size(count))
+            log.info(
+                "descriptor with %d clients: %d bytes (estimate %d)",
+                count,
+                size,
+                descriptor_size(count),
+            )
             assert size <= descriptor_size(count) <= MAX_DESCRIPTOR, (count, size)
-

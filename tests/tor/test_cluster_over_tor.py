@@ -113,9 +113,7 @@ def test_j64_through_the_cluster_endpoint(world: ClusterTorWorld) -> None:
 
 
 @pytest.mark.parametrize("how", ["stopped", "frozen"])
-def test_a_dead_node_holds_no_copy_up_and_is_used_again(
-    world: ClusterTorWorld, how: str
-) -> None:
+def test_a_dead_node_holds_no_copy_up_and_is_used_again(world: ClusterTorWorld, how: str) -> None:
     """n3 dies while the client tor knows its descriptor: "stopped", its
     daemon stops and its onion service is removed from tor; "frozen", its
     host's tor is SIGSTOPped, the onion still published and nobody
@@ -134,16 +132,22 @@ def test_a_dead_node_holds_no_copy_up_and_is_used_again(
         for name in LIVE:  # the bytes the client added, on each live node
             assert world.nodes[name].repo.key_content(key) == client.key_content(key)
         assert success_plus(copy) == live_uuids, copy.describe()[-3000:]
-        wait_for(lambda key=key: logged_nodes(world, key) == LIVE, 60,  # type: ignore[misc]
-                 f"the proxy's location log to list exactly {LIVE}", interval=0.5)
+        wait_for(
+            lambda key=key: logged_nodes(world, key) == LIVE,
+            60,  # type: ignore[misc]
+            f"the proxy's location log to list exactly {LIVE}",
+            interval=0.5,
+        )
     text = world.bridge.log()
     # The first session found n3 unreachable; the next one did not try it again.
     assert text.count(f"node {DEAD} unreachable") == tried_before + 1, text[-5000:]
     state = node_states(world)
     assert state[DEAD]["up"] is False and all(state[n]["up"] for n in LIVE), state
     assert world.bridge.cli("status").stdout.count(f"node {DEAD}: DOWN") == 1
-    print(f"\ncopy over Tor: all nodes up {times.all_up:.1f}s; with {DEAD} {how}:"
-          f" first {times.first:.1f}s, next {times.next:.1f}s")
+    print(
+        f"\ncopy over Tor: all nodes up {times.all_up:.1f}s; with {DEAD} {how}:"
+        f" first {times.first:.1f}s, next {times.next:.1f}s"
+    )
 
     # n3 comes back.
     if how == "stopped":

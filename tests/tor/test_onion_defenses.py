@@ -63,20 +63,35 @@ def test_this_tor_takes_pow_in_add_onion(controller: Any) -> None:
 
 
 def test_published_service_carries_pow_and_stream_cap(controller: Any, tmp_path: Path) -> None:
-    onion = publish(controller, tmp_path, {5000: tmp_path / "hub.sock"}, 32, PUBLISH_TIMEOUT,
-                    pow_defenses=PowDefenses(True, queue_rate=100, queue_burst=1000))
+    onion = publish(
+        controller,
+        tmp_path,
+        {5000: tmp_path / "hub.sock"},
+        32,
+        PUBLISH_TIMEOUT,
+        pow_defenses=PowDefenses(True, queue_rate=100, queue_burst=1000),
+    )
     [add] = [m for m in controller.sent if m.startswith("ADD_ONION")]
     assert " Flags=MaxStreamsCloseCircuit MaxStreams=32 " in add, add
     assert " PoWDefensesEnabled=1 PoWQueueRate=100 PoWQueueBurst=1000 " in add, add
     assert onion.removesuffix(".onion") in controller.get_info("onions/current").split()
-    pow_lines = [ln for ln in inner_descriptor(controller, onion).splitlines()
-                 if ln.startswith("pow-params ")]
+    pow_lines = [
+        ln
+        for ln in inner_descriptor(controller, onion).splitlines()
+        if ln.startswith("pow-params ")
+    ]
     assert len(pow_lines) == 1 and pow_lines[0].startswith("pow-params v1 "), pow_lines
 
 
 def test_pow_off_publishes_without_it(controller: Any, tmp_path: Path) -> None:
-    onion = publish(controller, tmp_path, {5000: tmp_path / "hub.sock"}, None, PUBLISH_TIMEOUT,
-                    pow_defenses=PowDefenses(enabled=False))
+    onion = publish(
+        controller,
+        tmp_path,
+        {5000: tmp_path / "hub.sock"},
+        None,
+        PUBLISH_TIMEOUT,
+        pow_defenses=PowDefenses(enabled=False),
+    )
     [add] = [m for m in controller.sent if m.startswith("ADD_ONION")]
     assert "PoW" not in add and "MaxStreams" not in add, add
     assert "pow-params" not in inner_descriptor(controller, onion)
@@ -85,8 +100,10 @@ def test_pow_off_publishes_without_it(controller: Any, tmp_path: Path) -> None:
 def test_tor_checks_the_keywords_it_is_given(controller: Any, tmp_path: Path) -> None:
     """So an accepted ADD_ONION means tor understood them: a wrong one is refused."""
     target = f"Port=5000,unix:{tmp_path / 'hub.sock'}"
-    for bad, why in (("PoWDefensesEnabled=2", "Invalid PoWDefensesEnabled"),
-                     ("PoWQueueRate=-1", "Invalid PoWQueueRate"),
-                     ("PoWNoSuchThing=1", "Unrecognized keyword")):
+    for bad, why in (
+        ("PoWDefensesEnabled=2", "Invalid PoWDefensesEnabled"),
+        ("PoWQueueRate=-1", "Invalid PoWQueueRate"),
+        ("PoWNoSuchThing=1", "Unrecognized keyword"),
+    ):
         reply = controller.msg(f"ADD_ONION NEW:ED25519-V3 Flags=DiscardPK {bad} {target}")
         assert not reply.is_ok() and why in str(reply), (bad, str(reply))

@@ -43,10 +43,18 @@ WANTED_TTL = 10.0  # seconds a node's preferred content expression is reused
 MAX_RUNNING = 4  # git-annex processes evaluating at once (they are CPU-bound)
 _MAX_PATH = 4096
 # Set for each query; inherited values of these would point git elsewhere.
-_REPOSITORY_VARIABLES = frozenset({
-    "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR", "GIT_NAMESPACE", "GIT_PREFIX",
-})
+_REPOSITORY_VARIABLES = frozenset(
+    {
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+        "GIT_INDEX_FILE",
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_COMMON_DIR",
+        "GIT_NAMESPACE",
+        "GIT_PREFIX",
+    }
+)
 _MAX_COMPONENT = 255
 
 
@@ -84,9 +92,7 @@ class PreferredContent:
 
     # --- the answer ------------------------------------------------------------------
 
-    async def wanted(
-        self, remotes: Sequence[str], key: str, af: str | None
-    ) -> dict[str, bool]:
+    async def wanted(self, remotes: Sequence[str], key: str, af: str | None) -> dict[str, bool]:
         """For each remote name in ``remotes``: does its preferred content want ``key``?
 
         An unset expression wants everything, as for git-annex's gateway.
@@ -118,7 +124,8 @@ class PreferredContent:
             for remote in to_ask:
                 log.info(
                     "preferred content of %s not evaluated (%s): sending it",
-                    remote, "no usable file name" if af else "the PUT names no file",
+                    remote,
+                    "no usable file name" if af else "the PUT names no file",
                 )
                 answers[remote] = True
             return answers
@@ -134,8 +141,11 @@ class PreferredContent:
         try:
             with trio.fail_after(QUERY_TIMEOUT):
                 done = await trio.run_process(
-                    ["git", "annex", "wanted", remote], cwd=self.repository,
-                    capture_stdout=True, capture_stderr=True, check=False,
+                    ["git", "annex", "wanted", remote],
+                    cwd=self.repository,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
                 )
         except (trio.TooSlowError, OSError) as e:
             log.warning("git annex wanted %s failed (%s): taken as unset", remote, e)
@@ -158,7 +168,8 @@ class PreferredContent:
         except (trio.TooSlowError, OSError, subprocess.CalledProcessError) as e:
             log.warning(
                 "preferred content of %s not known (%s): sending it anyway",
-                ", ".join(remotes), _why(e),
+                ", ".join(remotes),
+                _why(e),
             )
             return dict.fromkeys(remotes, True)
         finally:
@@ -167,19 +178,28 @@ class PreferredContent:
         return answers
 
     async def _ask(
-        self, remote: str, path: str, query: Path, env: Mapping[str, str],
+        self,
+        remote: str,
+        path: str,
+        query: Path,
+        env: Mapping[str, str],
         answers: dict[str, bool],
     ) -> None:
         argv = ["git", "annex", "find", f"--want-get-by={remote}", "--", path]
         async with self._running:
             done = await trio.run_process(
-                argv, cwd=query / "wt", env=env, capture_stdout=True,
-                capture_stderr=True, check=False,
+                argv,
+                cwd=query / "wt",
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
             )
         if done.returncode != 0:
             log.warning(
                 "preferred content of %s not decided (%s): sending it anyway",
-                remote, done.stderr.decode("utf-8", "replace").strip()[:300],
+                remote,
+                done.stderr.decode("utf-8", "replace").strip()[:300],
             )
             return
         answers[remote] = bool(done.stdout.strip())
@@ -206,8 +226,12 @@ class PreferredContent:
         stage_env = {**env, "GIT_OBJECT_DIRECTORY": str(scratch / "objects")}
         del stage_env["GIT_ALTERNATE_OBJECT_DIRECTORIES"]
         await trio.run_process(
-            ["git", "update-index", "--add", "--", path], cwd=query / "wt", env=stage_env,
-            capture_stdout=True, capture_stderr=True, check=True,
+            ["git", "update-index", "--add", "--", path],
+            cwd=query / "wt",
+            env=stage_env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=True,
         )
         return query, env
 
@@ -217,8 +241,11 @@ class PreferredContent:
                 return self._scratch
             if self._git_dir is None:
                 done = await trio.run_process(
-                    ["git", "rev-parse", "--absolute-git-dir"], cwd=self.repository,
-                    capture_stdout=True, capture_stderr=True, check=True,
+                    ["git", "rev-parse", "--absolute-git-dir"],
+                    cwd=self.repository,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=True,
                 )
                 self._git_dir = done.stdout.decode().strip()
             if self.scratch_parent is not None:

@@ -252,9 +252,7 @@ def _parse_balance(p: _Parser, raw: Any, tor: Tor) -> Balance:
     if "sync_interval" in raw:
         sync_interval = p.number(raw["sync_interval"], "sync_interval", "balance")
         if not 0 <= sync_interval <= 86400:
-            raise p.error(
-                _where("sync_interval", "balance"), "must be between 0 and 86400 seconds"
-            )
+            raise p.error(_where("sync_interval", "balance"), "must be between 0 and 86400 seconds")
     frontend_dir = None
     if "frontend_dir" in raw:
         value = p.string(raw["frontend_dir"], "frontend_dir", "balance")
@@ -339,8 +337,19 @@ def _parse_tor(p: _Parser, raw: Any) -> Tor:
         if not 1 <= node_circuits <= 64:
             raise p.error(_where("node_circuits", "tor"), "must be between 1 and 64")
     return Tor(
-        socks, control, password, onion, hs_dir, max_streams, export, pow_defenses, rate, burst,
-        client_auth=client_auth, metrics_port=metrics_port, node_circuits=node_circuits,
+        socks,
+        control,
+        password,
+        onion,
+        hs_dir,
+        max_streams,
+        export,
+        pow_defenses,
+        rate,
+        burst,
+        client_auth=client_auth,
+        metrics_port=metrics_port,
+        node_circuits=node_circuits,
     )
 
 

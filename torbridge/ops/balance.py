@@ -226,9 +226,14 @@ def doctor_checks(config: Config) -> list[tuple[bool, str, str]]:
         if master == balance.frontend:
             found.append((True, f"ob_config names the frontend {balance.frontend}", ""))
         else:
-            found.append((False, f"{hs_dir / OB_CONFIG} names {master}, not {balance.frontend}",
-                          f"torbridge balance instance-config > {hs_dir / OB_CONFIG},"
-                          " then restart tor (tor reads it at start only)"))
+            found.append(
+                (
+                    False,
+                    f"{hs_dir / OB_CONFIG} names {master}, not {balance.frontend}",
+                    f"torbridge balance instance-config > {hs_dir / OB_CONFIG},"
+                    " then restart tor (tor reads it at start only)",
+                )
+            )
     if balance.frontend_dir is not None:
         found += _frontend_checks(balance.frontend_dir, balance.frontend)
     return found
@@ -240,20 +245,31 @@ def _frontend_checks(directory: Path, frontend: str) -> list[tuple[bool, str, st
         check_key_mode(key)
         address = frontend_address(key)
     except OSError as e:
-        return [(False, f"cannot read the frontend key {key}: {e.strerror}",
-                 "run doctor as the user onionbalance runs as; torbridge balance frontend --dir")]
+        return [
+            (
+                False,
+                f"cannot read the frontend key {key}: {e.strerror}",
+                "run doctor as the user onionbalance runs as; torbridge balance frontend --dir",
+            )
+        ]
     except BalanceError as e:
         return [(False, str(e), f"chmod 600 {key}")]
-    found = [(address == frontend, f"frontend key {key} is {address}",
-              "" if address == frontend else f"set [balance] frontend = {address!r}")]
+    found = [
+        (
+            address == frontend,
+            f"frontend key {key} is {address}",
+            "" if address == frontend else f"set [balance] frontend = {address!r}",
+        )
+    ]
     try:
         instances = read_instances(directory)
         agree(instances, frontend)
     except (OSError, ValueError, BalanceError) as e:
         found.append((False, f"instances: {e}", "torbridge balance frontend --dir DIR LINE..."))
     else:
-        found.append((True, f"{len(instances)} instances agree on ports "
-                      f"{list(instances[0].ports)}", ""))
+        found.append(
+            (True, f"{len(instances)} instances agree on ports {list(instances[0].ports)}", "")
+        )
     return found
 
 

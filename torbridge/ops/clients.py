@@ -102,10 +102,8 @@ def _apply(
                 f" chown them to tor's user, then `systemctl reload tor`:\n{lines}"
             )
         if tor.control is None:
-            return (
-                "reload tor now (`systemctl reload tor`): it reads authorized_clients/ then;"
-                + (" a revoked client that is connected stays in until tor restarts" if cut
-                   else "")
+            return "reload tor now (`systemctl reload tor`): it reads authorized_clients/ then;" + (
+                " a revoked client that is connected stays in until tor restarts" if cut else ""
             )
         try:
             controller = connect(ControlSpec(tor.control, tor.password))
@@ -114,8 +112,9 @@ def _apply(
         try:
             controller.signal("RELOAD")
             if cut:
-                close_rendezvous(controller, torrc_onion(tor.hidden_service_dir).removesuffix(
-                    ".onion"))
+                close_rendezvous(
+                    controller, torrc_onion(tor.hidden_service_dir).removesuffix(".onion")
+                )
         finally:
             controller.close()
         say("tor reloaded: it publishes the new descriptor within a minute or so")

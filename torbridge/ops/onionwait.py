@@ -34,7 +34,7 @@ NOT_RUNNING = (
 )
 PUBLISHING = (
     "the onion service is not published yet (tor is uploading its descriptor, usually"
-    " within a minute; `torbridge status` shows \"published\" when it is done): link only"
+    ' within a minute; `torbridge status` shows "published" when it is done): link only'
     " then, or the client's tor fails and does not look the address up again for up to"
     f" {REQUERY_MINUTES} minutes"
 )

@@ -18,19 +18,21 @@ from torbridge.protocol import messages as m
 UNREACHABLE = "unreachable"
 CONNECTION_LOST = "connection lost"
 PROTOCOL_ERROR = "protocol error"
-FIXED_REASONS = frozenset({
-    "closed inside a DATA body",
-    "connection closed",
-    "connection lost",
-    "connection lost during transfer",
-    "line over the limit",
-    "no message before the deadline",
-    "no answer before the deadline",
-    "not reading",
-    "peer closed the connection",
-    "stalled inside a DATA body",
-    UNREACHABLE,
-})
+FIXED_REASONS = frozenset(
+    {
+        "closed inside a DATA body",
+        "connection closed",
+        "connection lost",
+        "connection lost during transfer",
+        "line over the limit",
+        "no message before the deadline",
+        "no answer before the deadline",
+        "not reading",
+        "peer closed the connection",
+        "stalled inside a DATA body",
+        UNREACHABLE,
+    }
+)
 
 # A node's own ERROR text is passed on only when it is plainly one of
 # git-annex's own words: short, printable, and naming no path, address or
@@ -54,11 +56,7 @@ def peer_reason(reason: str) -> str:
 
 def relayable(text: str) -> bool:
     """Whether a peer's ERROR text may reach the client as it is."""
-    return (
-        len(text) <= _MAX_RELAYED
-        and text.isprintable()
-        and _INTERNALS.search(text) is None
-    )
+    return len(text) <= _MAX_RELAYED and text.isprintable() and _INTERNALS.search(text) is None
 
 
 def relayed_error(peer: str, error: m.Error) -> m.Error:

@@ -296,9 +296,7 @@ class PutFanout:
             self.stored.extend(_succeeded_uuids(self.targets[node], reply, self.members))
         elif isinstance(reply, m.FailurePlus):
             # A gateway node: some of its nodes stored it, some did not.
-            named = repository_uuids(
-                cluster_members(self.targets[node], reply.uuids, self.members)
-            )
+            named = repository_uuids(cluster_members(self.targets[node], reply.uuids, self.members))
             self.succeeded = self.succeeded or bool(named)
             self.stored.extend(named)
             self.failed.setdefault(node, "FAILURE-PLUS")

@@ -246,9 +246,21 @@ class Log:
 
 
 Action = (
-    OpenNode | ProbeNode | ToNode | ToNodeBody | NodeBodyStaged | ReadNodeBody | CloseNode
+    OpenNode
+    | ProbeNode
+    | ToNode
+    | ToNodeBody
+    | NodeBodyStaged
+    | ReadNodeBody
+    | CloseNode
     | QueryLocations
-    | QueryWanted | ReadClock | ToClient | ToClientBody | CutClient | Record | Log
+    | QueryWanted
+    | ReadClock
+    | ToClient
+    | ToClientBody
+    | CutClient
+    | Record
+    | Log
 )
 
 
@@ -613,12 +625,22 @@ class Gateway:
         node still in the old exchange is out of step and is closed."""
         out: list[Action] = []
         stale: set[str] = set(self._busy) | set(self._waiting)
-        if self._get is not None and self._get.node is not None and self.phase in (
-            Phase.GET_BODY, Phase.GET_VALIDITY, Phase.GET_VERDICT,
+        if (
+            self._get is not None
+            and self._get.node is not None
+            and self.phase
+            in (
+                Phase.GET_BODY,
+                Phase.GET_VALIDITY,
+                Phase.GET_VERDICT,
+            )
         ):
             stale.add(self._get.node)
         if self._put is not None and self.phase in (
-            Phase.PUT_DATA, Phase.PUT_BODY, Phase.PUT_VALIDITY, Phase.PUT_RESULTS,
+            Phase.PUT_DATA,
+            Phase.PUT_BODY,
+            Phase.PUT_VALIDITY,
+            Phase.PUT_RESULTS,
         ):
             stale.update(self._put.receiving)
         for name in sorted(stale):
@@ -753,8 +775,12 @@ class Gateway:
                 return self._step_done(name)
             case Phase.GET_START | Phase.GET_BODY | Phase.GET_VALIDITY:
                 return self._get_lost(name, told)
-            case Phase.PUT_OFFERS | Phase.PUT_DATA | Phase.PUT_BODY | Phase.PUT_VALIDITY | (
-                Phase.PUT_RESULTS
+            case (
+                Phase.PUT_OFFERS
+                | Phase.PUT_DATA
+                | Phase.PUT_BODY
+                | Phase.PUT_VALIDITY
+                | (Phase.PUT_RESULTS)
             ):
                 if self._put is not None:
                     self._put.fail(name, told)
@@ -1008,9 +1034,7 @@ class Gateway:
         usable = self.usable()
         # Each node's preferred content, evaluated by git-annex as that node;
         # another gateway weighs its own nodes' itself.
-        asked = tuple(
-            n.name for n in usable if n.gateway is None and n.ref.uuid not in logged
-        )
+        asked = tuple(n.name for n in usable if n.gateway is None and n.ref.uuid not in logged)
         if asked:
             return [QueryWanted(asked, request.key, request.af)]
         return self._put_offer_to(request, {})
@@ -1040,9 +1064,7 @@ class Gateway:
         assert put is not None
         offer = put.offer()
         records: list[Action] = [
-            Record(self._put_key, u, present=True)
-            for u in put.already
-            if not c.is_cluster_uuid(u)
+            Record(self._put_key, u, present=True) for u in put.already if not c.is_cluster_uuid(u)
         ]
         told, logs = self._told(put, offer)
         if isinstance(offer, m.PutFrom):
@@ -1126,9 +1148,7 @@ class Gateway:
         put, self._put = self._put, None
         assert put is not None
         records: list[Action] = [
-            Record(self._put_key, u, present=True)
-            for u in put.stored
-            if not c.is_cluster_uuid(u)
+            Record(self._put_key, u, present=True) for u in put.stored if not c.is_cluster_uuid(u)
         ]
         told, logs = self._told(put, put.outcome())
         return self._answer(told, [*records, *logs])
@@ -1144,5 +1164,3 @@ class Gateway:
             told = "; ".join(reasons) or "the cluster has no node to take it"
             return m.Error(f"{self.name}: no node stored it ({told})"), logs
         return answer, logs
-
-

@@ -467,9 +467,7 @@ class Relay:
                     return [DiscardBody(event.length)]
                 return [DiscardBody(event.length), *self._put_failed()]
             self.phase = Phase.BODY
-            self._after_body = (
-                Phase.CLIENT_VALIDITY if self._validity else Phase.PEER_PUT_RESULT
-            )
+            self._after_body = Phase.CLIENT_VALIDITY if self._validity else Phase.PEER_PUT_RESULT
             return [Send(Side.PEER, event), CopyBody(Side.CLIENT, event.length)]
         if isinstance(event, m.DataPresent) and supports(self.version, Feature.DATA_PRESENT):
             if not self.peer_open:
@@ -534,9 +532,7 @@ class Relay:
             return [Send(Side.CLIENT, event)]
         if isinstance(request, m.Get) and isinstance(event, m.Data):
             self.phase = Phase.BODY
-            self._after_body = (
-                Phase.PEER_VALIDITY if self._validity else Phase.CLIENT_GET_RESULT
-            )
+            self._after_body = Phase.PEER_VALIDITY if self._validity else Phase.CLIENT_GET_RESULT
             return [Send(Side.CLIENT, event), CopyBody(Side.PEER, event.length)]
         self.phase = Phase.IDLE
         return [*self._observe(event), Send(Side.CLIENT, self._told(event))]

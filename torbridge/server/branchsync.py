@@ -79,8 +79,13 @@ class BranchSync:
             try:
                 with trio.fail_after(SYNC_TIMEOUT):
                     result = await trio.run_process(
-                        argv, cwd=self.repository, env=env, check=False,
-                        stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True,
+                        argv,
+                        cwd=self.repository,
+                        env=env,
+                        check=False,
+                        stdin=subprocess.DEVNULL,
+                        capture_stdout=True,
+                        capture_stderr=True,
                     )
             except (OSError, trio.TooSlowError) as e:
                 return self._failed(argv, str(e) or f"no end within {SYNC_TIMEOUT:.0f}s")
@@ -103,6 +108,9 @@ class BranchSync:
     async def _branch(self) -> str:
         result = await trio.run_process(
             ["git", "rev-parse", "--verify", "-q", "refs/heads/git-annex"],
-            cwd=self.repository, check=False, capture_stdout=True, capture_stderr=True,
+            cwd=self.repository,
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
         )
         return result.stdout.decode().strip()

@@ -109,8 +109,15 @@ def current_onion(config: Config) -> str | None:
         controller = connect(ControlSpec(tor.control, tor.password))
         try:
             # A moment's service, to learn the address: no defenses needed.
-            onion = publish(controller, config.state_dir, onion_ports(config), None, 60,
-                            wait=False, pow_defenses=PowDefenses(enabled=False))
+            onion = publish(
+                controller,
+                config.state_dir,
+                onion_ports(config),
+                None,
+                60,
+                wait=False,
+                pow_defenses=PowDefenses(enabled=False),
+            )
             controller.remove_ephemeral_hidden_service(onion.removesuffix(".onion"))
         finally:
             controller.close()
@@ -171,10 +178,16 @@ class Running:
         except ConfigError as e:
             log.error("reload: %s; keeping the running configuration", e)
             return
-        kept = {key: getattr(old, key) for key in _RESTART_KEYS
-                if getattr(new, key) != getattr(old, key)}
-        tor_kept = {key: getattr(old.tor, key) for key in _RESTART_TOR_KEYS
-                    if getattr(new.tor, key) != getattr(old.tor, key)}
+        kept = {
+            key: getattr(old, key)
+            for key in _RESTART_KEYS
+            if getattr(new, key) != getattr(old, key)
+        }
+        tor_kept = {
+            key: getattr(old.tor, key)
+            for key in _RESTART_TOR_KEYS
+            if getattr(new.tor, key) != getattr(old.tor, key)
+        }
         for key in [*kept, *(f"[tor] {k}" for k in tor_kept)]:
             log.warning("reload: %s changed; that takes a restart (keeping the old value)", key)
         new = dataclasses.replace(new, **kept, tor=dataclasses.replace(new.tor, **tor_kept))
@@ -225,8 +238,10 @@ class Running:
         ports = onion_ports(new)
         if publisher is None:
             if new.tor.onion == "torrc" and ports != onion_ports(old):
-                log.warning("reload: the onion's ports changed: install the new"
-                            " `torbridge onion-snippet` and reload tor")
+                log.warning(
+                    "reload: the onion's ports changed: install the new"
+                    " `torbridge onion-snippet` and reload tor"
+                )
             return
         publisher.max_streams = new.tor.max_streams or None
         publisher.pow_defenses = PowDefenses.of(new.tor)
@@ -240,8 +255,14 @@ class Running:
         if error:
             log.error("reload: publishing the onion again failed: %s", error)
 
-    async def _accept(self, name: str, listener: trio.SocketListener, path: Path,
-                      *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _accept(
+        self,
+        name: str,
+        listener: trio.SocketListener,
+        path: Path,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """One endpoint's accept loop; sessions run in the daemon's nursery, so
         cancelling this (drain, reload) only closes the listener."""
         assert self.shared is not None and self.nursery is not None
@@ -249,8 +270,9 @@ class Running:
             self.accepting[name] = scope
             task_status.started()
             try:
-                await _accept_loop(listener, lambda: self.endpoints[name], self.shared,
-                                   self.nursery, self)
+                await _accept_loop(
+                    listener, lambda: self.endpoints[name], self.shared, self.nursery, self
+                )
             finally:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
@@ -260,9 +282,7 @@ class Running:
 
 def _keep_expose(config: Config, old: Expose | None, name: str) -> Config:
     """``config`` with endpoint ``name`` as it was (or without it)."""
-    expose = tuple(
-        (old if x.name == name else x) for x in config.expose if x.name != name or old
-    )
+    expose = tuple((old if x.name == name else x) for x in config.expose if x.name != name or old)
     return dataclasses.replace(config, expose=tuple(x for x in expose if x is not None))
 
 
@@ -388,9 +408,7 @@ async def _handle(stream: trio.SocketStream, endpoint: Endpoint, shared: Shared)
     accepted_at = trio.current_time()
     pending = PendingAuth()
     if admission.enter_pre_auth(pending):
-        log.warning(
-            "%s: too many unauthenticated connections, closing the oldest", endpoint.name
-        )
+        log.warning("%s: too many unauthenticated connections, closing the oldest", endpoint.name)
         shared.registry.connection_refused()
     circuit = None
     client: trio.abc.Stream = stream
@@ -465,8 +483,12 @@ async def run_daemon(config: Config) -> None:
                 if signum == signal.SIGTERM and not draining:
                     draining = True
                     grace = running.config.limits.drain_timeout
-                    log.info("SIGTERM: no new connections; %d request(s) in flight get up to"
-                             " %.0fs to finish", running.in_flight(), grace)
+                    log.info(
+                        "SIGTERM: no new connections; %d request(s) in flight get up to"
+                        " %.0fs to finish",
+                        running.in_flight(),
+                        grace,
+                    )
                     notify.stopping()
                     running.stop_accepting()
                     nursery.start_soon(_drain_then_stop, running, grace, nursery.cancel_scope)
@@ -481,8 +503,11 @@ async def _drain_then_stop(running: Running, grace: float, scope: trio.CancelSco
     with trio.move_on_after(grace) as waited:
         await running.drained()
     if waited.cancelled_caught:
-        log.warning("drain: %d request(s) still in flight after %.0fs; stopping anyway",
-                    running.in_flight(), grace)
+        log.warning(
+            "drain: %d request(s) still in flight after %.0fs; stopping anyway",
+            running.in_flight(),
+            grace,
+        )
     else:
         log.info("drain: no request in flight; stopping")
     scope.cancel()

@@ -74,12 +74,19 @@ def branch_sync(config: Config, shared: Shared) -> BranchSync | None:
     if balance is None or balance.sync_interval <= 0:
         return None
     if balance.git_owner is not None and balance.owner_remote is None:
-        log.warning("[balance] git_owner without owner_remote: the git-annex branch is not"
-                    " synced with the owner's (docs/scale-out.md)")
+        log.warning(
+            "[balance] git_owner without owner_remote: the git-annex branch is not"
+            " synced with the owner's (docs/scale-out.md)"
+        )
         return None
-    return BranchSync(config.repository, balance.sync_interval, config.tor.socks,
-                      balance.owner_remote if balance.git_owner is not None else None,
-                      shared.location_log, shared.query)
+    return BranchSync(
+        config.repository,
+        balance.sync_interval,
+        config.tor.socks,
+        balance.owner_remote if balance.git_owner is not None else None,
+        shared.location_log,
+        shared.query,
+    )
 
 
 def build_endpoint(config: Config, expose: Expose, own_uuid: str, shared: Shared) -> Endpoint:
@@ -167,7 +174,8 @@ def _cluster_transport(
             log.warning("cluster %s: git-annex did not tell node %s's cost", name, remote.name)
             costs[remote.name] = remote_cost(remote)
     log.info(
-        "cluster %s: node costs %s", name,
+        "cluster %s: node costs %s",
+        name,
         ", ".join(f"{r.name} {costs[r.name]:g}" for r in remotes),
     )
     nodes = []

@@ -132,8 +132,9 @@ async def _copy_data(src: FramedStream, dst: FramedStream, length: int) -> None:
 async def _fail_client(client: FramedStream, stall_timeout: float) -> None:
     """The owner went away mid-CONNECT: end the client's git with a failure
     rather than leave it waiting (if the client is still there)."""
-    with contextlib.suppress(StreamLost, trio.TooSlowError), trio.fail_after(
-        min(stall_timeout, HANDSHAKE_TIMEOUT)
+    with (
+        contextlib.suppress(StreamLost, trio.TooSlowError),
+        trio.fail_after(min(stall_timeout, HANDSHAKE_TIMEOUT)),
     ):
         await client.send(m.ConnectDone(1))
 
@@ -181,8 +182,9 @@ async def _pump(
             if now >= last + idle_timeout:
                 break
             await trio.sleep_until(min(last + idle_timeout, now + 1.0))
-        log.warning("%s relayed to the git owner: idle for %.0fs, stopping it", service,
-                    idle_timeout)
+        log.warning(
+            "%s relayed to the git owner: idle for %.0fs, stopping it", service, idle_timeout
+        )
         scope.cancel()
 
     async with trio.open_nursery() as nursery:

@@ -105,9 +105,7 @@ async def run_git_service(
         return 1
     try:
         env = pushguard.git_config_env(hooks, os.environ)
-        return await _run_git_service(
-            client, repository, service, idle_timeout, stall_timeout, env
-        )
+        return await _run_git_service(client, repository, service, idle_timeout, stall_timeout, env)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(pushguard.remove, hooks)

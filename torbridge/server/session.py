@@ -467,7 +467,11 @@ class Session:
                 # The owner decides with the client's own token (docs/scale-out.md).
                 uuid, token = self._credentials
                 await self.endpoint.git_owner.relay(
-                    self.client, uuid, token, service, self.limits.client_idle,
+                    self.client,
+                    uuid,
+                    token,
+                    service,
+                    self.limits.client_idle,
                     self.limits.client_stall,
                 )
                 return []

@@ -199,22 +199,48 @@ class Registry:
         tor = snap["tor"]
         if tor is not None:
             for key, kind, help_text, value in (
-                ("tor_bootstrap_percent", "gauge", "Bootstrap progress of the publishing tor.",
-                 tor["bootstrap_percent"]),
-                ("onion_degraded", "gauge", "1 while the onion is degraded (see status).",
-                 1 if tor["degraded"] else 0),
-                ("onion_intro_points", "gauge", "Established introduction points.",
-                 tor["intro_points"]),
-                ("onion_upload_failures_total", "counter", "Failed descriptor uploads.",
-                 tor["upload_failures_total"]),
-                ("onion_last_upload_age_seconds", "gauge",
-                 "Seconds since an HSDir last took the descriptor.",
-                 tor["last_upload_age_seconds"]),
-                ("onion_pow_suggested_effort", "gauge",
-                 "tor's proof-of-work suggested effort (MetricsPort).",
-                 tor["pow_suggested_effort"]),
-                ("onion_intro_rejected_total", "counter",
-                 "Introductions tor rejected (MetricsPort).", tor["intro_rejected_total"]),
+                (
+                    "tor_bootstrap_percent",
+                    "gauge",
+                    "Bootstrap progress of the publishing tor.",
+                    tor["bootstrap_percent"],
+                ),
+                (
+                    "onion_degraded",
+                    "gauge",
+                    "1 while the onion is degraded (see status).",
+                    1 if tor["degraded"] else 0,
+                ),
+                (
+                    "onion_intro_points",
+                    "gauge",
+                    "Established introduction points.",
+                    tor["intro_points"],
+                ),
+                (
+                    "onion_upload_failures_total",
+                    "counter",
+                    "Failed descriptor uploads.",
+                    tor["upload_failures_total"],
+                ),
+                (
+                    "onion_last_upload_age_seconds",
+                    "gauge",
+                    "Seconds since an HSDir last took the descriptor.",
+                    tor["last_upload_age_seconds"],
+                ),
+                (
+                    "onion_pow_suggested_effort",
+                    "gauge",
+                    "tor's proof-of-work suggested effort (MetricsPort).",
+                    tor["pow_suggested_effort"],
+                ),
+                (
+                    "onion_intro_rejected_total",
+                    "counter",
+                    "Introductions tor rejected (MetricsPort).",
+                    tor["intro_rejected_total"],
+                ),
             ):
                 if value is not None:
                     metric(key, kind, help_text, [("", value)])

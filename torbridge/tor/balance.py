@@ -105,9 +105,7 @@ def patch_for_testnet(timings: TestnetTimings) -> None:
         return round_start - ((round_start // interval) % 24) * interval
 
     def previous_srv_run_start(self: Any) -> int:
-        return int(
-            self.get_start_time_of_current_srv_run() - 24 * _voting_interval(self.consensus)
-        )
+        return int(self.get_start_time_of_current_srv_run() - 24 * _voting_interval(self.consensus))
 
     consensus_class.get_time_period_length = time_period_length
     consensus_class._get_srv_phase_duration = srv_phase_duration

@@ -218,8 +218,9 @@ class ClientStore:
     def _write(self, clients: builtins.list[AuthorizedClient]) -> None:
         doc = {
             "version": FORMAT_VERSION,
-            "clients": [{"name": c.name, "public": c.public, "created": c.created}
-                        for c in clients],
+            "clients": [
+                {"name": c.name, "public": c.public, "created": c.created} for c in clients
+            ],
         }
         tmp = self.path.with_name(f".{FILE_NAME}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -248,8 +249,10 @@ class ClientStore:
 # --- torrc mode: tor's own authorized_clients/ directory --------------------------
 
 
-def sync_authorized_clients(hidden_service_dir: Path, clients: builtins.list[AuthorizedClient],
-                            ) -> None:
+def sync_authorized_clients(
+    hidden_service_dir: Path,
+    clients: builtins.list[AuthorizedClient],
+) -> None:
     """Make ``<hidden_service_dir>/authorized_clients/`` hold exactly ``clients``
     (``NAME.auth`` files); tor reads them when it is reloaded. PermissionError
     when torbridge may not write there."""

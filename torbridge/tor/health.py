@@ -47,8 +47,7 @@ class UploadTracker:
         failures = previous.failures if previous else 0
         self.uploads[hsdir] = Upload("pending", wall, failures=failures)
 
-    def result(self, hsdir: str, ok: bool, reason: str | None, wall: float,
-               mono: float) -> bool:
+    def result(self, hsdir: str, ok: bool, reason: str | None, wall: float, mono: float) -> bool:
         """UPLOADED or FAILED; True when it is about ours (an upload we saw start)."""
         upload = self.uploads.get(hsdir)
         if upload is None:
@@ -65,8 +64,11 @@ class UploadTracker:
 
     def due(self, mono: float) -> list[str]:
         """Directories to send the descriptor to again now (each once per failure)."""
-        ready = [h for h, u in self.uploads.items()
-                 if u.result == "failed" and u.retry_at is not None and u.retry_at <= mono]
+        ready = [
+            h
+            for h, u in self.uploads.items()
+            if u.result == "failed" and u.retry_at is not None and u.retry_at <= mono
+        ]
         for hsdir in ready:
             self.uploads[hsdir].retry_at = None
         return ready
@@ -170,8 +172,10 @@ class TorHealth:
             reason = None if ok else str(event.reason)
             ours = self.uploads.result(event.directory_fingerprint, ok, reason, now, mono)
         if ours and not ok:
-            return [f"descriptor upload to HSDir {event.directory_fingerprint} failed"
-                    f" ({reason}); sending it again later"]
+            return [
+                f"descriptor upload to HSDir {event.directory_fingerprint} failed"
+                f" ({reason}); sending it again later"
+            ]
         return []
 
     def publishing(self) -> None:

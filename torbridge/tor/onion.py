@@ -250,7 +250,11 @@ def publish(
         )
         client_keys = [dummy_public_key()]
     request = add_onion_command(
-        ports, "ED25519-V3" if key else "NEW", key or "ED25519-V3", max_streams, pow_defenses,
+        ports,
+        "ED25519-V3" if key else "NEW",
+        key or "ED25519-V3",
+        max_streams,
+        pow_defenses,
         client_keys,
     )
     events: queue.Queue[Any] = queue.Queue()
@@ -277,8 +281,9 @@ def publish(
     return onion
 
 
-def _await_upload(events: queue.Queue[Any], service_id: str, deadline: float,
-                  timeout: float) -> None:
+def _await_upload(
+    events: queue.Queue[Any], service_id: str, deadline: float, timeout: float
+) -> None:
     """Until one HSDir has our descriptor (as stem's await_publication waits).
 
     tor names the service in UPLOAD events only: UPLOADED and FAILED are
@@ -372,5 +377,3 @@ def torrc_onion(hidden_service_dir: Path) -> str:
         raise TorError(
             f"cannot read {path}: {e.strerror}; is the torrc snippet installed and tor reloaded?"
         ) from None
-
-

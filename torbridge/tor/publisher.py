@@ -205,8 +205,9 @@ class OnionPublisher:
             if not reply.is_ok():
                 log.warning("tor refused to send the descriptor to %s: %s", hsdir, reply)
                 with self.health.lock:
-                    self.health.uploads.result(hsdir, False, str(reply), time.time(),
-                                               time.monotonic())
+                    self.health.uploads.result(
+                        hsdir, False, str(reply), time.time(), time.monotonic()
+                    )
 
     def _publish(self, controller: Any) -> str:
         """Blocking (a worker thread): one ADD_ONION with the current client keys."""
@@ -247,8 +248,7 @@ class OnionPublisher:
             new = self._publish(controller)
             if cut:
                 n = close_rendezvous(controller, new.removesuffix(".onion"))
-                log.info("closed %d rendezvous circuit(s): every client introduces itself again",
-                         n)
+                log.info("closed %d rendezvous circuit(s): every client introduces itself again", n)
             return new
 
         log.info("publishing the onion service again (its authorized clients changed)")

@@ -302,7 +302,9 @@ class ClusterChannel(PeerChannel):
             if fanout.moved:
                 log.debug(
                     "%s: %d body bytes fanned out by tee in %d rounds",
-                    self.t.name, fanout.moved, fanout.rounds,
+                    self.t.name,
+                    fanout.moved,
+                    fanout.rounds,
                 )
             fanout.close()
 

@@ -276,9 +276,7 @@ class BodyFanout:
         # The smallest stage first: the first tee takes what every stage can.
         return sorted((self.stages[n] for n in takers), key=lambda s: s.capacity)
 
-    async def _from_pipe(
-        self, fd: int, takers: Mapping[str, FramedStream], max_bytes: int
-    ) -> int:
+    async def _from_pipe(self, fd: int, takers: Mapping[str, FramedStream], max_bytes: int) -> int:
         await trio.lowlevel.wait_readable(fd)  # the only wait the session may cut short
         try:
             n = self._tee_round(fd, self._ordered(takers), max_bytes)

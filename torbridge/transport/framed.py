@@ -136,4 +136,3 @@ class FramedStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-

@@ -125,8 +125,9 @@ class CircuitSlots:
 class _SlotChannel(StreamChannel):
     """A channel that gives its circuit slot back once closed."""
 
-    def __init__(self, framed: FramedStream, uuid: str, version: int,
-                 release: Callable[[], None]) -> None:
+    def __init__(
+        self, framed: FramedStream, uuid: str, version: int, release: Callable[[], None]
+    ) -> None:
         super().__init__(framed, uuid, version)
         self._release: Callable[[], None] | None = release
 
@@ -154,8 +155,14 @@ def socks_connect(
     else:
         proxy_host, _, proxy_port = socks_address.rpartition(":")
         s = socks.socksocket(socket.AF_INET6 if ":" in proxy_host else socket.AF_INET)
-        s.set_proxy(socks.SOCKS5, proxy_host.strip("[]"), int(proxy_port), rdns=True,
-                    username=user, password=password)
+        s.set_proxy(
+            socks.SOCKS5,
+            proxy_host.strip("[]"),
+            int(proxy_port),
+            rdns=True,
+            username=user,
+            password=password,
+        )
     s.settimeout(timeout)
     try:
         s.connect((host, port))

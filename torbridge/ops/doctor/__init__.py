@@ -150,9 +150,11 @@ def _balance_checks(config: Config) -> list[Check]:
     try:
         found = doctor_checks(config)
     except Exception as e:
-        return [_fail("balance", f"the check itself failed: {type(e).__name__}: {e}",
-                      "fix what the error names, or report it as a torbridge bug")]
-    return [
-        _ok("balance", what) if ok else _fail("balance", what, fix)
-        for ok, what, fix in found
-    ]
+        return [
+            _fail(
+                "balance",
+                f"the check itself failed: {type(e).__name__}: {e}",
+                "fix what the error names, or report it as a torbridge bug",
+            )
+        ]
+    return [_ok("balance", what) if ok else _fail("balance", what, fix) for ok, what, fix in found]

@@ -152,8 +152,9 @@ def _check_tokens(state_dir: Path, own_endpoints: Sequence[str] = ()) -> Check:
     # What each token may do to the proxy's git; rewrite ones by name.
     levels = [info.git_access(own_endpoints) for info in tokens]
     counts = ", ".join(f"{levels.count(level)} {level.label}" for level in GitAccess)
-    rewriters = [info.name for info, level in zip(tokens, levels, strict=True)
-                 if level is GitAccess.REWRITE]
+    rewriters = [
+        info.name for info, level in zip(tokens, levels, strict=True) if level is GitAccess.REWRITE
+    ]
     may_rewrite = f"; may rewrite git history: {', '.join(rewriters)}" if rewriters else ""
     return _ok(
         name, f"{len(tokens)} token(s) in {path} (mode {_mode(st)}); git {counts}{may_rewrite}"

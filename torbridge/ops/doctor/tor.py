@@ -154,8 +154,10 @@ def _check_tor_clock(spec: ControlSpec, timeout: float) -> Check | None:
     def read() -> tuple[str, str]:
         controller = connect(spec)
         try:
-            return (controller.get_info("consensus/valid-after"),
-                    controller.get_info("consensus/valid-until"))
+            return (
+                controller.get_info("consensus/valid-after"),
+                controller.get_info("consensus/valid-until"),
+            )
         finally:
             controller.close()
 
