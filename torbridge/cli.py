@@ -307,7 +307,7 @@ def _balance_command(args: argparse.Namespace) -> int:
             print(f"{'made' if made else 'kept'} {key} (0600)", file=sys.stderr)
         return 0
     if args.balance_command == "run":
-        from torbridge.tor.balance import run_frontend
+        from torbridge.ops.frontend import run_frontend
 
         return run_frontend(args.dir, args.control, testnet=args.testnet)
     config = load_config(args.config)

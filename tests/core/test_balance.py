@@ -185,7 +185,7 @@ def test_testnet_time_periods_follow_the_consensus() -> None:
     pytest.importorskip("onionbalance")
     from onionbalance.hs_v3 import consensus as ob_consensus
 
-    from torbridge.tor.balance import TestnetTimings, patch_for_testnet
+    from torbridge.ops.frontend import TestnetTimings, patch_for_testnet
 
     patch_for_testnet(TestnetTimings())
     valid_after = datetime.datetime(2025, 1, 1, 0, 3, 20)  # 200 s after midnight

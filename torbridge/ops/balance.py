@@ -3,7 +3,7 @@
 No I/O beyond the files named: the instance's ``ob_config``, the one-line
 instance description a host hands to the frontend host, the frontend key
 (PEM, mode 0600) and Onionbalance's ``config.yaml``, and the checks doctor
-runs on them. Running Onionbalance itself is ``torbridge.tor.balance``.
+runs on them. Running Onionbalance itself is ``torbridge.ops.frontend``.
 """
 
 from __future__ import annotations
