@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import socks  # type: ignore[import-untyped]
+import stem  # type: ignore[import-untyped]
 
 from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose, toml_str
 from tests.tor.torpath import (
@@ -244,9 +245,7 @@ class BalanceWorld:
         assert match is not None, self.tokens[name]
         return match.group(3)
 
-    def start_frontend(self) -> None:
-        """Onionbalance, then connections through the frontend until both
-        instances have served one (the frontend descriptor lists them both)."""
+    def _spawn_frontend(self) -> None:
         log = open(self.root / "onionbalance.log", "ab")  # noqa: SIM115
         ob_control = self.tors["ob"].control
         self.ob = subprocess.Popen(
@@ -257,6 +256,21 @@ class BalanceWorld:
         )
         log.close()
         STARTED_PIDS.add(self.ob.pid)
+
+    def _stop_frontend(self) -> None:
+        if self.ob is not None and self.ob.poll() is None:
+            self.ob.send_signal(signal.SIGTERM)
+            try:
+                self.ob.wait(5)
+            except subprocess.TimeoutExpired:
+                self.ob.kill()
+                self.ob.wait()
+
+    def start_frontend(self) -> None:
+        """Onionbalance, then connections through the frontend until both
+        instances have served one (the frontend descriptor lists them both)."""
+        self._spawn_frontend()
+        assert self.ob is not None
         t0 = time.monotonic()
         first: float | None = None
         deadline = t0 + FRONTEND_TIMEOUT
@@ -302,6 +316,58 @@ class BalanceWorld:
         finally:
             s.close()
 
+    def drain(self, name: str, timeout: float = 600.0) -> float:
+        """The planned removal of instance ``name`` (docs/scale-out.md): the
+        frontend's config without it, Onionbalance restarted on that config
+        (it publishes a descriptor without the instance's introduction
+        points), then wait, the instance still serving, until the client
+        tor holds a frontend descriptor that does not list them (a client
+        keeps a descriptor until the next time period begins, then fetches
+        the new one at its next connection). Seconds waited."""
+        gone = self.intro_keys_of(name)
+        keep = [n for n in self.bridges if n != name]
+        lines = [self.bridges[n].cli("balance", "instance").stdout.strip() for n in keep]
+        uploads = self.ob_log().count("Uploading first descriptor")
+        t0 = time.monotonic()
+        self._stop_frontend()
+        self.env.run(["torbridge", "balance", "frontend", "--dir", str(self.ob_dir), *lines])
+        self._spawn_frontend()
+        n = 0
+        while True:
+            held = self.client_frontend_intro_keys()
+            if held is None:  # none held: a connection makes the client fetch one
+                n += 1
+                self.probe(f"drain{n}", timeout=60)
+            elif (self.ob_log().count("Uploading first descriptor") > uploads
+                    and not held & gone):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TorPathError(f"the client still holds {name}'s introduction points"
+                                   f" after {timeout:.0f}s")
+            time.sleep(1)
+
+    def intro_keys_of(self, name: str) -> set[bytes]:
+        """The introduction points (auth keys) instance ``name`` publishes."""
+        onion = self.bridges[name].onion
+        ctl = self.tors[name].controller()
+        try:
+            raw = ctl.get_info(f"hs/service/desc/id/{onion.removesuffix('.onion')}")
+        finally:
+            ctl.close()
+        return _intro_keys(raw, onion)
+
+    def client_frontend_intro_keys(self) -> set[bytes] | None:
+        """The introduction points of the frontend descriptor the client tor
+        holds; None if it holds none (its next connection fetches one)."""
+        ctl = self.tors["client"].controller()
+        try:
+            raw = ctl.get_info(f"hs/client/desc/id/{self.frontend.removesuffix('.onion')}")
+        except stem.ControllerError:
+            return None
+        finally:
+            ctl.close()
+        return _intro_keys(raw, self.frontend)
+
     def ob_log(self) -> str:
         return (self.root / "onionbalance.log").read_text(errors="replace")
 
@@ -319,13 +385,7 @@ class BalanceWorld:
         return out
 
     def close(self) -> None:
-        if self.ob is not None and self.ob.poll() is None:
-            self.ob.send_signal(signal.SIGTERM)
-            try:
-                self.ob.wait(5)
-            except subprocess.TimeoutExpired:
-                self.ob.kill()
-                self.ob.wait()
+        self._stop_frontend()
         for bridge in self.bridges.values():
             with contextlib.suppress(AssertionError):
                 if bridge.running:
@@ -338,6 +398,15 @@ class BalanceWorld:
         self.tors.clear()
         _kill_strays(self.root)
         shutil.rmtree(self.socks_dir, ignore_errors=True)
+
+
+def _intro_keys(raw: str, onion: str) -> set[bytes]:
+    from stem.descriptor.hidden_service import (  # type: ignore[import-untyped]
+        HiddenServiceDescriptorV3,
+    )
+
+    inner = HiddenServiceDescriptorV3.from_str(raw).decrypt(onion)
+    return {bytes(ip.auth_key_cert.key) for ip in inner.introduction_points}
 
 
 def _kill_strays(root: Path) -> None:
