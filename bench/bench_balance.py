@@ -8,16 +8,20 @@ connection on circuits of its own). In ONE run it reports:
 
 * time from Onionbalance's start to the first connection through the
   frontend, and to both instances reached;
-* copy throughput of ``--clients`` stock clients copying ``--mib`` MiB
-  each at once (``git annex copy --to cl``), with 2 instances, then with
+* copy throughput of ``--clients`` stock clients copying ``--files``
+  files of ``--mib`` MiB each at once (one ``git annex copy --to cl``, so
+  one connection, per file), with 2 instances, then with
   instance B's tor stopped (1 instance), and the sessions each instance
-  served in each phase.
+  served in each phase;
+* after B's tor stopped, when each client's attempts to copy a small file
+  ended (a first attempt can wait for tor's SocksTimeout), before the
+  1-instance throughput is measured.
 
 On one machine every tor shares the same cores, so the 2-instance figure
 shows the spread and its cost, not the gain of two machines.
 
-    python bench/bench_balance.py                  # 3 clients x 5 MiB
-    python bench/bench_balance.py --clients 4 --mib 10
+    python bench/bench_balance.py                  # 3 clients x 4 files x 4 MiB
+    python bench/bench_balance.py --clients 4 --files 2 --mib 10
 """
 
 from __future__ import annotations
@@ -44,16 +48,21 @@ MIB = 1024 * 1024
 TIMEOUT = 1800.0
 
 
-def _copy_all(clients: list[Client], tag: str, mib: int) -> dict[str, float]:
+def _copy_all(clients: list[Client], tag: str, mib: int, files: int) -> dict[str, float]:
+    """Every client copies ``files`` files of ``mib`` MiB, one ``git annex
+    copy`` (so one connection, on circuits of its own) per file, the
+    clients at once."""
     for i, c in enumerate(clients):
-        c.add_file(f"{tag}-{i}.bin", os.urandom(mib * MIB))
+        for f in range(files):
+            c.add_file(f"{tag}-{i}-{f}.bin", os.urandom(mib * MIB))
     errors: list[str] = []
 
     def one(c: Client, i: int) -> None:
-        result = c.annex("copy", "--to", ENDPOINT, f"{tag}-{i}.bin", check=False,
-                         timeout=TIMEOUT)
-        if not result.ok:
-            errors.append(result.describe())
+        for f in range(files):
+            result = c.annex("copy", "--to", ENDPOINT, f"{tag}-{i}-{f}.bin", check=False,
+                             timeout=TIMEOUT)
+            if not result.ok:
+                errors.append(result.describe())
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=one, args=(c, i)) for i, c in enumerate(clients)]
@@ -64,14 +73,41 @@ def _copy_all(clients: list[Client], tag: str, mib: int) -> dict[str, float]:
     seconds = time.monotonic() - t0
     if errors:
         raise RuntimeError("a copy failed:\n" + "\n".join(errors))
-    total = len(clients) * mib
+    total = len(clients) * files * mib
     return {"seconds": round(seconds, 1), "MiB": total, "MiB/s": round(total / seconds, 2)}
+
+
+def _until_through(clients: list[Client], tag: str) -> list[list[float]]:
+    """Each client copies a small file, all at once, retrying until its copy
+    goes through; per client, the seconds (since the call) at which each
+    attempt ended. After an instance stopped, a client's first attempt can
+    hang until tor's SocksTimeout (docs/scale-out.md)."""
+    for i, c in enumerate(clients):
+        c.add_file(f"{tag}-{i}.bin", os.urandom(50_000))
+    ends: list[list[float]] = [[] for _ in clients]
+    t0 = time.monotonic()
+
+    def one(c: Client, i: int) -> None:
+        while time.monotonic() - t0 < TIMEOUT:
+            r = c.annex("copy", "--to", ENDPOINT, f"{tag}-{i}.bin", check=False,
+                        timeout=TIMEOUT)
+            ends[i].append(round(time.monotonic() - t0, 1))
+            if r.ok:
+                return
+
+    threads = [threading.Thread(target=one, args=(c, i)) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return ends
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=3)
-    ap.add_argument("--mib", type=int, default=5)
+    ap.add_argument("--files", type=int, default=4, help="files per client and phase")
+    ap.add_argument("--mib", type=int, default=4, help="MiB per file")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     why = netns_unavailable()
@@ -79,7 +115,9 @@ def main() -> int:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result: dict[str, object] = {"clients": args.clients, "MiB each": args.mib}
+    result: dict[str, object] = {"clients": args.clients, "files each": args.files,
+                                 "MiB per file": args.mib,
+                                 "load average at start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="tb-bench-balance-") as tmp, TestNet(
         progress=logging.info, relays=ONIONBALANCE_MIN_HSDIRS - 3
     ) as net:
@@ -96,15 +134,24 @@ def main() -> int:
                 c.annex("pull", "--no-content", ENDPOINT, timeout=TIMEOUT)
                 clients.append(c)
             a, b = world.bridges["A"], world.bridges["B"]
-            before = (a.sessions(), b.sessions())
-            result["2 instances"] = _copy_all(clients, "two", args.mib)
-            result["2 instances: sessions A, B"] = [a.sessions() - before[0],
-                                                    b.sessions() - before[1]]
+            names = [f"client{i}" for i in range(args.clients)]
+
+            def served() -> tuple[int, int]:  # client sessions (not B's relays and syncs)
+                return (sum(a.sessions(n) for n in names), sum(b.sessions(n) for n in names))
+
+            before = served()
+            result["2 instances"] = _copy_all(clients, "two", args.mib, args.files)
+            after = served()
+            result["2 instances: client sessions A, B"] = [after[0] - before[0],
+                                                           after[1] - before[1]]
             world.stop_instance("B")
-            before = (a.sessions(), b.sessions())
-            result["1 instance"] = _copy_all(clients, "one", args.mib)
-            result["1 instance: sessions A, B"] = [a.sessions() - before[0],
-                                                   b.sessions() - before[1]]
+            result["B stopped: each client's copy attempts ended at (s)"] = _until_through(
+                clients, "probe-after-stop")
+            before = served()
+            result["1 instance"] = _copy_all(clients, "one", args.mib, args.files)
+            after = served()
+            result["1 instance: client sessions A, B"] = [after[0] - before[0],
+                                                          after[1] - before[1]]
         finally:
             world.close()
     print(json.dumps(result, indent=1))
