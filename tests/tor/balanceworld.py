@@ -296,25 +296,33 @@ class BalanceWorld:
 
     def probe(self, username: str, timeout: float = 60) -> bool:
         """One P2P AUTH through the frontend, on circuits of its own; True if accepted."""
+        return self.probe_outcome(self.frontend, username, timeout)[1] == "AUTH-SUCCESS"
+
+    def probe_outcome(self, onion: str, username: str, timeout: float = 60) -> tuple[float, str]:
+        """One P2P AUTH to ``onion`` (the frontend or an instance), on
+        circuits of its own: seconds taken and "AUTH-SUCCESS", the answer,
+        or the SOCKS error."""
         host, port = self.client_socks.rsplit(":", 1)
         s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
         s.set_proxy(socks.SOCKS5, host, int(port), rdns=True, username=username, password="x")
         s.settimeout(timeout)
+        t0 = time.monotonic()
         try:
-            s.connect((self.frontend, PORT))
+            s.connect((onion, PORT))
             s.sendall(f"AUTH 00000000-0000-4000-8000-000000000001 {self.token('probe')}\n"
                       .encode())
             data = b""
             while b"\n" not in data:
                 chunk = s.recv(4096)
                 if not chunk:
-                    return False
+                    break
                 data += chunk
-            return data.startswith(b"AUTH-SUCCESS")
-        except (OSError, socks.ProxyError):
-            return False
+            answer = data.decode(errors="replace").split(" ", 1)[0].strip() or "closed"
+        except (OSError, socks.ProxyError) as e:
+            answer = f"{type(e).__name__}: {e}"
         finally:
             s.close()
+        return time.monotonic() - t0, answer
 
     def drain(self, name: str, timeout: float = 600.0) -> float:
         """The planned removal of instance ``name`` (docs/scale-out.md): the
@@ -325,6 +333,10 @@ class BalanceWorld:
         keeps a descriptor until the next time period begins, then fetches
         the new one at its next connection). Seconds waited."""
         gone = self.intro_keys_of(name)
+        held = self.client_frontend_intro_keys()
+        self.say(f"drain {name}: the client holds a frontend descriptor with"
+                 f" {len(held & gone) if held is not None else 'none'} of {name}'s"
+                 f" {len(gone)} introduction points")
         keep = [n for n in self.bridges if n != name]
         lines = [self.bridges[n].cli("balance", "instance").stdout.strip() for n in keep]
         uploads = self.ob_log().count("Uploading first descriptor")
@@ -374,8 +386,14 @@ class BalanceWorld:
     def client(self, name: str) -> Client:
         return Client.create(self.client_env, self.root / "clients" / name, name)
 
-    def stop_instance(self, name: str) -> None:
-        stop_tor(self.net, self.tors.pop(name))
+    def stop_instance(self, name: str, *, kill: bool = False) -> None:
+        """Stop instance ``name``'s tor: SIGTERM (it exits at once,
+        ShutdownWaitLength 0), or SIGKILL with ``kill``."""
+        tor = self.tors.pop(name)
+        if kill and tor.process.poll() is None:
+            tor.process.kill()
+            tor.process.wait()
+        stop_tor(self.net, tor)
 
     def failure_sections(self) -> list[tuple[str, str]]:
         out = [(f"torbridge {n}", b.log()[-15000:]) for n, b in self.bridges.items()]
