@@ -326,7 +326,8 @@ class BalanceWorld:
 
     def drain(self, name: str, timeout: float = 600.0) -> float:
         """The planned removal of instance ``name`` (docs/scale-out.md): the
-        frontend's config without it, Onionbalance restarted on that config
+        frontend's config without it (``balance frontend --drain``),
+        Onionbalance restarted on that config
         (it publishes a descriptor without the instance's introduction
         points), then wait, the instance still serving, until the client
         tor holds a frontend descriptor that does not list them (a client
@@ -337,12 +338,11 @@ class BalanceWorld:
         self.say(f"drain {name}: the client holds a frontend descriptor with"
                  f" {len(held & gone) if held is not None else 'none'} of {name}'s"
                  f" {len(gone)} introduction points")
-        keep = [n for n in self.bridges if n != name]
-        lines = [self.bridges[n].cli("balance", "instance").stdout.strip() for n in keep]
         uploads = self.ob_log().count("Uploading first descriptor")
         t0 = time.monotonic()
         self._stop_frontend()
-        self.env.run(["torbridge", "balance", "frontend", "--dir", str(self.ob_dir), *lines])
+        self.env.run(["torbridge", "balance", "frontend", "--dir", str(self.ob_dir),
+                      "--drain", self.bridges[name].onion])
         self._spawn_frontend()
         n = 0
         while True:
