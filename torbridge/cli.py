@@ -196,6 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     frontend.add_argument("--dir", type=Path, required=True, help="the frontend's directory")
     frontend.add_argument("instances", nargs="*", help="lines of `torbridge balance instance`")
+    frontend.add_argument(
+        "--drain", metavar="ONION",
+        help="rewrite the configuration without this instance (then restart onionbalance,"
+        " keep the instance serving until its clients have moved, then stop it)",
+    )
     run = balance.add_parser("run", help="run Onionbalance on a `balance frontend` directory")
     run.add_argument("--dir", type=Path, required=True)
     run.add_argument("--control", required=True, help='its tor\'s control port, "HOST:PORT"')
@@ -293,7 +298,16 @@ def _balance_command(args: argparse.Namespace) -> int:
 
     if args.balance_command == "frontend":
         instances = [balance.Instance.parse(line) for line in args.instances]
-        if instances:
+        if args.drain is not None:
+            if instances:
+                raise balance.BalanceError("--drain takes no instance lines")
+            address, stay = balance.drain(args.dir, args.drain)
+            print(f"frontend: {address}")
+            print(f"wrote {args.dir / balance.CONFIG_FILE} ({len(stay)} instances):"
+                  " restart onionbalance on it, keep the drained instance serving until"
+                  " its log shows no new sessions, then stop it (docs/scale-out.md)",
+                  file=sys.stderr)
+        elif instances:
             address = balance.write_frontend_config(args.dir, instances)
             print(f"frontend: {address}")
             print(

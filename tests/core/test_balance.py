@@ -131,6 +131,42 @@ def test_frontend_key_and_config(tmp_path: Path) -> None:
         balance.frontend_address(key)
 
 
+def test_drain_rewrites_the_frontend_without_the_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torbridge.cli import main
+
+    directory = tmp_path / "ob"
+    address, _ = balance.ensure_frontend_key(directory)
+    c = "c" * 56 + ".onion"
+    instances = [balance.Instance(o, (5001,), address) for o in (A, B, c)]
+    balance.write_frontend_config(directory, instances)
+    # by the CLI, the address with or without ".onion", any case
+    assert main(["balance", "frontend", "--dir", str(directory), "--drain", B[:-6].upper()]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"frontend: {address}\n" and "restart onionbalance" in err
+    assert balance.read_instances(directory) == [instances[0], instances[2]]
+    config = json.loads((directory / balance.CONFIG_FILE).read_text())
+    assert [i["address"] for i in config["services"][0]["instances"]] == ["a" * 56, "c" * 56]
+    # each kind of bad input: a clear error, the configuration untouched
+    before = (directory / balance.CONFIG_FILE).read_text()
+    for onion, wanted in ((B, "is not an instance of this frontend"),
+                          ("nonsense", "not an onion address")):
+        with pytest.raises(balance.BalanceError, match=wanted):
+            balance.drain(directory, onion)
+    assert (directory / balance.CONFIG_FILE).read_text() == before
+    balance.drain(directory, A)
+    with pytest.raises(balance.BalanceError, match="is the last instance"):
+        balance.drain(directory, c)
+    assert balance.read_instances(directory) == [instances[2]]
+    assert main(["balance", "frontend", "--dir", str(directory), "--drain", c,
+                 instances[0].line()]) == 1
+    assert "--drain takes no instance lines" in capsys.readouterr().err
+    assert balance.read_instances(directory) == [instances[2]]
+    with pytest.raises(balance.BalanceError, match="no frontend configuration"):
+        balance.drain(tmp_path / "empty", A)
+
+
 def test_doctor_checks(tmp_path: Path) -> None:
     ob = tmp_path / "ob"
     frontend, _ = balance.ensure_frontend_key(ob)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import socks  # type: ignore[import-untyped]
+import stem  # type: ignore[import-untyped]
 
 from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose, toml_str
 from tests.tor.torpath import (
@@ -244,9 +245,7 @@ class BalanceWorld:
         assert match is not None, self.tokens[name]
         return match.group(3)
 
-    def start_frontend(self) -> None:
-        """Onionbalance, then connections through the frontend until both
-        instances have served one (the frontend descriptor lists them both)."""
+    def _spawn_frontend(self) -> None:
         log = open(self.root / "onionbalance.log", "ab")  # noqa: SIM115
         ob_control = self.tors["ob"].control
         self.ob = subprocess.Popen(
@@ -257,6 +256,21 @@ class BalanceWorld:
         )
         log.close()
         STARTED_PIDS.add(self.ob.pid)
+
+    def _stop_frontend(self) -> None:
+        if self.ob is not None and self.ob.poll() is None:
+            self.ob.send_signal(signal.SIGTERM)
+            try:
+                self.ob.wait(5)
+            except subprocess.TimeoutExpired:
+                self.ob.kill()
+                self.ob.wait()
+
+    def start_frontend(self) -> None:
+        """Onionbalance, then connections through the frontend until both
+        instances have served one (the frontend descriptor lists them both)."""
+        self._spawn_frontend()
+        assert self.ob is not None
         t0 = time.monotonic()
         first: float | None = None
         deadline = t0 + FRONTEND_TIMEOUT
@@ -282,25 +296,89 @@ class BalanceWorld:
 
     def probe(self, username: str, timeout: float = 60) -> bool:
         """One P2P AUTH through the frontend, on circuits of its own; True if accepted."""
+        return self.probe_outcome(self.frontend, username, timeout)[1] == "AUTH-SUCCESS"
+
+    def probe_outcome(self, onion: str, username: str, timeout: float = 60) -> tuple[float, str]:
+        """One P2P AUTH to ``onion`` (the frontend or an instance), on
+        circuits of its own: seconds taken and "AUTH-SUCCESS", the answer,
+        or the SOCKS error."""
         host, port = self.client_socks.rsplit(":", 1)
         s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
         s.set_proxy(socks.SOCKS5, host, int(port), rdns=True, username=username, password="x")
         s.settimeout(timeout)
+        t0 = time.monotonic()
         try:
-            s.connect((self.frontend, PORT))
+            s.connect((onion, PORT))
             s.sendall(f"AUTH 00000000-0000-4000-8000-000000000001 {self.token('probe')}\n"
                       .encode())
             data = b""
             while b"\n" not in data:
                 chunk = s.recv(4096)
                 if not chunk:
-                    return False
+                    break
                 data += chunk
-            return data.startswith(b"AUTH-SUCCESS")
-        except (OSError, socks.ProxyError):
-            return False
+            answer = data.decode(errors="replace").split(" ", 1)[0].strip() or "closed"
+        except (OSError, socks.ProxyError) as e:
+            answer = f"{type(e).__name__}: {e}"
         finally:
             s.close()
+        return time.monotonic() - t0, answer
+
+    def drain(self, name: str, timeout: float = 600.0) -> float:
+        """The planned removal of instance ``name`` (docs/scale-out.md): the
+        frontend's config without it (``balance frontend --drain``),
+        Onionbalance restarted on that config
+        (it publishes a descriptor without the instance's introduction
+        points), then wait, the instance still serving, until the client
+        tor holds a frontend descriptor that does not list them (a client
+        keeps a descriptor until the next time period begins, then fetches
+        the new one at its next connection). Seconds waited."""
+        gone = self.intro_keys_of(name)
+        held = self.client_frontend_intro_keys()
+        self.say(f"drain {name}: the client holds a frontend descriptor with"
+                 f" {len(held & gone) if held is not None else 'none'} of {name}'s"
+                 f" {len(gone)} introduction points")
+        uploads = self.ob_log().count("Uploading first descriptor")
+        t0 = time.monotonic()
+        self._stop_frontend()
+        self.env.run(["torbridge", "balance", "frontend", "--dir", str(self.ob_dir),
+                      "--drain", self.bridges[name].onion])
+        self._spawn_frontend()
+        n = 0
+        while True:
+            held = self.client_frontend_intro_keys()
+            if held is None:  # none held: a connection makes the client fetch one
+                n += 1
+                self.probe(f"drain{n}", timeout=60)
+            elif (self.ob_log().count("Uploading first descriptor") > uploads
+                    and not held & gone):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TorPathError(f"the client still holds {name}'s introduction points"
+                                   f" after {timeout:.0f}s")
+            time.sleep(1)
+
+    def intro_keys_of(self, name: str) -> set[bytes]:
+        """The introduction points (auth keys) instance ``name`` publishes."""
+        onion = self.bridges[name].onion
+        ctl = self.tors[name].controller()
+        try:
+            raw = ctl.get_info(f"hs/service/desc/id/{onion.removesuffix('.onion')}")
+        finally:
+            ctl.close()
+        return _intro_keys(raw, onion)
+
+    def client_frontend_intro_keys(self) -> set[bytes] | None:
+        """The introduction points of the frontend descriptor the client tor
+        holds; None if it holds none (its next connection fetches one)."""
+        ctl = self.tors["client"].controller()
+        try:
+            raw = ctl.get_info(f"hs/client/desc/id/{self.frontend.removesuffix('.onion')}")
+        except stem.ControllerError:
+            return None
+        finally:
+            ctl.close()
+        return _intro_keys(raw, self.frontend)
 
     def ob_log(self) -> str:
         return (self.root / "onionbalance.log").read_text(errors="replace")
@@ -308,8 +386,14 @@ class BalanceWorld:
     def client(self, name: str) -> Client:
         return Client.create(self.client_env, self.root / "clients" / name, name)
 
-    def stop_instance(self, name: str) -> None:
-        stop_tor(self.net, self.tors.pop(name))
+    def stop_instance(self, name: str, *, kill: bool = False) -> None:
+        """Stop instance ``name``'s tor: SIGTERM (it exits at once,
+        ShutdownWaitLength 0), or SIGKILL with ``kill``."""
+        tor = self.tors.pop(name)
+        if kill and tor.process.poll() is None:
+            tor.process.kill()
+            tor.process.wait()
+        stop_tor(self.net, tor)
 
     def failure_sections(self) -> list[tuple[str, str]]:
         out = [(f"torbridge {n}", b.log()[-15000:]) for n, b in self.bridges.items()]
@@ -319,13 +403,7 @@ class BalanceWorld:
         return out
 
     def close(self) -> None:
-        if self.ob is not None and self.ob.poll() is None:
-            self.ob.send_signal(signal.SIGTERM)
-            try:
-                self.ob.wait(5)
-            except subprocess.TimeoutExpired:
-                self.ob.kill()
-                self.ob.wait()
+        self._stop_frontend()
         for bridge in self.bridges.values():
             with contextlib.suppress(AssertionError):
                 if bridge.running:
@@ -338,6 +416,15 @@ class BalanceWorld:
         self.tors.clear()
         _kill_strays(self.root)
         shutil.rmtree(self.socks_dir, ignore_errors=True)
+
+
+def _intro_keys(raw: str, onion: str) -> set[bytes]:
+    from stem.descriptor.hidden_service import (  # type: ignore[import-untyped]
+        HiddenServiceDescriptorV3,
+    )
+
+    inner = HiddenServiceDescriptorV3.from_str(raw).decrypt(onion)
+    return {bytes(ip.auth_key_cert.key) for ip in inner.introduction_points}
 
 
 def _kill_strays(root: Path) -> None:

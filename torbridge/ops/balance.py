@@ -191,6 +191,32 @@ def write_frontend_config(directory: Path, instances: Sequence[Instance]) -> str
     return frontend
 
 
+def drain(directory: Path, onion: str) -> tuple[str, list[Instance]]:
+    """Rewrite the frontend configuration without instance ``onion`` (the
+    first step of "drain, then stop", docs/scale-out.md): the frontend
+    address and the instances that stay."""
+    wanted = onion.lower()
+    if not wanted.endswith(".onion"):
+        wanted += ".onion"
+    if not is_onion(wanted):
+        raise BalanceError(f"--drain {onion!r}: not an onion address")
+    try:
+        instances = read_instances(directory)
+    except FileNotFoundError:
+        raise BalanceError(
+            f"{directory / INSTANCES_FILE} not found: no frontend configuration to drain from"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise BalanceError(f"{directory / INSTANCES_FILE}: {e}") from None
+    stay = [i for i in instances if i.onion != wanted]
+    if len(stay) == len(instances):
+        listed = ", ".join(i.onion for i in instances) or "none"
+        raise BalanceError(f"{wanted} is not an instance of this frontend (instances: {listed})")
+    if not stay:
+        raise BalanceError(f"{wanted} is the last instance: draining it leaves no one to serve")
+    return write_frontend_config(directory, stay), stay
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
