@@ -65,8 +65,9 @@ def _copy_all(clients: list[Client], tag: str, mib: int, files: int) -> dict[str
 
     def one(c: Client, i: int) -> None:
         for f in range(files):
-            result = c.annex("copy", "--to", ENDPOINT, f"{tag}-{i}-{f}.bin", check=False,
-                             timeout=TIMEOUT)
+            result = c.annex(
+                "copy", "--to", ENDPOINT, f"{tag}-{i}-{f}.bin", check=False, timeout=TIMEOUT
+            )
             if not result.ok:
                 errors.append(result.describe())
 
@@ -95,8 +96,7 @@ def _until_through(clients: list[Client], tag: str) -> list[list[float]]:
 
     def one(c: Client, i: int) -> None:
         while time.monotonic() - t0 < TIMEOUT:
-            r = c.annex("copy", "--to", ENDPOINT, f"{tag}-{i}.bin", check=False,
-                        timeout=TIMEOUT)
+            r = c.annex("copy", "--to", ENDPOINT, f"{tag}-{i}.bin", check=False, timeout=TIMEOUT)
             ends[i].append(round(time.monotonic() - t0, 1))
             if r.ok:
                 return
@@ -136,9 +136,11 @@ def _intro_window(world: BalanceWorld) -> dict[str, list[list[object]]]:
         with lock:
             rows[row].append([offset, round(took, 1), answer])
 
-    threads = [threading.Thread(target=one, args=(name, row, off))
-               for off in WINDOW_OFFSETS for name, row in (("B", "SIGTERM (B)"),
-                                                          ("A", "SIGKILL (A)"))]
+    threads = [
+        threading.Thread(target=one, args=(name, row, off))
+        for off in WINDOW_OFFSETS
+        for name, row in (("B", "SIGTERM (B)"), ("A", "SIGKILL (A)"))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -163,17 +165,16 @@ def _throughput(world: BalanceWorld, args: argparse.Namespace, result: dict[str,
     before = served()
     result["2 instances"] = _copy_all(clients, "two", args.mib, args.files)
     after = served()
-    result["2 instances: client sessions A, B"] = [after[0] - before[0],
-                                                   after[1] - before[1]]
+    result["2 instances: client sessions A, B"] = [after[0] - before[0], after[1] - before[1]]
     world.stop_instance("B", kill=args.stop == "kill")
     result["B stopped by"] = "SIGKILL" if args.stop == "kill" else "SIGTERM"
     result["B stopped: each client's copy attempts ended at (s)"] = _until_through(
-        clients, "probe-after-stop")
+        clients, "probe-after-stop"
+    )
     before = served()
     result["1 instance"] = _copy_all(clients, "one", args.mib, args.files)
     after = served()
-    result["1 instance: client sessions A, B"] = [after[0] - before[0],
-                                                  after[1] - before[1]]
+    result["1 instance: client sessions A, B"] = [after[0] - before[0], after[1] - before[1]]
 
 
 def main() -> int:
@@ -181,10 +182,17 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--files", type=int, default=4, help="files per client and phase")
     ap.add_argument("--mib", type=int, default=4, help="MiB per file")
-    ap.add_argument("--stop", choices=("term", "kill"), default="term",
-                    help="how instance B's tor is stopped before the 1-instance phase")
-    ap.add_argument("--window", action="store_true",
-                    help="instead: how long a stopped instance's introduction points still ACK")
+    ap.add_argument(
+        "--stop",
+        choices=("term", "kill"),
+        default="term",
+        help="how instance B's tor is stopped before the 1-instance phase",
+    )
+    ap.add_argument(
+        "--window",
+        action="store_true",
+        help="instead: how long a stopped instance's introduction points still ACK",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     why = netns_unavailable()
@@ -192,21 +200,27 @@ def main() -> int:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result: dict[str, object] = {"clients": args.clients, "files each": args.files,
-                                 "MiB per file": args.mib,
-                                 "load average at start": os.getloadavg()[0]}
-    with tempfile.TemporaryDirectory(prefix="tb-bench-balance-") as tmp, TestNet(
-        progress=logging.info, relays=ONIONBALANCE_MIN_HSDIRS - 3
-    ) as net:
+    result: dict[str, object] = {
+        "clients": args.clients,
+        "files each": args.files,
+        "MiB per file": args.mib,
+        "load average at start": os.getloadavg()[0],
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="tb-bench-balance-") as tmp,
+        TestNet(progress=logging.info, relays=ONIONBALANCE_MIN_HSDIRS - 3) as net,
+    ):
         net.start()
         world = BalanceWorld(net, Path(tmp), clients=args.clients, progress=logging.info)
         try:
             result["first connection through the frontend (s)"] = round(
-                world.timings["first connection"], 1)
+                world.timings["first connection"], 1
+            )
             result["both instances reached (s)"] = round(world.timings["both instances"], 1)
             if args.window:
                 result["probe to the stopped instance's own onion: [offset s, took s, answer]"] = (
-                    _intro_window(world))
+                    _intro_window(world)
+                )
             else:
                 _throughput(world, args, result)
         finally:

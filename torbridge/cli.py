@@ -197,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     frontend.add_argument("--dir", type=Path, required=True, help="the frontend's directory")
     frontend.add_argument("instances", nargs="*", help="lines of `torbridge balance instance`")
     frontend.add_argument(
-        "--drain", metavar="ONION",
+        "--drain",
+        metavar="ONION",
         help="rewrite the configuration without this instance (then restart onionbalance,"
         " keep the instance serving until its clients have moved, then stop it)",
     )
@@ -303,10 +304,12 @@ def _balance_command(args: argparse.Namespace) -> int:
                 raise balance.BalanceError("--drain takes no instance lines")
             address, stay = balance.drain(args.dir, args.drain)
             print(f"frontend: {address}")
-            print(f"wrote {args.dir / balance.CONFIG_FILE} ({len(stay)} instances):"
-                  " restart onionbalance on it, keep the drained instance serving until"
-                  " its log shows no new sessions, then stop it (docs/scale-out.md)",
-                  file=sys.stderr)
+            print(
+                f"wrote {args.dir / balance.CONFIG_FILE} ({len(stay)} instances):"
+                " restart onionbalance on it, keep the drained instance serving until"
+                " its log shows no new sessions, then stop it (docs/scale-out.md)",
+                file=sys.stderr,
+            )
         elif instances:
             address = balance.write_frontend_config(args.dir, instances)
             print(f"frontend: {address}")

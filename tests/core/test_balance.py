@@ -150,8 +150,10 @@ def test_drain_rewrites_the_frontend_without_the_instance(
     assert [i["address"] for i in config["services"][0]["instances"]] == ["a" * 56, "c" * 56]
     # each kind of bad input: a clear error, the configuration untouched
     before = (directory / balance.CONFIG_FILE).read_text()
-    for onion, wanted in ((B, "is not an instance of this frontend"),
-                          ("nonsense", "not an onion address")):
+    for onion, wanted in (
+        (B, "is not an instance of this frontend"),
+        ("nonsense", "not an onion address"),
+    ):
         with pytest.raises(balance.BalanceError, match=wanted):
             balance.drain(directory, onion)
     assert (directory / balance.CONFIG_FILE).read_text() == before
@@ -159,8 +161,10 @@ def test_drain_rewrites_the_frontend_without_the_instance(
     with pytest.raises(balance.BalanceError, match="is the last instance"):
         balance.drain(directory, c)
     assert balance.read_instances(directory) == [instances[2]]
-    assert main(["balance", "frontend", "--dir", str(directory), "--drain", c,
-                 instances[0].line()]) == 1
+    assert (
+        main(["balance", "frontend", "--dir", str(directory), "--drain", c, instances[0].line()])
+        == 1
+    )
     assert "--drain takes no instance lines" in capsys.readouterr().err
     assert balance.read_instances(directory) == [instances[2]]
     with pytest.raises(balance.BalanceError, match="no frontend configuration"):

@@ -56,8 +56,9 @@ _LINE = re.compile(r"tor-annex::([a-z2-7]{56}\.onion):(\d+):([0-9a-f]+)")
 class BalancedBridge(Bridge):
     """``torbridge serve`` in torrc mode, one instance behind the frontend."""
 
-    def __init__(self, env: AnnexEnv, repository: Path, workdir: Path, *, socks_address: str,
-                 frontend: str) -> None:
+    def __init__(
+        self, env: AnnexEnv, repository: Path, workdir: Path, *, socks_address: str, frontend: str
+    ) -> None:
         self.hs_dir = workdir / "hs"
         self.socks_address = socks_address
         self.frontend = frontend
@@ -125,8 +126,14 @@ def whereis(repo: AnnexRepo, key: str) -> set[str]:
 class BalanceWorld:
     """Everything of the module docstring on a running TestNet (7+ HSDirs)."""
 
-    def __init__(self, net: TestNet, root: Path, *, clients: int = 3,
-                 progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        net: TestNet,
+        root: Path,
+        *,
+        clients: int = 3,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.net = net
         self.root = root
         self._say = progress or (lambda _m: None)
@@ -193,14 +200,18 @@ class BalanceWorld:
         self.host_b.annex("updatecluster")
 
         for name, repo in (("A", self.host_a), ("B", self.host_b)):
-            bridge = BalancedBridge(self.env, repo.path, self.root / f"bridge{name}",
-                                    socks_address=client_socks, frontend=self.frontend)
+            bridge = BalancedBridge(
+                self.env,
+                repo.path,
+                self.root / f"bridge{name}",
+                socks_address=client_socks,
+                frontend=self.frontend,
+            )
             self.bridges[name] = bridge
             bridge.hs_dir.mkdir(mode=0o700)
             ob_config = bridge.cli("balance", "instance-config").stdout
             (bridge.hs_dir / "ob_config").write_text(ob_config)
-            self.tors[name] = self.net.start_service_tor(f"inst{name}",
-                                                         extra=bridge.torrc_lines())
+            self.tors[name] = self.net.start_service_tor(f"inst{name}", extra=bridge.torrc_lines())
         self.say("instance tors bootstrapped")
         a, b = self.bridges["A"], self.bridges["B"]
         for bridge in (a, b):
@@ -219,16 +230,21 @@ class BalanceWorld:
             out = a.cli("token", "add", name, *extra, timeout=120).stdout.strip()
             self.tokens[name] = out
         exported = a.cli("token", "export").stdout
-        self.env.run(["torbridge", "--config", str(b.config_path), "token", "import"],
-                     input=exported)
+        self.env.run(
+            ["torbridge", "--config", str(b.config_path), "token", "import"], input=exported
+        )
 
         # B links A's instance (never the frontend) and syncs its branch with it.
         token = self.token("hostB")
         line = f"p2p-annex::torbridge:{a.onion}:{PORT}:{token}"
         t = time.monotonic()
-        self.env.run(["git", "annex", "p2p", "--link", "--name", "owner"], self.host_b.path,
-                     input=line + "\n", extra_env={"TORBRIDGE_SOCKS": client_socks},
-                     timeout=240)
+        self.env.run(
+            ["git", "annex", "p2p", "--link", "--name", "owner"],
+            self.host_b.path,
+            input=line + "\n",
+            extra_env={"TORBRIDGE_SOCKS": client_socks},
+            timeout=240,
+        )
         self.timings["B links owner"] = time.monotonic() - t
         b.git_owner, b.owner_remote = a.onion, "owner"
         b.write_config()
@@ -249,10 +265,24 @@ class BalanceWorld:
         log = open(self.root / "onionbalance.log", "ab")  # noqa: SIM115
         ob_control = self.tors["ob"].control
         self.ob = subprocess.Popen(
-            [sys.executable, "-m", "torbridge", "balance", "run", "--dir", str(self.ob_dir),
-             "--control", ob_control, "--testnet"],
-            cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "torbridge",
+                "balance",
+                "run",
+                "--dir",
+                str(self.ob_dir),
+                "--control",
+                ob_control,
+                "--testnet",
+            ],
+            cwd=REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         log.close()
         STARTED_PIDS.add(self.ob.pid)
@@ -309,8 +339,7 @@ class BalanceWorld:
         t0 = time.monotonic()
         try:
             s.connect((onion, PORT))
-            s.sendall(f"AUTH 00000000-0000-4000-8000-000000000001 {self.token('probe')}\n"
-                      .encode())
+            s.sendall(f"AUTH 00000000-0000-4000-8000-000000000001 {self.token('probe')}\n".encode())
             data = b""
             while b"\n" not in data:
                 chunk = s.recv(4096)
@@ -335,14 +364,25 @@ class BalanceWorld:
         the new one at its next connection). Seconds waited."""
         gone = self.intro_keys_of(name)
         held = self.client_frontend_intro_keys()
-        self.say(f"drain {name}: the client holds a frontend descriptor with"
-                 f" {len(held & gone) if held is not None else 'none'} of {name}'s"
-                 f" {len(gone)} introduction points")
+        self.say(
+            f"drain {name}: the client holds a frontend descriptor with"
+            f" {len(held & gone) if held is not None else 'none'} of {name}'s"
+            f" {len(gone)} introduction points"
+        )
         uploads = self.ob_log().count("Uploading first descriptor")
         t0 = time.monotonic()
         self._stop_frontend()
-        self.env.run(["torbridge", "balance", "frontend", "--dir", str(self.ob_dir),
-                      "--drain", self.bridges[name].onion])
+        self.env.run(
+            [
+                "torbridge",
+                "balance",
+                "frontend",
+                "--dir",
+                str(self.ob_dir),
+                "--drain",
+                self.bridges[name].onion,
+            ]
+        )
         self._spawn_frontend()
         n = 0
         while True:
@@ -350,12 +390,12 @@ class BalanceWorld:
             if held is None:  # none held: a connection makes the client fetch one
                 n += 1
                 self.probe(f"drain{n}", timeout=60)
-            elif (self.ob_log().count("Uploading first descriptor") > uploads
-                    and not held & gone):
+            elif self.ob_log().count("Uploading first descriptor") > uploads and not held & gone:
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
-                raise TorPathError(f"the client still holds {name}'s introduction points"
-                                   f" after {timeout:.0f}s")
+                raise TorPathError(
+                    f"the client still holds {name}'s introduction points after {timeout:.0f}s"
+                )
             time.sleep(1)
 
     def intro_keys_of(self, name: str) -> set[bytes]:
