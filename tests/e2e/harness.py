@@ -325,6 +325,14 @@ class AnnexRepo:
     def uuid(self) -> str:
         return self.git("config", "annex.uuid").stdout.strip()
 
+    def add_proxied_special_remote(self, name: str, *settings: str) -> str:
+        """``initremote NAME SETTINGS encryption=none``, marked for git-annex to
+        proxy (``annex-proxy``, ``updateproxy``); returns the remote's UUID."""
+        self.annex("initremote", name, *settings, "encryption=none")
+        self.git("config", f"remote.{name}.annex-proxy", "true")
+        self.annex("updateproxy")
+        return self.git("config", f"remote.{name}.annex-uuid").stdout.strip()
+
     # files
     def write_file(self, relpath: str, content: bytes) -> Path:
         path = self.path / relpath

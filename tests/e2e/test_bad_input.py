@@ -251,16 +251,13 @@ def test_notifychange_served_on_own_endpoint_protocol_error_on_a_node(
     cluster) answers ERROR protocol error and ends, as git-annex's proxy."""
     directory = tmp_path / "special"
     directory.mkdir()
-    proxy_repo.annex(
-        "initremote", "sr", "type=directory", f"directory={directory}", "encryption=none"
+    node_uuid = proxy_repo.add_proxied_special_remote(
+        "sr", "type=directory", f"directory={directory}"
     )
-    proxy_repo.git("config", "remote.sr.annex-proxy", "true")
-    proxy_repo.annex("updateproxy")
     bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("sr", "sr", 5001)])
     bridge.start()
     own = bridge.add_token("own", "rw", endpoint="hub")
     node = bridge.add_token("node", "rw", endpoint="sr")
-    node_uuid = proxy_repo.git("config", "remote.sr.annex-uuid").stdout.strip()
     for version in (4, 0):  # 0: as git-annex's remotedaemon sends it, with no VERSION
         with RawSession(node.socket) as s:
             s.auth(node.token, node_uuid)

@@ -66,11 +66,7 @@ def two_endpoints(
     """``hub`` (the proxy's own repository) and ``node1`` (a remote it proxies)."""
     directory = tmp_path / "node1-store"
     directory.mkdir()
-    proxy_repo.annex(
-        "initremote", "node1", "type=directory", f"directory={directory}", "encryption=none"
-    )
-    proxy_repo.git("config", "remote.node1.annex-proxy", "true")
-    proxy_repo.annex("updateproxy")
+    proxy_repo.add_proxied_special_remote("node1", "type=directory", f"directory={directory}")
     bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("node1", "node1", 5001)])
     bridge.start()
     return bridge

@@ -131,11 +131,7 @@ def slow_remote(
     store = tmp_path / "slowbox"
     store.mkdir()
     install_slow_remote(annex_env, store, SILENT)
-    proxy_repo.annex(
-        "initremote", "slow", "type=external", "externaltype=slowbox", "encryption=none"
-    )
-    proxy_repo.git("config", "remote.slow.annex-proxy", "true")
-    proxy_repo.annex("updateproxy")
+    proxy_repo.add_proxied_special_remote("slow", "type=external", "externaltype=slowbox")
     bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("slow", "slow", 5001)])
     limits = scaled_defaults()
     bridge.config_path.write_text(

@@ -40,14 +40,9 @@ def special(
 ) -> SpecialSetup:
     directory = tmp_path / "special"
     directory.mkdir()
-    proxy_repo.annex(
-        "initremote", "sr", "type=directory", f"directory={directory}", "encryption=none"
-    )
-    proxy_repo.git("config", "remote.sr.annex-proxy", "true")
-    proxy_repo.annex("updateproxy")
+    uuid = proxy_repo.add_proxied_special_remote("sr", "type=directory", f"directory={directory}")
     bridge = make_bridge(exposes=[Expose("hub", ".", 5000), Expose("sr", "sr", 5001)])
     bridge.start()
-    uuid = proxy_repo.git("config", "remote.sr.annex-uuid").stdout.strip()
     return SpecialSetup(bridge, proxy_repo, directory, uuid)
 
 

@@ -85,9 +85,7 @@ def proxied(
         "external": ["type=external", "externaltype=tblog", f"directory={store}"],
         "rsync": ["type=rsync", f"rsyncurl={store}"],
     }[kind]
-    proxy.annex("initremote", "sr", *settings, "encryption=none")
-    proxy.git("config", "remote.sr.annex-proxy", "true")
-    proxy.annex("updateproxy")
+    proxy.add_proxied_special_remote("sr", *settings)
     bridge = Bridge(
         proxy_env,
         proxy.path,

@@ -328,10 +328,7 @@ def test_raw_node_error_reaches_the_client_without_paths(
     """
     store = tmp_path / "store"
     store.mkdir()
-    proxy_repo.annex("initremote", "sp", "type=directory", f"directory={store}", "encryption=none")
-    proxy_repo.git("config", "remote.sp.annex-proxy", "true")
-    proxy_repo.annex("updateproxy")
-    uuid = proxy_repo.git("config", "remote.sp.annex-uuid").stdout.strip()
+    uuid = proxy_repo.add_proxied_special_remote("sp", "type=directory", f"directory={store}")
     bridge = make_node_bridge([Expose("sp", "sp", 5002)])
     bridge.start()
     token = bridge.add_token("raw", "rw")
