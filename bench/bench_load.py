@@ -65,7 +65,6 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -94,8 +93,8 @@ from tests.load.loadlib import (  # noqa: E402
     flood,
     percentile,
     raise_nofile,
-    run_mix,
     seed_proxy,
+    start_mixes,
 )
 
 
@@ -203,24 +202,20 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
                                 time_limit=args.time_limit,
                             )
                         )
-                    for i in range(n):
-                        nursery.start_soon(
-                            partial(
-                                run_mix,
-                                target,
-                                seeds[i % len(seeds)],
-                                absent[i % len(absent)],
-                                fresh[i],
-                                stats,
-                                name=f"session {i}",
-                                gate=gate,
-                                end_gate=end_gate,
-                                gate_timeout=args.time_limit,
-                                connect_limiter=limiter,
-                                work_limiter=mixing,
-                                reply_timeout=args.time_limit / 2,
-                            )
-                        )
+                    start_mixes(
+                        nursery,
+                        n,
+                        target,
+                        seeds,
+                        absent,
+                        fresh,
+                        stats,
+                        gate=gate,
+                        end_gate=end_gate,
+                        time_limit=args.time_limit,
+                        connect_limiter=limiter,
+                        work_limiter=mixing,
+                    )
                 outer.cancel_scope.cancel()
         wall = time.monotonic() - start
         rss.sample()

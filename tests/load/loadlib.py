@@ -34,6 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -544,6 +545,44 @@ async def run_mix(
         if session is not None:
             stats.closed()
             await session.aclose()
+
+
+def start_mixes(
+    nursery: trio.Nursery,
+    n: int,
+    target: Target,
+    seeds: Sequence[Obj],
+    absent: Sequence[str],
+    fresh: Sequence[Obj],
+    stats: Stats,
+    *,
+    gate: Gate,
+    end_gate: Gate,
+    time_limit: float,
+    connect_limiter: trio.CapacityLimiter,
+    work_limiter: trio.CapacityLimiter,
+) -> None:
+    """Start ``n`` sessions doing the mix in ``nursery``, session i on seed
+    and absent key i (round robin) and its own fresh object, all open at the
+    same time (``gate``, ``end_gate``)."""
+    for i in range(n):
+        nursery.start_soon(
+            partial(
+                run_mix,
+                target,
+                seeds[i % len(seeds)],
+                absent[i % len(absent)],
+                fresh[i],
+                stats,
+                name=f"session {i}",
+                gate=gate,
+                end_gate=end_gate,
+                gate_timeout=time_limit,
+                connect_limiter=connect_limiter,
+                work_limiter=work_limiter,
+                reply_timeout=time_limit / 2,
+            )
+        )
 
 
 # --- the flood -------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from functools import partial
 
 import pytest
 import trio
@@ -38,8 +37,8 @@ from tests.load.loadlib import (
     Target,
     absent_keys,
     flood,
-    run_mix,
     seed_proxy,
+    start_mixes,
     until_evicting,
 )
 from tests.load.profiles import PROFILE
@@ -105,24 +104,20 @@ async def test_sessions_and_flood_at_once(
                 async def sessions() -> None:
                     nonlocal sessions_end
                     async with trio.open_nursery() as inner:
-                        for i in range(n):
-                            inner.start_soon(
-                                partial(
-                                    run_mix,
-                                    target,
-                                    seeds[i % len(seeds)],
-                                    absent[i % len(absent)],
-                                    fresh[i],
-                                    stats,
-                                    name=f"session {i}",
-                                    gate=gate,
-                                    end_gate=end_gate,
-                                    gate_timeout=PROFILE.time_limit,
-                                    connect_limiter=limiter,
-                                    work_limiter=work,
-                                    reply_timeout=PROFILE.time_limit / 2,
-                                )
-                            )
+                        start_mixes(
+                            inner,
+                            n,
+                            target,
+                            seeds,
+                            absent,
+                            fresh,
+                            stats,
+                            gate=gate,
+                            end_gate=end_gate,
+                            time_limit=PROFILE.time_limit,
+                            connect_limiter=limiter,
+                            work_limiter=work,
+                        )
                     sessions_end = time.monotonic()
 
                 nursery.start_soon(sessions)

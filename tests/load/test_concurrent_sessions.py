@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from functools import partial
 
 import pytest
 import trio
@@ -29,8 +28,8 @@ from tests.load.loadlib import (
     Stats,
     Target,
     absent_keys,
-    run_mix,
     seed_proxy,
+    start_mixes,
 )
 from tests.load.profiles import PROFILE
 
@@ -72,24 +71,20 @@ async def test_concurrent_sessions(
         async with trio.open_nursery() as outer:
             outer.start_soon(sampler.run)
             async with trio.open_nursery() as nursery:
-                for i in range(n):
-                    nursery.start_soon(
-                        partial(
-                            run_mix,
-                            target,
-                            seeds[i % len(seeds)],
-                            absent[i % len(absent)],
-                            fresh[i],
-                            stats,
-                            name=f"session {i}",
-                            gate=gate,
-                            end_gate=end_gate,
-                            gate_timeout=PROFILE.time_limit,
-                            connect_limiter=limiter,
-                            work_limiter=work,
-                            reply_timeout=PROFILE.time_limit / 2,
-                        )
-                    )
+                start_mixes(
+                    nursery,
+                    n,
+                    target,
+                    seeds,
+                    absent,
+                    fresh,
+                    stats,
+                    gate=gate,
+                    end_gate=end_gate,
+                    time_limit=PROFILE.time_limit,
+                    connect_limiter=limiter,
+                    work_limiter=work,
+                )
             outer.cancel_scope.cancel()
     wall = time.monotonic() - start
     sampler.sample()
