@@ -224,7 +224,8 @@ def publish(
 ) -> str:
     """Blocking: publish (creating the key the first time); returns NAME.onion.
 
-    Returns only once tor says the descriptor reached at least one HSDir.
+    Returns once one HSDir has the descriptor and the others tor sent it to
+    have answered (``_await_upload``).
     ADD_ONION is sent as a raw command: stem 1.8 knows no PoW keywords.
     """
     import stem
@@ -281,42 +282,99 @@ def publish(
     return onion
 
 
+# After the first HSDir has the descriptor, how long the others may take.
+# A client's tor uses the first descriptor it finds on any responsible HSDir:
+# one still holding the previous version (other client keys, old introduction
+# points) sends it away ("bad client auth", a failed introduction) until its
+# cached copy is replaced, so a publication waits for all of them.
+ALL_UPLOADS_GRACE = 30.0
+
+
+class UploadWait:
+    """Which HSDirs have the descriptor: fed tor's HS_DESC events, no I/O.
+
+    tor names the service in UPLOAD events only (one per directory, all sent
+    before any answer comes back); UPLOADED and FAILED are matched to them by
+    the directory.
+    """
+
+    def __init__(self, service_id: str) -> None:
+        self.service_id = service_id
+        self.directories: set[str] = set()
+        self.uploaded: set[str] = set()
+        self.failures: dict[str, str] = {}
+
+    def event(self, action: str, address: str, directory: str, reason: str | None = None) -> None:
+        if action == "UPLOAD" and address == self.service_id:
+            self.directories.add(directory)
+            self.uploaded.discard(directory)  # a new upload batch: wait for its answer
+            self.failures.pop(directory, None)
+        elif directory not in self.directories:
+            return
+        elif action == "UPLOADED":
+            self.uploaded.add(directory)
+        elif action == "FAILED":
+            self.failures[directory] = reason or "failed"
+
+    @property
+    def reached_one(self) -> bool:
+        return bool(self.uploaded)
+
+    @property
+    def all_answered(self) -> bool:
+        return bool(self.directories) and self.directories <= self.uploaded | set(self.failures)
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.directories) and self.directories <= set(self.failures)
+
+    def pending(self) -> set[str]:
+        return self.directories - self.uploaded - set(self.failures)
+
+
 def _await_upload(
     events: queue.Queue[Any], service_id: str, deadline: float, timeout: float
 ) -> None:
-    """Until one HSDir has our descriptor (as stem's await_publication waits).
-
-    tor names the service in UPLOAD events only: UPLOADED and FAILED are
-    matched to them by the directory.
-    """
-    import stem
-
-    directories: set[str] = set()
-    failures: list[str] = []
+    """Until every HSDir tor sent our descriptor to has answered, and one has it;
+    the others get ALL_UPLOADS_GRACE after the first success (then tor's own
+    retries and the publisher's re-uploads take over)."""
+    wait = UploadWait(service_id)
+    settle_by: float | None = None
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        if wait.reached_one:
+            if settle_by is None:
+                settle_by = min(deadline, now + ALL_UPLOADS_GRACE)
+            if wait.all_answered:
+                return
+            if now >= settle_by:
+                log.info(
+                    "onion descriptor on %d HSDir(s); %d upload(s) still under way",
+                    len(wait.uploaded),
+                    len(wait.pending()),
+                )
+                return
+        elif wait.all_failed:
+            raise PublishFailed(
+                "tor could not upload the onion descriptor to any directory: "
+                + "; ".join(f"{d}: {r}" for d, r in sorted(wait.failures.items()))
+            )
+        elif now >= deadline:
             raise PublishFailed(
                 f"tor did not upload the onion descriptor within {timeout:.0f}s: is tor"
                 " connected to the Tor network?"
             )
+        until = settle_by if settle_by is not None else deadline
         try:
-            event = events.get(timeout=remaining)
+            event = events.get(timeout=max(until - now, 0.0))
         except queue.Empty:
             continue
-        if event.action == stem.HSDescAction.UPLOAD and event.address == service_id:
-            directories.add(event.directory_fingerprint)
-        elif event.directory_fingerprint not in directories:
-            continue
-        elif event.action == stem.HSDescAction.UPLOADED:
-            return
-        elif event.action == stem.HSDescAction.FAILED:
-            failures.append(f"{event.directory_fingerprint}: {event.reason}")
-            if len(failures) == len(directories):
-                raise PublishFailed(
-                    "tor could not upload the onion descriptor to any directory: "
-                    + "; ".join(failures)
-                )
+        wait.event(
+            str(event.action),
+            event.address,
+            event.directory_fingerprint,
+            getattr(event, "reason", None),
+        )
 
 
 def close_rendezvous(controller: Any, service_id: str) -> int:
