@@ -24,9 +24,10 @@ from torbridge.annex.locationlog import LocationLog
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol import relay as r
+from torbridge.protocol import relayactions as ra
 from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.permissions import Grant
-from torbridge.protocol.relay import Side
+from torbridge.protocol.relayactions import Side
 from torbridge.server.gitowner import GitOwner
 from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.refwatch import Refs, RefWatch, RefWatcher
@@ -269,7 +270,7 @@ class Session:
             self.endpoint.admission.leave_pre_auth(self.pending)
 
     async def _loop(self) -> None:
-        queue: deque[r.Action] = deque()
+        queue: deque[ra.Action] = deque()
         while True:
             if not queue:
                 side = self.relay.next_reader
@@ -278,14 +279,14 @@ class Session:
                 queue.extend(await self._read(side))
                 continue
             action = queue.popleft()
-            if isinstance(action, r.EndSession):
+            if isinstance(action, ra.EndSession):
                 self.outcome = action.reason
                 self._clean = action.clean
                 self.linger = action.linger
                 return
             queue.extendleft(reversed(await self._perform(action)))
 
-    async def _read(self, side: Side) -> list[r.Action]:
+    async def _read(self, side: Side) -> list[ra.Action]:
         channel = self._channel(side)
         if channel is None:
             raise r.RelayError("read from a closed peer")
@@ -427,7 +428,7 @@ class Session:
 
     async def _lost(
         self, side: Side, reason: str, header_unsent: bool = False, retry: bool = True
-    ) -> list[r.Action]:
+    ) -> list[ra.Action]:
         if side is Side.PEER:
             log.warning("[%d] %s: %s", self.id, self.endpoint.name, reason)
             self.endpoint.registry.peer_failed(self.endpoint.transport.name, reason)
@@ -448,22 +449,22 @@ class Session:
 
     # --- actions ------------------------------------------------------------------
 
-    async def _perform(self, action: r.Action) -> list[r.Action]:
+    async def _perform(self, action: ra.Action) -> list[ra.Action]:
         match action:
-            case r.Send(to=side, message=message):
+            case ra.Send(to=side, message=message):
                 return await self._send(side, message)
-            case r.CopyBody(source=source, length=length):
+            case ra.CopyBody(source=source, length=length):
                 return await self._copy_body(source, length)
-            case r.DiscardBody(length=length):
+            case ra.DiscardBody(length=length):
                 return await self._discard_body(length)
-            case r.CheckAuth(client_uuid=uuid, token=token):
+            case ra.CheckAuth(client_uuid=uuid, token=token):
                 return await self._check_auth(uuid, token)
-            case r.OpenPeer(version=version, bypass=bypass):
+            case ra.OpenPeer(version=version, bypass=bypass):
                 return await self._open_peer(version, bypass)
-            case r.ClosePeer():
+            case ra.ClosePeer():
                 await self._close_peer()
                 return []
-            case r.RunService(service=service) if self.endpoint.git_owner is not None:
+            case ra.RunService(service=service) if self.endpoint.git_owner is not None:
                 # The owner decides with the client's own token (docs/scale-out.md).
                 uuid, token = self._credentials
                 await self.endpoint.git_owner.relay(
@@ -475,7 +476,7 @@ class Session:
                     self.limits.client_stall,
                 )
                 return []
-            case r.RunService(service=service, may_rewrite=may_rewrite):
+            case ra.RunService(service=service, may_rewrite=may_rewrite):
                 # The client's deadlines: stall_timeout once it stops reading,
                 # idle_timeout for silence (git itself sends keepalives while
                 # it works; the client's git is silent while it packs).
@@ -488,22 +489,22 @@ class Session:
                     stall_timeout=self.limits.client_stall,
                 )
                 return []
-            case r.RefuseService(reason=reason):
+            case ra.RefuseService(reason=reason):
                 with contextlib.suppress(StreamLost):  # the session ends next anyway
                     await refuse_git_service(self.client, reason)
                 return []
-            case r.WatchRefs():
+            case ra.WatchRefs():
                 return await self._watch_refs()
-            case r.Stored(key=key, uuids=uuids):
+            case ra.Stored(key=key, uuids=uuids):
                 self._record(key, uuids, present=True)
                 return []
-            case r.Removed(key=key, uuids=uuids):
+            case ra.Removed(key=key, uuids=uuids):
                 self._record(key, uuids, present=False)
                 return []
             case _:
                 raise r.RelayError(f"unhandled action {action!r}")
 
-    async def _watch_refs(self) -> list[r.Action]:
+    async def _watch_refs(self) -> list[ra.Action]:
         """Wait for the proxy repository's refs to change (server/refwatch.py).
 
         Deliberately no deadline, as git-annex's own server: a remotedaemon
@@ -527,7 +528,7 @@ class Session:
             for uuid in uuids:
                 self.endpoint.location_log.record(key, uuid, present)
 
-    async def _send(self, side: Side, message: m.Message) -> list[r.Action]:
+    async def _send(self, side: Side, message: m.Message) -> list[ra.Action]:
         channel = self._channel(side)
         if channel is None:
             return []  # the peer went away; the relay has been told already
@@ -540,7 +541,7 @@ class Session:
             return await self._lost(side, str(e))
         return []
 
-    async def _copy_body(self, source: Side, length: int) -> list[r.Action]:
+    async def _copy_body(self, source: Side, length: int) -> list[ra.Action]:
         """Copy one DATA body; the next line is read only after it is delivered.
 
         The peer may hold the copy up for as long as its deadline allows
@@ -555,7 +556,7 @@ class Session:
             return await self._lost(Side.CLIENT, copied.reason)
         return copied
 
-    async def _copy_body_within(self, source: Side, length: int) -> list[r.Action]:
+    async def _copy_body_within(self, source: Side, length: int) -> list[ra.Action]:
         src = self._channel(source)
         dst_side = Side.PEER if source is Side.CLIENT else Side.CLIENT
         assert src is not None
@@ -580,7 +581,7 @@ class Session:
                     if stuck is source:
                         return await self._lost(source, "stalled inside a DATA body")
                     follow = await self._lost(dst_side, "not reading")
-                    if any(isinstance(a, r.EndSession) for a in follow):
+                    if any(isinstance(a, ra.EndSession) for a in follow):
                         return follow
                     for action in follow:  # ClosePeer: carried out now, draining goes on
                         await self._perform(action)
@@ -608,7 +609,7 @@ class Session:
                     await dst.send_body(chunk)
             except (trio.TooSlowError, StreamLost) as e:
                 follow = await self._lost(dst_side, str(e) or "not reading")
-                if any(isinstance(a, r.EndSession) for a in follow):
+                if any(isinstance(a, ra.EndSession) for a in follow):
                     return follow
                 for action in follow:  # ClosePeer: carried out now, draining goes on
                     await self._perform(action)
@@ -618,7 +619,7 @@ class Session:
             log.debug("[%d] %d of %d body bytes moved by splice", self.id, kernel.moved, length)
         return self.relay.body_done()
 
-    async def _discard_body(self, length: int) -> list[r.Action]:
+    async def _discard_body(self, length: int) -> list[ra.Action]:
         remaining = length
         while remaining:
             try:
@@ -628,7 +629,7 @@ class Session:
                 return await self._lost(Side.CLIENT, str(e) or "stalled")
         return []
 
-    async def _check_auth(self, client_uuid: str, token: str) -> list[r.Action]:
+    async def _check_auth(self, client_uuid: str, token: str) -> list[ra.Action]:
         # Out of the pre-AUTH count: a valid token waiting for a slot at a
         # session cap must not be evicted as an idle stranger.
         self._leave_pre_auth()
@@ -675,7 +676,7 @@ class Session:
         )
         return accepted
 
-    async def _open_peer(self, version: int, bypass: tuple[str, ...]) -> list[r.Action]:
+    async def _open_peer(self, version: int, bypass: tuple[str, ...]) -> list[ra.Action]:
         assert self._nursery is not None and self.grant is not None
         assert self.relay.client_uuid is not None
         info = SessionInfo(self.relay.client_uuid, self.grant.mode)
