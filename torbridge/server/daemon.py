@@ -1,4 +1,9 @@
-"""The daemon: check the host, bind one unix socket per endpoint, serve."""
+"""The daemon: check the host, bind one unix socket per endpoint, serve.
+
+Some 510 lines, left whole: the serve loop, its accept, reload and drain
+share one ``Running`` state; what each endpoint serves is built in
+server/endpoints.py, and each connection is a server/session.py.
+"""
 
 from __future__ import annotations
 
