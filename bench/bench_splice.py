@@ -50,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.core.peers import CLIENT_UUID, TOKEN, OneToken
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
+from torbridge.server.endpoints import Endpoint
 from torbridge.server.fdpass import PassedPipes
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.session import Session
 from torbridge.transport import splice
 from torbridge.transport.base import PeerChannel, SessionInfo, Transport
 from torbridge.transport.cluster import ClusterNode, ClusterTransport

@@ -25,7 +25,7 @@ import trio.testing
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import BadLine, EndOfStream, LineEvent, LineTooLong
 from torbridge.protocol.permissions import Grant, Mode
-from torbridge.server.session import Busy, PendingAuth
+from torbridge.server.admission import Busy, PendingAuth
 from torbridge.transport.base import (
     PeerChannel,
     PeerUnavailable,

@@ -9,8 +9,7 @@ import trio.testing
 
 from torbridge.config import Limits, Tor
 from torbridge.protocol.permissions import Grant, Mode
-from torbridge.server.admission import Admission
-from torbridge.server.session import Busy
+from torbridge.server.admission import Admission, Busy
 from torbridge.tokens import TokenStore
 
 

@@ -30,7 +30,8 @@ from torbridge.annex.remotes import parse_cluster_log, parse_proxy_log
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.endpoints import Endpoint
+from torbridge.server.session import Session
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.framed import StreamLost
 

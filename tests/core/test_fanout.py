@@ -38,8 +38,9 @@ from tests.core.test_cluster import (
 from tests.core.test_session import Client
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
+from torbridge.server.endpoints import Endpoint
 from torbridge.server.fdpass import PassedPipes
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.session import Session
 from torbridge.transport import fanout
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.framed import StreamLost

@@ -27,10 +27,12 @@ from torbridge.protocol.permissions import GIT_LABELS as LABELS
 from torbridge.protocol.permissions import GitAccess, Mode
 from torbridge.protocol.relay import (
     READ_ONLY_ERROR,
+    Relay,
+)
+from torbridge.protocol.relayactions import (
     CheckAuth,
     EndSession,
     RefuseService,
-    Relay,
     RunService,
     Side,
 )

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz import examples
+from torbridge.protocol.fields import escape_af, is_valid_key, key_size, unescape_af
 from torbridge.protocol.messages import (
     BY_COMMAND,
     MAX_LINE,
@@ -51,13 +52,9 @@ from torbridge.protocol.messages import (
     UnlockContent,
     Valid,
     Version,
-    escape_af,
-    is_valid_key,
-    key_size,
     parse,
     redacted,
     serialise,
-    unescape_af,
 )
 
 PROPS = settings(

@@ -20,8 +20,9 @@ import trio
 
 from tests.core.peers import FakeRepo, FakeTransport, OneToken
 from tests.core.test_session import AUTH, AUTH_OK, LIMITS, Client, connection
+from torbridge.server.endpoints import Endpoint
 from torbridge.server.refwatch import MAX_SHAS, RefWatcher, new_shas, parse_for_each_ref
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.session import Session
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 

@@ -20,6 +20,12 @@ from tests.fuzz import examples
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
 from torbridge.protocol.relay import (
+    Mode,
+    Phase,
+    Relay,
+    RelayError,
+)
+from torbridge.protocol.relayactions import (
     Action,
     CheckAuth,
     ClosePeer,
@@ -27,12 +33,8 @@ from torbridge.protocol.relay import (
     DiscardBody,
     EndSession,
     InEvent,
-    Mode,
     OpenPeer,
-    Phase,
     RefuseService,
-    Relay,
-    RelayError,
     Removed,
     RunService,
     Send,

@@ -33,13 +33,15 @@ from tests.core.test_relay import (
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream
 from torbridge.protocol.relay import (
+    Mode,
+    Phase,
+    Relay,
+)
+from torbridge.protocol.relayactions import (
     CheckAuth,
     ClosePeer,
     CopyBody,
-    Mode,
     OpenPeer,
-    Phase,
-    Relay,
     Removed,
     Send,
     Stored,

@@ -33,7 +33,10 @@ from tests.core.peers import (
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol.permissions import Mode
-from torbridge.server.session import WATCH_CLIENT_AFTER, Endpoint, PendingAuth, Session
+from torbridge.server.admission import PendingAuth
+from torbridge.server.clientwatch import WATCH_CLIENT_AFTER
+from torbridge.server.endpoints import Endpoint
+from torbridge.server.session import Session
 from torbridge.server.watched import READ_AHEAD_LIMIT
 from torbridge.transport.framed import StreamLost
 

@@ -22,7 +22,8 @@ import trio
 from tests.core.peers import CLIENT_UUID, TOKEN, FakeRepo, FakeTransport, OneToken, PeerConnection
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
-from torbridge.server.session import Endpoint, Session
+from torbridge.server.endpoints import Endpoint
+from torbridge.server.session import Session
 from torbridge.transport import splice
 from torbridge.transport.framed import StreamLost
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from torbridge.protocol.messages import is_valid_key
+from torbridge.protocol.fields import is_valid_key
 
 log = logging.getLogger("torbridge.locationlog")
 

@@ -20,7 +20,7 @@ import trio
 
 from torbridge.annex.locationlog import LocationLog
 from torbridge.annex.preferred import PreferredContent
-from torbridge.protocol.messages import is_valid_key
+from torbridge.protocol.fields import is_valid_key
 
 log = logging.getLogger("torbridge.annexquery")
 

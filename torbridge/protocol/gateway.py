@@ -6,6 +6,11 @@ spreads each request over the cluster's nodes. It is fed events (the
 client's lines and body bytes, the nodes' replies and bodies, a node lost,
 the location log's answers, a clock reading) and answers with actions that
 the I/O layer (transport/cluster.py) carries out; it never looks at I/O.
+The actions are protocol/gatewayactions.py, node health
+protocol/nodehealth.py, the choices and the answers' arithmetic
+protocol/cluster.py. The state machine stays whole here (some 950 lines):
+every request's phases share one per-node bookkeeping (open, busy, queued,
+waited for) and one answer queue, and read best side by side.
 
 The protocol of one request, as the I/O layer sees it:
 
@@ -21,8 +26,8 @@ holder first, protocol/cluster.py), where a PUT goes and from which offset
 each node takes it, REMOVE to every node and the ``-PLUS`` answers, the
 clock translation for REMOVE-BEFORE, BYPASS, failover (a GET whose node is
 lost mid-body goes on from the next holder at the offset already sent), and
-node health (``NodeHealth``: a node that failed is skipped by later
-sessions until a probe finds it answering again).
+node health (``NodeHealth``, protocol/nodehealth.py: a node that failed is
+skipped by later sessions until a probe finds it answering again).
 """
 
 from __future__ import annotations
@@ -35,233 +40,26 @@ from dataclasses import dataclass, field
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
 from torbridge.protocol.clienttext import CONNECTION_LOST, relayed_error
-from torbridge.protocol.versions import Feature, supports
-
-# --- node health: shared by every session of one cluster ------------------------------
-
-PROBE_FIRST = 5.0  # seconds a failed node is skipped before the first probe
-PROBE_MAX = 300.0  # the backoff's cap
-
-
-@dataclass
-class NodeState:
-    up: bool = True
-    down_since: float | None = None
-    next_probe: float | None = None
-    last_error: str | None = None
-    failures: int = 0  # in a row
-    probing: bool = False
-
-
-class NodeHealth:
-    """Which nodes are down, since when, and when each is probed next.
-
-    Times are one monotonic clock's readings, passed in. A node that failed
-    (it could not be opened, or was lost mid-exchange) is down: sessions
-    skip it at once instead of paying the connect deadline again. Once its
-    backoff has passed, the next session that would use it starts a probe
-    (connect, AUTH, VERSION; nobody waits on it), and a probe that answers
-    brings it back. The backoff doubles with each failure in a row, up to
-    ``PROBE_MAX``.
-    """
-
-    def __init__(
-        self, names: Sequence[str], first: float = PROBE_FIRST, cap: float = PROBE_MAX
-    ) -> None:
-        self.first = first
-        self.cap = cap
-        self.nodes: dict[str, NodeState] = {name: NodeState() for name in names}
-
-    def is_down(self, name: str) -> bool:
-        state = self.nodes.get(name)
-        return state is not None and not state.up
-
-    def failed(self, name: str, why: str, now: float) -> None:
-        state = self.nodes.setdefault(name, NodeState())
-        state.probing = False
-        state.failures += 1
-        state.last_error = why
-        if state.up:
-            state.up = False
-            state.down_since = now
-        backoff = min(self.cap, self.first * 2 ** (state.failures - 1))
-        state.next_probe = now + backoff
-
-    def succeeded(self, name: str) -> None:
-        state = self.nodes.setdefault(name, NodeState())
-        state.up = True
-        state.down_since = None
-        state.next_probe = None
-        state.failures = 0
-        state.probing = False
-
-    def probe_due(self, name: str, now: float) -> bool:
-        """True (once) when a down node should be probed now."""
-        state = self.nodes.get(name)
-        if state is None or state.up or state.probing:
-            return False
-        if state.next_probe is not None and now < state.next_probe:
-            return False
-        state.probing = True
-        return True
-
-    def probe_abandoned(self, name: str) -> None:
-        """The probe was cancelled (its session ended): the next may start one."""
-        state = self.nodes.get(name)
-        if state is not None:
-            state.probing = False
-
-    def snapshot(self, now: float) -> dict[str, dict[str, object]]:
-        return {
-            name: {
-                "up": s.up,
-                "down_seconds": None if s.down_since is None else round(now - s.down_since, 1),
-                "next_probe_seconds": (
-                    None if s.next_probe is None else round(max(0.0, s.next_probe - now), 1)
-                ),
-                "probing": s.probing,
-                "failures_in_a_row": s.failures,
-                "last_error": s.last_error,
-            }
-            for name, s in self.nodes.items()
-        }
-
-
-# --- actions ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpenNode:
-    """Open ``node`` (connect, AUTH, VERSION ``version``, BYPASS) within the
-    connect deadline; report ``node_opened`` or ``node_lost``."""
-
-    node: str
-    version: int
-    bypass: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ProbeNode:
-    """Open ``node`` and close it again, in the background (nobody waits);
-    report ``probe_done`` to the health object."""
-
-    node: str
-    version: int
-
-
-@dataclass(frozen=True)
-class ToNode:
-    """Send ``message`` to ``node``; with ``reply``, read its next line and
-    report ``node_reply``. A failure is reported with ``node_lost``."""
-
-    node: str
-    message: m.Message | None
-    reply: bool = False
-
-
-@dataclass(frozen=True)
-class ToNodeBody:
-    node: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class NodeBodyStaged:
-    """The transport holds the client's next ``length`` body bytes for
-    ``node`` itself (moved there by the kernel, transport/fanout.py):
-    deliver them; report ``node_sent`` or ``node_lost``, as for ToNodeBody."""
-
-    node: str
-    length: int
-
-
-@dataclass(frozen=True)
-class ReadNodeBody:
-    """Read up to ``max_bytes`` of ``node``'s DATA body; report ``node_body``."""
-
-    node: str
-    max_bytes: int
-
-
-@dataclass(frozen=True)
-class CloseNode:
-    node: str
-    why: str
-
-
-@dataclass(frozen=True)
-class QueryLocations:
-    """Ask the location log who has ``key``; report ``locations`` (or ``query_failed``)."""
-
-    key: str
-
-
-@dataclass(frozen=True)
-class QueryWanted:
-    """Ask git-annex which of ``nodes`` want ``key``; report ``wanted`` (or
-    ``query_failed``)."""
-
-    nodes: tuple[str, ...]
-    key: str
-    af: str | None
-
-
-@dataclass(frozen=True)
-class ReadClock:
-    """Read the protocol clock (whole seconds); report ``clock``."""
-
-
-@dataclass(frozen=True)
-class ToClient:
-    message: m.Message
-
-
-@dataclass(frozen=True)
-class ToClientBody:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class CutClient:
-    """The GET body cannot be finished by any node: the client's connection
-    is closed mid-body (docs/clusters.md says why that, and not padding)."""
-
-    why: str
-
-
-@dataclass(frozen=True)
-class Record:
-    """The proxy's location log: ``uuid`` has ``key`` now, or not."""
-
-    key: str
-    uuid: str
-    present: bool
-
-
-@dataclass(frozen=True)
-class Log:
-    """A line for the operator's log (never the client's)."""
-
-    text: str
-
-
-Action = (
-    OpenNode
-    | ProbeNode
-    | ToNode
-    | ToNodeBody
-    | NodeBodyStaged
-    | ReadNodeBody
-    | CloseNode
-    | QueryLocations
-    | QueryWanted
-    | ReadClock
-    | ToClient
-    | ToClientBody
-    | CutClient
-    | Record
-    | Log
+from torbridge.protocol.gatewayactions import (
+    Action,
+    CloseNode,
+    CutClient,
+    Log,
+    NodeBodyStaged,
+    OpenNode,
+    ProbeNode,
+    QueryLocations,
+    QueryWanted,
+    ReadClock,
+    ReadNodeBody,
+    Record,
+    ToClient,
+    ToClientBody,
+    ToNode,
+    ToNodeBody,
 )
+from torbridge.protocol.nodehealth import NodeHealth
+from torbridge.protocol.versions import Feature, supports
 
 
 class Phase(enum.Enum):

@@ -2,153 +2,40 @@
 
 One line of the wire is one message. Fields are split at single spaces, the
 last field takes the rest of the line (so a key may hold spaces), exactly as
-git-annex's Utility/SimpleProtocol does. Bytes are decoded with
-``surrogateescape`` so that any byte sequence round-trips unchanged.
+git-annex's Utility/SimpleProtocol does; the fields themselves (keys, UUIDs,
+numbers, associated files) are protocol/fields.py. This module is the table
+of messages, one class per command.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from torbridge.protocol.fields import (
+    ENCODING,
+    ERRORS,
+    check_count,
+    check_key,
+    check_token,
+    check_uuid,
+    escape_af,
+    exit_code,
+    no_more,
+    number,
+    split_word,
+    unescape_af,
+    words,
+)
+
+# Raised by parse(); the name stays here, where the parsing is.
+from torbridge.protocol.fields import ParseError as ParseError
 
 # What each version supports is protocol/versions.py; the name stays here too.
 from torbridge.protocol.versions import MAX_VERSION as MAX_VERSION
 
 MAX_LINE = 32768
 """Longest line git-annex accepts, in bytes, newline excluded."""
-
-ENCODING = "utf-8"
-ERRORS = "surrogateescape"
-
-
-class ParseError(ValueError):
-    """A line that is not a message: git-annex answers ``ERROR unknown command``."""
-
-
-# --- field types -------------------------------------------------------------
-
-# Numbers are ASCII digits only (attoparsec's decimal, Haskell's reads): the
-# Unicode digits that ``\d`` and ``int()`` accept are not numbers on the wire.
-# More digits than Python's int() converts by default are refused outright.
-_MAX_DIGITS = 4000
-_KEY_RE = re.compile(
-    r"(?P<backend>[^-]+)"
-    r"(?:-s(?P<size>[0-9]+))?"
-    r"(?:-m(?P<mtime>[0-9]+))?"
-    r"(?:-S(?P<chunksize>[0-9]+))?"
-    r"(?:-C(?P<chunknum>[0-9]+))?"
-    r"--(?P<name>.+)",
-    re.DOTALL,
-)
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-# Haskell's isControl (category Cc): C0, DEL and the C1 controls.
-_HS_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# Haskell's isSpace, which git-annex's splitWord and words use: narrower than
-# Python's str.isspace (no \x1c-\x1f, \x85, \u2028, \u2029).
-_HS_SPACES = " \t\n\v\f\r\xa0\u1680\u2000-\u200a\u202f\u205f\u3000"
-_HS_SPACE_RE = re.compile(f"[{_HS_SPACES}]")
-_UUID_RE = re.compile(r"[^\s\x00-\x1f\x7f]+")
-_TOKEN_RE = re.compile(r"[A-Za-z0-9]+")
-_DECIMAL_RE = re.compile(r"[0-9]+")
-_EXIT_CODE_RE = re.compile(r"-?[0-9]+")
-_EXTENSION_MAX = 64  # git-annex's validKeyName bound on a key's extension
-
-
-def is_valid_key(key: str) -> bool:
-    """True for a key git-annex would parse, minus the strange corners.
-
-    Stricter than git-annex: no control characters and a non-empty name, so a
-    key can never smuggle a line break or a NUL into a log or an argv.
-    """
-    if _CONTROL_RE.search(key):
-        return False
-    m = _KEY_RE.fullmatch(key)
-    if m is None:
-        return False
-    if any(len(m.group(g) or "") > _MAX_DIGITS for g in ("size", "mtime", "chunksize", "chunknum")):
-        return False  # int() would refuse them
-    backend, name = m.group("backend"), m.group("name")
-    # GITBUNDLE is the one known variety ending in E that has no extension.
-    if backend.endswith("E") and backend != "GITBUNDLE":
-        dot = name.find(".")
-        if dot >= 0 and len(name[dot:].encode(ENCODING, ERRORS)) > _EXTENSION_MAX:
-            return False
-    return True
-
-
-def key_size(key: str) -> int | None:
-    """The ``-sSIZE`` field of a valid key, if it has one."""
-    m = _KEY_RE.fullmatch(key)
-    if m is None or m.group("size") is None:
-        return None
-    return int(m.group("size"))
-
-
-def escape_af(af: str | None) -> str:
-    """Serialise an associated file: ``%`` -> ``%%``, any whitespace -> ``%``.
-
-    Whitespace is Haskell's ``isSpace``: exactly what the receiver splits at.
-    """
-    if not af:
-        return ""
-    out = []
-    for c in af:
-        if c == "%":
-            out.append("%%")
-        elif _HS_SPACE_RE.match(c):
-            out.append("%")
-        else:
-            out.append(c)
-    return "".join(out)
-
-
-def unescape_af(s: str) -> str | None:
-    """Deserialise an associated file as git-annex does.
-
-    ``%%`` -> ``%``, a lone ``%`` -> ``_``, control characters -> ``_``.
-    An absolute path is not an associated file: ``ParseError``.
-    """
-    out = []
-    i = 0
-    while i < len(s):
-        c = s[i]
-        if c == "%":
-            if s.startswith("%%", i):
-                out.append("%")
-                i += 2
-                continue
-            out.append("_")
-        elif _HS_CONTROL_RE.match(c):
-            out.append("_")
-        else:
-            out.append(c)
-        i += 1
-    af = "".join(out)
-    if not af:
-        return None
-    if af.startswith("/"):
-        raise ParseError("absolute associated file")
-    return af
-
-
-def _number(s: str) -> int:
-    if len(s) > _MAX_DIGITS or not _DECIMAL_RE.fullmatch(s):
-        raise ParseError("invalid number")
-    return int(s)
-
-
-def _split(s: str) -> tuple[str, str]:
-    """Split at the first whitespace character, as git-annex's splitWord."""
-    m = _HS_SPACE_RE.search(s)
-    if m is None:
-        return s, ""
-    return s[: m.start()], s[m.end() :]
-
-
-def _none(s: str) -> None:
-    if s:
-        raise ParseError("unexpected parameter")
 
 
 # --- messages ------------------------------------------------------------------
@@ -199,23 +86,8 @@ class Message:
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
         """Parse what follows the command (nullary messages take nothing)."""
-        _none(rest)
+        no_more(rest)
         return cls()
-
-
-def _check_key(key: str) -> None:
-    if not is_valid_key(key):
-        raise ParseError("invalid key")
-
-
-def _check_uuid(uuid: str) -> None:
-    if not _UUID_RE.fullmatch(uuid):
-        raise ParseError("invalid uuid")
-
-
-def _check_count(n: int) -> None:
-    if n < 0:
-        raise ParseError("invalid number")
 
 
 class _KeyMessage(Message):
@@ -224,7 +96,7 @@ class _KeyMessage(Message):
     key: str
 
     def _check(self) -> None:
-        _check_key(self.key)
+        check_key(self.key)
 
     def args(self) -> list[str]:
         return [self.key]
@@ -241,14 +113,14 @@ class _UuidsMessage(Message):
 
     def _check(self) -> None:
         for uuid in self.uuids:
-            _check_uuid(uuid)
+            check_uuid(uuid)
 
     def args(self) -> list[str]:
         return list(self.uuids)
 
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
-        return cls(tuple(u for u in _HS_SPACE_RE.split(rest) if u))  # type: ignore[call-arg]
+        return cls(words(rest))  # type: ignore[call-arg]
 
 
 class _CountMessage(Message):
@@ -258,14 +130,14 @@ class _CountMessage(Message):
         raise NotImplementedError
 
     def _check(self) -> None:
-        _check_count(self.count())
+        check_count(self.count())
 
     def args(self) -> list[str]:
         return [str(self.count())]
 
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
-        return cls(_number(rest))  # type: ignore[call-arg]
+        return cls(number(rest))  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True)
@@ -274,17 +146,15 @@ class Auth(Message, command="AUTH"):
     token: str = field(repr=False)  # never printed, never logged
 
     def _check(self) -> None:
-        _check_uuid(self.uuid)
-        # An empty token is refused: a blank token must never match.
-        if not _TOKEN_RE.fullmatch(self.token):
-            raise ParseError("invalid token")
+        check_uuid(self.uuid)
+        check_token(self.token)
 
     def args(self) -> list[str]:
         return [self.uuid, self.token]
 
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
-        return cls(*_split(rest))
+        return cls(*split_word(rest))
 
 
 @dataclass(frozen=True)
@@ -292,7 +162,7 @@ class AuthSuccess(Message, command="AUTH-SUCCESS"):
     uuid: str
 
     def _check(self) -> None:
-        _check_uuid(self.uuid)
+        check_uuid(self.uuid)
 
     def args(self) -> list[str]:
         return [self.uuid]
@@ -342,9 +212,7 @@ class ConnectDone(Message, command="CONNECTDONE"):
 
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
-        if len(rest) > _MAX_DIGITS or not _EXIT_CODE_RE.fullmatch(rest):
-            raise ParseError("invalid exit code")
-        return cls(int(rest))
+        return cls(exit_code(rest))
 
 
 @dataclass(frozen=True)
@@ -393,16 +261,16 @@ class RemoveBefore(Message, command="REMOVE-BEFORE"):
     key: str
 
     def _check(self) -> None:
-        _check_count(self.timestamp)
-        _check_key(self.key)
+        check_count(self.timestamp)
+        check_key(self.key)
 
     def args(self) -> list[str]:
         return [str(self.timestamp), self.key]
 
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
-        ts, key = _split(rest)
-        return cls(_number(ts), key)
+        ts, key = split_word(rest)
+        return cls(number(ts), key)
 
 
 @dataclass(frozen=True)
@@ -425,17 +293,17 @@ class Get(Message, command="GET"):
     key: str
 
     def _check(self) -> None:
-        _check_count(self.offset)
-        _check_key(self.key)
+        check_count(self.offset)
+        check_key(self.key)
 
     def args(self) -> list[str]:
         return [str(self.offset), escape_af(self.af), self.key]
 
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
-        offset, rest = _split(rest)
-        af, key = _split(rest)
-        return cls(_number(offset), unescape_af(af), key)
+        offset, rest = split_word(rest)
+        af, key = split_word(rest)
+        return cls(number(offset), unescape_af(af), key)
 
 
 @dataclass(frozen=True)
@@ -444,14 +312,14 @@ class Put(Message, command="PUT"):
     key: str
 
     def _check(self) -> None:
-        _check_key(self.key)
+        check_key(self.key)
 
     def args(self) -> list[str]:
         return [escape_af(self.af), self.key]
 
     @classmethod
     def _from_wire(cls, rest: str) -> Message:
-        af, key = _split(rest)
+        af, key = split_word(rest)
         return cls(unescape_af(af), key)
 
 
@@ -555,7 +423,7 @@ def parse(line: bytes) -> Message:
     if line.endswith(b"\r"):
         line = line[:-1]
     text = line.decode(ENCODING, ERRORS)
-    command, rest = _split(text)
+    command, rest = split_word(text)
     cls = BY_COMMAND.get(command)
     if cls is None:
         raise ParseError("unknown command")

@@ -2,24 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from torbridge.config import Limits
 from torbridge.protocol.permissions import Grant
-from torbridge.server.session import Busy
 from torbridge.tokens import TokenStore
 
 log = logging.getLogger("torbridge.admission")
 
 
+@dataclass(frozen=True)
+class Busy:
+    """A valid token over a session cap (server/admission.py): the client is
+    told ``text`` in an ERROR, never AUTH-FAILURE, and no backoff starts."""
+
+    text: str
+
+
+class PendingAuth:
+    """A connection not yet past AUTH, as the cap on such connections sees it.
+
+    When ``max_unauthenticated`` is reached the oldest one is evicted
+    (server/admission.py): whatever it is waiting for is cancelled and it is
+    closed at once, and its session ends like one whose client left.
+    """
+
+    def __init__(self) -> None:
+        self.evicted = False
+        self._scope: trio.CancelScope | None = None
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @contextlib.contextmanager
+    def evictable(self) -> Iterator[trio.CancelScope]:
+        """A scope that eviction cancels (at once if evicted already)."""
+        with trio.CancelScope() as scope:
+            if self.evicted:
+                scope.cancel()
+            self._scope = scope
+            try:
+                yield scope
+            finally:
+                self._scope = None
+
+
 class Evictable(Protocol):
-    """A connection not yet past AUTH (session.PendingAuth)."""
+    """A connection not yet past AUTH (PendingAuth)."""
 
     def evict(self) -> None: ...
 

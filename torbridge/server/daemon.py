@@ -1,4 +1,9 @@
-"""The daemon: check the host, bind one unix socket per endpoint, serve."""
+"""The daemon: check the host, bind one unix socket per endpoint, serve.
+
+Some 510 lines, left whole: the serve loop, its accept, reload and drain
+share one ``Running`` state; what each endpoint serves is built in
+server/endpoints.py, and each connection is a server/session.py.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torbridge.annex.query import AnnexQuery
 from torbridge.config import OWN_REPOSITORY, Config, ConfigError, Expose, load_config
 from torbridge.protocol.proxyline import MAX_PROXY_LINE, ProxyLineError, parse_proxy_line
 from torbridge.server import notify
-from torbridge.server.admission import Admission
+from torbridge.server.admission import Admission, PendingAuth
 from torbridge.server.control import (
     ControlServer,
     control_socket,
@@ -30,6 +35,7 @@ from torbridge.server.control import (
     serve_metrics,
 )
 from torbridge.server.endpoints import (
+    Endpoint,
     Shared,
     branch_sync,
     build_endpoint,
@@ -38,7 +44,7 @@ from torbridge.server.endpoints import (
 )
 from torbridge.server.fdpass import PassedPipes, accept_stream
 from torbridge.server.refwatch import RefWatcher
-from torbridge.server.session import Endpoint, PendingAuth, Session
+from torbridge.server.session import Session
 from torbridge.server.sockets import bind_unix, make_state_dir
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore

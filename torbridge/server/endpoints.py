@@ -1,10 +1,14 @@
 """What the daemon serves: one Endpoint per ``[[expose]]``, each with the
-transport that reaches its repository (its own, a proxied remote, a cluster)."""
+transport that reaches its repository (its own, a proxied remote, a cluster).
+
+An ``Endpoint`` is all a session (server/session.py) is given of it."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 from torbridge.annex.host import StartupError, repository_uuid
 from torbridge.annex.locationlog import LocationLog
@@ -23,13 +27,13 @@ from torbridge.annex.remotes import (
     read_token,
     remote_cost,
 )
-from torbridge.config import OWN_REPOSITORY, Config, Expose
+from torbridge.config import OWN_REPOSITORY, Config, Expose, Limits
 from torbridge.protocol.cluster import NodeRef
-from torbridge.server.admission import Admission
+from torbridge.protocol.permissions import Grant
+from torbridge.server.admission import Admission, Busy, PendingAuth
 from torbridge.server.branchsync import BranchSync
 from torbridge.server.gitowner import GitOwner
 from torbridge.server.refwatch import RefWatcher
-from torbridge.server.session import Endpoint
 from torbridge.server.status import Registry
 from torbridge.transport.base import Transport
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
@@ -37,6 +41,43 @@ from torbridge.transport.network import SOCKS_CONNECT_TIMEOUT, P2PNetTransport, 
 from torbridge.transport.process import AnnexShellTransport
 
 log = logging.getLogger("torbridge")
+
+
+class Gate(Protocol):
+    """Who may in: tokens and the caps on connections (the daemon's is
+    server/admission.py's ``Admission``)."""
+
+    def authorize(self, endpoint: str, token: str) -> Grant | Busy | None: ...
+
+    async def wait_for_slot(self, endpoint: str, token: str, busy: Busy) -> Grant | Busy | None: ...
+
+    def release(self, grant: Grant) -> None: ...
+
+    def leave_pre_auth(self, connection: PendingAuth) -> None: ...
+
+    def auth_failed(self, circuit: int | None) -> None: ...
+
+    def auth_succeeded(self, circuit: int | None) -> None: ...
+
+
+@dataclass
+class Endpoint:
+    """One exposed repository: what clients of one socket (or onion port) reach."""
+
+    name: str
+    uuid: str  # announced in AUTH-SUCCESS
+    transport: Transport
+    repository: Path  # the proxy's own repository, for CONNECT
+    admission: Gate
+    limits: Limits = field(default_factory=Limits)
+    # Where what the relay saw is recorded; None where git-annex records it itself.
+    location_log: LocationLog | None = None
+    registry: Registry = field(default_factory=Registry)
+    # The proxy repository's refs, for NOTIFYCHANGE; None where it is not served.
+    refs: RefWatcher | None = None
+    # Behind an Onionbalance frontend, on a host that does not own the git
+    # repository: CONNECT goes to the owner (server/gitowner.py).
+    git_owner: GitOwner | None = None
 
 
 @dataclass

@@ -4,6 +4,12 @@ Everything the session decides is decided by the Relay; this module only
 reads the side the Relay names, carries out its actions, and keeps every
 wait under a deadline. One nursery per session holds the helper tasks of
 its peer; leaving it, for any reason, closes the peer and the client.
+
+The session keeps its lifecycle (the nursery, the loop, the cleanup that
+cannot be skipped) and what each action means; the jobs it hands out are
+DATA bodies (server/bodycopy.py, transport/kernelcopy.py), waits that
+watch the client for a hang-up (server/clientwatch.py) and admission
+(server/admission.py: the caps, ``PendingAuth``, ``Busy``).
 """
 
 from __future__ import annotations
@@ -13,173 +19,33 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
-from torbridge.annex.locationlog import LocationLog
-from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.protocol import relay as r
+from torbridge.protocol import relayactions as ra
 from torbridge.protocol.framing import LineEvent
 from torbridge.protocol.permissions import Grant
-from torbridge.protocol.relay import Side
-from torbridge.server.gitowner import GitOwner
+from torbridge.protocol.relayactions import Side
+from torbridge.server.admission import Busy, PendingAuth
+from torbridge.server.bodycopy import copy_body, discard_body
+from torbridge.server.clientwatch import ClientLeft, receive_from_peer, unless_client_leaves
+from torbridge.server.endpoints import Endpoint
 from torbridge.server.gitservice import refuse_git_service, run_git_service
-from torbridge.server.refwatch import Refs, RefWatch, RefWatcher
-from torbridge.server.status import Registry
+from torbridge.server.refwatch import Refs, RefWatch
 from torbridge.server.watched import WatchedStream
-from torbridge.transport import splice
-from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
-from torbridge.transport.fanout import BodyFanout, KernelFanoutCapable
+from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo
 from torbridge.transport.framed import FramedStream, StreamLost
 from torbridge.transport.process import argv_safe_uuid
 
 log = logging.getLogger("torbridge.session")
 
-BODY_CHUNK = 256 * 1024
-SPLICE_CHUNK = 4 << 20  # bytes moved in the kernel per deadline check
 CLOSE_DRAIN = 2.0  # seconds to read what the client still sends before closing
-# A peer silent this long (seconds) gets its client watched for a hang-up.
-WATCH_CLIENT_AFTER = 0.5
 _session_ids = itertools.count(1)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ClientLeft:
-    """The client hung up while the session waited on its peer."""
-
-    reason: str
-
-
-class PendingAuth:
-    """A connection not yet past AUTH, as the cap on such connections sees it.
-
-    When ``max_unauthenticated`` is reached the oldest one is evicted
-    (server/admission.py): whatever it is waiting for is cancelled and it is
-    closed at once, and its session ends like one whose client left.
-    """
-
-    def __init__(self) -> None:
-        self.evicted = False
-        self._scope: trio.CancelScope | None = None
-
-    def evict(self) -> None:
-        self.evicted = True
-        if self._scope is not None:
-            self._scope.cancel()
-
-    @contextlib.contextmanager
-    def evictable(self) -> Iterator[trio.CancelScope]:
-        """A scope that eviction cancels (at once if evicted already)."""
-        with trio.CancelScope() as scope:
-            if self.evicted:
-                scope.cancel()
-            self._scope = scope
-            try:
-                yield scope
-            finally:
-                self._scope = None
-
-
-@dataclass(frozen=True)
-class Busy:
-    """A valid token over a session cap (server/admission.py): the client is
-    told ``text`` in an ERROR, never AUTH-FAILURE, and no backoff starts."""
-
-    text: str
-
-
-class Admission(Protocol):
-    """Who may in: tokens and the caps on connections (server/admission.py)."""
-
-    def authorize(self, endpoint: str, token: str) -> Grant | Busy | None: ...
-
-    async def wait_for_slot(self, endpoint: str, token: str, busy: Busy) -> Grant | Busy | None: ...
-
-    def release(self, grant: Grant) -> None: ...
-
-    def leave_pre_auth(self, connection: PendingAuth) -> None: ...
-
-    def auth_failed(self, circuit: int | None) -> None: ...
-
-    def auth_succeeded(self, circuit: int | None) -> None: ...
-
-
-@dataclass
-class Endpoint:
-    """One exposed repository: what clients of one socket (or onion port) reach."""
-
-    name: str
-    uuid: str  # announced in AUTH-SUCCESS
-    transport: Transport
-    repository: Path  # the proxy's own repository, for CONNECT
-    admission: Admission
-    limits: Limits = field(default_factory=Limits)
-    # Where what the relay saw is recorded; None where git-annex records it itself.
-    location_log: LocationLog | None = None
-    registry: Registry = field(default_factory=Registry)
-    # The proxy repository's refs, for NOTIFYCHANGE; None where it is not served.
-    refs: RefWatcher | None = None
-    # Behind an Onionbalance frontend, on a host that does not own the git
-    # repository: CONNECT goes to the owner (server/gitowner.py).
-    git_owner: GitOwner | None = None
-
-
-class _KernelCopy:
-    """A DATA body from one side's descriptor to the other's by splice(2).
-
-    The first piece always goes through user space, with the DATA line
-    that was held for it; the rest moves in the kernel where a pipe is on
-    one end (transport/splice.py). ``usable`` turns False for good at the
-    first trouble, and the copy goes on through user space.
-    """
-
-    def __init__(self, src: FramedStream, dst: FramedStream) -> None:
-        self.src = src
-        self.dst = dst
-        self.usable = True
-        self.moved = 0  # bytes the kernel moved
-        self._fds: tuple[int, int] | None = None
-
-    @classmethod
-    def between(
-        cls, src: FramedStream | PeerChannel, dst: FramedStream | PeerChannel
-    ) -> _KernelCopy | BodyFanout | None:
-        if isinstance(src, FramedStream) and isinstance(dst, KernelFanoutCapable):
-            return dst.kernel_fanout(src)  # a cluster: to every node (transport/fanout.py)
-        s = src if isinstance(src, FramedStream) else src.framed_stream()
-        d = dst if isinstance(dst, FramedStream) else dst.framed_stream()
-        return None if s is None or d is None else cls(s, d)
-
-    async def move(self, max_bytes: int) -> int:
-        """Bytes moved; 0 when it cannot (or can no longer) be used."""
-        if self._fds is None:
-            src_fd, dst_fd = self.src.splice_source(), self.dst.splice_sink()
-            if src_fd is None or dst_fd is None:
-                return 0  # not yet: a DATA line is held, or bytes are buffered
-            if not splice.can_splice(src_fd, dst_fd):
-                self.usable = False
-                return 0
-            self._fds = (src_fd, dst_fd)
-        try:
-            moved = await splice.splice_some(*self._fds, max_bytes)
-        except (splice.SpliceUnsupported, OSError):
-            moved = 0
-        if not moved:
-            self.usable = False
-            return 0
-        self.src.spliced_in(moved)
-        self.dst.spliced_out(moved)
-        self.moved += moved
-        return moved
-
-    def waiting_for_reader(self) -> bool:
-        return self._fds is not None and splice.waiting_for_reader(*self._fds)
 
 
 class Session:
@@ -269,7 +135,7 @@ class Session:
             self.endpoint.admission.leave_pre_auth(self.pending)
 
     async def _loop(self) -> None:
-        queue: deque[r.Action] = deque()
+        queue: deque[ra.Action] = deque()
         while True:
             if not queue:
                 side = self.relay.next_reader
@@ -278,15 +144,15 @@ class Session:
                 queue.extend(await self._read(side))
                 continue
             action = queue.popleft()
-            if isinstance(action, r.EndSession):
+            if isinstance(action, ra.EndSession):
                 self.outcome = action.reason
                 self._clean = action.clean
                 self.linger = action.linger
                 return
-            queue.extendleft(reversed(await self._perform(action)))
+            queue.extendleft(reversed(await self.perform(action)))
 
-    async def _read(self, side: Side) -> list[r.Action]:
-        channel = self._channel(side)
+    async def _read(self, side: Side) -> list[ra.Action]:
+        channel = self.channel(side)
         if channel is None:
             raise r.RelayError("read from a closed peer")
         if self.relay.phase is r.Phase.AUTH:
@@ -303,9 +169,9 @@ class Session:
         try:
             if side is Side.PEER:
                 assert not isinstance(channel, FramedStream)
-                got = await self._receive_from_peer(channel, deadline)
+                got = await receive_from_peer(self._watched, channel, deadline)
                 if isinstance(got, ClientLeft):
-                    return await self._lost(Side.CLIENT, got.reason)
+                    return await self.lost(Side.CLIENT, got.reason)
                 event = got
             else:
                 assert isinstance(channel, FramedStream)
@@ -313,12 +179,12 @@ class Session:
                     event = await self._client_event(channel)
             if self.pending.evicted and self._pre_auth:
                 self.linger = 0.0
-                return await self._lost(side, "evicted: too many unauthenticated connections")
+                return await self.lost(side, "evicted: too many unauthenticated connections")
         except trio.TooSlowError:
             # A silent peer is not a stale connection: no retry.
-            return await self._lost(side, "no message before the deadline", retry=False)
+            return await self.lost(side, "no message before the deadline", retry=False)
         except StreamLost as e:
-            return await self._lost(side, str(e))
+            return await self.lost(side, str(e))
         if side is Side.CLIENT and isinstance(event, m.Message):
             log.debug("[%d] client: %s", self.id, m.redacted(event))
         elif isinstance(event, m.Error):
@@ -326,62 +192,14 @@ class Session:
             log.warning("[%d] %s said ERROR %s", self.id, self.endpoint.transport.name, event.text)
         return self.relay.receive(side, event)
 
-    async def _receive_from_peer(
-        self, channel: PeerChannel, deadline: float
-    ) -> LineEvent | ClientLeft:
-        """The peer's next event by ``deadline``, unless the client hangs up first.
-
-        Most answers come at once, and watching costs a task and a
-        cancellation (0.1-0.3 ms, a good part of a relayed round trip), so
-        the watch starts only once the peer has been silent for a moment.
-        That cancels and repeats ``receive_event``, which is safe for a
-        StreamChannel: its FramedStream feeds the decoder only after a read
-        returns (a PeerChannel must keep that true).
-        """
-        with trio.CancelScope(deadline=min(deadline, trio.current_time() + WATCH_CLIENT_AFTER)):
-            return await channel.receive_event()
-        with trio.fail_at(deadline):
-            return await self._unless_client_leaves(channel.receive_event)
-
-    async def _unless_client_leaves(
-        self, wait: Callable[[], Awaitable[T]], what: str = "the peer", reading: bool = True
-    ) -> T | ClientLeft:
-        """``wait()`` (on the peer), unless the client hangs up first.
-
-        The client has nothing to say meanwhile, so only its EOF or a broken
-        stream is looked for; whatever it does send is kept for later reads.
-        With ``reading`` False the client is not read at all (its DATA body
-        is what ``wait`` reads): only a connection it closed is noticed.
-        """
-        left: list[ClientLeft] = []
-        answer: list[T] = []
-        failed: list[Exception] = []
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                why = await (self._watched.hung_up() if reading else self._watched.closed())
-                left.append(ClientLeft(f"hung up while waiting for {what}: {why}"))
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            try:
-                answer.append(await wait())
-            except Exception as e:  # raised as itself, not in the nursery's group
-                failed.append(e)
-            finally:
-                nursery.cancel_scope.cancel()
-        if failed:
-            raise failed[0]
-        # An answer that came in time is used even if the client left as well.
-        return answer[0] if answer else left[0]
-
     async def _client_event(self, client: FramedStream) -> LineEvent:
         """The client's next event; once it has been quiet for ``limits.peer_idle``
         seconds, stop the peer if the relay says it may be (``Relay.peer_stoppable``).
 
         One more cancel scope per read, no task: the read is cancelled and
-        repeated, which is safe as in ``_receive_from_peer`` (the FramedStream
-        feeds its decoder only after a read returns).
+        repeated, which is safe as in server/clientwatch.py's
+        ``receive_from_peer`` (the FramedStream feeds its decoder only after
+        a read returns).
         """
         if self.relay.peer_stoppable and self.limits.peer_idle:
             with trio.move_on_after(self.limits.peer_idle):
@@ -420,24 +238,24 @@ class Session:
         with trio.CancelScope(shield=True):
             actions = self.relay.peer_idle()
             for action in actions:
-                await self._perform(action)  # ClosePeer: the peer's process exits
+                await self.perform(action)  # ClosePeer: the peer's process exits
             if actions:
                 log.debug("[%d] peer stopped after %g s idle", self.id, self.limits.peer_idle)
                 self.endpoint.registry.peer_stopped_idle(self.endpoint.transport.name)
 
-    async def _lost(
+    async def lost(
         self, side: Side, reason: str, header_unsent: bool = False, retry: bool = True
-    ) -> list[r.Action]:
+    ) -> list[ra.Action]:
         if side is Side.PEER:
             log.warning("[%d] %s: %s", self.id, self.endpoint.name, reason)
             self.endpoint.registry.peer_failed(self.endpoint.transport.name, reason)
             await self._close_peer()
         return self.relay.side_lost(side, reason, header_unsent, retry)
 
-    def _channel(self, side: Side) -> FramedStream | PeerChannel | None:
+    def channel(self, side: Side) -> FramedStream | PeerChannel | None:
         return self.client if side is Side.CLIENT else self.peer
 
-    def _stall(self, side: Side) -> float:
+    def stall(self, side: Side) -> float:
         """Seconds ``side`` may hold up what is sent or copied (inf: no limit).
 
         The peer is working (a special remote storing, a node hashing) and
@@ -448,22 +266,22 @@ class Session:
 
     # --- actions ------------------------------------------------------------------
 
-    async def _perform(self, action: r.Action) -> list[r.Action]:
+    async def perform(self, action: ra.Action) -> list[ra.Action]:
         match action:
-            case r.Send(to=side, message=message):
+            case ra.Send(to=side, message=message):
                 return await self._send(side, message)
-            case r.CopyBody(source=source, length=length):
+            case ra.CopyBody(source=source, length=length):
                 return await self._copy_body(source, length)
-            case r.DiscardBody(length=length):
-                return await self._discard_body(length)
-            case r.CheckAuth(client_uuid=uuid, token=token):
+            case ra.DiscardBody(length=length):
+                return await discard_body(self, length)
+            case ra.CheckAuth(client_uuid=uuid, token=token):
                 return await self._check_auth(uuid, token)
-            case r.OpenPeer(version=version, bypass=bypass):
+            case ra.OpenPeer(version=version, bypass=bypass):
                 return await self._open_peer(version, bypass)
-            case r.ClosePeer():
+            case ra.ClosePeer():
                 await self._close_peer()
                 return []
-            case r.RunService(service=service) if self.endpoint.git_owner is not None:
+            case ra.RunService(service=service) if self.endpoint.git_owner is not None:
                 # The owner decides with the client's own token (docs/scale-out.md).
                 uuid, token = self._credentials
                 await self.endpoint.git_owner.relay(
@@ -475,7 +293,7 @@ class Session:
                     self.limits.client_stall,
                 )
                 return []
-            case r.RunService(service=service, may_rewrite=may_rewrite):
+            case ra.RunService(service=service, may_rewrite=may_rewrite):
                 # The client's deadlines: stall_timeout once it stops reading,
                 # idle_timeout for silence (git itself sends keepalives while
                 # it works; the client's git is silent while it packs).
@@ -488,22 +306,22 @@ class Session:
                     stall_timeout=self.limits.client_stall,
                 )
                 return []
-            case r.RefuseService(reason=reason):
+            case ra.RefuseService(reason=reason):
                 with contextlib.suppress(StreamLost):  # the session ends next anyway
                     await refuse_git_service(self.client, reason)
                 return []
-            case r.WatchRefs():
+            case ra.WatchRefs():
                 return await self._watch_refs()
-            case r.Stored(key=key, uuids=uuids):
+            case ra.Stored(key=key, uuids=uuids):
                 self._record(key, uuids, present=True)
                 return []
-            case r.Removed(key=key, uuids=uuids):
+            case ra.Removed(key=key, uuids=uuids):
                 self._record(key, uuids, present=False)
                 return []
             case _:
                 raise r.RelayError(f"unhandled action {action!r}")
 
-    async def _watch_refs(self) -> list[r.Action]:
+    async def _watch_refs(self) -> list[ra.Action]:
         """Wait for the proxy repository's refs to change (server/refwatch.py).
 
         Deliberately no deadline, as git-annex's own server: a remotedaemon
@@ -515,10 +333,10 @@ class Session:
             self._ref_watch = self._exits.enter_context(refs.watch(self._ref_baseline))
         watch = self._ref_watch
         got = await self._stopping_idle_peer(
-            lambda: self._unless_client_leaves(watch.changed, "changes")
+            lambda: unless_client_leaves(self._watched, watch.changed, "changes")
         )
         if isinstance(got, ClientLeft):
-            return await self._lost(Side.CLIENT, got.reason)
+            return await self.lost(Side.CLIENT, got.reason)
         log.debug("[%d] refs changed: %d commit(s)", self.id, len(got))
         return self.relay.refs_changed(got)
 
@@ -527,20 +345,20 @@ class Session:
             for uuid in uuids:
                 self.endpoint.location_log.record(key, uuid, present)
 
-    async def _send(self, side: Side, message: m.Message) -> list[r.Action]:
-        channel = self._channel(side)
+    async def _send(self, side: Side, message: m.Message) -> list[ra.Action]:
+        channel = self.channel(side)
         if channel is None:
             return []  # the peer went away; the relay has been told already
         try:
-            with trio.fail_after(self._stall(side)):
+            with trio.fail_after(self.stall(side)):
                 await channel.send(message)
         except trio.TooSlowError:
-            return await self._lost(side, "not reading")
+            return await self.lost(side, "not reading")
         except StreamLost as e:
-            return await self._lost(side, str(e))
+            return await self.lost(side, str(e))
         return []
 
-    async def _copy_body(self, source: Side, length: int) -> list[r.Action]:
+    async def _copy_body(self, source: Side, length: int) -> list[ra.Action]:
         """Copy one DATA body; the next line is read only after it is delivered.
 
         The peer may hold the copy up for as long as its deadline allows
@@ -548,87 +366,14 @@ class Session:
         read ahead while the body comes from the peer, by its closed
         connection while the client sends the body.
         """
-        copied = await self._unless_client_leaves(
-            lambda: self._copy_body_within(source, length), reading=source is Side.PEER
+        copied = await unless_client_leaves(
+            self._watched, lambda: copy_body(self, source, length), reading=source is Side.PEER
         )
         if isinstance(copied, ClientLeft):
-            return await self._lost(Side.CLIENT, copied.reason)
+            return await self.lost(Side.CLIENT, copied.reason)
         return copied
 
-    async def _copy_body_within(self, source: Side, length: int) -> list[r.Action]:
-        src = self._channel(source)
-        dst_side = Side.PEER if source is Side.CLIENT else Side.CLIENT
-        assert src is not None
-        remaining = length
-        kernel: _KernelCopy | BodyFanout | None = None
-        # Since when nothing moved, and until when the kernel copy waits
-        # before it finds out which side holds it up.
-        still_since = trio.current_time()
-        check_at = still_since + min(self._stall(source), self._stall(dst_side))
-        while remaining:
-            dst = self._channel(dst_side)
-            if dst is not None and kernel is None:
-                kernel = _KernelCopy.between(src, dst)
-            if dst is not None and kernel is not None and kernel.usable:
-                with trio.move_on_at(check_at) as waited:
-                    moved = await kernel.move(min(remaining, SPLICE_CHUNK))
-                if waited.cancelled_caught:
-                    stuck = dst_side if kernel.waiting_for_reader() else source
-                    check_at = still_since + self._stall(stuck)
-                    if trio.current_time() < check_at:
-                        continue  # the side holding it up has longer: wait on
-                    if stuck is source:
-                        return await self._lost(source, "stalled inside a DATA body")
-                    follow = await self._lost(dst_side, "not reading")
-                    if any(isinstance(a, r.EndSession) for a in follow):
-                        return follow
-                    for action in follow:  # ClosePeer: carried out now, draining goes on
-                        await self._perform(action)
-                    continue
-                if moved:
-                    remaining -= moved
-                    still_since = trio.current_time()
-                    check_at = still_since + min(self._stall(source), self._stall(dst_side))
-                    continue
-                # Not spliceable after all, or a side broke: the copy below
-                # meets the same and says whose it is.
-            try:
-                with trio.fail_after(self._stall(source)):
-                    chunk = await src.receive_body(min(remaining, BODY_CHUNK))
-            except (trio.TooSlowError, StreamLost) as e:
-                reason = str(e) or "stalled inside a DATA body"
-                unsent = source is Side.PEER and self.client.discard_held()
-                return await self._lost(source, reason, header_unsent=unsent)
-            remaining -= len(chunk)
-            dst = self._channel(dst_side)
-            if dst is None:
-                continue  # the destination failed: drain the rest, then the relay says so
-            try:
-                with trio.fail_after(self._stall(dst_side)):
-                    await dst.send_body(chunk)
-            except (trio.TooSlowError, StreamLost) as e:
-                follow = await self._lost(dst_side, str(e) or "not reading")
-                if any(isinstance(a, r.EndSession) for a in follow):
-                    return follow
-                for action in follow:  # ClosePeer: carried out now, draining goes on
-                    await self._perform(action)
-            still_since = trio.current_time()
-            check_at = still_since + min(self._stall(source), self._stall(dst_side))
-        if kernel is not None and kernel.moved:
-            log.debug("[%d] %d of %d body bytes moved by splice", self.id, kernel.moved, length)
-        return self.relay.body_done()
-
-    async def _discard_body(self, length: int) -> list[r.Action]:
-        remaining = length
-        while remaining:
-            try:
-                with trio.fail_after(self.limits.client_stall):
-                    remaining -= len(await self.client.receive_body(min(remaining, BODY_CHUNK)))
-            except (trio.TooSlowError, StreamLost) as e:
-                return await self._lost(Side.CLIENT, str(e) or "stalled")
-        return []
-
-    async def _check_auth(self, client_uuid: str, token: str) -> list[r.Action]:
+    async def _check_auth(self, client_uuid: str, token: str) -> list[ra.Action]:
         # Out of the pre-AUTH count: a valid token waiting for a slot at a
         # session cap must not be evicted as an idle stranger.
         self._leave_pre_auth()
@@ -638,11 +383,11 @@ class Session:
             grant = admission.authorize(self.endpoint.name, token)
         if isinstance(grant, Busy):
             busy = grant
-            grant = await self._unless_client_leaves(
-                lambda: admission.wait_for_slot(self.endpoint.name, token, busy)
+            grant = await unless_client_leaves(
+                self._watched, lambda: admission.wait_for_slot(self.endpoint.name, token, busy)
             )
         if isinstance(grant, ClientLeft):
-            return await self._lost(Side.CLIENT, grant.reason)
+            return await self.lost(Side.CLIENT, grant.reason)
         if isinstance(grant, Busy):
             # Its token is fine: no AUTH-FAILURE, no failed-AUTH backoff.
             log.warning("[%d] %s: %s", self.id, self.endpoint.name, grant.text)
@@ -675,7 +420,7 @@ class Session:
         )
         return accepted
 
-    async def _open_peer(self, version: int, bypass: tuple[str, ...]) -> list[r.Action]:
+    async def _open_peer(self, version: int, bypass: tuple[str, ...]) -> list[ra.Action]:
         assert self._nursery is not None and self.grant is not None
         assert self.relay.client_uuid is not None
         info = SessionInfo(self.relay.client_uuid, self.grant.mode)
@@ -683,15 +428,16 @@ class Session:
         nursery = self._nursery
         try:
             with trio.fail_after(self.limits.peer_wait):
-                opened = await self._unless_client_leaves(
-                    lambda: self.endpoint.transport.open(nursery, info, version, bypass)
+                opened = await unless_client_leaves(
+                    self._watched,
+                    lambda: self.endpoint.transport.open(nursery, info, version, bypass),
                 )
         except trio.TooSlowError:
-            return await self._lost(Side.PEER, "no answer before the deadline")
+            return await self.lost(Side.PEER, "no answer before the deadline")
         except PeerUnavailable as e:
-            return await self._lost(Side.PEER, str(e))
+            return await self.lost(Side.PEER, str(e))
         if isinstance(opened, ClientLeft):
-            return await self._lost(Side.CLIENT, opened.reason)
+            return await self.lost(Side.CLIENT, opened.reason)
         self.peer = opened
         self.endpoint.registry.peer_opened(
             self.endpoint.transport.name, trio.current_time() - opening

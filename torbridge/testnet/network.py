@@ -1,5 +1,9 @@
 """The private network: authorities and relays voting a consensus on
 127.0.0.1, client and service tors on top, and their teardown.
+
+Some 510 lines, left whole: one class, ``TestNet``, whose start and
+teardown read best side by side; torrcs, keys, one tor process and the
+socket audit are modules of their own.
 """
 
 from __future__ import annotations

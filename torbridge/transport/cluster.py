@@ -8,9 +8,11 @@ actions it returns (actions for different nodes concurrently). Each
 request is answered when the relay asks for the answer. Nodes are opened
 lazily at the client's version, each negotiating its own, within the
 connect deadline; a node that fails is marked down in the cluster's
-``NodeHealth``, which later sessions read. Every wait on a node has a
-deadline shorter than the relay's own, so a slow node is dropped (and a
-GET goes on from another node) before the session gives up on the cluster.
+``NodeHealth`` (protocol/nodehealth.py), which later sessions read. Every
+wait on a node has a deadline shorter than the relay's own, so a slow
+node is dropped (and a GET goes on from another node) before the session
+gives up on the cluster. Some 510 lines, left whole: ``ClusterChannel``
+is one executor of one gateway's actions.
 
 A PUT body is fanned out by the kernel where the client and the nodes are
 reached through descriptors (transport/fanout.py: tee(2) into a stage pipe
@@ -36,8 +38,10 @@ from torbridge.annex.query import QueryError
 from torbridge.protocol import clienttext
 from torbridge.protocol import cluster as c
 from torbridge.protocol import gateway as g
+from torbridge.protocol import gatewayactions as ga
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream, LineEvent
+from torbridge.protocol.nodehealth import NodeHealth
 from torbridge.transport.base import PeerChannel, PeerUnavailable, SessionInfo, Transport
 from torbridge.transport.fanout import BodyFanout, deliver
 from torbridge.transport.framed import FramedStream, StreamLost
@@ -97,7 +101,7 @@ class ClusterTransport(Transport):
         rng: random.Random | None = None,
         members: frozenset[str] = frozenset(),
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        health: g.NodeHealth | None = None,
+        health: NodeHealth | None = None,
         kernel_fanout: bool = True,
     ) -> None:
         self.name = name
@@ -116,7 +120,7 @@ class ClusterTransport(Transport):
         # transfer timeout, so a dead or silent node costs that much once.
         self.connect_timeout = min(connect_timeout, node_timeout)
         # Shared by every session of the cluster: a node that failed is skipped.
-        self.health = health or g.NodeHealth([n.ref.name for n in self.nodes])
+        self.health = health or NodeHealth([n.ref.name for n in self.nodes])
         # The cluster's nodes (cluster.log, with the nodes behind other
         # gateways): the only UUIDs a node's PLUS list may pass on.
         self.members = frozenset(members).union(
@@ -166,7 +170,7 @@ class ClusterChannel(PeerChannel):
             transport.rng,
         )
         self._open: dict[str, PeerChannel] = {}
-        self._deferred: list[g.Action] = []  # worked out when the answer is asked for
+        self._deferred: list[ga.Action] = []  # worked out when the answer is asked for
         self._body: deque[bytes] = deque()  # GET body bytes for the relay
         self._cut: str | None = None  # no node can finish the GET body
         self._answering: trio.Event | None = None  # set when the answer is out
@@ -189,7 +193,7 @@ class ClusterChannel(PeerChannel):
         else:
             await self._guarded(lambda: actions, self.t.stall_timeout)
 
-    async def _guarded(self, event: Callable[[], list[g.Action]], within: float) -> None:
+    async def _guarded(self, event: Callable[[], list[ga.Action]], within: float) -> None:
         """Feed ``event`` and carry out what follows; a gateway out of step
         (a bug) ends the peer, as a lost connection would."""
         try:
@@ -314,23 +318,23 @@ class ClusterChannel(PeerChannel):
                 await channel.aclose()
             self._open.clear()
 
-    def _dispatch_now(self, actions: list[g.Action]) -> None:
+    def _dispatch_now(self, actions: list[ga.Action]) -> None:
         """Actions that need no waiting (closes go to the session's nursery)."""
         for action in actions:
-            if isinstance(action, g.CloseNode):
+            if isinstance(action, ga.CloseNode):
                 closing = self._open.pop(action.node, None)
                 if closing is not None:
                     self._nursery.start_soon(self._aclose, closing)
-            elif isinstance(action, g.Log):
+            elif isinstance(action, ga.Log):
                 log.warning("%s: %s", self.t.name, action.text)
 
     # --- carrying out the gateway's actions --------------------------------------
 
-    def _feed(self, event: Callable[[], list[g.Action]]) -> list[g.Action]:
+    def _feed(self, event: Callable[[], list[ga.Action]]) -> list[ga.Action]:
         self.gw.at(trio.current_time())
         return event()
 
-    async def _carry_out(self, actions: list[g.Action], within: float) -> None:
+    async def _carry_out(self, actions: list[ga.Action], within: float) -> None:
         """Carry out ``actions`` and all that follow from them; return when
         nothing is left to do. No node wait outlasts ``within`` from now."""
         self._deadline = trio.current_time() + within
@@ -340,42 +344,42 @@ class ClusterChannel(PeerChannel):
         finally:
             self._deadline = math.inf
 
-    def _dispatch(self, nursery: trio.Nursery, actions: list[g.Action]) -> None:
+    def _dispatch(self, nursery: trio.Nursery, actions: list[ga.Action]) -> None:
         for action in actions:
             match action:
-                case g.ToClient():
+                case ga.ToClient():
                     pass  # queued in the gateway: the relay takes it with receive_event
-                case g.ToClientBody(data=data):
+                case ga.ToClientBody(data=data):
                     self._body.append(data)
-                case g.CutClient(why=why):
+                case ga.CutClient(why=why):
                     log.warning("%s", why)
                     self._cut = why
-                case g.Record(key=key, uuid=uuid, present=present):
+                case ga.Record(key=key, uuid=uuid, present=present):
                     if self.t.recorder is not None:
                         self.t.recorder.record(key, uuid, present)
-                case g.Log(text=text):
+                case ga.Log(text=text):
                     log.warning("%s: %s", self.t.name, text)
-                case g.CloseNode(node=name):
+                case ga.CloseNode(node=name):
                     closing = self._open.pop(name, None)
                     if closing is not None:
                         log.warning("%s: node %s closed", self.t.name, name)
                         nursery.start_soon(self._aclose, closing)
-                case g.ProbeNode(node=name, version=version):
+                case ga.ProbeNode(node=name, version=version):
                     # In the background: nobody waits for a down node.
                     self._nursery.start_soon(self._probe, name, version)
                 case _:
                     nursery.start_soon(self._node_task, nursery, action)
 
-    async def _node_task(self, nursery: trio.Nursery, action: g.Action) -> None:
+    async def _node_task(self, nursery: trio.Nursery, action: ga.Action) -> None:
         follow = await self._perform(action)
         self.gw.at(trio.current_time())
         self._dispatch(nursery, follow())
 
-    async def _perform(self, action: g.Action) -> Callable[[], list[g.Action]]:
+    async def _perform(self, action: ga.Action) -> Callable[[], list[ga.Action]]:
         """One node (or query) action; returns the event it reports."""
         gw = self.gw
         match action:
-            case g.OpenNode(node=name, version=version, bypass=bypass):
+            case ga.OpenNode(node=name, version=version, bypass=bypass):
                 node = self._by_name[name]
                 try:
                     channel = await self._open_node(node, version, bypass)
@@ -384,7 +388,7 @@ class ClusterChannel(PeerChannel):
                     return lambda: gw.node_lost(name, f"unreachable: {why}", clienttext.UNREACHABLE)
                 self._open[name] = channel
                 return lambda: gw.node_opened(name, channel.version)
-            case g.ToNode(node=name, message=message, reply=reply):
+            case ga.ToNode(node=name, message=message, reply=reply):
                 sending = self._open.get(name)
                 if sending is None:
                     return lambda: gw.node_lost(name, "closed", "connection closed")
@@ -395,7 +399,7 @@ class ClusterChannel(PeerChannel):
                 if not reply:
                     return lambda: gw.node_sent(name)
                 return await self._read(name, sending)
-            case g.ToNodeBody(node=name, data=data):
+            case ga.ToNodeBody(node=name, data=data):
                 taking = self._open.get(name)
                 if taking is None:
                     return lambda: gw.node_lost(name, "closed", "connection closed")
@@ -403,7 +407,7 @@ class ClusterChannel(PeerChannel):
                 if lost is not None:
                     return lambda: gw.node_lost(name, f"lost while sending it data: {lost}")
                 return lambda: gw.node_sent(name)
-            case g.NodeBodyStaged(node=name, length=length):
+            case ga.NodeBodyStaged(node=name, length=length):
                 taking = self._open.get(name)
                 fanout = self._fanout
                 stage = fanout.stage(name) if fanout is not None else None
@@ -417,7 +421,7 @@ class ClusterChannel(PeerChannel):
                     fanout.drop(name)
                     return lambda: gw.node_lost(name, f"lost while sending it data: {lost}")
                 return lambda: gw.node_sent(name)
-            case g.ReadNodeBody(node=name, max_bytes=max_bytes):
+            case ga.ReadNodeBody(node=name, max_bytes=max_bytes):
                 serving = self._open.get(name)
                 if serving is None:
                     return lambda: gw.node_lost(name, "closed", "connection closed")
@@ -430,21 +434,21 @@ class ClusterChannel(PeerChannel):
                     why = f"lost during GET: {e}"
                     return lambda: gw.node_lost(name, why)
                 return lambda: gw.node_body(name, data)
-            case g.QueryLocations(key=key):
+            case ga.QueryLocations(key=key):
                 try:
                     logged = await self.t.knowledge.locations(key)
                 except QueryError as e:
                     text = f"cannot read the location log: {e}"
                     return lambda: gw.query_failed("locations", text)
                 return lambda: gw.locations(logged)
-            case g.QueryWanted(nodes=names, key=key, af=af):
+            case ga.QueryWanted(nodes=names, key=key, af=af):
                 try:
                     wanted = await self.t.knowledge.wanted(list(names), key, af)
                 except QueryError as e:
                     text = f"preferred content not known: {e}"
                     return lambda: gw.query_failed("wanted", text)
                 return lambda: gw.wanted(wanted)
-            case g.ReadClock():
+            case ga.ReadClock():
                 now = int(time.monotonic())
                 return lambda: gw.clock(now)
         raise g.GatewayError(f"unhandled action {action!r}")
@@ -476,7 +480,7 @@ class ClusterChannel(PeerChannel):
         self.gw.probe_done(name, True)
         log.info("%s: node %s answers again", self.t.name, name)
 
-    async def _read(self, name: str, channel: PeerChannel) -> Callable[[], list[g.Action]]:
+    async def _read(self, name: str, channel: PeerChannel) -> Callable[[], list[ga.Action]]:
         gw = self.gw
         try:
             with trio.fail_at(self._wait_until(self.t.node_timeout * NODE_SHARE)):

@@ -21,7 +21,7 @@ At the first trouble (a short tee, an errno that says splice cannot join
 two descriptors) the stages are emptied, whatever the inlet already took
 from the client goes on through the user-space fanout, and the rest of the
 body follows it there (``usable`` turns False), as the single path does
-(server/session.py's ``_KernelCopy``).
+(transport/kernelcopy.py's ``KernelCopy``).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class KernelFanoutCapable(Protocol):
 class BodyFanout:
     """One PUT body from the client's descriptor to every node, by tee and splice.
 
-    Used by Session._copy_body_within like its ``_KernelCopy``: ``move``
+    Used by server/bodycopy.py's ``copy_body`` like a ``KernelCopy``: ``move``
     returns the bytes taken from the client and delivered (0: not now, or
     never again once ``usable`` is False; the user-space copy goes on).
     """
