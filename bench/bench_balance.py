@@ -45,9 +45,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.e2e.harness import Client  # noqa: E402
-from tests.tor.balanceworld import ENDPOINT, BalanceWorld  # noqa: E402
-from tests.tor.torpath import leftovers, netns_unavailable  # noqa: E402
+from tests.harness.annex import Client  # noqa: E402
+from tests.harness.balanceworld import ENDPOINT, BalanceWorld  # noqa: E402
+from tests.harness.tor import leftovers, netns_unavailable  # noqa: E402
 from torbridge.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet  # noqa: E402
 
 MIB = 1024 * 1024

@@ -44,7 +44,7 @@ for entry in (ROOT, ROOT / "bench"):
 
 from bench_transfer import sigterm_as_interrupt  # noqa: E402 (after the sys.path set-up)
 
-from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
+from tests.harness.annex import (  # noqa: E402 (after the sys.path set-up)
     GIT_ANNEX_BINARY,
     AnnexEnv,
     AnnexRepo,
@@ -53,8 +53,8 @@ from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
     Expose,
     descendants,
 )
-from tests.nodes.clusters import CLUSTER, init_cluster  # noqa: E402
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
+from tests.harness.clusters import CLUSTER, init_cluster  # noqa: E402
+from tests.harness.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
 
 MIB = 1024 * 1024
 SMALL_SIZE = 4096

@@ -73,14 +73,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
+from tests.harness.annex import (  # noqa: E402 (after the sys.path set-up)
     GIT_ANNEX_BINARY,
     SESSION_HELPERS,
     AnnexEnv,
     AnnexRepo,
     descendants,
 )
-from tests.load.loadlib import (  # noqa: E402
+from tests.harness.load import (  # noqa: E402
     REQUEST_OPS,
     FloodStats,
     Gate,

@@ -50,8 +50,8 @@ from bench_transfer import (  # noqa: E402 (after the sys.path set-up)
     workload_parser,
 )
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, CommandError, Expose  # noqa: E402
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client, CommandError, Expose  # noqa: E402
+from tests.harness.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
 
 NODE = "node"  # the node's name: the proxy's remote and the bridge endpoint
 

@@ -47,7 +47,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.core.peers import CLIENT_UUID, TOKEN, OneToken
+from tests.harness.fakes import CLIENT_UUID, TOKEN, OneToken
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
 from torbridge.server.fdpass import PassedPipes

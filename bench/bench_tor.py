@@ -39,8 +39,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.e2e.harness import Client  # noqa: E402
-from tests.tor.torpath import (  # noqa: E402
+from tests.harness.annex import Client  # noqa: E402
+from tests.harness.tor import (  # noqa: E402
     NODE_PORT,
     NODE_VIA_BRIDGE_PORT,
     TorWorld,

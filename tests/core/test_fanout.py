@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.core.peers import FakeRepo, FakeTransport, OneToken, PeerConnection
 from tests.core.test_cluster import (
     AUTH,
     AUTH_OK,
@@ -36,6 +35,7 @@ from tests.core.test_cluster import (
     plus,
 )
 from tests.core.test_session import Client
+from tests.harness.fakes import FakeRepo, FakeTransport, OneToken, PeerConnection
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
 from torbridge.server.fdpass import PassedPipes

@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.core.peers import (
+from tests.harness.fakes import (
     CLIENT_UUID,
     PEER_NAME,
     PEER_TOKEN,

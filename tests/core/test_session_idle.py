@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.core.peers import FakeRepo, FakeTransport
 from tests.core.test_session import KEY, LIMITS, bridge
+from tests.harness.fakes import FakeRepo, FakeTransport
 from torbridge.protocol import messages as m
 from torbridge.transport.process import AnnexShellTransport
 

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.core.peers import CLIENT_UUID, TOKEN, FakeRepo, FakeTransport, OneToken, PeerConnection
+from tests.harness.fakes import (
+    CLIENT_UUID,
+    TOKEN,
+    FakeRepo,
+    FakeTransport,
+    OneToken,
+    PeerConnection,
+)
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.server.session import Endpoint, Session

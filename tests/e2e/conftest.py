@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (
+from tests.harness.annex import (
     GIT_ANNEX_BINARY,
     AnnexEnv,
     AnnexRepo,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (
+from tests.harness.annex import (
     Address,
     AnnexRepo,
     Bridge,

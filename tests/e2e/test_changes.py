@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, RawSession
+from tests.harness.annex import AnnexRepo, Bridge, Client, RawSession
 
 pytestmark = pytest.mark.annex
 

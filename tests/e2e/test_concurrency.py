@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, Result
+from tests.harness.annex import AnnexRepo, Bridge, Client, Result
 
 pytestmark = pytest.mark.annex
 

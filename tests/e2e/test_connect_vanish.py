@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client
 from tests.e2e.test_faults import (
     GIT_BLOB,
     _helpers,
@@ -29,6 +28,7 @@ from tests.e2e.test_faults import (
     _start_git,
     _wait,
 )
+from tests.harness.annex import AnnexRepo, Bridge, Client
 from torbridge.server.gitservice import GIT_EXIT_GRACE
 
 pytestmark = pytest.mark.annex

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, descendants
+from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge, Client, descendants
 
 pytestmark = pytest.mark.annex
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, Bridge, Client, Expose, Result
+from tests.harness.annex import Address, AnnexRepo, Bridge, Client, Expose, Result
 
 pytestmark = pytest.mark.annex
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, Bridge, Client, RawSession, SessionClosed
+from tests.harness.annex import Address, AnnexRepo, Bridge, Client, RawSession, SessionClosed
 
 pytestmark = pytest.mark.annex
 

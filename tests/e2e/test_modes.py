@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.harness import (
+from tests.harness.annex import (
     APPEND_ONLY_TEXT,
     READ_ONLY_TEXT,
     AnnexRepo,

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client
-from tests.e2e.parallel import batch_copy
+from tests.harness.annex import AnnexRepo, Bridge, Client
+from tests.harness.client import batch_copy
 
 pytestmark = pytest.mark.annex
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, Expose
+from tests.harness.annex import AnnexRepo, Bridge, Client, Expose
 
 pytestmark = pytest.mark.annex
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client
+from tests.harness.annex import AnnexRepo, Bridge, Client
 
 pytestmark = pytest.mark.annex
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose
+from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge, Client, Expose
 from torbridge.config import Limits
 
 pytestmark = pytest.mark.annex

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, Expose, RawSession
+from tests.harness.annex import AnnexRepo, Bridge, Client, Expose, RawSession
 
 pytestmark = pytest.mark.annex
 

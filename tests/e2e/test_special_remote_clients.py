@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import BRIDGES
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose, Result
+from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge, Client, Expose, Result
 
 pytestmark = pytest.mark.annex
 

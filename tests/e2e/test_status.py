@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.e2e.harness import Bridge, Client
+from tests.harness.annex import Bridge, Client
 
 pytestmark = pytest.mark.annex
 

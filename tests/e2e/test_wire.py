@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, Bridge, RawSession, SessionClosed
+from tests.harness.annex import Address, AnnexRepo, Bridge, RawSession, SessionClosed
 
 pytestmark = pytest.mark.annex
 

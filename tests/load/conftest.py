@@ -9,8 +9,8 @@ import pytest
 
 from tests.e2e import conftest as e2e
 from tests.e2e.conftest import BRIDGES
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge
-from tests.load.loadlib import LoadBridge, raise_nofile
+from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge
+from tests.harness.load import LoadBridge, raise_nofile
 
 # The fixtures of tests/e2e, and its hook that adds the daemon log to a failure.
 annex_env = e2e.annex_env

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, RawSession
-from tests.load.loadlib import LoadBridge
+from tests.harness.annex import Address, AnnexRepo, RawSession
+from tests.harness.load import LoadBridge
 
 pytestmark = pytest.mark.annex
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from tests.e2e.harness import AnnexRepo
-from tests.load.loadlib import (
+from tests.harness.annex import AnnexRepo
+from tests.harness.load import (
     MIB,
     FloodStats,
     Gate,
@@ -41,7 +41,7 @@ from tests.load.loadlib import (
     start_mixes,
     until_evicting,
 )
-from tests.load.profiles import PROFILE
+from tests.harness.profiles import PROFILE
 from tests.load.test_flood import AUTH_TIMEOUT, FLOOD_HOLD, FLOOD_SECONDS, PRE_AUTH_CAP
 
 pytestmark = pytest.mark.annex

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from tests.e2e.harness import AnnexRepo
-from tests.load.loadlib import (
+from tests.harness.annex import AnnexRepo
+from tests.harness.load import (
     MIB,
     Gate,
     LoadBridge,
@@ -31,7 +31,7 @@ from tests.load.loadlib import (
     seed_proxy,
     start_mixes,
 )
-from tests.load.profiles import PROFILE
+from tests.harness.profiles import PROFILE
 
 pytestmark = pytest.mark.annex
 

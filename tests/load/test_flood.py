@@ -27,8 +27,8 @@ from functools import partial
 import pytest
 import trio
 
-from tests.e2e.harness import AnnexRepo, Client, CommandError
-from tests.load.loadlib import (
+from tests.harness.annex import AnnexRepo, Client, CommandError
+from tests.harness.load import (
     FloodStats,
     LoadBridge,
     Obj,
@@ -41,7 +41,7 @@ from tests.load.loadlib import (
     seed_proxy,
     until_evicting,
 )
-from tests.load.profiles import PROFILE
+from tests.harness.profiles import PROFILE
 
 pytestmark = pytest.mark.annex
 

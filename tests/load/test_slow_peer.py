@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, RawSession
-from tests.load.loadlib import LoadBridge
+from tests.harness.annex import AnnexRepo, RawSession
+from tests.harness.load import LoadBridge
 
 pytestmark = pytest.mark.annex
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import annex_env, make_client, proxy_repo  # noqa: F401 (fixtures)
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, Expose
-from tests.nodes import tbnode
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node
+from tests.harness import tbnode
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client, Expose
+from tests.harness.nodes import Node, NodeBridge, NodeNet, make_node
 
 LOGS = pytest.StashKey[list[Callable[[], tuple[str, str]]]]()
 """Logs to attach to a failed test's report: (title, text) makers."""

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, Expose, RawSession
-from tests.nodes import tbnode
-from tests.nodes.clusters import CLUSTER, ENDPOINT, ClusterSetup, init_cluster, setup_cluster
-from tests.nodes.nodes import (
+from tests.harness import tbnode
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client, Expose, RawSession
+from tests.harness.clusters import CLUSTER, ENDPOINT, ClusterSetup, init_cluster, setup_cluster
+from tests.harness.nodes import (
     Node,
     NodeBridge,
     NodeNet,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client
-from tests.nodes.clusters import CLUSTER, ENDPOINT, ClusterSetup, setup_cluster
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, wait_for
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.clusters import CLUSTER, ENDPOINT, ClusterSetup, setup_cluster
+from tests.harness.nodes import Node, NodeBridge, NodeNet, wait_for
 from torbridge.annex.preferred import PreferredContent
 
 pytestmark = pytest.mark.annex

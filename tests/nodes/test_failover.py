@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client
-from tests.nodes.clusters import ENDPOINT, ClusterSetup, setup_cluster
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, get_offsets, p2p_errors, wait_for
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.clusters import ENDPOINT, ClusterSetup, setup_cluster
+from tests.harness.nodes import Node, NodeBridge, NodeNet, get_offsets, p2p_errors, wait_for
 
 pytestmark = pytest.mark.annex
 

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Result
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import (
+from tests.harness.annex import Result
+from tests.harness.nodes import (
     AnnexProcess,
     NodeServer,
     error_naming,
@@ -36,6 +35,7 @@ from tests.nodes.nodes import (
     wait_location,
     whereis_uuids,
 )
+from tests.nodes.conftest import Setup
 
 pytestmark = pytest.mark.annex
 
@@ -533,7 +533,7 @@ def test_client_killed_during_remove(setup_node: Callable[..., Setup], tmp_path:
 # the node through the bridge, says so, and holds it until it is killed.
 LOCK_HOLDER = """
 import sys
-from tests.e2e.harness import RawSession
+from tests.harness.annex import RawSession
 path, token, uuid, key = sys.argv[1:]
 r = RawSession(path)
 r.auth(token, uuid)

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.harness import Bridge
 from tests.e2e.test_idle_peer import Batch, wait_for
+from tests.harness.annex import Bridge
+from tests.harness.nodes import KINDS
 from tests.nodes.conftest import Setup
-from tests.nodes.nodes import KINDS
 
 pytestmark = pytest.mark.annex
 

@@ -14,16 +14,16 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client
-from tests.e2e.parallel import (
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.client import (
     batch_copy,
     parallel_files,
     peak_sessions,
     run_parallel_workflow,
 )
-from tests.nodes.clusters import ENDPOINT, setup_cluster
+from tests.harness.clusters import ENDPOINT, setup_cluster
+from tests.harness.nodes import Node, NodeBridge, NodeNet
 from tests.nodes.conftest import Setup
-from tests.nodes.nodes import Node, NodeBridge, NodeNet
 
 pytestmark = pytest.mark.annex
 

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client, Expose, RawSession
-from tests.nodes import tbnode
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import (
+from tests.harness import tbnode
+from tests.harness.annex import AnnexRepo, Client, Expose, RawSession
+from tests.harness.nodes import (
     KINDS,
     ONION_PORT,
     Node,
@@ -41,6 +40,7 @@ from tests.nodes.nodes import (
     wait_location,
     whereis_uuids,
 )
+from tests.nodes.conftest import Setup
 
 pytestmark = pytest.mark.annex
 

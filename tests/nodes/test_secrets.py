@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client, RawSession
-from tests.nodes.clusters import CLUSTER, ENDPOINT, setup_cluster
+from tests.harness.annex import AnnexRepo, Client, RawSession
+from tests.harness.clusters import CLUSTER, ENDPOINT, setup_cluster
+from tests.harness.nodes import Node, NodeBridge, NodeNet, p2p_errors
 from tests.nodes.conftest import Setup
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, p2p_errors
 
 pytestmark = pytest.mark.annex
 

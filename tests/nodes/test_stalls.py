@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Result
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import (
+from tests.harness.annex import Result
+from tests.harness.nodes import (
     AnnexProcess,
     NodeServer,
     error_naming,
@@ -39,6 +38,7 @@ from tests.nodes.nodes import (
     wait_location,
     whereis_uuids,
 )
+from tests.nodes.conftest import Setup
 
 pytestmark = pytest.mark.annex
 

@@ -161,7 +161,7 @@ def pytest_runtest_makereport(
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After every fixture is torn down: no tor of our testnets, no daemon or
     forwarder and no network namespace that torpath started may be left."""
-    from tests.tor import torpath
+    from tests.harness import tor as torpath
 
     left = torpath.leftovers()
     if left:

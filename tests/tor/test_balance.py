@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Client
-from tests.tor.balanceworld import ENDPOINT, BalanceWorld, whereis
+from tests.harness.annex import Client
+from tests.harness.balanceworld import ENDPOINT, BalanceWorld, whereis
+from tests.harness.tor import TOR_COMMAND_TIMEOUT, netns_unavailable
 from tests.tor.conftest import require_tor
-from tests.tor.torpath import TOR_COMMAND_TIMEOUT, netns_unavailable
 from torbridge.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet
 
 pytestmark = [pytest.mark.tor, pytest.mark.annex]

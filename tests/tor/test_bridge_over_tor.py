@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client
-from tests.e2e.parallel import JOBS, assert_every_file_ok, parallel_files, peak_sessions
 from tests.e2e.test_changes import RemoteDaemon
-from tests.tor.conftest import require_tor
-from tests.tor.torpath import (
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.client import JOBS, assert_every_file_ok, parallel_files, peak_sessions
+from tests.harness.tor import (
     HUB_PORT,
     NODE_VIA_BRIDGE_PORT,
     TOR_COMMAND_TIMEOUT,
@@ -39,6 +38,7 @@ from tests.tor.torpath import (
     tor_pids,
     wait_for_upload,
 )
+from tests.tor.conftest import require_tor
 from torbridge.testnet import LOOPBACK, TestNet
 
 pytestmark = [

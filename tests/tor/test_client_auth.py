@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose
-from tests.tor.conftest import require_tor, socks_connect
-from tests.tor.torpath import (
+from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge, Client, Expose
+from tests.harness.tor import (
     HUB_PORT,
     READY_LINE,
     STARTED_PIDS,
@@ -44,6 +43,7 @@ from tests.tor.torpath import (
     parse_tor_lines,
     stop_tor,
 )
+from tests.tor.conftest import require_tor, socks_connect
 from torbridge.testnet import TestNet, TorProcess
 from torbridge.tor.clientauth import (
     MAX_DESCRIPTOR,

@@ -19,23 +19,23 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.parallel import JOBS, assert_every_file_ok, parallel_files, peak_sessions
-from tests.nodes.nodes import wait_for, whereis_uuids
-from tests.tor.clusterworld import (
+from tests.harness.client import JOBS, assert_every_file_ok, parallel_files, peak_sessions
+from tests.harness.clusterworld import (
     ENDPOINT,
     NODE_NAMES,
     ClusterTorWorld,
     success_plus,
     time_copies_with_a_dead_node,
 )
-from tests.tor.conftest import require_tor
-from tests.tor.torpath import (
+from tests.harness.nodes import wait_for, whereis_uuids
+from tests.harness.tor import (
     TOR_COMMAND_TIMEOUT,
     PrivateNetns,
     _alive,
     netns_unavailable,
     tor_pids,
 )
+from tests.tor.conftest import require_tor
 from torbridge.testnet import TestNet
 
 pytestmark = [

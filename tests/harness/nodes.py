@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tests.e2e.harness import (
+from tests.harness import tbnode
+from tests.harness.annex import (
     AnnexEnv,
     AnnexRepo,
     Bridge,
@@ -41,7 +42,6 @@ from tests.e2e.harness import (
     descendants,
     toml_str,
 )
-from tests.nodes import tbnode
 
 TBNODE = Path(tbnode.__file__).resolve()
 NET = "tbnode"

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests.e2e.harness import AnnexRepo, Client, Expose
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, whereis_uuids
+from tests.harness.annex import AnnexRepo, Client, Expose
+from tests.harness.nodes import Node, NodeBridge, NodeNet, whereis_uuids
 
 CLUSTER = "tbcluster"
 ENDPOINT = "cl"

@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 
-from tests.e2e.harness import Client
+from tests.harness.annex import Client
 
 JOBS = 64
 FILES = 100

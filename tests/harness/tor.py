@@ -25,7 +25,7 @@ Client and Bridge this reuses. A few private parts of TestNet (``_launch``,
 ``_finish_start``, ``_terminate``, ``_hs_events``) are used to stop and
 restart one service tor on its own data directory and control port.
 
-Run as a script, this module is the forwarder: ``python -m tests.tor.torpath
+Run as a script, this module is the forwarder: ``python -m tests.harness.tor
 forward --netns NAME --port 9050 --unix PATH`` (started inside the namespace).
 """
 
@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.harness import (
+from tests.harness.annex import (
     DEFAULT_TIMEOUT,
     GIT_ANNEX_BINARY,
     AnnexEnv,
@@ -167,7 +167,7 @@ class PrivateNetns:
             [
                 sys.executable,
                 "-m",
-                "tests.tor.torpath",
+                "tests.harness.tor",
                 "forward",
                 "--netns",
                 self.name,
@@ -765,7 +765,7 @@ def leftovers() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.tor.torpath")
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.tor")
     sub = parser.add_subparsers(dest="command", required=True)
     fwd = sub.add_parser("forward", help="127.0.0.1:PORT (inside NETNS) -> a unix socket")
     fwd.add_argument("--netns", required=True)

@@ -1,13 +1,13 @@
 """Load helpers: many raw P2P sessions and a pre-auth flood against one daemon.
 
 Used by the tests in this directory and by ``bench/bench_load.py``. The
-daemon and the repositories come from :mod:`tests.e2e.harness`; this module
+daemon and the repositories come from :mod:`tests.harness.annex`; this module
 adds what load needs on top:
 
-- :class:`LoadBridge`: a :class:`~tests.e2e.harness.Bridge` whose config has a
+- :class:`LoadBridge`: a :class:`~tests.harness.annex.Bridge` whose config has a
   ``[limits]`` table, plus its RSS, ``torbridge status --json`` and metrics.
 - :class:`AsyncSession`: a trio client of the unix socket (the blocking
-  :class:`~tests.e2e.harness.RawSession` costs a thread per connection).
+  :class:`~tests.harness.annex.RawSession` costs a thread per connection).
 - :func:`run_mix`: one authenticated session doing the mixed sequence
   (VERSION 4, CHECKPRESENT present + absent, GET, PUT, close), timing each
   request into a :class:`Stats`.
@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Expose
+from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge, Expose
 
 MIB = 1024 * 1024
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import socks  # type: ignore[import-untyped]
 import stem  # type: ignore[import-untyped]
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose, toml_str
-from tests.tor.torpath import (
+from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge, Client, Expose, toml_str
+from tests.harness.tor import (
     REPO_ROOT,
     STARTED,
     STARTED_PIDS,

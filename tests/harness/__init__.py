@@ -1,0 +1,1 @@
+"""The test harness (see the module list below)."""
