@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness.annex import AnnexRepo, Bridge, Client
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
 from tests.harness.client import JOBS, parallel_files, peak_sessions, run_parallel_workflow
 
 pytestmark = pytest.mark.annex

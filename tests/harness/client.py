@@ -1,17 +1,30 @@
-"""Parallel jobs of one stock client through one token: the workflow the
--J tests of every tier drive (own endpoint, node, cluster, onion)."""
+"""Driving the stock git-annex client beyond one command at a time.
+
+- ``git annex CMD --batch --json`` fed one file at a time (:class:`Batch`);
+- the -J workflow of every tier (own endpoint, node, cluster, onion):
+  parallel jobs of one client through one token (:func:`run_parallel_workflow`);
+- ``git annex copy --batch`` (:class:`BatchCopy`), ``git-annex`` in the
+  background (:class:`AnnexProcess`), ``git annex remotedaemon``
+  (:class:`RemoteDaemon`);
+- the client's view of the wire (``--debug``): the ERROR texts, PUT-FROM
+  and GET offsets it saw, and the daemon log's peak of open sessions.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import queue
 import re
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
-from tests.harness.annex import Client
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.process import Result
 
 JOBS = 64
 FILES = 100
@@ -71,6 +84,53 @@ def run_parallel_workflow(
         out = client.annex("sync", "--content", j, remote, timeout=timeout).output
         assert_every_file_ok(out, "sync --content")
         assert all(holds(k) for k in keys.values())
+
+
+class Batch:
+    """A stock ``git annex CMD --batch --json`` fed one file at a time."""
+
+    def __init__(self, repo: AnnexRepo, *args: str, timeout: float = 90.0) -> None:
+        self.timeout = timeout  # for each answer, and for the exit
+        self.proc = subprocess.Popen(
+            ["git", "annex", *args, "--batch", "--json"],
+            cwd=repo.path,
+            env=repo.env.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw)
+        self.lines.put(None)
+
+    def do(self, file: str) -> dict[str, object]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(file.encode() + b"\n")
+        self.proc.stdin.flush()
+        try:
+            raw = self.lines.get(timeout=self.timeout)
+        except queue.Empty:
+            raise AssertionError(f"no answer for {file} after {self.timeout}s") from None
+        assert raw is not None, f"git annex exited: {self.stderr()}"
+        result: dict[str, object] = json.loads(raw)
+        assert result.get("success") is True, (result, self.stderr())
+        return result
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(running)"
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=self.timeout) == 0, self.stderr()
 
 
 class BatchCopy:
@@ -144,3 +204,134 @@ def peak_sessions(log: str) -> int:
         open_now += 1 if match.group(1) == "start" else -1
         peak = max(peak, open_now)
     return peak
+
+
+# --- the client's view --------------------------------------------------------------------
+
+
+ERROR_LINE = re.compile(r"P2P < ERROR (.*)")
+
+
+def p2p_errors(result: Result) -> list[str]:
+    """The ``ERROR`` texts the client received (needs ``--debug``)."""
+    return ERROR_LINE.findall(result.output)
+
+
+def put_offsets(result: Result) -> list[int]:
+    """The offsets in ``PUT-FROM`` answers the client received (``--debug``)."""
+    return [int(n) for n in re.findall(r"P2P < PUT-FROM (\d+)", result.output)]
+
+
+def get_offsets(result: Result) -> list[int]:
+    """The offsets of the ``GET`` requests the client sent (``--debug``)."""
+    return [int(n) for n in re.findall(r"P2P > GET (\d+) ", result.output)]
+
+
+def error_naming(result: Result, node: str, *causes: str) -> str:
+    """The client's ``P2P < ERROR`` line that names ``node`` and every cause."""
+    for text in p2p_errors(result):
+        if node in text and all(c in text for c in causes):
+            return text
+    raise AssertionError(
+        f"no `P2P < ERROR` naming {node!r} and {causes} (got {p2p_errors(result)}):\n"
+        f"{result.describe()[-4000:]}"
+    )
+
+
+class AnnexProcess:
+    """A client's ``git-annex`` running in the background (to be killed by a fault).
+
+    The binary itself, not ``git annex``: its pid is git-annex's own.
+    """
+
+    def __init__(self, client: Client, *args: str) -> None:
+        self.args = ["git-annex", *args]
+        self.client = client
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=client.path,
+            env=client.env.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, timeout: float = 120.0) -> Result:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        finally:
+            self.kill_group()
+        return Result(
+            self.args,
+            self.client.path,
+            self.proc.returncode,
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
+            time.monotonic() - self.started,
+            out,
+        )
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class RemoteDaemon:
+    """``git annex remotedaemon --foreground`` with its stdin held open.
+
+    It prints CONNECTED / SYNCING / DONESYNCING lines as it goes; a reader
+    thread queues them. ``prefix``: e.g. ``ip netns exec NS`` (the Tor tier).
+    """
+
+    def __init__(self, repo: AnnexRepo, prefix: Sequence[str] = ()) -> None:
+        self.proc = subprocess.Popen(
+            [*prefix, "git", "annex", "remotedaemon", "--foreground"],
+            cwd=repo.path,
+            env=repo.env.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode(errors="replace").rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, prefix: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {prefix!r} from the remotedaemon; it said {self.seen}"
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            assert line is not None, f"the remotedaemon exited; it said {self.seen}"
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(b"STOP\n")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

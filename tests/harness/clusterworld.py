@@ -22,7 +22,7 @@ can die two ways:
   introduction points still take introductions, but nothing answers, so a
   client waits for tor's SocksTimeout (120 s); ``thaw_host`` resumes it.
 
-Built from the pieces of torpath.py.
+Built from the pieces of tests/harness/tor.py and worlds.py.
 
 Run as a script, it measures what a client waits for a copy to the cluster
 with one node's onion gone, against any build of the bridge daemon::
@@ -50,7 +50,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.annex import GIT_ANNEX_BINARY, AnnexEnv, AnnexRepo, Client, Expose, Result
+from tests.harness.annex import GIT_ANNEX_BINARY, AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Expose
+from tests.harness.process import Result
 from tests.harness.tor import (
     STOP_TIMEOUT,
     TOR_COMMAND_TIMEOUT,
@@ -58,11 +60,11 @@ from tests.harness.tor import (
     PrivateNetns,
     TorBridge,
     TorPathError,
-    WorldBase,
     hs_event_count,
     netns_unavailable,
     wait_for_upload,
 )
+from tests.harness.worlds import WorldBase
 from torbridge.testnet import TestNet, TorProcess
 
 CLUSTER = "torcluster"

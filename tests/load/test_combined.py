@@ -26,11 +26,11 @@ import pytest
 import trio
 
 from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Bridge
 from tests.harness.load import (
     MIB,
     FloodStats,
     Gate,
-    LoadBridge,
     Obj,
     RssSampler,
     Stats,
@@ -52,7 +52,7 @@ RSS_LIMIT_KIB = 200 * MIB // 1024
 
 
 async def test_sessions_and_flood_at_once(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     n = PROFILE.sessions
     rng = random.Random(7_200_2000)

@@ -19,10 +19,10 @@ import pytest
 import trio
 
 from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Bridge
 from tests.harness.load import (
     MIB,
     Gate,
-    LoadBridge,
     Obj,
     RssSampler,
     Stats,
@@ -40,7 +40,7 @@ CONNECTS_AT_ONCE = 64  # connections in the AUTH phase at once, from this side
 
 
 async def test_concurrent_sessions(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     n = PROFILE.sessions
     rng = random.Random(20261026)

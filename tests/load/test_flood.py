@@ -27,10 +27,10 @@ from functools import partial
 import pytest
 import trio
 
-from tests.harness.annex import AnnexRepo, Client, CommandError
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
 from tests.harness.load import (
     FloodStats,
-    LoadBridge,
     Obj,
     RssSampler,
     Stats,
@@ -41,6 +41,7 @@ from tests.harness.load import (
     seed_proxy,
     until_evicting,
 )
+from tests.harness.process import CommandError
 from tests.harness.profiles import PROFILE
 
 pytestmark = pytest.mark.annex
@@ -106,7 +107,7 @@ async def mix_round(
 
 
 async def test_flood_with_clients(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo, client: Client
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, client: Client
 ) -> None:
     rng = random.Random(4711)
     n = PROFILE.flood_sessions

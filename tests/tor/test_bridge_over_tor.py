@@ -22,23 +22,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_changes import RemoteDaemon
-from tests.harness.annex import AnnexRepo, Client
-from tests.harness.client import JOBS, assert_every_file_ok, parallel_files, peak_sessions
+from tests.harness.annex import AnnexRepo, Client, object_keys
+from tests.harness.client import (
+    JOBS,
+    RemoteDaemon,
+    assert_every_file_ok,
+    parallel_files,
+    peak_sessions,
+)
 from tests.harness.tor import (
-    HUB_PORT,
-    NODE_VIA_BRIDGE_PORT,
     TOR_COMMAND_TIMEOUT,
     PrivateNetns,
     TorBridge,
-    TorWorld,
     hs_event_count,
     netns_unavailable,
-    object_keys,
+    require_tor,
     tor_pids,
     wait_for_upload,
 )
-from tests.tor.conftest import require_tor
+from tests.harness.worlds import HUB_PORT, NODE_VIA_BRIDGE_PORT, TorWorld
 from torbridge.testnet import LOOPBACK, TestNet
 
 pytestmark = [

@@ -30,20 +30,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.annex import AnnexEnv, AnnexRepo, Bridge, Client, Expose
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import READY_LINE, Bridge, Expose, parse_tor_lines
 from tests.harness.tor import (
-    HUB_PORT,
-    READY_LINE,
     STARTED_PIDS,
     TOR_COMMAND_TIMEOUT,
     NetnsAnnexEnv,
     PrivateNetns,
     TorBridge,
     netns_unavailable,
-    parse_tor_lines,
+    require_tor,
+    socks_connect,
     stop_tor,
 )
-from tests.tor.conftest import require_tor, socks_connect
+from tests.harness.worlds import HUB_PORT
 from torbridge.testnet import TestNet, TorProcess
 from torbridge.tor.clientauth import (
     MAX_DESCRIPTOR,

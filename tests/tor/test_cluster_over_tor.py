@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.annex import whereis_uuids
 from tests.harness.client import JOBS, assert_every_file_ok, parallel_files, peak_sessions
 from tests.harness.clusterworld import (
     ENDPOINT,
@@ -27,15 +28,15 @@ from tests.harness.clusterworld import (
     success_plus,
     time_copies_with_a_dead_node,
 )
-from tests.harness.nodes import wait_for, whereis_uuids
+from tests.harness.process import wait_for
 from tests.harness.tor import (
     TOR_COMMAND_TIMEOUT,
     PrivateNetns,
     _alive,
     netns_unavailable,
+    require_tor,
     tor_pids,
 )
-from tests.tor.conftest import require_tor
 from torbridge.testnet import TestNet
 
 pytestmark = [
@@ -133,9 +134,9 @@ def test_a_dead_node_holds_no_copy_up_and_is_used_again(world: ClusterTorWorld, 
             assert world.nodes[name].repo.key_content(key) == client.key_content(key)
         assert success_plus(copy) == live_uuids, copy.describe()[-3000:]
         wait_for(
-            lambda key=key: logged_nodes(world, key) == LIVE,
-            60,  # type: ignore[misc]
             f"the proxy's location log to list exactly {LIVE}",
+            lambda key=key: logged_nodes(world, key) == LIVE,
+            60,
             interval=0.5,
         )
     text = world.bridge.log()
@@ -167,7 +168,7 @@ def test_a_dead_node_holds_no_copy_up_and_is_used_again(world: ClusterTorWorld, 
         return world.holding(last["key"]) == set(NODE_NAMES)
 
     # The backoff after a failed probe doubles (5 s, 10 s, ...): generous.
-    wait_for(reached, 400, f"a copy to reach {DEAD} again", interval=3.0)
+    wait_for(f"a copy to reach {DEAD} again", reached, 400, interval=3.0)
     key = last["key"]
     assert world.nodes[DEAD].repo.key_content(key) == client.key_content(key)
     assert node_states(world)[DEAD]["up"] is True
