@@ -3,7 +3,7 @@
 The first half tests protocol/cluster.py (tables and hypothesis properties);
 the second drives transport/cluster.py's ClusterChannel through a real
 Session over trio in-memory streams, the nodes being the scripted P2P
-servers of tests/core/peers.py, and checks byte transcripts on the client's
+servers of tests/harness/fakes.py, and checks byte transcripts on the client's
 side and what each node received on theirs.
 """
 

@@ -1,6 +1,6 @@
 """The trio Session stops a quiet client's peer and reopens it (relay.peer_idle).
 
-In-memory client, scripted peer (tests/core/peers.py), trio's autojump
+In-memory client, scripted peer (tests/harness/fakes.py), trio's autojump
 clock: the idle periods cost no real time and nothing depends on load.
 """
 

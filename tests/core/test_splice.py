@@ -2,7 +2,7 @@
 
 Real descriptors here, no git-annex: the client on a unix socket (as tor
 connects), the peer on two OS pipes (as a peer program's stdin/stdout),
-the peer being the scripted server of peers.py.
+the peer being the scripted server of tests/harness/fakes.py.
 """
 
 from __future__ import annotations

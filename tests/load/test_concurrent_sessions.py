@@ -1,6 +1,6 @@
 """N authenticated raw-protocol sessions at once against one daemon (test 1).
 
-Every session does the mix of ``loadlib.run_mix``: VERSION 4, CHECKPRESENT of
+Every session does the mix of ``tests.harness.load.run_mix``: VERSION 4, CHECKPRESENT of
 a present and of an absent key, GET of a small present object (bytes checked,
 VALID, SUCCESS), PUT of a fresh object, close. The sessions wait for each
 other after VERSION, so all N ``git-annex-shell p2pstdio`` peers are open at

@@ -2,7 +2,7 @@
 
 The daemon runs with ``max_unauthenticated = 32``. First, unloaded, a
 baseline: ``PROFILE.flood_sessions`` raw sessions doing the mix of
-``loadlib.run_mix`` at once, and a stock client doing ``git annex copy --to``,
+``tests.harness.load.run_mix`` at once, and a stock client doing ``git annex copy --to``,
 ``drop`` and ``get --from`` of a few files. Then the same again while a flood
 of ``PROFILE.flood_total`` unauthenticated connections (at most
 ``PROFILE.flood_concurrency`` open at once) idles, sends garbage, sends a

@@ -1,7 +1,7 @@
 """A stock client and a 3-node cluster behind the bridge (p2p, tor and local nodes).
 
 The proxy is the cluster's gateway, configured with git-annex's own
-commands (tests/nodes/clusters.py). The client links the cluster endpoint
+commands (tests/harness/clusters.py). The client links the cluster endpoint
 and uses it as one remote; the nodes' contents are checked in the nodes.
 """
 

@@ -1,6 +1,6 @@
 """A cluster that rides through node failures, driven by the stock client.
 
-The proxy is the gateway of a 3-node cluster (tests/nodes/clusters.py);
+The proxy is the gateway of a 3-node cluster (tests/harness/clusters.py);
 faults are injected by the relays that carry the nodes' connections
 (tbnode.py). A GET whose node is killed, stopped or cut mid-body goes on
 from the next holder, and the stock client, with ``annex.forward-retry=0``

@@ -7,7 +7,7 @@
 
 All on a private Tor network on 127.0.0.1 (tests/tor/conftest.py); the
 client side runs in a network namespace that has nothing but ``lo``. See
-tests/tor/torpath.py for the pieces. One TorWorld serves the module; the
+tests/harness/tor.py for the pieces. One TorWorld serves the module; the
 last test takes it down and checks that nothing is left behind.
 """
 

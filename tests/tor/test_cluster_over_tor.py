@@ -1,7 +1,7 @@
 """A cluster endpoint over the private Tor network, driven by the stock client.
 
 The bridge's cluster endpoint has three tor-annex nodes, each a torbridge
-on an onion of its own (tests/tor/clusterworld.py). One stock client's
+on an onion of its own (tests/harness/clusterworld.py). One stock client's
 ``-J64`` copy and get through one token reach every file; with one node's
 onion gone, a copy succeeds on the live nodes and the next copy does not
 wait for the dead node again; once the node republishes, copies reach it
