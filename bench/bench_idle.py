@@ -246,7 +246,7 @@ async def run_phase(
         "peer_timeout": WAIT,
         "peer_idle": phase.peer_idle,
     }
-    bridge = Bridge(env, proxy.path, work / phase.label, limits)
+    bridge = Bridge(env, proxy.path, work / phase.label, limits=limits)
     client = Client.create(env, work / f"client-{phase.label}", f"client-{phase.label}")
     sessions: list[AsyncSession] = []
     try:

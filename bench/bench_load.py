@@ -156,7 +156,7 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
     }
     if args.auth_timeout:
         limits["auth_timeout"] = args.auth_timeout
-    bridge = Bridge(env, proxy.path, work / "bridge", limits)
+    bridge = Bridge(env, proxy.path, work / "bridge", limits=limits)
     try:
         bridge.start()
         token = bridge.add_token("bench", "rw")

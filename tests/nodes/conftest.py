@@ -97,16 +97,21 @@ def make_node_bridge(
     socks_server: tbnode.SocksServer,
 ) -> Callable[..., Bridge]:
     """Factory: ``make(exposes)``: a configured (not started) bridge that
-    reaches tor-annex nodes through ``socks_server``, with the short
+    reaches tor-annex nodes through ``socks`` (``socks_server`` by default), with the short
     ``BRIDGE_LIMITS`` unless ``limits`` says otherwise; stopped cleanly at
     teardown (``make_bridge``)."""
 
     def make(
-        exposes: list[Expose], limits: dict[str, float] | None = None, **kwargs: object
+        exposes: list[Expose],
+        limits: dict[str, float] | None = None,
+        socks: str | None = None,
+        **kwargs: object,
     ) -> Bridge:
-        kwargs.setdefault("tor", {"socks": socks_server.address})
         return make_bridge(
-            exposes=exposes, limits=BRIDGE_LIMITS if limits is None else limits, **kwargs
+            exposes=exposes,
+            limits=BRIDGE_LIMITS if limits is None else limits,
+            tor={"socks": socks or socks_server.address},
+            **kwargs,
         )
 
     return make

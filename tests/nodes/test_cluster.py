@@ -19,7 +19,7 @@ from tests.harness.annex import AnnexEnv, AnnexRepo, Client, whereis_uuids
 from tests.harness.bridge import Bridge, Expose
 from tests.harness.client import put_offsets
 from tests.harness.clusters import CLUSTER, ENDPOINT, ClusterSetup, init_cluster, setup_cluster
-from tests.harness.nodes import Node, NodeNet, make_node
+from tests.harness.nodes import BRIDGE_LIMITS, Node, NodeNet, make_node
 from tests.harness.process import wait_for
 from tests.harness.session import RawSession
 
@@ -340,7 +340,8 @@ def test_two_gateways(
         gw_b.path,
         tmp_path / "bridgeB",
         [Expose("hub", ".", 5000), Expose(ENDPOINT, CLUSTER, 5001)],
-        socks=socks_server.address,
+        limits=BRIDGE_LIMITS,
+        tor={"socks": socks_server.address},
     )
     try:
         link_gateway(gw_b, "gwA", bridge_a)
