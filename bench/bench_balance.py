@@ -24,10 +24,10 @@ connections to each instance's own onion at offsets after the stop).
 On one machine every tor shares the same cores, so the 2-instance figure
 shows the spread and its cost, not the gain of two machines.
 
-    python bench/bench_balance.py                  # 3 clients x 4 files x 4 MiB
-    python bench/bench_balance.py --clients 4 --files 2 --mib 10
-    python bench/bench_balance.py --stop kill      # B's tor gets SIGKILL
-    python bench/bench_balance.py --window         # introduction points after a stop
+    python -m bench.bench_balance                  # 3 clients x 4 files x 4 MiB
+    python -m bench.bench_balance --clients 4 --files 2 --mib 10
+    python -m bench.bench_balance --stop kill      # B's tor gets SIGKILL
+    python -m bench.bench_balance --window         # introduction points after a stop
 """
 
 from __future__ import annotations
@@ -42,13 +42,10 @@ import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from tests.e2e.harness import Client  # noqa: E402
-from tests.tor.balanceworld import ENDPOINT, BalanceWorld  # noqa: E402
-from tests.tor.torpath import leftovers, netns_unavailable  # noqa: E402
-from torbridge.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet  # noqa: E402
+from tests.harness.annex import Client
+from tests.harness.balanceworld import ENDPOINT, BalanceWorld
+from tests.harness.tor import leftovers, netns_unavailable
+from torbridge.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet
 
 MIB = 1024 * 1024
 TIMEOUT = 1800.0

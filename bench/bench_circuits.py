@@ -15,8 +15,8 @@ MiB with ``-J4``, counts the rendezvous circuits the client tor holds to the
 node's onion, empties the node again; then the other setting. The order
 alternates between rounds. Needs root (``ip netns``) and tor.
 
-    python bench/bench_circuits.py                     # 8 x 4 MiB, 2 rounds
-    python bench/bench_circuits.py --files 8 --mib 8 --rounds 1
+    python -m bench.bench_circuits                     # 8 x 4 MiB, 2 rounds
+    python -m bench.bench_circuits --files 8 --mib 8 --rounds 1
 """
 
 from __future__ import annotations
@@ -31,18 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from tests.e2e.harness import Client  # noqa: E402
-from tests.tor.torpath import (  # noqa: E402
-    NODE_VIA_BRIDGE_PORT,
-    TorBridge,
-    TorWorld,
-    leftovers,
-    netns_unavailable,
-)
-from torbridge.testnet import TestNet, TorProcess  # noqa: E402
+from tests.harness.annex import Client
+from tests.harness.tor import TorBridge, leftovers, netns_unavailable
+from tests.harness.worlds import NODE_VIA_BRIDGE_PORT, TorWorld
+from torbridge.testnet import TestNet, TorProcess
 
 MIB = 1024 * 1024
 SETTINGS = {"one circuit": 1, "spread": 8}

@@ -37,24 +37,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for entry in (ROOT, ROOT / "bench"):
-    if str(entry) not in sys.path:
-        sys.path.insert(0, str(entry))
+from bench.bench_transfer import sigterm_as_interrupt
+from tests.harness.annex import GIT_ANNEX_BINARY, AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.clusters import CLUSTER, init_cluster
+from tests.harness.nodes import Node, NodeNet, make_node
+from tests.harness.process import CommandError, descendants
 
-from bench_transfer import sigterm_as_interrupt  # noqa: E402 (after the sys.path set-up)
-
-from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
-    GIT_ANNEX_BINARY,
-    AnnexEnv,
-    AnnexRepo,
-    Client,
-    CommandError,
-    Expose,
-    descendants,
-)
-from tests.nodes.clusters import CLUSTER, init_cluster  # noqa: E402
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout, for the daemon's PYTHONPATH
 
 MIB = 1024 * 1024
 SMALL_SIZE = 4096
@@ -139,7 +129,7 @@ class Rig:
     proxy: AnnexRepo
     cluster_nodes: list[Node]
     single_node: Node
-    bridge: NodeBridge
+    bridge: Bridge
     client: Client
 
     def nodes_of(self, path: str) -> list[Node]:
@@ -182,7 +172,7 @@ def build(root: Path, args: argparse.Namespace, stack: ExitStack) -> tuple[Rig, 
     single_node = node("solo")
     init_cluster(proxy, cluster_nodes)
     # limits={}: the daemon's own defaults, not the short ones of the tests.
-    bridge = NodeBridge(
+    bridge = Bridge(
         env,
         proxy.path,
         root / "bridge",

@@ -40,8 +40,8 @@ the daemon's own before any session, divided by N), the ratio idle /
 baseline, and a ``RESULT`` line. Run from the repository root (it imports
 ``tests/e2e/harness.py`` and ``tests/load/loadlib.py``)::
 
-    python bench/bench_idle.py                                  # 2000 (1000 watching) vs 200
-    python bench/bench_idle.py --sessions 200 --watchers 100 --baseline-sessions 50 --transfers 10
+    python -m bench.bench_idle                                  # 2000 (1000 watching) vs 200
+    python -m bench.bench_idle --sessions 200 --watchers 100 --baseline-sessions 50 --transfers 10
 
 Descriptors: the bench raises its own soft RLIMIT_NOFILE (the daemon it
 starts inherits it); the daemon needs about one per session plus four per
@@ -64,27 +64,11 @@ from pathlib import Path
 
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
-    GIT_ANNEX_BINARY,
-    AnnexEnv,
-    AnnexRepo,
-    Client,
-    descendants,
-)
-from tests.load.loadlib import (  # noqa: E402
-    AsyncSession,
-    LoadBridge,
-    Obj,
-    absent_keys,
-    percentile,
-    proc_status_kib,
-    raise_nofile,
-    seed_proxy,
-)
+from tests.harness.annex import GIT_ANNEX_BINARY, AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge, proc_status_kib
+from tests.harness.load import Obj, absent_keys, percentile, raise_nofile, seed_proxy
+from tests.harness.process import descendants
+from tests.harness.session import AsyncSession
 
 WAIT = 600.0  # seconds any one step may take on a loaded machine
 
@@ -262,7 +246,7 @@ async def run_phase(
         "peer_timeout": WAIT,
         "peer_idle": phase.peer_idle,
     }
-    bridge = LoadBridge(env, proxy.path, work / phase.label, limits)
+    bridge = Bridge(env, proxy.path, work / phase.label, limits=limits)
     client = Client.create(env, work / f"client-{phase.label}", f"client-{phase.label}")
     sessions: list[AsyncSession] = []
     try:

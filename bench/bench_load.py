@@ -46,9 +46,9 @@ scripts::
 Run from the repository root (it imports ``tests/e2e/harness.py`` and
 ``tests/load/loadlib.py``)::
 
-    python bench/bench_load.py                          # N=200
-    python bench/bench_load.py --sessions 1000 --mix-at-once 100   # ~5 GiB of RAM
-    python bench/bench_load.py --sessions 200 --flood 2000 --pre-auth-cap 32
+    python -m bench.bench_load                          # N=200
+    python -m bench.bench_load --sessions 1000 --mix-at-once 100   # ~5 GiB of RAM
+    python -m bench.bench_load --sessions 200 --flood 2000 --pre-auth-cap 32
 
 Needs git, git-annex >= 10.20261026 (``pip install -e '.[test]'``) and
 torbridge installed (``torbridge`` on PATH), like the e2e tests. Figures on a
@@ -69,22 +69,12 @@ from pathlib import Path
 
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.e2e.harness import (  # noqa: E402 (after the sys.path set-up)
-    GIT_ANNEX_BINARY,
-    SESSION_HELPERS,
-    AnnexEnv,
-    AnnexRepo,
-    descendants,
-)
-from tests.load.loadlib import (  # noqa: E402
+from tests.harness.annex import GIT_ANNEX_BINARY, AnnexEnv, AnnexRepo
+from tests.harness.bridge import SESSION_HELPERS, Bridge
+from tests.harness.load import (
     REQUEST_OPS,
     FloodStats,
     Gate,
-    LoadBridge,
     Obj,
     RssSampler,
     Stats,
@@ -96,6 +86,7 @@ from tests.load.loadlib import (  # noqa: E402
     seed_proxy,
     start_mixes,
 )
+from tests.harness.process import descendants
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -165,7 +156,7 @@ async def bench(args: argparse.Namespace, work: Path) -> int:
     }
     if args.auth_timeout:
         limits["auth_timeout"] = args.auth_timeout
-    bridge = LoadBridge(env, proxy.path, work / "bridge", limits)
+    bridge = Bridge(env, proxy.path, work / "bridge", limits=limits)
     try:
         bridge.start()
         token = bridge.add_token("bench", "rw")

@@ -31,11 +31,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "bench"))
-
-from bench_transfer import (  # noqa: E402 (after the sys.path set-up)
+from bench.bench_transfer import (
     PATHS,
     BenchError,
     Runner,
@@ -49,9 +45,10 @@ from bench_transfer import (  # noqa: E402 (after the sys.path set-up)
     spread,
     workload_parser,
 )
-
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, CommandError, Expose  # noqa: E402
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node  # noqa: E402
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.nodes import Node, NodeNet, make_node
+from tests.harness.process import CommandError
 
 NODE = "node"  # the node's name: the proxy's remote and the bridge endpoint
 
@@ -69,7 +66,7 @@ class World:
         self.net = NodeNet(self.env, root / "tbnode")
         self.proxy = AnnexRepo.create(self.env, root / "proxy", "proxy")
         self.node: Node | None = None
-        self.bridge: NodeBridge | None = None
+        self.bridge: Bridge | None = None
         self.client = Client.create(self.env, root / "client", "client")
         self.root = root
 
@@ -83,7 +80,7 @@ class World:
 
     def start_bridge(self) -> int:
         """The daemon (its default limits, no Tor), linked as ``bridge``; its pid."""
-        self.bridge = NodeBridge(
+        self.bridge = Bridge(
             self.env, self.proxy.path, self.root / "bridge", [Expose(NODE, NODE, 5001)], limits={}
         )
         self.bridge.start()

@@ -11,8 +11,8 @@ two ways alternate, side by side in one run, and the CPU seconds of this
 process (the relay) are compared, not the wall time: the two ``dd``
 programs are the same for both.
 
-    python bench/bench_splice.py                 # 1 GiB, 5 rounds
-    python bench/bench_splice.py --mib 256 --rounds 3
+    python -m bench.bench_splice                 # 1 GiB, 5 rounds
+    python -m bench.bench_splice --mib 256 --rounds 3
 
 Prints a table and a ``RESULT`` line: ``cpu_ratio`` = splice CPU / copy CPU
 (below 1: splice is cheaper).
@@ -25,7 +25,7 @@ body. ``copy`` is the user-space fanout (``kernel_fanout=False``), ``tee``
 the kernel's (transport/fanout.py); the daemon's CPU seconds are given per
 GiB of body and per GiB per node.
 
-    python bench/bench_splice.py --cluster 3 --mib 512 --rounds 5
+    python -m bench.bench_splice --cluster 3 --mib 512 --rounds 5
 """
 
 from __future__ import annotations
@@ -45,9 +45,7 @@ from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.core.peers import CLIENT_UUID, TOKEN, OneToken
+from tests.harness.fakes import CLIENT_UUID, TOKEN, OneToken
 from torbridge.config import Limits
 from torbridge.protocol import cluster as c
 from torbridge.server.endpoints import Endpoint
@@ -57,6 +55,16 @@ from torbridge.transport import splice
 from torbridge.transport.base import PeerChannel, SessionInfo, Transport
 from torbridge.transport.cluster import ClusterNode, ClusterTransport
 from torbridge.transport.process import open_process_channel
+
+# This bench runs itself as the node and client programs: as a module of
+# this checkout (``python -m bench.bench_splice``), wherever it is run from.
+SELF = (sys.executable, "-m", "bench.bench_splice")
+CHILD_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p
+    ),
+}
 
 PIECE = 256 * 1024
 DEADLINE = 30.0
@@ -207,9 +215,9 @@ class NodeProgram(Transport):
     async def open(
         self, nursery: trio.Nursery, session: SessionInfo, version: int, bypass: tuple[str, ...]
     ) -> PeerChannel:
-        argv = [sys.executable, __file__, "--node", self.uuid]
+        argv = [*SELF, "--node", self.uuid]
         return await open_process_channel(
-            nursery, self.name, argv, os.environ, self.uuid, version, bypass, auth=None
+            nursery, self.name, argv, CHILD_ENV, self.uuid, version, bypass, auth=None
         )
 
 
@@ -262,8 +270,9 @@ def cluster_put(nodes: int, kernel: bool, pipes: bool) -> Callable[[int], Awaita
         endpoint = Endpoint("cl", CLUSTER_UUID, transport, Path("/nonexistent"), OneToken(), limits)
         stream, (wfd, rfd), close = client_ends(pipes)
         client = await trio.lowlevel.open_process(
-            [sys.executable, __file__, "--client", str(wfd), str(rfd), str(size)],
+            [*SELF, "--client", str(wfd), str(rfd), str(size)],
             pass_fds=tuple(close),
+            env=CHILD_ENV,
         )
         for fd in close:
             os.close(fd)

@@ -19,8 +19,8 @@ Same safety rules as the Tor tier: every tor is on the private network
 (TestNet), nothing leaves 127.0.0.0/8, and the daemons' sockets are checked
 to be on loopback after the run. Needs root (``ip netns``) and tor.
 
-    python bench/bench_tor.py                 # 100 MiB, 2 rounds (~5-10 min)
-    python bench/bench_tor.py --mib 20 --rounds 1
+    python -m bench.bench_tor                 # 100 MiB, 2 rounds (~5-10 min)
+    python -m bench.bench_tor --mib 20 --rounds 1
 """
 
 from __future__ import annotations
@@ -36,18 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from tests.e2e.harness import Client  # noqa: E402
-from tests.tor.torpath import (  # noqa: E402
-    NODE_PORT,
-    NODE_VIA_BRIDGE_PORT,
-    TorWorld,
-    leftovers,
-    netns_unavailable,
-)
-from torbridge.testnet import TestNet  # noqa: E402
+from tests.harness.annex import Client
+from tests.harness.tor import leftovers, netns_unavailable
+from tests.harness.worlds import NODE_PORT, NODE_VIA_BRIDGE_PORT, TorWorld
+from torbridge.testnet import TestNet
 
 MIB = 1024 * 1024
 PATHS = ("direct", "bridge")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.core.peers import FakeRepo, PeerConnection
 from tests.core.test_cluster import KEY, A, B, Knowledge, cluster, login
 from tests.core.test_session import PEER_NAME, bridge
+from tests.harness.fakes import FakeRepo, PeerConnection
 from torbridge.protocol import clienttext
 from torbridge.protocol import messages as m
 

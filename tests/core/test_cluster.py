@@ -3,7 +3,7 @@
 The first half tests protocol/cluster.py (tables and hypothesis properties);
 the second drives transport/cluster.py's ClusterChannel through a real
 Session over trio in-memory streams, the nodes being the scripted P2P
-servers of tests/core/peers.py, and checks byte transcripts on the client's
+servers of tests/harness/fakes.py, and checks byte transcripts on the client's
 side and what each node received on theirs.
 """
 
@@ -22,9 +22,16 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.core.peers import CLIENT_UUID, TOKEN, FakeRepo, FakeTransport, OneToken, PeerConnection
 from tests.core.test_session import Client, script
 from tests.fuzz import examples
+from tests.harness.fakes import (
+    CLIENT_UUID,
+    TOKEN,
+    FakeRepo,
+    FakeTransport,
+    OneToken,
+    PeerConnection,
+)
 from torbridge.annex.query import QueryError
 from torbridge.annex.remotes import parse_cluster_log, parse_proxy_log
 from torbridge.config import Limits

@@ -3,7 +3,7 @@
 Real descriptors, no git-annex: the client on a unix socket (as tor
 connects) or on two OS pipes (as git-annex's pipes passed by
 git-annex-p2p-torbridge), each node on two OS pipes (as a peer program's
-stdin/stdout), the nodes being the scripted servers of peers.py. Every
+stdin/stdout), the nodes being the scripted servers of tests/harness/fakes.py. Every
 node must get the body byte-exact, also one that reads slower than the
 others; one that dies mid-body is dropped and the others go on; and at the
 first trouble the rest goes through the user-space fanout, still exact.
@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.core.peers import FakeRepo, FakeTransport, OneToken, PeerConnection
 from tests.core.test_cluster import (
     AUTH,
     AUTH_OK,
@@ -36,6 +35,7 @@ from tests.core.test_cluster import (
     plus,
 )
 from tests.core.test_session import Client
+from tests.harness.fakes import FakeRepo, FakeTransport, OneToken, PeerConnection
 from torbridge.protocol import cluster as c
 from torbridge.protocol import messages as m
 from torbridge.server.endpoints import Endpoint

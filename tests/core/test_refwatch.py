@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.core.peers import FakeRepo, FakeTransport, OneToken
 from tests.core.test_session import AUTH, AUTH_OK, LIMITS, Client, connection
+from tests.harness.fakes import FakeRepo, FakeTransport, OneToken
 from torbridge.server.endpoints import Endpoint
 from torbridge.server.refwatch import MAX_SHAS, RefWatcher, new_shas, parse_for_each_ref
 from torbridge.server.session import Session

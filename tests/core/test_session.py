@@ -1,7 +1,7 @@
 """The trio Session (torbridge/server/session.py) over in-memory streams.
 
 The client is the test, writing and reading raw bytes; the peer is the
-scripted git-annex server of tests/core/peers.py behind a fake Transport.
+scripted git-annex server of tests/harness/fakes.py behind a fake Transport.
 Byte transcripts check exactly what a client sees; the time-related tests
 run on trio's autojump clock, so deadlines cost no real time.
 """
@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.core.peers import (
+from tests.harness.fakes import (
     CLIENT_UUID,
     PEER_NAME,
     PEER_TOKEN,

@@ -1,6 +1,6 @@
 """The trio Session stops a quiet client's peer and reopens it (relay.peer_idle).
 
-In-memory client, scripted peer (tests/core/peers.py), trio's autojump
+In-memory client, scripted peer (tests/harness/fakes.py), trio's autojump
 clock: the idle periods cost no real time and nothing depends on load.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.core.peers import FakeRepo, FakeTransport
 from tests.core.test_session import KEY, LIMITS, bridge
+from tests.harness.fakes import FakeRepo, FakeTransport
 from torbridge.protocol import messages as m
 from torbridge.transport.process import AnnexShellTransport
 

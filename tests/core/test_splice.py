@@ -2,7 +2,7 @@
 
 Real descriptors here, no git-annex: the client on a unix socket (as tor
 connects), the peer on two OS pipes (as a peer program's stdin/stdout),
-the peer being the scripted server of peers.py.
+the peer being the scripted server of tests/harness/fakes.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.core.peers import CLIENT_UUID, TOKEN, FakeRepo, FakeTransport, OneToken, PeerConnection
+from tests.harness.fakes import (
+    CLIENT_UUID,
+    TOKEN,
+    FakeRepo,
+    FakeTransport,
+    OneToken,
+    PeerConnection,
+)
 from torbridge.config import Limits
 from torbridge.protocol import messages as m
 from torbridge.server.endpoints import Endpoint

@@ -20,15 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (
-    Address,
-    AnnexRepo,
-    Bridge,
-    Client,
-    Expose,
-    RawSession,
-    SessionClosed,
-)
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Address, Bridge, Expose
+from tests.harness.session import RawSession, SessionClosed
 
 pytestmark = pytest.mark.annex
 

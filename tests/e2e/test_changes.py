@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, RawSession
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.client import RemoteDaemon
+from tests.harness.process import wait_for as harness_wait_for
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 
 WAIT = 90.0  # generous: the machine is shared; nothing here is a timing assertion
+# The harness's poll, with this module's deadline.
+wait_for = partial(harness_wait_for, timeout=WAIT)
 
 
 def inotify_descriptors(pid: int) -> int:
@@ -52,73 +55,6 @@ def watching_sessions(bridge: Bridge) -> int:
     sessions = status(bridge)["sessions"]
     assert isinstance(sessions, list)
     return sum(1 for s in sessions if s["request"] == "NOTIFYCHANGE")
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        assert time.monotonic() < deadline, f"still waiting after {timeout}s: {what}"
-        time.sleep(0.1)
-
-
-def with_limits(bridge: Bridge, **limits: int) -> None:
-    text = "".join(f"{k} = {v}\n" for k, v in limits.items())
-    bridge.config_path.write_text(bridge.config_text() + "\n[limits]\n" + text)
-
-
-class RemoteDaemon:
-    """``git annex remotedaemon --foreground`` with its stdin held open.
-
-    It prints CONNECTED / SYNCING / DONESYNCING lines as it goes; a reader
-    thread queues them. ``prefix``: e.g. ``ip netns exec NS`` (the Tor tier).
-    """
-
-    def __init__(self, repo: AnnexRepo, prefix: Sequence[str] = ()) -> None:
-        self.proc = subprocess.Popen(
-            [*prefix, "git", "annex", "remotedaemon", "--foreground"],
-            cwd=repo.path,
-            env=repo.env.env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.put(raw.decode(errors="replace").rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, prefix: str, timeout: float = WAIT) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {prefix!r} from the remotedaemon; it said {self.seen}"
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            assert line is not None, f"the remotedaemon exited; it said {self.seen}"
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            try:
-                self.proc.stdin.write(b"STOP\n")
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture
@@ -193,7 +129,7 @@ def test_many_watchers_share_one_watch(
     make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     bridge = make_bridge()
-    with_limits(bridge, max_sessions_per_token=64, max_sessions=128)
+    bridge.set_limits(max_sessions_per_token=64, max_sessions=128)
     bridge.start()
     token = bridge.add_token("many", "ro")
     sessions = [RawSession(token.socket) for _ in range(50)]
@@ -234,7 +170,7 @@ def test_a_watcher_that_leaves_frees_its_session(
     make_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     bridge = make_bridge()
-    with_limits(bridge, max_sessions_per_token=1)
+    bridge.set_limits(max_sessions_per_token=1)
     bridge.start()
     token = bridge.add_token("one", "rw")
     with RawSession(token.socket) as other:

@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, Result
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.process import Result
 
 pytestmark = pytest.mark.annex
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client
 from tests.e2e.test_faults import (
     GIT_BLOB,
     _helpers,
@@ -27,8 +26,10 @@ from tests.e2e.test_faults import (
     _refs,
     _sessions,
     _start_git,
-    _wait,
 )
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.process import wait_for
 from torbridge.server.gitservice import GIT_EXIT_GRACE
 
 pytestmark = pytest.mark.annex
@@ -42,7 +43,7 @@ def locks(repo: AnnexRepo) -> list[str]:
 
 def git_left_alone(bridge: Bridge, service: str = "receive-pack") -> str:
     """The session ends once git has ended on its own, never killed; how it ended."""
-    _wait(
+    wait_for(
         "git and its session ending after the client was killed",
         lambda: not _helpers(bridge) and not _sessions(bridge),
         GIT_EXIT_GRACE + 30,
@@ -72,7 +73,7 @@ def test_push_killed_mid_pack(bridge: Bridge, rw_client: Client, proxy_repo: Ann
     proxy_repo.git("config", "receive.unpackLimit", "1")  # a growing tmp_pack_* to see
     proc = _start_git(rw_client, "push", "hub", "main:synced/main")
     try:
-        _wait(
+        wait_for(
             "the pack arriving",
             lambda: _incoming_pack(proxy_repo) > 0 or proc.poll() is not None,
             timeout=60,
@@ -107,12 +108,12 @@ def test_push_killed_while_the_proxy_works_on_it(
     proxy_refs = _refs(proxy_repo)
     proc = _start_git(rw_client, "push", "hub", "main:synced/main")
     try:
-        _wait("the pre-receive hook", lambda: started.exists() or proc.poll() is not None, 60)
+        wait_for("the pre-receive hook", lambda: started.exists() or proc.poll() is not None, 60)
         assert proc.poll() is None, "the push finished before it could be killed"
     finally:
         _kill_group(proc)
     ended = git_left_alone(bridge)
-    _wait("the hook finishing", finished.exists, 30, 0.1)
+    wait_for("the hook finishing", finished.exists, 30, 0.1)
     print(f"\npush killed in its pre-receive hook; receive-pack {ended}")
     assert locks(proxy_repo) == []
     # All or nothing: the push is in, or the refs are as they were.

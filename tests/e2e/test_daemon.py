@@ -13,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (
-    AnnexEnv,
-    AnnexRepo,
-    Bridge,
-    Client,
-    Expose,
-    RawSession,
-    Result,
-)
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.process import Result
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv
+from tests.harness.annex import AnnexEnv
 
 pytestmark = pytest.mark.annex
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, descendants
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.process import descendants, wait_for
 
 pytestmark = pytest.mark.annex
 
@@ -178,12 +180,6 @@ STALL = 3.0  # stall_timeout (and idle_timeout) of the daemon in the stall tests
 GIT_BLOB = 12 * 1024 * 1024  # random bytes, committed as ~24 MiB of hex: a pack of ~13 MiB
 
 
-def _with_limits(bridge: Bridge, **limits: float) -> None:
-    """Add a [limits] table to a configured, not yet started, daemon."""
-    table = "".join(f"{key} = {value}\n" for key, value in limits.items())
-    bridge.config_path.write_text(bridge.config_text() + "\n[limits]\n" + table)
-
-
 def _start_git(client: Client, *args: str) -> subprocess.Popen[bytes]:
     """``git ARGS`` in the background, in its own process group (with its helpers).
 
@@ -208,15 +204,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> str:
             os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=30)
     return out.decode(errors="replace")
-
-
-def _wait(what: str, done: Callable[[], object], timeout: float, step: float = 0.005) -> float:
-    """Poll ``done`` until true; the seconds it took. AssertionError after ``timeout``."""
-    start = time.monotonic()
-    while not done():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout:.0f}s"
-        time.sleep(step)
-    return time.monotonic() - start
 
 
 def _incoming_pack(repo: AnnexRepo) -> int:
@@ -260,14 +247,14 @@ def _refs(repo: AnnexRepo) -> str:
 @pytest.fixture
 def stall_bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
     b = make_bridge()
-    _with_limits(b, stall_timeout=STALL)
+    b.set_limits(stall_timeout=STALL)
     b.start()
     return b
 
 
 def _assert_session_ended(bridge: Bridge, service: str, stopped_at: float, why: str) -> float:
     """The frozen client's session ends at its deadline: git, session and slot gone."""
-    took = _wait(
+    took = wait_for(
         f"{service} and its session ending after the client froze",
         lambda: not _helpers(bridge) and not _sessions(bridge),
         timeout=STALL + 30,
@@ -320,7 +307,7 @@ def test_push_client_stalled_mid_transfer(
     blocked sending to it).
     """
     stall_bridge = make_bridge()
-    _with_limits(stall_bridge, stall_timeout=STALL, idle_timeout=STALL)
+    stall_bridge.set_limits(stall_timeout=STALL, idle_timeout=STALL)
     stall_bridge.start()
     client = make_client("client")
     client.link(stall_bridge.add_token("client", "rw").line, "hub")
@@ -351,7 +338,7 @@ def test_push_client_stalled_mid_transfer(
 
 def _freeze_mid_pack(proc: subprocess.Popen[bytes], receiving: AnnexRepo) -> float:
     """SIGSTOP the client's git once ``receiving`` gets the pack; when it stopped."""
-    _wait(
+    wait_for(
         "the pack arriving",
         lambda: _incoming_pack(receiving) > 0 or proc.poll() is not None,
         timeout=60,
@@ -383,7 +370,7 @@ def _kill_service_mid_pack(
     assert proc.returncode != 0, output
     # Told why, in git's own words ("remote: ..."), not left waiting for the rest.
     assert f"torbridge: git {service} was killed by signal 9" in output, output
-    _wait("the session ending", lambda: not _helpers(bridge) and not _sessions(bridge), 30, 0.1)
+    wait_for("the session ending", lambda: not _helpers(bridge) and not _sessions(bridge), 30, 0.1)
     bridge.assert_alive()
 
 

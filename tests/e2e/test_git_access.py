@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, Bridge, Client, Expose, Result
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Address, Bridge, Expose
+from tests.harness.process import Result
 
 pytestmark = pytest.mark.annex
 

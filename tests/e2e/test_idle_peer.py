@@ -14,27 +14,25 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, Bridge, Client, RawSession, SessionClosed
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Address, Bridge
+from tests.harness.client import Batch
+from tests.harness.process import wait_for as harness_wait_for
+from tests.harness.session import RawSession, SessionClosed
 
 pytestmark = pytest.mark.annex
 
 WAIT = 90.0  # generous: the machine is shared
 
 
-def wait_for(what: str, probe: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        assert time.monotonic() < deadline, f"still waiting after {timeout}s: {what}"
-        time.sleep(0.1)
+# The harness's poll, with this module's deadline.
+wait_for = partial(harness_wait_for, timeout=WAIT)
 
 
 def shells(bridge: Bridge) -> list[str]:
@@ -59,56 +57,9 @@ def stopped_idle(bridge: Bridge) -> int:
 
 @pytest.fixture
 def quick_bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
-    b = make_bridge()
-    b.config_path.write_text(b.config_text() + "\n[limits]\npeer_idle = 1\n")
+    b = make_bridge(limits={"peer_idle": 1})
     b.start()
     return b
-
-
-class Batch:
-    """A stock ``git annex CMD --batch --json`` fed one file at a time."""
-
-    def __init__(self, repo: AnnexRepo, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            ["git", "annex", *args, "--batch", "--json"],
-            cwd=repo.path,
-            env=repo.env.env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.lines: queue.Queue[bytes | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.put(raw)
-        self.lines.put(None)
-
-    def do(self, file: str) -> dict[str, object]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(file.encode() + b"\n")
-        self.proc.stdin.flush()
-        try:
-            raw = self.lines.get(timeout=WAIT)
-        except queue.Empty:
-            raise AssertionError(f"no answer for {file} after {WAIT}s") from None
-        assert raw is not None, f"git annex exited: {self.stderr()}"
-        result: dict[str, object] = json.loads(raw)
-        assert result.get("success") is True, (result, self.stderr())
-        return result
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return "(running)"
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=WAIT) == 0, self.stderr()
 
 
 @pytest.fixture

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.harness import (
-    APPEND_ONLY_TEXT,
-    READ_ONLY_TEXT,
-    AnnexRepo,
-    Bridge,
-    Client,
-    RawSession,
-)
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import APPEND_ONLY_TEXT, READ_ONLY_TEXT, Bridge
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 

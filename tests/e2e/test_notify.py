@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Bridge
+from tests.harness.bridge import Bridge
 
 pytestmark = pytest.mark.annex
 

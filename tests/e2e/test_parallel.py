@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client
-from tests.e2e.parallel import JOBS, parallel_files, peak_sessions, run_parallel_workflow
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.client import JOBS, parallel_files, peak_sessions, run_parallel_workflow
 
 pytestmark = pytest.mark.annex
 

@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client
-from tests.e2e.parallel import batch_copy
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.client import batch_copy
+from tests.harness.process import wait_for
 
 pytestmark = pytest.mark.annex
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -36,9 +30,7 @@ def make_limits_bridge(make_bridge: Callable[..., Bridge]) -> Callable[[dict[str
     """A running daemon for the proxy's own repository, with a [limits] table."""
 
     def make(limits: dict[str, float]) -> Bridge:
-        b = make_bridge()  # registered for teardown and the failure report
-        table = "".join(f"{k} = {v}\n" for k, v in limits.items())
-        b.config_path.write_text(b.config_text() + "\n[limits]\n" + table)
+        b = make_bridge(limits=limits)  # registered for teardown and the failure report
         b.start()
         return b
 
@@ -64,7 +56,7 @@ def test_a_server_closed_pooled_connection_costs_the_stock_client_a_transfer(
     with batch_copy(client, "hub") as batch:
         assert batch.copy("f0")["success"] is True
         # The daemon ends the idle session; the client's pool still holds it.
-        wait_until(
+        wait_for(
             "the idle session ended",
             lambda: (
                 "client lost" in bridge.log() or "no message before the deadline" in bridge.log()
@@ -93,9 +85,9 @@ def test_default_keeps_pooled_connections_and_closes_only_the_idle_peer(
     linked = bridge.log().count("session start")  # `p2p --link` made one
     with batch_copy(client, "hub") as batch:
         assert batch.copy("f0")["success"] is True
-        wait_until("the idle peer closed", lambda: not bridge.session_processes())
+        wait_for("the idle peer closed", lambda: not bridge.session_processes())
         assert batch.copy("f1")["success"] is True
-        wait_until("the idle peer closed again", lambda: not bridge.session_processes())
+        wait_for("the idle peer closed again", lambda: not bridge.session_processes())
         assert batch.copy("f2")["success"] is True
         transcript = batch.close()
     assert "Lost connection" not in transcript

@@ -11,12 +11,14 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, Expose
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.process import wait_for as harness_wait_for
 
 pytestmark = pytest.mark.annex
 
@@ -24,16 +26,8 @@ BIG = 96 * 1024 * 1024
 T = 120.0
 
 
-def with_limits(bridge: Bridge, **limits: float) -> None:
-    table = "".join(f"{key} = {value}\n" for key, value in limits.items())
-    bridge.config_path.write_text(bridge.config_text() + "\n[limits]\n" + table)
-
-
-def wait_for(what: str, done: Callable[[], object], timeout: float = T) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+# The harness's poll, with this module's deadline.
+wait_for = partial(harness_wait_for, timeout=T)
 
 
 class FrozenCopy:
@@ -72,7 +66,7 @@ class FrozenCopy:
 @pytest.fixture
 def drain_bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
     bridge = make_bridge()
-    with_limits(bridge, drain_timeout=T)
+    bridge.set_limits(drain_timeout=T)
     bridge.start()
     return bridge
 
@@ -117,7 +111,7 @@ def test_sigterm_grace_runs_out(
 ) -> None:
     """A transfer that does not finish within drain_timeout is cut; exit 0."""
     bridge = make_bridge()
-    with_limits(bridge, drain_timeout=1)
+    bridge.set_limits(drain_timeout=1)
     bridge.start()
     client.link(bridge.add_token("client", "rw").line, "hub")
     copy = FrozenCopy(client, proxy_repo)
@@ -139,7 +133,7 @@ def test_sighup_adds_and_removes_endpoints_without_dropping_the_transfer(
     bridge = drain_bridge
     assert bridge.proc is not None
     bridge.exposes.append(Expose("second", ".", 5002))
-    with_limits(bridge, drain_timeout=T, max_sessions_per_token=4)
+    bridge.set_limits(drain_timeout=T, max_sessions_per_token=4)
     bridge.proc.send_signal(signal.SIGHUP)
     wait_for("the reload", lambda: "configuration reloaded" in bridge.log())
     assert connectable(bridge.socket_path("second"))
@@ -155,7 +149,7 @@ def test_sighup_adds_and_removes_endpoints_without_dropping_the_transfer(
     )
 
     bridge.exposes.pop()
-    with_limits(bridge, drain_timeout=T)
+    bridge.set_limits(drain_timeout=T)
     bridge.proc.send_signal(signal.SIGHUP)
     wait_for("the second reload", lambda: bridge.log().count("configuration reloaded") == 2)
     assert not bridge.socket_path("second").exists()

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
 
 pytestmark = pytest.mark.annex
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
 from torbridge.config import Limits
 
 pytestmark = pytest.mark.annex

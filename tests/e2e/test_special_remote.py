@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Bridge, Client, Expose, RawSession
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 

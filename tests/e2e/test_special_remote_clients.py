@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BRIDGES
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose, Result
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.fixtures import report_bridge
+from tests.harness.process import Result
 
 pytestmark = pytest.mark.annex
 
@@ -92,7 +94,7 @@ def proxied(
         tmp_path / "bridge",
         [Expose("hub", ".", 5000), Expose("sr", "sr", 5001)],
     )
-    request.node.stash[BRIDGES] = [bridge]
+    report_bridge(request, bridge)
     try:
         bridge.start()
         yield Proxied(

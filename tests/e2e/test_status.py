@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.e2e.harness import Bridge, Client
+from tests.harness.annex import Client
+from tests.harness.bridge import Bridge
 
 pytestmark = pytest.mark.annex
 

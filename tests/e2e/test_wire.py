@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, Bridge, RawSession, SessionClosed
+from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Address, Bridge
+from tests.harness.session import RawSession, SessionClosed
 
 pytestmark = pytest.mark.annex
 

@@ -1,23 +1,22 @@
-"""Fixtures for the load tests: those of tests/e2e, and a daemon with [limits]."""
+"""Fixtures for the load tests: those of tests/e2e (tests/harness/fixtures.py),
+more descriptors, and a longer teardown for hundreds of sessions."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from tests.e2e import conftest as e2e
-from tests.e2e.conftest import BRIDGES
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge
-from tests.load.loadlib import LoadBridge, raise_nofile
-
-# The fixtures of tests/e2e, and its hook that adds the daemon log to a failure.
-annex_env = e2e.annex_env
-proxy_repo = e2e.proxy_repo
-make_client = e2e.make_client
-client = e2e.client
-pytest_runtest_makereport = e2e.pytest_runtest_makereport
+from tests.harness.bridge import Bridge
+from tests.harness.fixtures import (  # noqa: F401 (fixtures and the report hook)
+    annex_env,
+    client,
+    make_bridge,
+    make_client,
+    proxy_repo,
+    pytest_runtest_makereport,
+)
+from tests.harness.load import raise_nofile
 
 IDLE_WAIT = 30.0  # seconds the session helpers may take to exit after a test
 
@@ -30,39 +29,17 @@ def _enough_descriptors() -> None:
 
 
 @pytest.fixture
-def make_load_bridge(
-    request: pytest.FixtureRequest, annex_env: AnnexEnv, proxy_repo: AnnexRepo, tmp_path: Path
-) -> Iterator[Callable[..., LoadBridge]]:
-    """Factory: a configured (not started) daemon with ``limits``; stopped at teardown.
+def bridge_teardown() -> tuple[float, float]:
+    """Hundreds of session helpers take longer to exit than e2e's few."""
+    return IDLE_WAIT, 30.0
 
-    Teardown as in tests/e2e: the session helpers must have exited, SIGTERM
-    must stop the daemon with exit 0, and whatever is left is killed.
-    """
-    bridges: list[LoadBridge] = []
-    reported: list[Bridge] = []  # the same daemons, for the failure report's logs
-    request.node.stash[BRIDGES] = reported
 
-    def make(limits: dict[str, float] | None = None) -> LoadBridge:
-        b = LoadBridge(annex_env, proxy_repo.path, tmp_path / f"bridge{len(bridges)}", limits)
-        bridges.append(b)
-        reported.append(b)
-        return b
+@pytest.fixture
+def make_load_bridge(make_bridge: Callable[..., Bridge]) -> Callable[..., Bridge]:  # noqa: F811
+    """Factory: a configured (not started) daemon with ``limits``; stopped at
+    teardown as in tests/e2e (``make_bridge``), with ``IDLE_WAIT``."""
 
-    yield make
-    errors: list[str] = []
-    for b in bridges:
-        try:
-            if b.proc is not None and b.returncode is None:
-                left = b.wait_idle(IDLE_WAIT)
-                if left:
-                    errors.append(
-                        f"{len(left)} session processes still running "
-                        f"{IDLE_WAIT:.0f} s after the test: {left[:5]}"
-                    )
-                b.stop(timeout=30)
-        except AssertionError as exc:
-            errors.append(str(exc)[-5000:])
-        finally:
-            b.close()
-    if errors:
-        pytest.fail("daemon did not stop cleanly:\n" + "\n".join(errors), pytrace=False)
+    def make(limits: dict[str, float] | None = None) -> Bridge:
+        return make_bridge(limits=limits)
+
+    return make

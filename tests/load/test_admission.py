@@ -17,23 +17,23 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 
-from tests.e2e.harness import Address, AnnexRepo, RawSession
-from tests.load.loadlib import LoadBridge
+from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Address, Bridge
+from tests.harness.process import wait_for as harness_wait_for
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.05)
+# The harness's poll, with this module's deadline.
+wait_for = partial(harness_wait_for, timeout=10.0)
 
 
-def token_sessions(bridge: LoadBridge, name: str) -> int:
+def token_sessions(bridge: Bridge, name: str) -> int:
     return sum(1 for s in bridge.sessions() if s["token"] == name)
 
 
@@ -49,7 +49,7 @@ def open_session(token: Address, proxy: AnnexRepo) -> RawSession:
     return s
 
 
-def test_per_token_cap(make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo) -> None:
+def test_per_token_cap(make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo) -> None:
     bridge = make_load_bridge({"max_sessions_per_token": 3, "session_wait": 5})
     bridge.start()
     alice = bridge.add_token("alice", "rw")
@@ -128,7 +128,7 @@ def closed_after(conn: tuple[socket.socket, float], timeout: float) -> float:
 
 
 def test_auth_deadline_frees_the_slot(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     bridge = make_load_bridge({"auth_timeout": AUTH_TIMEOUT, "max_unauthenticated": PRE_AUTH_CAP})
     bridge.start()
@@ -178,7 +178,7 @@ def test_auth_deadline_frees_the_slot(
 
 
 def test_auth_deadline_counts_from_accept(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     """A client that sends the start of an AUTH late does not get a second auth_timeout.
 

@@ -25,12 +25,12 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from tests.e2e.harness import AnnexRepo
-from tests.load.loadlib import (
+from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Bridge
+from tests.harness.load import (
     MIB,
     FloodStats,
     Gate,
-    LoadBridge,
     Obj,
     RssSampler,
     Stats,
@@ -41,7 +41,7 @@ from tests.load.loadlib import (
     start_mixes,
     until_evicting,
 )
-from tests.load.profiles import PROFILE
+from tests.harness.profiles import PROFILE
 from tests.load.test_flood import AUTH_TIMEOUT, FLOOD_HOLD, FLOOD_SECONDS, PRE_AUTH_CAP
 
 pytestmark = pytest.mark.annex
@@ -52,7 +52,7 @@ RSS_LIMIT_KIB = 200 * MIB // 1024
 
 
 async def test_sessions_and_flood_at_once(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     n = PROFILE.sessions
     rng = random.Random(7_200_2000)

@@ -1,6 +1,6 @@
 """N authenticated raw-protocol sessions at once against one daemon (test 1).
 
-Every session does the mix of ``loadlib.run_mix``: VERSION 4, CHECKPRESENT of
+Every session does the mix of ``tests.harness.load.run_mix``: VERSION 4, CHECKPRESENT of
 a present and of an absent key, GET of a small present object (bytes checked,
 VALID, SUCCESS), PUT of a fresh object, close. The sessions wait for each
 other after VERSION, so all N ``git-annex-shell p2pstdio`` peers are open at
@@ -18,11 +18,11 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from tests.e2e.harness import AnnexRepo
-from tests.load.loadlib import (
+from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Bridge
+from tests.harness.load import (
     MIB,
     Gate,
-    LoadBridge,
     Obj,
     RssSampler,
     Stats,
@@ -31,7 +31,7 @@ from tests.load.loadlib import (
     seed_proxy,
     start_mixes,
 )
-from tests.load.profiles import PROFILE
+from tests.harness.profiles import PROFILE
 
 pytestmark = pytest.mark.annex
 
@@ -40,7 +40,7 @@ CONNECTS_AT_ONCE = 64  # connections in the AUTH phase at once, from this side
 
 
 async def test_concurrent_sessions(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     n = PROFILE.sessions
     rng = random.Random(20261026)

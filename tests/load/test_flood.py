@@ -2,7 +2,7 @@
 
 The daemon runs with ``max_unauthenticated = 32``. First, unloaded, a
 baseline: ``PROFILE.flood_sessions`` raw sessions doing the mix of
-``loadlib.run_mix`` at once, and a stock client doing ``git annex copy --to``,
+``tests.harness.load.run_mix`` at once, and a stock client doing ``git annex copy --to``,
 ``drop`` and ``get --from`` of a few files. Then the same again while a flood
 of ``PROFILE.flood_total`` unauthenticated connections (at most
 ``PROFILE.flood_concurrency`` open at once) idles, sends garbage, sends a
@@ -27,10 +27,10 @@ from functools import partial
 import pytest
 import trio
 
-from tests.e2e.harness import AnnexRepo, Client, CommandError
-from tests.load.loadlib import (
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.load import (
     FloodStats,
-    LoadBridge,
     Obj,
     RssSampler,
     Stats,
@@ -41,7 +41,8 @@ from tests.load.loadlib import (
     seed_proxy,
     until_evicting,
 )
-from tests.load.profiles import PROFILE
+from tests.harness.process import CommandError
+from tests.harness.profiles import PROFILE
 
 pytestmark = pytest.mark.annex
 
@@ -106,7 +107,7 @@ async def mix_round(
 
 
 async def test_flood_with_clients(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo, client: Client
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, client: Client
 ) -> None:
     rng = random.Random(4711)
     n = PROFILE.flood_sessions

@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, RawSession
-from tests.load.loadlib import LoadBridge
+from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Bridge
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 
@@ -47,12 +48,12 @@ def keysdb_locked(repo: AnnexRepo) -> Iterator[None]:
         os.close(fd)
 
 
-def helper_count(bridge: LoadBridge) -> int:
+def helper_count(bridge: Bridge) -> int:
     return sum("p2pstdio" in cmd for cmd in bridge.session_processes())
 
 
 def test_peer_timeout_is_reported_once(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     proxy_repo.add_file("f.bin", b"some content\n")
     key = proxy_repo.key("f.bin")
@@ -90,7 +91,7 @@ def test_peer_timeout_is_reported_once(
 
 
 def test_client_leaving_ends_a_waiting_session(
-    make_load_bridge: Callable[..., LoadBridge], proxy_repo: AnnexRepo
+    make_load_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo
 ) -> None:
     proxy_repo.add_file("f.bin", b"some content\n")
     key = proxy_repo.key("f.bin")

@@ -1,6 +1,7 @@
 """Fixtures for the node tests: real git-annex nodes behind a running bridge.
 
-Reuses the e2e fixtures (``annex_env``, ``proxy_repo``, ``make_client``);
+Uses the harness fixtures (``annex_env``, ``proxy_repo``, ``make_client``,
+``make_bridge``);
 adds the ``tbnode`` network, a SOCKS5 server standing in for tor, node
 repositories served by ``git annex remotedaemon``, and a bridge whose config
 names the SOCKS server. Every remotedaemon, SOCKS server and daemon a test
@@ -11,40 +12,24 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import annex_env, make_client, proxy_repo  # noqa: F401 (fixtures)
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, Expose
-from tests.nodes import tbnode
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, make_node
-
-LOGS = pytest.StashKey[list[Callable[[], tuple[str, str]]]]()
-"""Logs to attach to a failed test's report: (title, text) makers."""
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    if report.failed:
-        for make in item.stash.get(LOGS, []):
-            title, text = make()
-            report.sections.append((title, text[-20000:]))
-    return report
-
-
-def _logs(request: pytest.FixtureRequest) -> list[Callable[[], tuple[str, str]]]:
-    stash: pytest.Stash = request.node.stash
-    logs = stash.get(LOGS, None)
-    if logs is None:
-        logs = []
-        stash[LOGS] = logs
-    return logs
+from tests.harness import tbnode
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.fixtures import (  # noqa: F401 (fixtures and the report hook)
+    annex_env,
+    bridge_teardown,
+    make_bridge,
+    make_client,
+    proxy_repo,
+    pytest_runtest_makereport,
+    report_log,
+)
+from tests.harness.nodes import BRIDGE_LIMITS, Node, NodeNet, Setup, make_node
 
 
 @pytest.fixture
@@ -71,7 +56,6 @@ def make_nodes(
 ) -> Iterator[Callable[..., Node]]:
     """Factory: ``make(kind, name)`` -> a served node linked from the proxy."""
     nodes: list[Node] = []
-    logs = _logs(request)
 
     def make(kind: str, name: str, root: Path | None = None, **kwargs: object) -> Node:
         node = make_node(
@@ -87,7 +71,8 @@ def make_nodes(
         nodes.append(node)
         if node.server is not None:
             server = node.server
-            logs.append(lambda: (f"remotedaemon of {name} ({server.log_path})", server.log()))
+            title = f"remotedaemon of {name} ({server.log_path})"
+            report_log(request, lambda: (title, server.log()))
         return node
 
     yield make
@@ -108,67 +93,34 @@ def make_nodes(
 
 @pytest.fixture
 def make_node_bridge(
-    request: pytest.FixtureRequest,
-    annex_env: AnnexEnv,  # noqa: F811
-    proxy_repo: AnnexRepo,  # noqa: F811
+    make_bridge: Callable[..., Bridge],  # noqa: F811
     socks_server: tbnode.SocksServer,
-    tmp_path: Path,
-) -> Iterator[Callable[..., NodeBridge]]:
-    """Factory: a configured (not started) bridge; stopped cleanly at teardown."""
-    bridges: list[NodeBridge] = []
-    logs = _logs(request)
+) -> Callable[..., Bridge]:
+    """Factory: ``make(exposes)``: a configured (not started) bridge that
+    reaches tor-annex nodes through ``socks`` (``socks_server`` by default), with the short
+    ``BRIDGE_LIMITS`` unless ``limits`` says otherwise; stopped cleanly at
+    teardown (``make_bridge``)."""
 
-    def make(exposes: list[Expose], **kwargs: object) -> NodeBridge:
-        kwargs.setdefault("socks", socks_server.address)
-        b = NodeBridge(
-            annex_env,
-            proxy_repo.path,
-            tmp_path / f"bridge{len(bridges)}",
-            exposes,
-            **kwargs,  # type: ignore[arg-type]
+    def make(
+        exposes: list[Expose],
+        limits: dict[str, float] | None = None,
+        socks: str | None = None,
+        **kwargs: object,
+    ) -> Bridge:
+        return make_bridge(
+            exposes=exposes,
+            limits=BRIDGE_LIMITS if limits is None else limits,
+            tor={"socks": socks or socks_server.address},
+            **kwargs,
         )
-        bridges.append(b)
-        logs.append(lambda: (f"torbridge daemon log ({b.log_path})", b.log()))
-        return b
 
-    yield make
-    errors: list[str] = []
-    for b in bridges:
-        try:
-            if b.proc is not None and b.returncode is None:
-                left = b.wait_idle(10)
-                if left:
-                    errors.append(f"session processes leaked: {left}")
-                b.stop()
-        except AssertionError as exc:
-            errors.append(str(exc))
-        finally:
-            b.close()
-    if errors:
-        pytest.fail("daemon did not stop cleanly:\n" + "\n".join(errors), pytrace=False)
-
-
-@dataclass
-class Setup:
-    """One node behind a running bridge, and a client linked to its endpoint."""
-
-    node: Node
-    bridge: NodeBridge
-    client: Client
-    proxy: AnnexRepo
-    net: NodeNet
-    socks: tbnode.SocksServer
-
-    @property
-    def remote(self) -> str:
-        """The client's name for the node's endpoint (the node's name)."""
-        return self.node.name
+    return make
 
 
 @pytest.fixture
 def setup_node(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],  # noqa: F811
     proxy_repo: AnnexRepo,  # noqa: F811
     node_net: NodeNet,

@@ -1,7 +1,7 @@
 """A stock client and a 3-node cluster behind the bridge (p2p, tor and local nodes).
 
 The proxy is the cluster's gateway, configured with git-annex's own
-commands (tests/nodes/clusters.py). The client links the cluster endpoint
+commands (tests/harness/clusters.py). The client links the cluster endpoint
 and uses it as one remote; the nodes' contents are checked in the nodes.
 """
 
@@ -14,18 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client, Expose, RawSession
-from tests.nodes import tbnode
-from tests.nodes.clusters import CLUSTER, ENDPOINT, ClusterSetup, init_cluster, setup_cluster
-from tests.nodes.nodes import (
-    Node,
-    NodeBridge,
-    NodeNet,
-    make_node,
-    put_offsets,
-    wait_for,
-    whereis_uuids,
-)
+from tests.harness import tbnode
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client, whereis_uuids
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.client import put_offsets
+from tests.harness.clusters import CLUSTER, ENDPOINT, ClusterSetup, init_cluster, setup_cluster
+from tests.harness.nodes import BRIDGE_LIMITS, Node, NodeNet, make_node
+from tests.harness.process import wait_for
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 
@@ -35,7 +31,7 @@ ALL = {"c1-p2p", "c2-tor", "c3-local"}
 @pytest.fixture
 def cluster(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy_repo: AnnexRepo,
     node_net: NodeNet,
@@ -55,9 +51,9 @@ def cluster(
 
 def wait_logged(s: ClusterSetup, key: str, names: set[str]) -> None:
     wait_for(
+        f"the proxy's log to list {names} for {key}",
         lambda: s.logged(key) == names,
         30,
-        f"the proxy's log to list {names} for {key}",
         interval=0.25,
     )
 
@@ -170,7 +166,7 @@ def test_client_versions(version: int, cluster: Callable[..., ClusterSetup]) -> 
             assert reply.startswith("SUCCESS-PLUS ") and set(reply.split()[1:]) == names, reply
         else:
             assert reply == "SUCCESS"
-        wait_for(lambda: s.logged(key) == ALL, 30, "the log")
+        wait_for("the log", lambda: s.logged(key) == ALL, 30)
         r.send_line(f"CHECKPRESENT {key}")
         r.expect("SUCCESS")
         r.send_line(f"PUT v.bin {key}")
@@ -297,7 +293,7 @@ def test_a_node_killed_mid_transfer(cluster: Callable[..., ClusterSetup]) -> Non
         s.client.annex("copy", "--to", ENDPOINT, "--", f"next{n}.bin")
         return s.holding(s.client.key(f"next{n}.bin")) == ALL
 
-    wait_for(every_node, 120, "the restarted node to be used again", interval=1.0)
+    wait_for("the restarted node to be used again", every_node, 120, interval=1.0)
 
 
 def test_already_there_and_the_rest_failing(cluster: Callable[..., ClusterSetup]) -> None:
@@ -318,7 +314,7 @@ def test_already_there_and_the_rest_failing(cluster: Callable[..., ClusterSetup]
 
 def test_two_gateways(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy_repo: AnnexRepo,
     node_net: NodeNet,
@@ -339,12 +335,13 @@ def test_two_gateways(
 
     gw_b = AnnexRepo.create(annex_env, tmp_path / "gwB", "gateway B")
     c2 = make_node("p2p", "c2-p2p", annex_env, node_net, gw_b, tmp_path / "nodesB")
-    bridge_b = NodeBridge(
+    bridge_b = Bridge(
         annex_env,
         gw_b.path,
         tmp_path / "bridgeB",
         [Expose("hub", ".", 5000), Expose(ENDPOINT, CLUSTER, 5001)],
-        socks=socks_server.address,
+        limits=BRIDGE_LIMITS,
+        tor={"socks": socks_server.address},
     )
     try:
         link_gateway(gw_b, "gwA", bridge_a)
@@ -406,7 +403,7 @@ def test_two_gateways(
         c2.server.stop()
 
 
-def link_gateway(repo: AnnexRepo, name: str, bridge: NodeBridge) -> None:
+def link_gateway(repo: AnnexRepo, name: str, bridge: Bridge) -> None:
     """Link the other gateway's own endpoint as NAME, its cluster endpoint as NAME-CLUSTER."""
     for remote, endpoint in ((name, "hub"), (f"{name}-{CLUSTER}", ENDPOINT)):
         line = bridge.add_token(f"{remote}-link", "rw", endpoint=endpoint).line

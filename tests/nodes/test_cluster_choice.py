@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Client
-from tests.nodes.clusters import CLUSTER, ENDPOINT, ClusterSetup, setup_cluster
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, wait_for
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.clusters import CLUSTER, ENDPOINT, ClusterSetup, setup_cluster
+from tests.harness.nodes import Node, NodeNet
+from tests.harness.process import wait_for
 from torbridge.annex.preferred import PreferredContent
 
 pytestmark = pytest.mark.annex
@@ -80,7 +82,7 @@ def compare_with_git_annex(
     oracle.annex("drop", "--from", f"origin-{CLUSTER}", "--", *files)
     for name, key in keys.items():
         assert s.holding(key) == set(), name
-        wait_for(lambda k=key: s.logged(k) == set(), 30, f"{name} logged nowhere")  # type: ignore[misc]
+        wait_for(f"{name} logged nowhere", lambda k=key: s.logged(k) == set(), 30)  # type: ignore[misc]
 
     s.client.annex("copy", "--to", ENDPOINT, "--", *files)
     by_bridge = placements(s, keys)
@@ -91,7 +93,7 @@ def compare_with_git_annex(
 @pytest.fixture
 def cluster_of_paths(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy_repo: AnnexRepo,
     node_net: NodeNet,

@@ -1,6 +1,6 @@
 """A cluster that rides through node failures, driven by the stock client.
 
-The proxy is the gateway of a 3-node cluster (tests/nodes/clusters.py);
+The proxy is the gateway of a 3-node cluster (tests/harness/clusters.py);
 faults are injected by the relays that carry the nodes' connections
 (tbnode.py). A GET whose node is killed, stopped or cut mid-body goes on
 from the next holder, and the stock client, with ``annex.forward-retry=0``
@@ -20,9 +20,12 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client
-from tests.nodes.clusters import ENDPOINT, ClusterSetup, setup_cluster
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, get_offsets, p2p_errors, wait_for
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.client import get_offsets, p2p_errors
+from tests.harness.clusters import ENDPOINT, ClusterSetup, setup_cluster
+from tests.harness.nodes import Node, NodeNet
+from tests.harness.process import wait_for
 
 pytestmark = pytest.mark.annex
 
@@ -37,13 +40,13 @@ NO_RETRY = ("-c", "annex.forward-retry=0", "-c", "annex.retry=0")
 @pytest.fixture
 def cluster(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy_repo: AnnexRepo,
     node_net: NodeNet,
 ) -> Callable[..., ClusterSetup]:
     def make(limits: dict[str, float] | None = None, **kwargs: Any) -> ClusterSetup:
-        def bridge(exposes: list[Any], **kw: object) -> NodeBridge:
+        def bridge(exposes: list[Any], **kw: object) -> Bridge:
             return make_node_bridge(exposes, limits=limits, **kw)
 
         return setup_cluster(make_nodes, bridge, make_client, proxy_repo, node_net, **kwargs)
@@ -204,7 +207,7 @@ def test_put_with_a_dead_and_a_silent_node(cluster: Callable[..., ClusterSetup])
         s.client.annex("copy", "--to", ENDPOINT, "--", name, timeout=120)
         return s.holding(s.client.key(name)) == {silent.name, dead.name, live.name}
 
-    wait_for(back, 120, "the nodes to be used again", interval=2.0)
+    wait_for("the nodes to be used again", back, 120, interval=2.0)
     nodes = next(iter(status(s)["clusters"].values()))
     assert all(state["up"] for state in nodes.values()), nodes
     for node in s.nodes:

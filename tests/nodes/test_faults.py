@@ -23,19 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Result
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import (
-    AnnexProcess,
-    NodeServer,
-    error_naming,
-    get_offsets,
-    p2p_errors,
-    put_offsets,
-    wait_for,
-    wait_location,
-    whereis_uuids,
-)
+from tests.harness.annex import whereis_uuids
+from tests.harness.client import AnnexProcess, error_naming, get_offsets, p2p_errors, put_offsets
+from tests.harness.nodes import NodeServer, Setup, relay_helpers, wait_location
+from tests.harness.process import Result, wait_for
 
 pytestmark = pytest.mark.annex
 
@@ -386,11 +377,11 @@ def _kill_client_mid_transfer(s: Setup, tmp_path: Path, *args: str, **fault: obj
 
 def _session_ended(s: Setup, text: str) -> None:
     """The bridge noticed the dead client and ended its session promptly."""
-    wait_for(lambda: text in s.bridge.log(), 30, f"{text!r} in the bridge log")
+    wait_for(f"{text!r} in the bridge log", lambda: text in s.bridge.log(), 30)
     left = s.bridge.wait_idle(30)
     assert not left, left
-    wait_for(lambda: not s.bridge.relay_helpers(), 30, "the node connection to close")
-    wait_for(lambda: not live_sessions(s), 30, "torbridge status to show no session")
+    wait_for("the node connection to close", lambda: not relay_helpers(s.bridge), 30)
+    wait_for("torbridge status to show no session", lambda: not live_sessions(s), 30)
 
 
 def live_sessions(s: Setup) -> list[dict[str, object]]:
@@ -413,7 +404,7 @@ def client_session_end(s: Setup) -> str:
         ]
         return bool(found)
 
-    wait_for(ended, 30, "the session of the dead client to end in the bridge log")
+    wait_for("the session of the dead client to end in the bridge log", ended, 30)
     return found[-1]
 
 
@@ -533,7 +524,7 @@ def test_client_killed_during_remove(setup_node: Callable[..., Setup], tmp_path:
 # the node through the bridge, says so, and holds it until it is killed.
 LOCK_HOLDER = """
 import sys
-from tests.e2e.harness import RawSession
+from tests.harness.annex import RawSession
 path, token, uuid, key = sys.argv[1:]
 r = RawSession(path)
 r.auth(token, uuid)

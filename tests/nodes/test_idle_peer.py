@@ -13,15 +13,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 
-from tests.e2e.harness import Bridge
-from tests.e2e.test_idle_peer import Batch, wait_for
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import KINDS
+from tests.harness.bridge import Bridge
+from tests.harness.client import Batch
+from tests.harness.nodes import KINDS, Setup
+from tests.harness.process import wait_for as harness_wait_for
 
 pytestmark = pytest.mark.annex
+
+# The harness's poll, with e2e's idle-test deadline (the machine is shared).
+wait_for = partial(harness_wait_for, timeout=90.0)
 
 
 def stopped_idle(bridge: Bridge) -> int:

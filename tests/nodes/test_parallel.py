@@ -14,16 +14,11 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client
-from tests.e2e.parallel import (
-    batch_copy,
-    parallel_files,
-    peak_sessions,
-    run_parallel_workflow,
-)
-from tests.nodes.clusters import ENDPOINT, setup_cluster
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import Node, NodeBridge, NodeNet
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.client import batch_copy, parallel_files, peak_sessions, run_parallel_workflow
+from tests.harness.clusters import ENDPOINT, setup_cluster
+from tests.harness.nodes import Node, NodeNet, Setup
 
 pytestmark = pytest.mark.annex
 
@@ -41,7 +36,7 @@ def test_j64_to_a_node(setup_node: Callable[..., Setup]) -> None:
 
 def test_j64_to_a_cluster(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy_repo: AnnexRepo,
     node_net: NodeNet,
@@ -112,7 +107,7 @@ def test_node_down_at_put_then_back(setup_node: Callable[..., Setup]) -> None:
 
 def test_cluster_stores_nowhere_then_back(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy_repo: AnnexRepo,
     node_net: NodeNet,

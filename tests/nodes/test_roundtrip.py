@@ -27,20 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client, Expose, RawSession
-from tests.nodes import tbnode
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import (
-    KINDS,
-    ONION_PORT,
-    Node,
-    NodeBridge,
-    NodeNet,
-    error_naming,
-    p2p_errors,
-    wait_location,
-    whereis_uuids,
-)
+from tests.harness import tbnode
+from tests.harness.annex import AnnexRepo, Client, whereis_uuids
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.client import error_naming, p2p_errors
+from tests.harness.nodes import KINDS, ONION_PORT, Node, NodeNet, Setup, wait_location
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 
@@ -130,7 +122,7 @@ def test_bridge_endpoints_side_by_side(setup_node: Callable[..., Setup]) -> None
 
 def test_local_node_without_updateproxy_is_explained(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
 ) -> None:
     """A path remote with annex-proxy=true that the proxy never ran updateproxy for.
@@ -159,7 +151,7 @@ def test_local_node_without_updateproxy_is_explained(
 
 def test_tor_node_through_unix_socks_port(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     node_net: NodeNet,
     socks_server: tbnode.SocksServer,
@@ -313,7 +305,7 @@ def test_raw_get_of_missing_key_through_node(setup_node: Callable[..., Setup]) -
 
 
 def test_raw_node_error_reaches_the_client_without_paths(
-    make_node_bridge: Callable[..., NodeBridge], proxy_repo: AnnexRepo, tmp_path: Path
+    make_node_bridge: Callable[..., Bridge], proxy_repo: AnnexRepo, tmp_path: Path
 ) -> None:
     """A node's own ERROR reaches the client, and the session goes on.
 

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client, RawSession
-from tests.nodes.clusters import CLUSTER, ENDPOINT, setup_cluster
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, p2p_errors
+from tests.harness.annex import AnnexRepo, Client
+from tests.harness.bridge import Bridge
+from tests.harness.client import p2p_errors
+from tests.harness.clusters import CLUSTER, ENDPOINT, setup_cluster
+from tests.harness.nodes import Node, NodeNet, Setup
+from tests.harness.session import RawSession
 
 pytestmark = pytest.mark.annex
 
@@ -33,7 +35,7 @@ def _forms(token: str) -> list[str]:
 def test_no_token_in_the_debug_log(
     kind: str,
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     setup_node: Callable[..., Setup],
 ) -> None:
     s = setup_node(kind)
@@ -109,7 +111,7 @@ def _linked_token(s: Setup) -> str:
 # --- what a client hears when a node fails ------------------------------------------------
 
 
-def _assert_no_internals(text: str, node: Node, s_proxy: Path, bridge: NodeBridge) -> None:
+def _assert_no_internals(text: str, node: Node, s_proxy: Path, bridge: Bridge) -> None:
     assert node.onion is not None and node.server is not None
     secrets = {
         "the node's onion": node.onion.removesuffix(".onion"),
@@ -141,7 +143,7 @@ def test_a_node_down_tells_the_client_no_internals(setup_node: Callable[..., Set
 
 def test_a_cluster_node_down_tells_the_client_no_internals(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy_repo: AnnexRepo,
     node_net: NodeNet,

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import pytest
 
 from tests.e2e.test_slow_peers import SHORT, SILENT, scaled_defaults
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import p2p_errors, wait_location
+from tests.harness.client import p2p_errors
+from tests.harness.nodes import Setup, wait_location
 
 pytestmark = pytest.mark.annex
 

@@ -26,19 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Result
-from tests.nodes.conftest import Setup
-from tests.nodes.nodes import (
-    AnnexProcess,
-    NodeServer,
-    error_naming,
-    get_offsets,
-    p2p_errors,
-    put_offsets,
-    wait_for,
-    wait_location,
-    whereis_uuids,
-)
+from tests.harness.annex import whereis_uuids
+from tests.harness.client import AnnexProcess, error_naming, get_offsets, p2p_errors, put_offsets
+from tests.harness.nodes import NodeServer, Setup, relay_helpers, wait_location
+from tests.harness.process import Result, wait_for
 
 pytestmark = pytest.mark.annex
 
@@ -80,7 +71,7 @@ def settle(s: Setup) -> None:
     """After SIGCONT: the bridge's sessions and node connections are gone."""
     left = s.bridge.wait_idle(30)
     assert not left, left
-    wait_for(lambda: not s.bridge.relay_helpers(), 30, "the node connections to close")
+    wait_for("the node connections to close", lambda: not relay_helpers(s.bridge), 30)
     s.bridge.assert_alive()
 
 
@@ -326,7 +317,7 @@ def _stall_client(s: Setup, tmp_path: Path, *args: str, **trigger: int) -> Annex
     )
     proc = AnnexProcess(s.client, *args, "--debug")
     pidfile.write_text(str(proc.pid))
-    wait_for(lambda: s.net.fired(s.node.name), BOUND, "the client to be stopped")
+    wait_for("the client to be stopped", lambda: s.net.fired(s.node.name), BOUND)
     return proc
 
 
@@ -345,7 +336,7 @@ def test_client_stalls_mid_put(setup_node: Callable[..., Setup], tmp_path: Path)
     try:
         # stall_timeout ends the session and closes the node's connection
         # while the client is still frozen.
-        wait_for(lambda: "client lost" in s.bridge.log(), BOUND, "the session to end")
+        wait_for("the session to end", lambda: "client lost" in s.bridge.log(), BOUND)
         settle(s)
         node_consistent(s, {})
         assert s.node.uuid not in whereis_uuids(s.proxy, key)
@@ -370,7 +361,7 @@ def test_client_stalls_mid_get(setup_node: Callable[..., Setup], tmp_path: Path)
     s.client.annex("drop", "big")
     proc = _stall_client(s, tmp_path, "get", "--from", s.remote, "big", down_bytes=CUT)
     try:
-        wait_for(lambda: "client lost" in s.bridge.log(), BOUND, "the session to end")
+        wait_for("the session to end", lambda: "client lost" in s.bridge.log(), BOUND)
         settle(s)
     finally:
         result = _thaw(proc)

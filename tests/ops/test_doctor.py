@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.conftest import ONION, FakeTor, add_tor_remote, git
+from tests.harness.ops import ONION, FakeTor, add_tor_remote, git
 from torbridge.annex.host import MIN_GIT_ANNEX
 from torbridge.ops import doctor
 from torbridge.ops.doctor import Check, exit_status, format_report, run_checks

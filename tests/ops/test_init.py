@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.conftest import add_tor_remote, git
+from tests.harness.ops import add_tor_remote, git
 from torbridge.config import ConfigError, Limits, load_config
 from torbridge.ops.init import InitError, init_config
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.ops.conftest import ONION
+from tests.harness.ops import ONION
 from torbridge.server.control import serve_control
 from torbridge.server.status import Registry
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.ops import ONION, TOKEN, git
 from tests.ops import test_doctor
-from tests.ops.conftest import ONION, TOKEN, git
 from tests.ops.test_doctor import Host, line
 from torbridge.annex.remotes import (
     NetAddress,

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Client
-from tests.tor.balanceworld import ENDPOINT, BalanceWorld, whereis
-from tests.tor.conftest import require_tor
-from tests.tor.torpath import TOR_COMMAND_TIMEOUT, netns_unavailable
+from tests.harness.annex import Client, whereis_uuids
+from tests.harness.balanceworld import ENDPOINT, BalanceWorld
+from tests.harness.tor import TOR_COMMAND_TIMEOUT, netns_unavailable, require_tor
 from torbridge.testnet import ONIONBALANCE_MIN_HSDIRS, TestNet
 
 pytestmark = [pytest.mark.tor, pytest.mark.annex]
@@ -63,7 +62,7 @@ def _wait_logged(world: BalanceWorld, key: str, present: bool) -> float:
     nodes = {n.uuid for n in world.nodes.values()}
     t0 = time.monotonic()
     while True:
-        seen = [whereis(h, key) & nodes for h in (world.host_a, world.host_b)]
+        seen = [whereis_uuids(h, key) & nodes for h in (world.host_a, world.host_b)]
         if all((s == nodes) if present else not s for s in seen):
             return time.monotonic() - t0
         assert time.monotonic() - t0 < CONVERGE, f"logs did not meet for {key}: {seen}"

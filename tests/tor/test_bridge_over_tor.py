@@ -7,7 +7,7 @@
 
 All on a private Tor network on 127.0.0.1 (tests/tor/conftest.py); the
 client side runs in a network namespace that has nothing but ``lo``. See
-tests/tor/torpath.py for the pieces. One TorWorld serves the module; the
+tests/harness/tor.py for the pieces. One TorWorld serves the module; the
 last test takes it down and checks that nothing is left behind.
 """
 
@@ -22,23 +22,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexRepo, Client
-from tests.e2e.parallel import JOBS, assert_every_file_ok, parallel_files, peak_sessions
-from tests.e2e.test_changes import RemoteDaemon
-from tests.tor.conftest import require_tor
-from tests.tor.torpath import (
-    HUB_PORT,
-    NODE_VIA_BRIDGE_PORT,
+from tests.harness.annex import AnnexRepo, Client, object_keys
+from tests.harness.client import (
+    JOBS,
+    RemoteDaemon,
+    assert_every_file_ok,
+    parallel_files,
+    peak_sessions,
+)
+from tests.harness.tor import (
     TOR_COMMAND_TIMEOUT,
     PrivateNetns,
     TorBridge,
-    TorWorld,
     hs_event_count,
     netns_unavailable,
-    object_keys,
+    require_tor,
     tor_pids,
     wait_for_upload,
 )
+from tests.harness.worlds import HUB_PORT, NODE_VIA_BRIDGE_PORT, TorWorld
 from torbridge.testnet import LOOPBACK, TestNet
 
 pytestmark = [

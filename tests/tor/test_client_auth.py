@@ -30,20 +30,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose
-from tests.tor.conftest import require_tor, socks_connect
-from tests.tor.torpath import (
-    HUB_PORT,
-    READY_LINE,
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import READY_LINE, Bridge, Expose, parse_tor_lines
+from tests.harness.tor import (
     STARTED_PIDS,
     TOR_COMMAND_TIMEOUT,
     NetnsAnnexEnv,
     PrivateNetns,
     TorBridge,
     netns_unavailable,
-    parse_tor_lines,
+    require_tor,
+    socks_connect,
     stop_tor,
 )
+from tests.harness.worlds import HUB_PORT
 from torbridge.testnet import TestNet, TorProcess
 from torbridge.tor.clientauth import (
     MAX_DESCRIPTOR,
@@ -66,11 +66,6 @@ MISSING_CLIENT_AUTH = 0xF4
 BAD_CLIENT_AUTH = 0xF5
 
 
-class AuthBridge(TorBridge):
-    def config_text(self) -> str:
-        return super().config_text() + "client_auth = true\n"
-
-
 @dataclass
 class AuthWorld:
     net: TestNet
@@ -81,7 +76,7 @@ class AuthWorld:
     env: AnnexEnv
     client_env: NetnsAnnexEnv
     proxy: AnnexRepo
-    bridge: AuthBridge
+    bridge: TorBridge
     root: Path
 
 
@@ -113,13 +108,14 @@ def world(testnet: TestNet, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         env = AnnexEnv.create(root / "env")
         proxy = AnnexRepo.create(env, root / "proxy", "proxy")
         assert client_tor.socks is not None
-        bridge = AuthBridge(
+        bridge = TorBridge(
             env,
             proxy.path,
             root / "bridge",
             [Expose("hub", ".", HUB_PORT)],
             control=service_tor.control,
             socks=client_tor.socks,
+            tor={"client_auth": True},
         )
         yield AuthWorld(
             testnet,
@@ -307,7 +303,7 @@ def test_sighup_republishes_only_when_the_ports_change(world: AuthWorld) -> None
     assert world.proxy.key_content(c.key("s.bin")) == b"through the port a reload added\n"
 
 
-def wait_log(bridge: AuthBridge, text: str, count: int, timeout: float = 240) -> None:
+def wait_log(bridge: TorBridge, text: str, count: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while bridge.log().count(text) < count:
         assert time.monotonic() < deadline, bridge.log()[-3000:]

@@ -1,7 +1,7 @@
 """A cluster endpoint over the private Tor network, driven by the stock client.
 
 The bridge's cluster endpoint has three tor-annex nodes, each a torbridge
-on an onion of its own (tests/tor/clusterworld.py). One stock client's
+on an onion of its own (tests/harness/clusterworld.py). One stock client's
 ``-J64`` copy and get through one token reach every file; with one node's
 onion gone, a copy succeeds on the live nodes and the next copy does not
 wait for the dead node again; once the node republishes, copies reach it
@@ -19,21 +19,22 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.parallel import JOBS, assert_every_file_ok, parallel_files, peak_sessions
-from tests.nodes.nodes import wait_for, whereis_uuids
-from tests.tor.clusterworld import (
+from tests.harness.annex import whereis_uuids
+from tests.harness.client import JOBS, assert_every_file_ok, parallel_files, peak_sessions
+from tests.harness.clusterworld import (
     ENDPOINT,
     NODE_NAMES,
     ClusterTorWorld,
     success_plus,
     time_copies_with_a_dead_node,
 )
-from tests.tor.conftest import require_tor
-from tests.tor.torpath import (
+from tests.harness.process import wait_for
+from tests.harness.tor import (
     TOR_COMMAND_TIMEOUT,
     PrivateNetns,
     _alive,
     netns_unavailable,
+    require_tor,
     tor_pids,
 )
 from torbridge.testnet import TestNet
@@ -133,9 +134,9 @@ def test_a_dead_node_holds_no_copy_up_and_is_used_again(world: ClusterTorWorld, 
             assert world.nodes[name].repo.key_content(key) == client.key_content(key)
         assert success_plus(copy) == live_uuids, copy.describe()[-3000:]
         wait_for(
-            lambda key=key: logged_nodes(world, key) == LIVE,
-            60,  # type: ignore[misc]
             f"the proxy's location log to list exactly {LIVE}",
+            lambda key=key: logged_nodes(world, key) == LIVE,
+            60,
             interval=0.5,
         )
     text = world.bridge.log()
@@ -167,7 +168,7 @@ def test_a_dead_node_holds_no_copy_up_and_is_used_again(world: ClusterTorWorld, 
         return world.holding(last["key"]) == set(NODE_NAMES)
 
     # The backoff after a failed probe doubles (5 s, 10 s, ...): generous.
-    wait_for(reached, 400, f"a copy to reach {DEAD} again", interval=3.0)
+    wait_for(f"a copy to reach {DEAD} again", reached, 400, interval=3.0)
     key = last["key"]
     assert world.nodes[DEAD].repo.key_content(key) == client.key_content(key)
     assert node_states(world)[DEAD]["up"] is True

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.tor.conftest import echo_roundtrip, require_tor
+from tests.harness.tor import echo_roundtrip, require_tor
 from torbridge.testnet import (
     Authority,
     InetSocket,

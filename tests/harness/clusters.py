@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests.e2e.harness import AnnexRepo, Client, Expose
-from tests.nodes.nodes import Node, NodeBridge, NodeNet, whereis_uuids
+from tests.harness.annex import AnnexRepo, Client, whereis_uuids
+from tests.harness.bridge import Bridge, Expose
+from tests.harness.nodes import Node, NodeNet
 
 CLUSTER = "tbcluster"
 ENDPOINT = "cl"
@@ -33,7 +34,7 @@ def init_cluster(proxy: AnnexRepo, nodes: list[Node], name: str = CLUSTER) -> st
 @dataclass
 class ClusterSetup:
     nodes: list[Node]
-    bridge: NodeBridge
+    bridge: Bridge
     client: Client
     proxy: AnnexRepo
     net: NodeNet
@@ -54,7 +55,7 @@ class ClusterSetup:
 
 def setup_cluster(
     make_nodes: Callable[..., Node],
-    make_node_bridge: Callable[..., NodeBridge],
+    make_node_bridge: Callable[..., Bridge],
     make_client: Callable[[str], Client],
     proxy: AnnexRepo,
     net: NodeNet,

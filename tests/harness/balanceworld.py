@@ -19,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,55 +30,48 @@ from pathlib import Path
 import socks  # type: ignore[import-untyped]
 import stem  # type: ignore[import-untyped]
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Client, Expose, toml_str
-from tests.tor.torpath import (
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import TOR_LINE, Expose
+from tests.harness.tor import (
     REPO_ROOT,
-    STARTED,
     STARTED_PIDS,
     NetnsAnnexEnv,
     PrivateNetns,
+    TorBridge,
     TorPathError,
     stop_tor,
 )
-from torbridge.testnet import LOOPBACK, TestNet, TorProcess
+from tests.harness.worlds import WorldBase
+from torbridge.testnet import TestNet
 
 PORT = 5001
 CLUSTER = "tbcluster"
 ENDPOINT = "cl"
-READY_LINE = "torbridge ready"
 SYNC_INTERVAL = 2.0  # the hosts' git-annex branch sync, seconds
 FRONTEND_TIMEOUT = 240.0  # onionbalance start -> both instances reached through the frontend
-_LINE = re.compile(r"tor-annex::([a-z2-7]{56}\.onion):(\d+):([0-9a-f]+)")
 
 
-class BalancedBridge(Bridge):
+class BalancedBridge(TorBridge):
     """``torbridge serve`` in torrc mode, one instance behind the frontend."""
 
     def __init__(
         self, env: AnnexEnv, repository: Path, workdir: Path, *, socks_address: str, frontend: str
     ) -> None:
         self.hs_dir = workdir / "hs"
-        self.socks_address = socks_address
-        self.frontend = frontend
-        self.git_owner: str | None = None
-        self.owner_remote: str | None = None
-        super().__init__(env, repository, workdir, [Expose(ENDPOINT, CLUSTER, PORT)])
-
-    def config_text(self) -> str:
-        text = super().config_text() + (
-            "\n[tor]\n"
-            'onion = "torrc"\n'
-            f"hidden_service_dir = {toml_str(self.hs_dir)}\n"
-            f"socks = {toml_str(self.socks_address)}\n"
-            "\n[balance]\n"
-            f"frontend = {toml_str(self.frontend)}\n"
-            f"sync_interval = {SYNC_INTERVAL}\n"
+        super().__init__(
+            env,
+            repository,
+            workdir,
+            [Expose(ENDPOINT, CLUSTER, PORT)],
+            socks=socks_address,
+            tor={"onion": "torrc", "hidden_service_dir": self.hs_dir},
+            tables={"balance": {"frontend": frontend, "sync_interval": SYNC_INTERVAL}},
         )
-        if self.git_owner:
-            text += f"git_owner = {toml_str(self.git_owner)}\n"
-        if self.owner_remote:
-            text += f"owner_remote = {toml_str(self.owner_remote)}\n"
-        return text
+
+    def set_git_owner(self, onion: str, remote: str) -> None:
+        """Relay CONNECT to the git owner's instance ``onion``, sync with ``remote``."""
+        self.tables["balance"].update(git_owner=onion, owner_remote=remote)
+        self.write_config()
 
     def torrc_lines(self) -> list[str]:
         return [
@@ -91,21 +82,13 @@ class BalancedBridge(Bridge):
         ]
 
     def start(self, timeout: float = 120.0) -> None:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().start(timeout)
-        deadline = time.monotonic() + timeout
-        while READY_LINE not in self.log()[offset:]:
-            if not self.running or time.monotonic() > deadline:
-                raise AssertionError(f"torbridge serve not ready:\n{self.log()[-5000:]}")
-            time.sleep(0.05)
-        assert self.proc is not None
-        STARTED_PIDS.add(self.proc.pid)
 
     @property
     def onion(self) -> str:
         return (self.hs_dir / "hostname").read_text().strip()
 
-    def sessions(self, token_name: str | None = None) -> int:
+    def session_starts(self, token_name: str | None = None) -> int:
         """Sessions this instance started (from its log), of one token or all."""
         who = re.escape(token_name) if token_name else r"\S+"
         return len(re.findall(rf"session start, token {who} ", self.log()))
@@ -118,12 +101,7 @@ def _add_node(host: AnnexRepo, name: str, path: Path) -> None:
     host.git("config", f"remote.{name}.annex-cluster-node", CLUSTER)
 
 
-def whereis(repo: AnnexRepo, key: str) -> set[str]:
-    out = repo.annex("whereis", "--key", key, "--json", check=False).stdout
-    return set(re.findall(r'"uuid":"([0-9a-f-]{36})"', out))
-
-
-class BalanceWorld:
+class BalanceWorld(WorldBase):
     """Everything of the module docstring on a running TestNet (7+ HSDirs)."""
 
     def __init__(
@@ -134,32 +112,15 @@ class BalanceWorld:
         clients: int = 3,
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        self.net = net
-        self.root = root
-        self._say = progress or (lambda _m: None)
-        self._t0 = time.monotonic()
-        self.tors: dict[str, TorProcess] = {}
-        self.netns: PrivateNetns | None = None
         self.bridges: dict[str, BalancedBridge] = {}
         self.ob: subprocess.Popen[bytes] | None = None
         self.timings: dict[str, float] = {}
         self.tokens: dict[str, str] = {}  # name -> address line
         self.n_clients = clients
-        if net.workdir is not None:
-            STARTED["workdirs"].add(str(net.workdir))
-        self.socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
-        os.chmod(self.socks_dir, 0o700)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-
-    def say(self, message: str) -> None:
-        self._say(f"[{time.monotonic() - self._t0:6.1f}s] {message}")
+        super().__init__(net, root, progress=progress)
 
     def _build(self) -> None:
-        unix_socks = self.socks_dir / "socks.sock"
+        unix_socks = self.socks_unix
         self.tors["client"] = self.net.start_client(
             "annexclient", extra=[f"SocksPort unix:{unix_socks} ExtendedErrors"]
         )
@@ -246,8 +207,7 @@ class BalanceWorld:
             timeout=240,
         )
         self.timings["B links owner"] = time.monotonic() - t
-        b.git_owner, b.owner_remote = a.onion, "owner"
-        b.write_config()
+        b.set_git_owner(a.onion, "owner")
         b.start()
         self.net.wait_for_descriptor(self.tors["B"], b.onion, timeout=120)
         self.say(f"host B ready: {b.onion}")
@@ -257,7 +217,7 @@ class BalanceWorld:
         self.start_frontend()
 
     def token(self, name: str) -> str:
-        match = _LINE.fullmatch(self.tokens[name])
+        match = TOR_LINE.fullmatch(self.tokens[name])
         assert match is not None, self.tokens[name]
         return match.group(3)
 
@@ -305,14 +265,15 @@ class BalanceWorld:
         first: float | None = None
         deadline = t0 + FRONTEND_TIMEOUT
         n = 0
-        while not all(br.sessions("probe") for br in self.bridges.values()):
+        while not all(br.session_starts("probe") for br in self.bridges.values()):
             self.net.check()
             if self.ob.poll() is not None:
                 raise TorPathError(f"onionbalance exited:\n{self.ob_log()[-3000:]}")
             if time.monotonic() > deadline:
+                probes = [b.session_starts("probe") for b in self.bridges.values()]
                 raise TorPathError(
                     f"the frontend did not reach both instances in {FRONTEND_TIMEOUT:.0f}s"
-                    f" (probe sessions {[b.sessions('probe') for b in self.bridges.values()]})"
+                    f" (probe sessions {probes})"
                     f"\n{self.ob_log()[-3000:]}"
                 )
             n += 1
@@ -442,20 +403,20 @@ class BalanceWorld:
         out += [(f"tor {t.name}", t.log_tail(20)) for t in self.tors.values()]
         return out
 
-    def close(self) -> None:
+    def daemons(self) -> list[TorBridge]:
+        return list(self.bridges.values())
+
+    def _before_close(self) -> None:
         self._stop_frontend()
-        for bridge in self.bridges.values():
-            with contextlib.suppress(AssertionError):
-                if bridge.running:
-                    bridge.stop(timeout=30)
-            bridge.close()
-        if self.netns is not None:
-            self.netns.close()
-        for tor in self.tors.values():
-            stop_tor(self.net, tor)
-        self.tors.clear()
+
+    def _after_close(self) -> None:
         _kill_strays(self.root)
-        shutil.rmtree(self.socks_dir, ignore_errors=True)
+
+    def close(self, *, check: bool = True) -> None:
+        """As every world's; an instance that did not stop cleanly is no error
+        here (what the tests check is the clients' view)."""
+        with contextlib.suppress(AssertionError):
+            super().close(check=check)
 
 
 def _intro_keys(raw: str, onion: str) -> set[bytes]:
@@ -480,6 +441,3 @@ def _kill_strays(root: Path) -> None:
         if cwd.startswith(str(root) + "/") and int(entry.name) != os.getpid():
             with contextlib.suppress(OSError):
                 os.kill(int(entry.name), signal.SIGKILL)
-
-
-__all__ = ["LOOPBACK", "BalanceWorld", "whereis"]

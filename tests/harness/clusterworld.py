@@ -22,12 +22,12 @@ can die two ways:
   introduction points still take introductions, but nothing answers, so a
   client waits for tor's SocksTimeout (120 s); ``thaw_host`` resumes it.
 
-Built from the pieces of torpath.py.
+Built from the pieces of tests/harness/tor.py and worlds.py.
 
 Run as a script, it measures what a client waits for a copy to the cluster
 with one node's onion gone, against any build of the bridge daemon::
 
-    python -m tests.tor.clusterworld dead-node [--how stopped|frozen]
+    python -m tests.harness.clusterworld dead-node [--how stopped|frozen]
         [--bridge-pythonpath DIR]
 
 (``DIR``: a checkout whose ``torbridge`` package the bridge daemon runs;
@@ -50,19 +50,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.harness import GIT_ANNEX_BINARY, AnnexEnv, AnnexRepo, Client, Expose, Result
-from tests.tor.torpath import (
+from tests.harness.annex import GIT_ANNEX_BINARY, AnnexEnv, AnnexRepo, Client
+from tests.harness.bridge import Expose
+from tests.harness.process import Result
+from tests.harness.tor import (
     STOP_TIMEOUT,
     TOR_COMMAND_TIMEOUT,
     NetnsAnnexEnv,
     PrivateNetns,
     TorBridge,
     TorPathError,
-    WorldBase,
     hs_event_count,
     netns_unavailable,
     wait_for_upload,
 )
+from tests.harness.worlds import WorldBase
 from torbridge.testnet import TestNet, TorProcess
 
 CLUSTER = "torcluster"
@@ -291,7 +293,7 @@ def time_copies_with_a_dead_node(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.tor.clusterworld")
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.clusterworld")
     sub = parser.add_subparsers(dest="command", required=True)
     dead = sub.add_parser("dead-node", help="time copies to the cluster with one node gone")
     dead.add_argument("--bridge-pythonpath", help="the torbridge build the bridge runs")

@@ -18,14 +18,18 @@ Everything runs on a private Tor network (:class:`TestNet`) on 127.0.0.1:
   SocksPort on 127.0.0.1.
 * After each step the caller can check that no process of ours (the
   daemons and their children) holds a socket off loopback
-  (:meth:`TorWorld.assert_loopback_only`).
+  (:meth:`~tests.harness.worlds.WorldBase.assert_loopback_only`).
 
-Synchronous on purpose, like tests/e2e/harness.py, whose AnnexEnv, AnnexRepo,
-Client and Bridge this reuses. A few private parts of TestNet (``_launch``,
+Here: the namespace and its forwarder, :class:`NetnsAnnexEnv` (git-annex
+inside it), :class:`TorBridge` (a Bridge that publishes an onion), tor
+restarts and descriptor uploads, the end-of-session leak check, and the
+small helpers of the Tor tier (``require_tor``, ``socks_connect``, echo
+servers). The worlds built from these are in :mod:`tests.harness.worlds`.
+Synchronous on purpose, like the rest of the harness. A few private parts of TestNet (``_launch``,
 ``_finish_start``, ``_terminate``, ``_hs_events``) are used to stop and
 restart one service tor on its own data directory and control port.
 
-Run as a script, this module is the forwarder: ``python -m tests.tor.torpath
+Run as a script, this module is the forwarder: ``python -m tests.harness.tor
 forward --netns NAME --port 9050 --unix PATH`` (started inside the namespace).
 """
 
@@ -40,49 +44,36 @@ import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.harness import (
-    DEFAULT_TIMEOUT,
-    GIT_ANNEX_BINARY,
-    AnnexEnv,
-    AnnexRepo,
-    Bridge,
-    Client,
-    Expose,
-    Result,
-    descendants,
-    toml_str,
-)
+import pytest
+import socks  # type: ignore[import-untyped]
+
+from tests.harness.annex import AnnexEnv
+from tests.harness.bridge import READY_LINE, Bridge, Expose, TomlValue, TorLine, parse_tor_lines
+from tests.harness.process import DEFAULT_TIMEOUT, Result
 from torbridge.testnet import (
     LOOPBACK,
     Node,
     TestNet,
     TorProcess,
     TorTestNetError,
-    unsafe_sockets,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NETNS_SOCKS_PORT = 9050  # git-annex's hard-coded SOCKS port: ours only inside the namespace
 NETNS_PREFIX = "tb-"
-READY_LINE = "torbridge ready"
 PUBLISH_TIMEOUT = 180.0  # serve -> ready (descriptor uploaded); ~5-15 s seen
 TOR_COMMAND_TIMEOUT = 240.0  # one git-annex command through Tor (first circuits can take 30 s)
 STOP_TIMEOUT = 30.0  # SIGTERM -> exit of a daemon (15 s is short on a loaded machine)
 
-HUB_PORT = 5000  # the bridge: the proxy's own repository
-NODE_VIA_BRIDGE_PORT = 5001  # the bridge: the proxied node
-NODE_PORT = 6000  # the node torbridge: its own repository
-
-_TOR_LINE = re.compile(r"tor-annex::([a-z2-7]{56}\.onion):(\d{1,5}):([A-Za-z0-9]+)")
 
 # What this process started, for the end-of-session leak check (conftest).
 STARTED: dict[str, set[str]] = {"netns": set(), "workdirs": set()}
@@ -167,7 +158,7 @@ class PrivateNetns:
             [
                 sys.executable,
                 "-m",
-                "tests.tor.torpath",
+                "tests.harness.tor",
                 "forward",
                 "--netns",
                 self.name,
@@ -353,34 +344,13 @@ class NetnsAnnexEnv(AnnexEnv):
 # torbridge with an onion
 
 
-@dataclass(frozen=True)
-class TorLine:
-    """One line of ``torbridge token add`` with [tor] control set."""
-
-    line: str
-    onion: str
-    port: int
-    token: str
-
-
-def parse_tor_lines(text: str) -> list[TorLine]:
-    found = []
-    for raw in text.splitlines():
-        raw = raw.strip()
-        if not raw:
-            continue
-        m = _TOR_LINE.fullmatch(raw)
-        if m is None:
-            raise AssertionError(f"not a tor-annex address line: {raw!r}")
-        found.append(TorLine(raw, m.group(1), int(m.group(2)), m.group(3)))
-    return found
-
-
 class TorBridge(Bridge):
-    """A ``torbridge serve`` that publishes its onion through ``control``
-    (a tor control port, cookie auth) and dials tor-annex nodes through
-    ``socks``. ``start()`` returns once the daemon logs "torbridge ready"
-    (every endpoint listens and the descriptor is uploaded)."""
+    """A ``torbridge serve`` with a ``[tor]`` table: it publishes its onion
+    through ``control`` (a tor control port, cookie auth; or, with ``tor``
+    keys ``onion = "torrc"`` and ``hidden_service_dir``, through a tor of
+    its own) and dials tor-annex nodes through ``socks``. ``start()``
+    returns once the daemon logs "torbridge ready" (every endpoint listens
+    and the descriptor is uploaded)."""
 
     def __init__(
         self,
@@ -389,26 +359,22 @@ class TorBridge(Bridge):
         workdir: Path,
         exposes: Sequence[Expose],
         *,
-        control: str,
         socks: str,
+        control: str | None = None,
         max_streams: int | None = None,  # None: the daemon's default
+        tor: Mapping[str, TomlValue] | None = None,
+        tables: Mapping[str, Mapping[str, TomlValue]] | None = None,
     ) -> None:
-        self.control = control
-        self.socks = socks
-        self.max_streams = max_streams
+        table: dict[str, TomlValue] = {} if control is None else {"control": control}
+        table["socks"] = socks
+        if max_streams is not None:
+            table["max_streams"] = max_streams
+        table.update(tor or {})
         self.ready_seconds: list[float] = []  # serve start -> ready, per start
-        super().__init__(env, repository, workdir, exposes)
-
-    def config_text(self) -> str:
-        return super().config_text() + (
-            "\n[tor]\n"
-            f"control = {toml_str(self.control)}\n"
-            f"socks = {toml_str(self.socks)}\n"
-            + (f"max_streams = {self.max_streams}\n" if self.max_streams is not None else "")
-        )
+        super().__init__(env, repository, workdir, exposes, tor=table, tables=tables)
 
     def set_control(self, control: str) -> None:
-        self.control = control
+        self.tor["control"] = control
         self.write_config()
 
     def _log_size(self) -> int:
@@ -453,11 +419,6 @@ class TorBridge(Bridge):
         lines = parse_tor_lines(result.stdout)
         assert len(lines) == len(self.exposes), result.describe()
         return {line.port: line for line in lines}
-
-    def process_tree(self) -> list[int]:
-        if self.proc is None or self.proc.poll() is not None:
-            return []
-        return [self.proc.pid, *(pid for pid, _ in descendants(self.proc.pid))]
 
 
 # --------------------------------------------------------------------------
@@ -519,211 +480,66 @@ def wait_for_upload(
 
 
 # --------------------------------------------------------------------------
-# the whole path
+# the Tor tier's small helpers: skip without tor, a SOCKS client, echo servers
+
+FIRST_CONNECT_TIMEOUT = 45.0  # a first connection to a new onion takes 8-11 s at times
 
 
-def object_keys(repo: AnnexRepo) -> set[str]:
-    """The keys whose content is in ``repo`` (files under .git/annex/objects)."""
-    objects = repo.path / ".git" / "annex" / "objects"
-    if not objects.is_dir():
-        return set()
-    return {p.name for p in objects.rglob("*") if p.is_file() and p.parent.name == p.name}
+def require_tor() -> None:
+    for tool in ("tor", "tor-gencert"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"`{tool}` is not installed (Debian: apt-get install tor)")
 
 
-class WorldBase:
-    """What every Tor-tier world shares, built on a running TestNet: tors of
-    its own, a private namespace for the stock clients, torbridge daemons.
-
-    A subclass sets its own attributes, then calls ``__init__`` here, which
-    runs its ``_build()`` (undone by ``close()`` if it fails) and lists its
-    daemons in ``daemons()``. ``close()`` undoes all of it; the TestNet
-    itself stays up.
-    """
-
-    def __init__(
-        self, net: TestNet, root: Path, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self.net = net
-        self.root = root
-        self._say = progress or (lambda _m: None)
-        self._t0 = time.monotonic()
-        self._closed = False
-        self.netns: PrivateNetns | None = None
-        self.tors: dict[str, TorProcess] = {}
-        if net.workdir is not None:
-            STARTED["workdirs"].add(str(net.workdir))
-        # AF_UNIX paths are short (108 bytes): the SocksPort lives in /tmp.
-        self.socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
-        os.chmod(self.socks_dir, 0o700)  # tor wants a private directory for unix sockets
-        try:
-            self._build()
-        except BaseException:
-            self.close(check=False)
-            raise
-
-    def _build(self) -> None:
-        raise NotImplementedError
-
-    def daemons(self) -> list[TorBridge]:
-        raise NotImplementedError
-
-    def say(self, message: str) -> None:
-        self._say(f"[{time.monotonic() - self._t0:6.1f}s] {message}")
-
-    @property
-    def socks_unix(self) -> Path:
-        return self.socks_dir / "socks.sock"
-
-    def our_pids(self) -> list[int]:
-        return [pid for b in self.daemons() for pid in b.process_tree()]
-
-    def assert_loopback_only(self) -> None:
-        """No process of ours (the daemons and their children) has a socket
-        off loopback (the tors are watched by the TestNet's watchdog; the
-        client side lives in a namespace with nothing but lo)."""
-        self.net.check()
-        pids = set(self.our_pids())
-        if pids:
-            bad = unsafe_sockets(pids)
-            assert not bad, f"a socket of ours is not on loopback: {bad}"
-
-    def failure_sections(self) -> list[tuple[str, str]]:
-        sections = [(f"torbridge log ({b.log_path})", b.log()[-20000:]) for b in self.daemons()]
-        sections += [(f"tor {t.name}", t.log_tail(30)) for t in self.tors.values()]
-        return sections
-
-    def _before_close(self) -> None:
-        """What a subclass must undo before its daemons stop."""
-
-    def close(self, *, check: bool = True) -> None:
-        """Stop the daemons (cleanly: exit 0, sockets removed, when ``check``),
-        the namespace and forwarder, and our tors."""
-        if self._closed:
-            return
-        self._closed = True
-        self._before_close()
-        errors: list[str] = []
-        for b in self.daemons():
-            try:
-                if b.proc is not None and b.returncode is None and b.running:
-                    if check:
-                        b.stop(timeout=STOP_TIMEOUT)
-                    else:
-                        b.kill()
-                elif check and b.proc is not None and b.returncode is None:
-                    errors.append(f"{b.workdir.name} had died:\n{b.log()[-5000:]}")
-            except AssertionError as e:
-                errors.append(str(e))
-            finally:
-                b.close()
-        if self.netns is not None:
-            self.netns.close()
-        for tor in self.tors.values():
-            stop_tor(self.net, tor)
-        shutil.rmtree(self.socks_dir, ignore_errors=True)
-        if errors and check:
-            raise AssertionError("daemon did not stop cleanly:\n" + "\n".join(errors))
+class EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
 
 
-class TorWorld(WorldBase):
-    """The path of the module docstring, built on a running TestNet.
+class TCPEcho(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
 
-    Three tors of its own on the network (a client with a TCP and a unix
-    SocksPort, and a service tor for each daemon), the namespace and its
-    forwarder, the proxy and node repositories, the node daemon (linked
-    into the proxy as ``node1`` with ``git annex p2p --link``, annex-proxy
-    true) and the bridge daemon (``hub`` = own repository on 5000, ``node1``
-    on 5001). ``close()`` undoes all of it; the TestNet itself stays up.
-    """
 
-    def __init__(
-        self, net: TestNet, root: Path, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self.bridge: TorBridge | None = None
-        self.node: TorBridge | None = None
-        self.timings: dict[str, float] = {}
-        super().__init__(net, root, progress=progress)
+class UnixEcho(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
 
-    def _build(self) -> None:
-        if not GIT_ANNEX_BINARY.exists():
-            raise TorPathError(f"git-annex binary not found at {GIT_ANNEX_BINARY}")
-        t = time.monotonic()
-        client = self.net.start_client(
-            "annexclient", extra=[f"SocksPort unix:{self.socks_unix} ExtendedErrors"]
-        )
-        self.tors["client"] = client
-        self.tors["bridge"] = self.net.start_service_tor("bridgehs")
-        self.tors["node"] = self.net.start_service_tor("nodehs")
-        self.timings["tors"] = time.monotonic() - t
-        self.say("client and service tors bootstrapped")
 
-        self.netns = PrivateNetns()
-        self.netns.start_forwarder(self.socks_unix)
-        self.say(f"namespace {self.netns.name}: 127.0.0.1:9050 -> {self.socks_unix}")
+def serve_in_thread(server: socketserver.BaseServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread
 
-        self.env = AnnexEnv.create(self.root / "env")
-        self.client_env = NetnsAnnexEnv.inside(self.env, self.netns)
-        assert client.socks is not None
-        self.client_socks = client.socks
 
-        # The node: a second torbridge serving its own repository on its own onion.
-        self.node_repo = AnnexRepo.create(self.env, self.root / "node", "node")
-        self.node = TorBridge(
-            self.env,
-            self.node_repo.path,
-            self.root / "nodebridge",
-            [Expose("node", ".", NODE_PORT)],
-            control=self.tors["node"].control,
-            socks=self.client_socks,
-        )
-        self.node.start()
-        self.timings["node ready"] = self.node.ready_seconds[-1]
-        self.net.wait_for_descriptor(self.tors["node"], self.node.onion)
-        self.say(f"node ready ({self.node.ready_seconds[-1]:.1f}s): {self.node.onion}")
+def socks_connect(
+    client: TorProcess, host: str, port: int, timeout: float = FIRST_CONNECT_TIMEOUT
+) -> socket.socket:
+    """A stream to host:port through the client tor (the name resolved by tor)."""
+    assert client.socks is not None, f"{client.name} has no SOCKS port"
+    proxy_host, proxy_port = client.socks.rsplit(":", 1)
+    s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
+    s.set_proxy(socks.SOCKS5, proxy_host, int(proxy_port), rdns=True)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s  # type: ignore[no-any-return]
 
-        # The proxy links the node with git-annex's own p2p --link, through Tor.
-        self.proxy = AnnexRepo.create(self.env, self.root / "proxy", "proxy")
-        node_line = self.node.tor_lines("proxy")[NODE_PORT]
-        t = time.monotonic()
-        AnnexRepo(self.client_env, self.proxy.path).annex(
-            "p2p",
-            "--link",
-            "--name",
-            "node1",
-            input=node_line.line + "\n",
-            timeout=TOR_COMMAND_TIMEOUT,
-        )
-        self.timings["proxy links node"] = time.monotonic() - t
-        self.proxy.git("config", "remote.node1.annex-proxy", "true")
-        self.say(f"proxy linked node1 ({self.timings['proxy links node']:.1f}s)")
 
-        self.bridge = TorBridge(
-            self.env,
-            self.proxy.path,
-            self.root / "bridge",
-            [Expose("hub", ".", HUB_PORT), Expose("node1", "node1", NODE_VIA_BRIDGE_PORT)],
-            control=self.tors["bridge"].control,
-            socks=self.client_socks,
-        )
-        self.bridge.start()
-        self.timings["bridge ready"] = self.bridge.ready_seconds[-1]
-        self.net.wait_for_descriptor(self.tors["bridge"], self.bridge.onion)
-        self.say(f"bridge ready ({self.bridge.ready_seconds[-1]:.1f}s): {self.bridge.onion}")
-
-    # clients
-    def client(self, name: str) -> Client:
-        """A fresh client repository; its git and git-annex run in the namespace."""
-        return Client.create(self.client_env, self.root / "clients" / name, name)
-
-    # the daemons
-    def daemons(self) -> list[TorBridge]:
-        return [b for b in (self.bridge, self.node) if b is not None]
-
-    def restart_hs_tor(self, which: str) -> TorProcess:
-        """Restart the service tor of "bridge" or "node"; the daemon must republish."""
-        new = restart_tor(self.net, self.tors[which])
-        self.tors[which] = new
-        return new
+def echo_roundtrip(client: TorProcess, onion: str, port: int, payload: bytes) -> bytes:
+    with socks_connect(client, onion, port) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
 
 
 # --------------------------------------------------------------------------
@@ -765,7 +581,7 @@ def leftovers() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.tor.torpath")
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.tor")
     sub = parser.add_subparsers(dest="command", required=True)
     fwd = sub.add_parser("forward", help="127.0.0.1:PORT (inside NETNS) -> a unix socket")
     fwd.add_argument("--netns", required=True)

@@ -21,27 +21,17 @@ import base64
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tests.e2e.harness import (
-    AnnexEnv,
-    AnnexRepo,
-    Bridge,
-    Client,
-    Expose,
-    Result,
-    descendants,
-    toml_str,
-)
-from tests.nodes import tbnode
+from tests.harness import tbnode
+from tests.harness.annex import AnnexEnv, AnnexRepo, Client, object_keys, whereis_uuids
+from tests.harness.bridge import Bridge
+from tests.harness.process import wait_for
 
 TBNODE = Path(tbnode.__file__).resolve()
 NET = "tbnode"
@@ -50,16 +40,6 @@ ONION_PORT = 5555
 
 # Timeouts of the bridge under test: short, so that a hang fails fast.
 BRIDGE_LIMITS = {"peer_timeout": 30.0, "stall_timeout": 30.0}
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def random_onion() -> str:
@@ -160,7 +140,7 @@ class NodeServer:
                 return False
             return True
 
-        wait_for(listening, timeout, f"remotedaemon of {self.name} to listen")
+        wait_for(f"remotedaemon of {self.name} to listen", listening, timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Close its stdin (how remotedaemon is told to quit); kill it if it lingers."""
@@ -222,11 +202,7 @@ class Node:
 
     def objects(self) -> set[str]:
         """Keys of every object file in the node's annex (whatever git-annex thinks)."""
-        root = self.repo.path / ".git" / "annex" / "objects"
-        if not root.is_dir():
-            return set()
-        # objects/XX/YY/KEY/KEY; KEY.rtl, KEY.rtm... beside it are lock files.
-        return {p.name for p in root.glob("*/*/*/*") if p.is_file() and p.name == p.parent.name}
+        return object_keys(self.repo)
 
     def findkeys(self) -> set[str]:
         """``git annex findkeys --in here``, run in the node."""
@@ -325,84 +301,29 @@ def make_node(
     return node
 
 
+@dataclass
+class Setup:
+    """One node behind a running bridge, and a client linked to its endpoint."""
+
+    node: Node
+    bridge: Bridge
+    client: Client
+    proxy: AnnexRepo
+    net: NodeNet
+    socks: tbnode.SocksServer
+
+    @property
+    def remote(self) -> str:
+        """The client's name for the node's endpoint (the node's name)."""
+        return self.node.name
+
+
 # --- the bridge -------------------------------------------------------------------------
 
 
-class NodeBridge(Bridge):
-    """A Bridge whose config also has ``[tor] socks`` and short ``[limits]``."""
-
-    def __init__(
-        self,
-        env: AnnexEnv,
-        repository: Path,
-        workdir: Path,
-        exposes: Iterable[Expose] = (Expose(),),
-        socks: str | None = None,
-        limits: dict[str, float] | None = None,
-    ) -> None:
-        self.socks = socks
-        self.limits = dict(BRIDGE_LIMITS if limits is None else limits)
-        super().__init__(env, repository, workdir, exposes)
-
-    def config_text(self) -> str:
-        text = super().config_text()
-        if self.limits:
-            text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in self.limits.items())
-        if self.socks is not None:
-            text += f"\n[tor]\nsocks = {toml_str(self.socks)}\n"
-        return text
-
-    def relay_helpers(self) -> list[str]:
-        """The bridge's live children that carry a session to a node."""
-        if self.proc is None or self.proc.poll() is not None:
-            return []
-        return [
-            cmd
-            for _pid, cmd in descendants(self.proc.pid)
-            if str(TBNODE) in cmd or "p2pstdio" in cmd
-        ]
-
-
-# --- the client's view --------------------------------------------------------------------
-
-
-ERROR_LINE = re.compile(r"P2P < ERROR (.*)")
-
-
-def p2p_errors(result: Result) -> list[str]:
-    """The ``ERROR`` texts the client received (needs ``--debug``)."""
-    return ERROR_LINE.findall(result.output)
-
-
-def put_offsets(result: Result) -> list[int]:
-    """The offsets in ``PUT-FROM`` answers the client received (``--debug``)."""
-    return [int(n) for n in re.findall(r"P2P < PUT-FROM (\d+)", result.output)]
-
-
-def get_offsets(result: Result) -> list[int]:
-    """The offsets of the ``GET`` requests the client sent (``--debug``)."""
-    return [int(n) for n in re.findall(r"P2P > GET (\d+) ", result.output)]
-
-
-def error_naming(result: Result, node: str, *causes: str) -> str:
-    """The client's ``P2P < ERROR`` line that names ``node`` and every cause."""
-    for text in p2p_errors(result):
-        if node in text and all(c in text for c in causes):
-            return text
-    raise AssertionError(
-        f"no `P2P < ERROR` naming {node!r} and {causes} (got {p2p_errors(result)}):\n"
-        f"{result.describe()[-4000:]}"
-    )
-
-
-def whereis_uuids(repo: AnnexRepo, key: str) -> set[str]:
-    """UUIDs that ``repo``'s location log says have ``key``."""
-    result = repo.annex("whereis", "--json", "--key", key, check=False)
-    uuids: set[str] = set()
-    for line in result.stdout.splitlines():
-        with contextlib.suppress(ValueError):
-            uuids |= {w["uuid"] for w in json.loads(line).get("whereis", [])}
-    return uuids
+def relay_helpers(bridge: Bridge) -> list[str]:
+    """The bridge's live children that carry a session to a node."""
+    return bridge.helpers(str(TBNODE), "p2pstdio")
 
 
 def wait_location(
@@ -413,52 +334,8 @@ def wait_location(
     The bridge writes it off the data path (``setpresentkey --batch``).
     """
     wait_for(
+        f"{repo.path.name}'s location log to {'list' if present else 'drop'} {uuid} for {key}",
         lambda: (uuid in whereis_uuids(repo, key)) == present,
         timeout,
-        f"{repo.path.name}'s location log to {'list' if present else 'drop'} {uuid} for {key}",
         interval=0.25,
     )
-
-
-class AnnexProcess:
-    """A client's ``git-annex`` running in the background (to be killed by a fault).
-
-    The binary itself, not ``git annex``: its pid is git-annex's own.
-    """
-
-    def __init__(self, client: Client, *args: str) -> None:
-        self.args = ["git-annex", *args]
-        self.client = client
-        self.proc = subprocess.Popen(
-            self.args,
-            cwd=client.path,
-            env=client.env.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        self.started = time.monotonic()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait(self, timeout: float = 120.0) -> Result:
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        finally:
-            self.kill_group()
-        return Result(
-            self.args,
-            self.client.path,
-            self.proc.returncode,
-            out.decode(errors="replace"),
-            err.decode(errors="replace"),
-            time.monotonic() - self.started,
-            out,
-        )
-
-    def kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)

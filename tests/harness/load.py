@@ -1,18 +1,17 @@
 """Load helpers: many raw P2P sessions and a pre-auth flood against one daemon.
 
-Used by the tests in this directory and by ``bench/bench_load.py``. The
-daemon and the repositories come from :mod:`tests.e2e.harness`; this module
-adds what load needs on top:
+Used by tests/load and by ``bench/bench_load.py`` and ``bench/bench_idle.py``.
+The daemon (:class:`~tests.harness.bridge.Bridge`, with a ``[limits]``
+table, its RSS, ``torbridge status --json`` and metrics) and the trio client
+(:class:`~tests.harness.session.AsyncSession`) are the harness's; this
+module adds what load needs on top:
 
-- :class:`LoadBridge`: a :class:`~tests.e2e.harness.Bridge` whose config has a
-  ``[limits]`` table, plus its RSS, ``torbridge status --json`` and metrics.
-- :class:`AsyncSession`: a trio client of the unix socket (the blocking
-  :class:`~tests.e2e.harness.RawSession` costs a thread per connection).
 - :func:`run_mix`: one authenticated session doing the mixed sequence
   (VERSION 4, CHECKPRESENT present + absent, GET, PUT, close), timing each
   request into a :class:`Stats`.
 - :func:`flood`: a bounded flood of unauthenticated connections (idle,
   garbage, a partial AUTH that stalls, a 40000-byte line).
+- :class:`RssSampler`, :class:`Obj` and :func:`seed_proxy`.
 
 Safety: unix sockets only; every loop is bounded in count and in time; a
 connection is never left open past the deadline its caller gives.
@@ -23,115 +22,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import math
-import os
 import random
-import re
-import socket
 import time
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from tests.e2e.harness import AnnexEnv, AnnexRepo, Bridge, Expose
+from tests.harness.annex import AnnexRepo
+from tests.harness.bridge import Bridge, proc_status_kib
+from tests.harness.session import AsyncSession, SessionClosed
 
 MIB = 1024 * 1024
-
-
-# --- the daemon -------------------------------------------------------------------------
-
-
-class LoadBridge(Bridge):
-    """A Bridge with a ``[limits]`` table in its config."""
-
-    def __init__(
-        self,
-        env: AnnexEnv,
-        repository: Path,
-        workdir: Path,
-        limits: Mapping[str, float] | None = None,
-        exposes: Iterable[Expose] = (Expose(),),
-    ) -> None:
-        self.limits: dict[str, float] = dict(limits or {})
-        super().__init__(env, repository, workdir, exposes)
-
-    def config_text(self) -> str:
-        text = super().config_text()
-        if not self.limits:
-            return text
-        lines = ["", "[limits]"]
-        for key, value in sorted(self.limits.items()):
-            lines.append(f"{key} = {int(value) if float(value).is_integer() else value}")
-        return text + "\n".join(lines) + "\n"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "daemon never started"
-        return self.proc.pid
-
-    def proc_status(self) -> dict[str, int]:
-        """VmRSS, VmHWM, ... of the daemon process in KiB (``/proc/PID/status``)."""
-        return proc_status_kib(self.pid)
-
-    def rss_kib(self) -> int:
-        return self.proc_status().get("VmRSS", 0)
-
-    def status(self) -> dict[str, object]:
-        """``torbridge status --json``."""
-        snapshot: dict[str, object] = json.loads(self.cli("status", "--json").stdout)
-        return snapshot
-
-    def sessions(self) -> list[dict[str, Any]]:
-        """The sessions in flight, as ``torbridge status --json`` lists them."""
-        sessions = self.status()["sessions"]
-        assert isinstance(sessions, list)
-        return sessions
-
-    def totals(self) -> dict[str, int]:
-        totals = self.status()["totals"]
-        assert isinstance(totals, dict)
-        return {str(k): int(v) for k, v in totals.items()}
-
-    def metrics(self) -> dict[str, float]:
-        """The samples of ``<state_dir>/metrics.sock`` (Prometheus text over HTTP)."""
-        return read_metrics(self.state_dir / "metrics.sock")
-
-
-def proc_status_kib(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            parts = rest.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                out[name] = int(parts[0])
-    return out
-
-
-def read_metrics(path: Path, timeout: float = 10.0) -> dict[str, float]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(os.fspath(path))
-        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        data = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (chunk := s.recv(65536)):
-            data += chunk
-    head, _, body = data.decode().partition("\r\n\r\n")
-    assert head.startswith("HTTP/1.0 200 OK"), head
-    samples: dict[str, float] = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 class RssSampler:
@@ -285,160 +191,6 @@ class Stats:
 # The requests of the mix (AUTH and VERSION are timed too, under their names,
 # but "per-request latency" means these: VERSION also spawns the peer process).
 REQUEST_OPS = ("checkpresent", "checkabsent", "get", "put")
-
-
-# --- the wire, with trio ------------------------------------------------------------
-
-
-class SessionClosed(EOFError):
-    """The daemon closed the connection."""
-
-
-class ProtocolMismatch(AssertionError):
-    """The daemon answered something else than expected."""
-
-
-CONNECT_RETRY = 0.01  # seconds between attempts while the listen backlog is full
-
-
-async def connect_unix(
-    path: Path | str, seconds: float = 30.0, stats: Stats | None = None
-) -> trio.SocketStream:
-    """Connect to a unix socket; retries (for up to ``seconds``) while its backlog is full.
-
-    A non-blocking AF_UNIX connect fails with EAGAIN instead of waiting when
-    the listener's backlog is full; this is retried rather than reported.
-    """
-    deadline = time.monotonic() + seconds
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            sock.connect(os.fspath(path))
-        except BlockingIOError:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"backlog of {path} full for {seconds}s") from None
-            if stats is not None:
-                stats.connect_retries += 1
-            await trio.sleep(CONNECT_RETRY)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-
-
-class AsyncSession:
-    """The P2P protocol by hand over one trio stream; every read has a deadline."""
-
-    def __init__(self, stream: trio.SocketStream, reply_timeout: float = 30.0) -> None:
-        self.stream = stream
-        self.reply_timeout = reply_timeout  # default deadline of every read
-        self.buf = bytearray()
-        self.eof = False
-        self.client_uuid = str(uuid.uuid4())
-
-    @classmethod
-    async def open(
-        cls,
-        path: Path | str,
-        seconds: float = 30.0,
-        stats: Stats | None = None,
-        reply_timeout: float = 30.0,
-    ) -> AsyncSession:
-        return cls(await connect_unix(path, seconds, stats), reply_timeout)
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await self.stream.aclose()
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self.stream.send_all(data)
-        except trio.BrokenResourceError as e:
-            raise SessionClosed(f"send failed: {e.__cause__ or e}") from None
-
-    async def send_line(self, line: str) -> None:
-        await self.send(line.encode() + b"\n")
-
-    async def _fill(self) -> None:
-        if self.eof:
-            raise SessionClosed("connection closed by the daemon")
-        try:
-            chunk = await self.stream.receive_some(1 << 16)
-        except trio.BrokenResourceError:
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            raise SessionClosed(
-                "connection closed by the daemon"
-                + (f" after {bytes(self.buf)[:100]!r}" if self.buf else "")
-            )
-        self.buf += chunk
-
-    async def read_line(self, seconds: float | None = None) -> str:
-        with trio.fail_after(self.reply_timeout if seconds is None else seconds):
-            while (nl := self.buf.find(b"\n")) < 0:
-                await self._fill()
-        line = bytes(self.buf[:nl])
-        del self.buf[: nl + 1]
-        return line.rstrip(b"\r").decode("utf-8", errors="replace")
-
-    async def read_exact(self, n: int, seconds: float | None = None) -> bytes:
-        with trio.fail_after(self.reply_timeout if seconds is None else seconds):
-            while len(self.buf) < n:
-                await self._fill()
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
-
-    async def expect(self, want: str, seconds: float | None = None) -> None:
-        got = await self.read_line(seconds)
-        if got != want:
-            raise ProtocolMismatch(f"expected {want!r}, got {got!r}")
-
-    async def wait_closed(self, seconds: float) -> bool:
-        """Read (and drop) until the daemon closes; False if it did not within ``seconds``."""
-        with trio.move_on_after(seconds):
-            try:
-                while True:
-                    await self._fill()
-                    self.buf.clear()
-            except SessionClosed:
-                return True
-        return False
-
-    # protocol steps
-    async def auth(self, token: str, server_uuid: str, seconds: float | None = None) -> None:
-        await self.send_line(f"AUTH {self.client_uuid} {token}")
-        await self.expect(f"AUTH-SUCCESS {server_uuid}", seconds)
-
-    async def version(self, seconds: float | None = None) -> None:
-        await self.send_line("VERSION 4")
-        await self.expect("VERSION 4", seconds)
-
-    async def checkpresent(self, key: str, present: bool) -> None:
-        await self.send_line(f"CHECKPRESENT {key}")
-        await self.expect("SUCCESS" if present else "FAILURE")
-
-    async def get(self, obj: Obj, af: str = "file.bin") -> None:
-        await self.send_line(f"GET 0 {af} {obj.key}")
-        line = await self.read_line()
-        m = re.fullmatch(r"DATA (\d+)", line)
-        if not m:
-            raise ProtocolMismatch(f"GET: expected DATA n, got {line!r}")
-        data = await self.read_exact(int(m.group(1)))
-        if data != obj.content:
-            raise ProtocolMismatch(f"GET {obj.key}: {len(data)} bytes differ from the object")
-        await self.expect("VALID")
-        await self.send_line("SUCCESS")
-
-    async def put(self, obj: Obj, af: str = "new.bin") -> None:
-        await self.send_line(f"PUT {af} {obj.key}")
-        await self.expect("PUT-FROM 0")
-        await self.send(b"DATA %d\n" % len(obj.content) + obj.content + b"VALID\n")
-        await self.expect("SUCCESS")
 
 
 @dataclass(frozen=True)
@@ -694,7 +446,7 @@ async def flood(
     stats.elapsed = time.monotonic() - start
 
 
-async def until_evicting(bridge: LoadBridge, stats: FloodStats, cap: int) -> None:
+async def until_evicting(bridge: Bridge, stats: FloodStats, cap: int) -> None:
     """Wait (15 s at most) until a flood holds every pre-auth slot and the
     daemon has begun evicting: what comes next meets the flood at its worst."""
     with trio.move_on_after(15):
