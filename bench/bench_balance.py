@@ -2,7 +2,7 @@
 """Scale-out benchmark: two bridge hosts behind one Onionbalance frontend.
 
 One private Tor network (3 authorities + 4 relays), the world of
-tests/tor/balanceworld.py (hosts A and B gateways of one cluster of two
+tests/harness/balanceworld.py (hosts A and B gateways of one cluster of two
 path nodes, stock git-annex clients in a private namespace, each
 connection on circuits of its own). In ONE run it reports:
 

@@ -9,7 +9,7 @@ credentials (``node_circuits = 8``, the default), in the same run.
       -> node's onion -> torbridge (node) -> git-annex-shell
 
 The private Tor network and the stock client in a private network namespace
-are those of the Tor tier (tests/tor/torpath.py: TorWorld). Each round
+are those of the Tor tier (tests/harness/tor.py: TorWorld). Each round
 restarts the bridge with one setting, copies ``--files`` files of ``--mib``
 MiB with ``-J4``, counts the rendezvous circuits the client tor holds to the
 node's onion, empties the node again; then the other setting. The order

@@ -38,7 +38,7 @@ Each phase then:
 Output: a table per phase and the per-session cost (total memory over
 the daemon's own before any session, divided by N), the ratio idle /
 baseline, and a ``RESULT`` line. Run from the repository root (it imports
-``tests/e2e/harness.py`` and ``tests/load/loadlib.py``)::
+``tests/harness/``)::
 
     python -m bench.bench_idle                                  # 2000 (1000 watching) vs 200
     python -m bench.bench_idle --sessions 200 --watchers 100 --baseline-sessions 50 --transfers 10

@@ -43,8 +43,8 @@ scripts::
     RESULT sessions=200 errors=0 wall_s=24.7 req_per_s=32.4 p50_ms=540.9 p99_ms=13599.1
       rss_peak_kib=34200 hwm_kib=34300 ...
 
-Run from the repository root (it imports ``tests/e2e/harness.py`` and
-``tests/load/loadlib.py``)::
+Run from the repository root (it imports the test harness,
+``tests/harness/``)::
 
     python -m bench.bench_load                          # N=200
     python -m bench.bench_load --sessions 1000 --mix-at-once 100   # ~5 GiB of RAM

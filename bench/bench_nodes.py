@@ -18,8 +18,8 @@ which path goes first, and empties the node after each run. It reports
 medians, bridge/direct ratios, the spread between rounds, the load average
 and the torbridge daemon's peak RSS (VmHWM). See bench/README.md.
 
-Run from the repository root's checkout (it imports tests/e2e/harness.py,
-tests/nodes/nodes.py and bench/bench_transfer.py); everything stays on this
+Run from the repository root's checkout (it imports the test harness,
+tests/harness/, and bench/bench_transfer.py); everything stays on this
 machine (pipes and unix sockets).
 """
 

@@ -8,7 +8,7 @@ through the bridge, over a private Tor network on 127.0.0.1.
 
 Both paths end in the same node repository. The client runs in a private
 network namespace (its hard-coded SOCKS 127.0.0.1:9050 is ours only there);
-see tests/tor/torpath.py. Each round times ``git annex copy --to`` and
+see tests/harness/tor.py. Each round times ``git annex copy --to`` and
 ``git annex get --from`` of one file of ``--mib`` MiB on both paths,
 alternating which goes first, and empties the node again after each path
 (``drop --from``), so every timed copy transfers. It also reports how long
