@@ -8,7 +8,8 @@ Running things
 
 The stock client and its repositories
 - ``annex``: ``AnnexEnv`` (isolated HOME and PATH around the git-annex
-  wheel), ``AnnexRepo``/``Client``, ``whereis_uuids``, ``object_keys``.
+  wheel), ``AnnexRepo``/``Client``, ``whereis_uuids``, ``object_keys``,
+  ``object_contents``.
 - ``client``: the stock client beyond one command: the -J workflow,
   ``Batch``/``BatchCopy`` (``--batch``), ``AnnexProcess`` (in the
   background), ``RemoteDaemon``, and what ``--debug`` shows it got.

@@ -328,3 +328,16 @@ def object_keys(repo: AnnexRepo) -> set[str]:
     if not objects.is_dir():
         return set()
     return {p.name for p in objects.rglob("*") if p.is_file() and p.parent.name == p.name}
+
+
+def object_contents(repo: AnnexRepo) -> dict[str, bytes]:
+    """Every object file in ``repo``'s annex by key, read at once (no git-annex
+    call for each key, as ``key_content`` makes)."""
+    objects = repo.path / ".git" / "annex" / "objects"
+    if not objects.is_dir():
+        return {}
+    return {
+        p.name: p.read_bytes()
+        for p in objects.rglob("*")
+        if p.is_file() and p.parent.name == p.name
+    }

@@ -2,7 +2,8 @@
 
 - ``git annex CMD --batch --json`` fed one file at a time (:class:`Batch`);
 - the -J workflow of every tier (own endpoint, node, cluster, onion):
-  parallel jobs of one client through one token (:func:`run_parallel_workflow`);
+  parallel jobs of one client through one token (:func:`run_parallel_workflow`,
+  :class:`JobSteps` for its steps one by one, timed);
 - ``git annex copy --batch`` (:class:`BatchCopy`), ``git-annex`` in the
   background (:class:`AnnexProcess`), ``git annex remotedaemon``
   (:class:`RemoteDaemon`);
@@ -84,6 +85,26 @@ def run_parallel_workflow(
         out = client.annex("sync", "--content", j, remote, timeout=timeout).output
         assert_every_file_ok(out, "sync --content")
         assert all(holds(k) for k in keys.values())
+
+
+class JobSteps:
+    """A client's ``-J64`` commands run one by one, each of which must succeed
+    for every file (:func:`assert_every_file_ok`); keeps how long each took."""
+
+    def __init__(self, client: Client, where: str = "", jobs: int = JOBS) -> None:
+        self.client = client
+        self.where = where
+        self.jobs = jobs
+        self.seconds: dict[str, float] = {}
+
+    def run(self, step: str, command: str, *args: str, timeout: float = 900.0) -> Result:
+        result = self.client.annex(command, f"-J{self.jobs}", *args, timeout=timeout)
+        self.seconds[step] = result.elapsed
+        assert_every_file_ok(result.output, f"{step} {self.where}".strip())
+        return result
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {s:.1f}s" for step, s in self.seconds.items())
 
 
 class Batch:

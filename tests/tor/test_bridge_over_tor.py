@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.annex import AnnexRepo, Client, object_keys
+from tests.harness.annex import AnnexRepo, Client, object_contents, object_keys
 from tests.harness.client import (
+    FILES,
     JOBS,
+    SIZE,
+    JobSteps,
     RemoteDaemon,
-    assert_every_file_ok,
-    parallel_files,
     peak_sessions,
 )
 from tests.harness.tor import (
@@ -174,26 +175,49 @@ def test_node_endpoint_relays_through_tor(world: TorWorld) -> None:
 
 @pytest.mark.parametrize(("port", "remote"), [(HUB_PORT, "hub"), (NODE_VIA_BRIDGE_PORT, "nodevia")])
 def test_j64_through_one_circuit(world: TorWorld, port: int, remote: str) -> None:
-    """One client's ``copy --to -J64`` and ``get --from -J64`` through the
-    onion with one token: every stream rides the client's one rendezvous
-    circuit, and with the default caps no stream closes it and no
-    connection is refused (before: MaxStreams 32 killed the circuit at the
-    33rd job, max_sessions_per_token 16 answered the 17th with AUTH-FAILURE).
-    To the proxy's own endpoint, and to the node endpoint, whose sessions
-    the bridge relays over Tor again to the node's own onion."""
+    """One client's ``copy --to``, ``get --from``, ``drop --from`` and
+    ``sync --content``, each ``-J64``, through the onion with one token:
+    every stream rides the client's one rendezvous circuit, and with the
+    default caps no stream closes it and no connection is refused (before:
+    MaxStreams 32 killed the circuit at the 33rd job, max_sessions_per_token
+    16 answered the 17th with AUTH-FAILURE). To the proxy's own endpoint,
+    and to the node endpoint, whose sessions the bridge relays over Tor
+    again to the node's own onion."""
     holder = world.proxy if port == HUB_PORT else world.node_repo
     client = linked_client(world, f"dave-{remote}", port, remote)
-    files = parallel_files(client)
-    out = client.annex("copy", "--to", remote, f"-J{JOBS}", ".", timeout=900).output
-    assert_every_file_ok(out, "copy --to over the onion")
+    # In a directory of this test's own: sync merges the proxy's tree,
+    # which has the files of the module's other clients.
+    files = {f"{remote}/p{i:03d}.bin": os.urandom(SIZE) for i in range(FILES)}
+    client.add_files(files, "parallel files")
+    keys = {name: client.key(name) for name in files}
+    took = JobSteps(client, "over the onion")
+
+    took.run("copy --to", "copy", "--to", remote, ".")
+    held = object_contents(holder)
     for name, content in files.items():
-        assert holder.key_content(client.key(name)) == content, name
-    client.annex("drop", f"-J{JOBS}", ".", timeout=900)
+        assert held.get(keys[name]) == content, name
+    took.run("drop", "drop", ".")  # each one LOCKCONTENTs the far copy
     assert client.present_here() == set()
-    out = client.annex("get", "--from", remote, f"-J{JOBS}", ".", timeout=900).output
-    assert_every_file_ok(out, "get --from over the onion")
+    took.run("get --from", "get", "--from", remote, ".")
     for name, content in files.items():
         assert client.read(name) == content, name
+
+    # The far side's copies dropped (in the holder itself), then put back by sync.
+    took.run("drop --from", "drop", "--from", remote, ".")
+    assert not set(keys.values()) & object_keys(holder)
+    assert client.annex("find", "--in", remote, "--", remote, timeout=T).stdout == ""
+    # Each client of the module began a history of its own, and the node
+    # endpoint's git is the proxy's repository (as with git-annex's own
+    # proxies): sync merges histories it has not seen, as a user would be
+    # asked to.
+    took.run("sync --content", "sync", "--content", "--allow-unrelated-histories", remote)
+    held = object_contents(holder)
+    for name, content in files.items():
+        assert held.get(keys[name]) == content, name
+    found = client.annex("find", "--in", remote, "--", remote, timeout=T).stdout.split()
+    assert set(found) == set(files)
+    print(f"\n-J{JOBS} over Tor to {remote}: {took}")
+
     assert world.bridge is not None
     log_text = world.bridge.log()
     assert "authentication failed" not in log_text

@@ -2,7 +2,8 @@
 
 The bridge's cluster endpoint has three tor-annex nodes, each a torbridge
 on an onion of its own (tests/harness/clusterworld.py). One stock client's
-``-J64`` copy and get through one token reach every file; with one node's
+``-J64`` copy, get, drop --from and sync --content through one token
+reach every file on every node; with one node's
 onion gone, a copy succeeds on the live nodes and the next copy does not
 wait for the dead node again; once the node republishes, copies reach it
 again. One world for the module; the last test takes it down.
@@ -19,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness.annex import whereis_uuids
-from tests.harness.client import JOBS, assert_every_file_ok, parallel_files, peak_sessions
+from tests.harness.annex import object_contents, object_keys, whereis_uuids
+from tests.harness.client import JOBS, JobSteps, parallel_files, peak_sessions
 from tests.harness.clusterworld import (
     ENDPOINT,
     NODE_NAMES,
@@ -87,25 +88,41 @@ def logged_nodes(world: ClusterTorWorld, key: str) -> set[str]:
 
 
 def test_j64_through_the_cluster_endpoint(world: ClusterTorWorld) -> None:
-    """One client, one token, ``copy --to -J64`` and ``get --from -J64``
-    through the bridge's onion to the cluster endpoint: every file reaches
-    every node (each session fans out to three onions through Tor), and
-    every file comes back."""
-    client = world.client("jay")
+    """One client, one token, ``copy --to``, ``get --from``, ``drop --from``
+    and ``sync --content``, each ``-J64``, through the bridge's onion to the
+    cluster endpoint: every file reaches every node (each session fans out
+    to three onions through Tor), every file comes back, ``drop --from``
+    removes it from every node, and ``sync --content`` puts it on every
+    node again."""
+    client = world.client("jay")  # it pulled the proxy's history first
     files = parallel_files(client)
-    out = client.annex("copy", "--to", ENDPOINT, f"-J{JOBS}", ".", timeout=900).output
-    assert_every_file_ok(out, "copy --to the cluster over the onion")
-    for name, content in files.items():
-        key = client.key(name)
+    keys = {name: client.key(name) for name in files}
+    took = JobSteps(client, "the cluster over the onion")
+
+    def on_every_node() -> None:
         for node in world.nodes.values():
-            assert node.repo.key_content(key) == content, (name, node.name)
+            held = object_contents(node.repo)
+            for name, content in files.items():
+                assert held.get(keys[name]) == content, (name, node.name)
+
+    took.run("copy --to", "copy", "--to", ENDPOINT, ".")
+    on_every_node()
     # A cluster refuses LOCKCONTENT (as git-annex's gateway): the local drop is forced.
-    client.annex("drop", "--force", f"-J{JOBS}", ".", timeout=900)
+    took.run("drop --force", "drop", "--force", ".")
     assert client.present_here() == set()
-    out = client.annex("get", "--from", ENDPOINT, f"-J{JOBS}", ".", timeout=900).output
-    assert_every_file_ok(out, "get --from the cluster over the onion")
+    took.run("get --from", "get", "--from", ENDPOINT, ".")
     for name, content in files.items():
         assert client.read(name) == content, name
+
+    took.run("drop --from", "drop", "--from", ENDPOINT, ".")
+    for node in world.nodes.values():
+        assert not set(keys.values()) & object_keys(node.repo), node.name
+    assert client.annex("find", "--in", ENDPOINT, timeout=T).stdout == ""
+    took.run("sync --content", "sync", "--content", ENDPOINT)
+    on_every_node()
+    assert set(client.annex("find", "--in", ENDPOINT, timeout=T).stdout.split()) == set(files)
+    print(f"\n-J{JOBS} over Tor to the cluster: {took}")
+
     assert world.bridge is not None
     text = world.bridge.log()
     assert "authentication failed" not in text
