@@ -157,7 +157,7 @@ def _throughput(world: BalanceWorld, args: argparse.Namespace, result: dict[str,
     names = [f"client{i}" for i in range(args.clients)]
 
     def served() -> tuple[int, int]:  # client sessions (not B's relays and syncs)
-        return (sum(a.sessions(n) for n in names), sum(b.sessions(n) for n in names))
+        return (sum(a.session_starts(n) for n in names), sum(b.session_starts(n) for n in names))
 
     before = served()
     result["2 instances"] = _copy_all(clients, "two", args.mib, args.files)

@@ -254,11 +254,11 @@ def stall_bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
 
 def _assert_session_ended(bridge: Bridge, service: str, stopped_at: float, why: str) -> float:
     """The frozen client's session ends at its deadline: git, session and slot gone."""
-    took = wait_for(
+    wait_for(
         f"{service} and its session ending after the client froze",
         lambda: not _helpers(bridge) and not _sessions(bridge),
         timeout=STALL + 30,
-        step=0.1,
+        interval=0.1,
     )
     took = time.monotonic() - stopped_at
     bridge.assert_alive()

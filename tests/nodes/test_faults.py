@@ -524,7 +524,7 @@ def test_client_killed_during_remove(setup_node: Callable[..., Setup], tmp_path:
 # the node through the bridge, says so, and holds it until it is killed.
 LOCK_HOLDER = """
 import sys
-from tests.harness.annex import RawSession
+from tests.harness.session import RawSession
 path, token, uuid, key = sys.argv[1:]
 r = RawSession(path)
 r.auth(token, uuid)

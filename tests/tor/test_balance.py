@@ -84,7 +84,7 @@ def test_copy_get_drop_through_the_frontend(world: BalanceWorld) -> None:
         assert c.read(f"f{i}.bin") == data
         c.annex("drop", "--from", ENDPOINT, f"f{i}.bin", "--force", timeout=T)
         assert not any(node.has_key(key) for node in world.nodes.values())
-    sessions = {n: b.sessions() for n, b in world.bridges.items()}
+    sessions = {n: b.session_starts() for n, b in world.bridges.items()}
     world.say(f"sessions per instance: {sessions}")
     assert all(sessions.values()), sessions  # both instances served clients
 
@@ -107,7 +107,7 @@ def test_git_push_lands_in_the_owner_whichever_instance(world: BalanceWorld) -> 
     # B served some of these sessions (the gate proved B reachable; with 12
     # pushes and pulls spread at random, B gets some) and relayed their CONNECTs.
     b = world.bridges["B"]
-    world.say(f"B sessions {b.sessions()}, A sessions {world.bridges['A'].sessions()}")
+    world.say(f"B sessions {b.session_starts()}, A sessions {world.bridges['A'].session_starts()}")
     assert b.log().count("CONNECT") >= relayed_before
 
 
@@ -128,8 +128,8 @@ def test_instance_drained_then_stopped(world: BalanceWorld) -> None:
     world.say(f"B drained: the client holds a frontend descriptor without B after {waited:.1f}s")
     a, b = world.bridges["A"], world.bridges["B"]
     world.stop_instance("B")
-    b_before = b.sessions()
-    before = (a.sessions("client0"), a.sessions("probe"))
+    b_before = b.session_starts()
+    before = (a.session_starts("client0"), a.session_starts("probe"))
     c = clients[0]
     c.add_file("after-stop.bin", b"x" * 50_000)
     t0 = time.monotonic()
@@ -140,7 +140,7 @@ def test_instance_drained_then_stopped(world: BalanceWorld) -> None:
     assert all(node.has_key(key) for node in world.nodes.values())
     for i in range(4):
         assert world.probe(f"after-stop{i}", timeout=120)
-    assert a.sessions("client0") > before[0]  # the copy went through A
-    assert a.sessions("probe") == before[1] + 4  # and every probe
-    assert b.sessions() == b_before
+    assert a.session_starts("client0") > before[0]  # the copy went through A
+    assert a.session_starts("probe") == before[1] + 4  # and every probe
+    assert b.session_starts() == b_before
     Path(world.root / "timings.txt").write_text(repr(world.timings))
