@@ -130,18 +130,26 @@ def test_add_onion_with_client_auth() -> None:
 def test_torrc_mode_files(tmp_path: Path) -> None:
     hs = tmp_path / "hs"
     hs.mkdir()
-    sync_authorized_clients(hs, [])
+    assert sync_authorized_clients(hs, [])  # changed: tor must be reloaded
     directory = hs / "authorized_clients"
     # tor turns client auth off when the directory is empty: a key nobody has.
     assert [p.name for p in directory.iterdir()] == [NOBODY_FILE]
+    nobody = (directory / NOBODY_FILE).read_text()
+    # The daemon syncs at every start: the same list changes nothing (no reload).
+    assert not sync_authorized_clients(hs, [])
+    assert (directory / NOBODY_FILE).read_text() == nobody
     store = ClientStore(tmp_path)
     pair = KeyPair.new()
     store.add("laptop", pair.public_base32, 10)
-    sync_authorized_clients(hs, store.list())
+    assert sync_authorized_clients(hs, store.list())
     assert sorted(p.name for p in directory.iterdir()) == ["laptop.auth"]
     assert (directory / "laptop.auth").read_text() == f"descriptor:x25519:{pair.public_base32}\n"
+    assert not sync_authorized_clients(hs, store.list())
+    (directory / "stray.auth").write_text("descriptor:x25519:" + "A" * 52 + "\n")
+    assert sync_authorized_clients(hs, store.list())  # a file tor would read: removed
+    assert sorted(p.name for p in directory.iterdir()) == ["laptop.auth"]
     store.revoke("laptop")
-    sync_authorized_clients(hs, store.list())
+    assert sync_authorized_clients(hs, store.list())
     assert [p.name for p in directory.iterdir()] == [NOBODY_FILE]
 
 

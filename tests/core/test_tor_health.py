@@ -1,11 +1,17 @@
 """The publishing tor's health, without tor: uploads and their retries, tor's
 metrics text, introduction circuits, the doctor's version and clock rules,
-and how status shows it. The Tor tier (tests/tor/test_client_auth.py) reads
-the same from a real tor."""
+and how status shows it. The Tor tier (tests/tor/test_client_auth.py,
+tests/tor/test_client_auth_torrc.py for the MetricsPort) reads the same
+from a real tor."""
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Iterator
 from types import SimpleNamespace
+
+import pytest
 
 from torbridge.config import Tor
 from torbridge.ops.doctor.tor import clock_problem, tor_feature_problems
@@ -15,7 +21,9 @@ from torbridge.tor.health import (
     UploadTracker,
     bootstrap_percent,
     count_intro_points,
+    http_body,
     parse_metrics,
+    scrape,
 )
 
 SID = "c" * 56
@@ -77,6 +85,78 @@ def test_metrics_text_of_one_service() -> None:
     )
     assert parse_metrics(text, SID) == {"pow_suggested_effort": 12, "intro_rejected_total": 7}
     assert parse_metrics("tor_relay_load 1\n", SID) == {}
+
+
+# What tor 0.4.9.11's MetricsPort says about one onion service with PoW on
+# (an excerpt, as the Tor tier's test_client_auth_torrc.py reads it).
+TOR_0_4_9_METRICS = f"""\
+# HELP tor_hs_rdv_pow_pqueue_count Number of requests waiting in the proof of work priority queue
+# TYPE tor_hs_rdv_pow_pqueue_count gauge
+tor_hs_rdv_pow_pqueue_count{{onion="{SID}"}} 0
+# HELP tor_hs_intro_rejected_intro_req_count Total number of rejected introduction circuits
+# TYPE tor_hs_intro_rejected_intro_req_count counter
+tor_hs_intro_rejected_intro_req_count{{onion="{SID}",reason="bad_auth_key"}} 0
+tor_hs_intro_rejected_intro_req_count{{onion="{SID}",reason="invalid_introduce2"}} 2
+tor_hs_intro_rejected_intro_req_count{{onion="{SID}",reason="subcredential"}} 0
+tor_hs_intro_rejected_intro_req_count{{onion="{SID}",reason="replay"}} 1
+tor_hs_intro_circ_build_time_bucket{{onion="{SID}",le="1000.00"}} 6
+tor_hs_intro_circ_build_time_sum{{onion="{SID}"}} 728
+# HELP tor_hs_pow_suggested_effort Suggested effort for requests with a proof of work client puzzle
+# TYPE tor_hs_pow_suggested_effort gauge
+tor_hs_pow_suggested_effort{{onion="{SID}"}} 0
+"""
+
+
+def test_metrics_text_as_tor_0_4_9_writes_it() -> None:
+    assert parse_metrics(TOR_0_4_9_METRICS, SID) == {
+        "pow_suggested_effort": 0,
+        "intro_rejected_total": 3,
+    }
+
+
+def test_http_body_ends_at_content_length_not_at_eof() -> None:
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+    assert http_body(head[:20], at_eof=False) is None
+    assert http_body(head + b"abc", at_eof=False) is None
+    assert http_body(head + b"abcde", at_eof=False) == "abcde"
+    assert http_body(b"HTTP/1.0 200 OK\r\n\r\nall of it", at_eof=True) == "all of it"
+    for bad, why in (
+        (b"HTTP/1.0 404 Not Found\r\n\r\n", "answered"),
+        (head + b"abc", "closed after 3 of 5 bytes"),
+        (b"HTTP/1.0 200", "before an HTTP answer"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            http_body(bad, at_eof=True)
+
+
+@pytest.fixture
+def metrics_port() -> Iterator[str]:
+    """A MetricsPort as tor's: the answer has a Content-Length and the
+    connection stays open afterwards."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        held.append(conn)
+        conn.recv(4096)
+        body = TOR_0_4_9_METRICS.encode()
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    thread.join(timeout=10)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_scrape_returns_once_the_body_is_in_while_tor_keeps_the_connection(
+    metrics_port: str,
+) -> None:
+    # A read until EOF would wait out the whole timeout (and fail) here.
+    assert scrape(metrics_port, timeout=30) == TOR_0_4_9_METRICS
 
 
 def test_intro_points_and_bootstrap() -> None:

@@ -41,7 +41,8 @@ Tor (a private Tor network on 127.0.0.1 only)
 - ``tor``: the private network namespace and its SOCKS forwarder (``python
   -m tests.harness.tor forward``), ``NetnsAnnexEnv``, ``TorBridge``, tor
   restarts, descriptor uploads, the leak check, ``require_tor``,
-  ``socks_connect``, echo servers.
+  ``socks_connect``, ``control`` (one command on a tor's control port), echo
+  servers.
 - ``worlds``: ``WorldBase`` and ``TorWorld`` (bridge and node onions);
   ``clusterworld``: a cluster of tor-annex nodes; ``balanceworld``: two
   hosts behind an Onionbalance frontend. All three stand on ``WorldBase``.

@@ -530,6 +530,32 @@ def socks_connect(
     return s  # type: ignore[no-any-return]
 
 
+def control(tor: TorProcess, command: str) -> str:
+    """One command on tor's control port (cookie authentication), as the client
+    machine's operator would send it; the reply's text. A plain socket, not
+    stem: a stem Controller can hang in close() after a SIGNAL RELOAD."""
+    with socket.create_connection(("127.0.0.1", tor.control_port), timeout=60) as s:
+        reader = s.makefile("rb")
+
+        def ask(line: str) -> str:
+            s.sendall(line.encode() + b"\r\n")
+            lines = []
+            while True:
+                got = reader.readline().decode().rstrip("\r\n")
+                lines.append(got)
+                if len(got) < 4 or got[3] == " ":
+                    return "\n".join(lines)
+
+        info = ask("PROTOCOLINFO 1")
+        m = re.search(r'COOKIEFILE="([^"]+)"', info)
+        assert m is not None, info
+        cookie = Path(m.group(1)).read_bytes().hex()
+        assert ask(f"AUTHENTICATE {cookie}").startswith("250"), "control auth failed"
+        reply = ask(command)
+        ask("QUIT")
+        return reply
+
+
 def echo_roundtrip(client: TorProcess, onion: str, port: int, payload: bytes) -> bytes:
     with socks_connect(client, onion, port) as s:
         s.sendall(payload)

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from tests.harness.tor import (
     NetnsAnnexEnv,
     PrivateNetns,
     TorBridge,
+    control,
     netns_unavailable,
     require_tor,
     socks_connect,
@@ -154,31 +154,6 @@ def socks_error(world: AuthWorld, onion: str) -> int | None:
         return int(m.group(1), 16)
     s.close()
     return None
-
-
-def control(tor: TorProcess, command: str) -> str:
-    """One command on tor's control port (cookie authentication), as the client
-    machine's operator would send it; the reply's text."""
-    with socket.create_connection(("127.0.0.1", tor.control_port), timeout=60) as s:
-        reader = s.makefile("rb")
-
-        def ask(line: str) -> str:
-            s.sendall(line.encode() + b"\r\n")
-            lines = []
-            while True:
-                got = reader.readline().decode().rstrip("\r\n")
-                lines.append(got)
-                if len(got) < 4 or got[3] == " ":
-                    return "\n".join(lines)
-
-        info = ask("PROTOCOLINFO 1")
-        m = re.search(r'COOKIEFILE="([^"]+)"', info)
-        assert m is not None, info
-        cookie = Path(m.group(1)).read_bytes().hex()
-        assert ask(f"AUTHENTICATE {cookie}").startswith("250"), "control auth failed"
-        reply = ask(command)
-        ask("QUIT")
-        return reply
 
 
 def client(world: AuthWorld, name: str) -> Client:

@@ -15,17 +15,14 @@ from torbridge.ops.onionwait import onion_warning
 from torbridge.server.control import control_socket, query
 from torbridge.server.daemon import current_onion
 from torbridge.tor.clientauth import (
-    NOBODY_FILE,
     ClientAuthError,
     ClientStore,
     KeyPair,
     auth_private_line,
-    authorized_clients_line,
     control_command,
     max_clients,
-    sync_authorized_clients,
 )
-from torbridge.tor.onion import ControlSpec, TorError, close_rendezvous, connect, torrc_onion
+from torbridge.tor.torrcclients import apply_torrc_clients
 
 REPUBLISH_TIMEOUT = 200.0  # the daemon waits up to 120 s for tor's upload
 
@@ -77,6 +74,12 @@ def client_command(
                 f"client {name!r} revoked; the onion is published without its key and its"
                 " rendezvous circuits are closed (running sessions over Tor were cut)"
             )
+            if config.tor.onion == "torrc":
+                say(
+                    "note: a reload keeps tor's introduction points, so a client tor that kept"
+                    " the old descriptor can still introduce itself; restart tor"
+                    " (`systemctl restart tor`) to rotate them"
+                )
     return 0
 
 
@@ -88,37 +91,7 @@ def _apply(
     connected keeps getting in."""
     tor = config.tor
     if tor.onion == "torrc":
-        assert tor.hidden_service_dir is not None
-        clients = store.list()
-        try:
-            sync_authorized_clients(tor.hidden_service_dir, clients)
-        except PermissionError:
-            directory = tor.hidden_service_dir / "authorized_clients"
-            files = [(f"{c.name}.auth", authorized_clients_line(c.public)) for c in clients]
-            lines = "\n".join(f"  echo '{line}' > {directory / file}" for file, line in files)
-            return (
-                f"torbridge may not write {directory}: as root, make it hold exactly these"
-                f" files (remove the others{', and ' + NOBODY_FILE if clients else ''}),"
-                f" chown them to tor's user, then `systemctl reload tor`:\n{lines}"
-            )
-        if tor.control is None:
-            return "reload tor now (`systemctl reload tor`): it reads authorized_clients/ then;" + (
-                " a revoked client that is connected stays in until tor restarts" if cut else ""
-            )
-        try:
-            controller = connect(ControlSpec(tor.control, tor.password))
-        except TorError as e:
-            return f"{e}; reload tor by hand (`systemctl reload tor`)"
-        try:
-            controller.signal("RELOAD")
-            if cut:
-                close_rendezvous(
-                    controller, torrc_onion(tor.hidden_service_dir).removesuffix(".onion")
-                )
-        finally:
-            controller.close()
-        say("tor reloaded: it publishes the new descriptor within a minute or so")
-        return None
+        return apply_torrc_clients(tor, store.list(), say, cut=cut)
     try:
         command = "republish cut" if cut else "republish"
         reply = query(control_socket(config), command, timeout=REPUBLISH_TIMEOUT)

@@ -58,6 +58,7 @@ from torbridge.tor.onion import (
     torrc_onion,
 )
 from torbridge.tor.publisher import OnionPublisher
+from torbridge.tor.torrcclients import apply_torrc_clients
 from torbridge.transport.cluster import ClusterTransport
 
 log = logging.getLogger("torbridge")
@@ -75,7 +76,10 @@ async def _publish_onion(
     if tor.onion == "torrc":
         assert tor.hidden_service_dir is not None
         registry.onion_state = "torrc"
-        return torrc_onion(tor.hidden_service_dir)
+        address = torrc_onion(tor.hidden_service_dir)
+        if tor.client_auth:
+            await _torrc_clients(config)
+        return address
     if tor.control is None:
         return None
     registry.onion_state = "publishing"
@@ -96,6 +100,26 @@ async def _publish_onion(
     log.info("publishing the onion service through %s", tor.control)
     onion: str = await nursery.start(publisher.run)
     return onion
+
+
+async def _torrc_clients(config: Config) -> None:
+    """torrc mode with client_auth: tor's authorized_clients/ must hold the
+    list before the daemon is ready, or the onion stays open to anyone with
+    its address until the first `client add` (no client yet: a key nobody
+    holds). tor is reloaded only when a file changed."""
+    tor = config.tor
+    clients = ClientStore(config.state_dir).list()
+    if not clients:
+        log.warning(
+            "client authorization is on and no client is authorized yet: nobody can reach"
+            " the onion until `torbridge client add NAME`"
+        )
+    problem = await trio.to_thread.run_sync(
+        lambda: apply_torrc_clients(tor, clients, log.info, always=False),
+        abandon_on_cancel=True,
+    )
+    if problem:
+        log.warning("client authorization: %s", problem)
 
 
 def current_onion(config: Config) -> str | None:

@@ -252,20 +252,31 @@ class ClientStore:
 def sync_authorized_clients(
     hidden_service_dir: Path,
     clients: builtins.list[AuthorizedClient],
-) -> None:
+) -> bool:
     """Make ``<hidden_service_dir>/authorized_clients/`` hold exactly ``clients``
-    (``NAME.auth`` files); tor reads them when it is reloaded. PermissionError
-    when torbridge may not write there."""
+    (``NAME.auth`` files); tor reads them when it is reloaded. True when a
+    file was written or removed (tor must be reloaded). PermissionError when
+    torbridge may not write there."""
     directory = hidden_service_dir / "authorized_clients"
     directory.mkdir(mode=0o700, exist_ok=True)
     wanted = {f"{c.name}.auth": authorized_clients_line(c.public) for c in clients}
+    have = {p.name: p.read_text().strip() for p in directory.glob("*.auth")}
     if not wanted:
         # An empty directory turns client authorization off in tor: nobody it is.
-        wanted[NOBODY_FILE] = authorized_clients_line(dummy_public_key())
+        # (Any key nobody holds; one already there is kept.)
+        nobody = have.get(NOBODY_FILE, "")
+        if not nobody.startswith("descriptor:x25519:"):
+            nobody = authorized_clients_line(dummy_public_key())
+        wanted[NOBODY_FILE] = nobody
+    changed = False
     for name, line in wanted.items():
+        if have.get(name) == line:
+            continue
         tmp = directory / f".{name}.tmp"
         tmp.write_text(line + "\n")
         os.replace(tmp, directory / name)
-    for path in directory.glob("*.auth"):
-        if path.name not in wanted:
-            path.unlink()
+        changed = True
+    for name in have.keys() - wanted.keys():
+        (directory / name).unlink()
+        changed = True
+    return changed

@@ -109,16 +109,47 @@ def parse_metrics(text: str, service_id: str) -> dict[str, float]:
     return result
 
 
+def http_body(data: bytes, at_eof: bool) -> str | None:
+    """The body of the HTTP response ``data`` once it is complete (None: read
+    on). tor's MetricsPort sends a Content-Length and keeps the connection
+    open, so the body ends there, not at EOF. ValueError: not a 200 answer."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        if at_eof:
+            raise ValueError("the MetricsPort closed the connection before an HTTP answer")
+        return None
+    status, *headers = head.decode("latin-1").split("\r\n")
+    if status.split(" ", 2)[1:2] != ["200"]:
+        raise ValueError(f"the MetricsPort answered {status!r}")
+    length = None
+    for header in headers:
+        name, _, value = header.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    if length is not None and len(body) >= length:
+        return body[:length].decode(errors="replace")
+    if at_eof:
+        if length is not None:
+            raise ValueError(f"the MetricsPort closed after {len(body)} of {length} bytes")
+        return body.decode(errors="replace")
+    return None
+
+
 def scrape(address: str, timeout: float = 10.0) -> str:
-    """Blocking: GET /metrics from tor's MetricsPort ("127.0.0.1:PORT")."""
+    """Blocking: GET /metrics from tor's MetricsPort ("127.0.0.1:PORT"), within
+    ``timeout`` seconds. OSError or ValueError when that fails."""
     host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
     with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
         s.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    _, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    return body.decode(errors="replace")
+        data = b""
+        while True:
+            s.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = s.recv(65536)
+            data += chunk
+            body = http_body(data, at_eof=not chunk)
+            if body is not None:
+                return body
 
 
 def count_intro_points(circuit_status: str, service_id: str) -> int:

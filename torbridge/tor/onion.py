@@ -393,6 +393,30 @@ def close_rendezvous(controller: Any, service_id: str) -> int:
     return closed
 
 
+def reload_for_clients(controller: Any, service_id: str, cut: bool, timeout: float) -> None:
+    """Blocking, torrc mode: reload tor so that it reads ``authorized_clients/``
+    again, and return once it has uploaded the descriptor for the new list (as
+    ``publish`` does: one HSDir has it and the others have answered).
+    ``cut``: close the service's rendezvous circuits too. tor rebuilds only
+    the descriptor's client layer on a reload: the introduction points stay,
+    so a revoked client whose tor kept the old descriptor can still introduce
+    itself until tor restarts. PublishFailed if no upload came in time."""
+    import stem
+    from stem.control import EventType
+
+    events: queue.Queue[Any] = queue.Queue()
+    controller.add_event_listener(events.put, EventType.HS_DESC)
+    try:
+        deadline = time.monotonic() + timeout
+        controller.signal("RELOAD")
+        if cut:
+            close_rendezvous(controller, service_id)
+        _await_upload(events, service_id, deadline, timeout)
+    finally:
+        with contextlib.suppress(stem.ControllerError):
+            controller.remove_event_listener(events.put)
+
+
 def torrc_snippet(
     hidden_service_dir: Path,
     ports: dict[int, Path],
