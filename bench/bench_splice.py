@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import io
 import os
 import random
 import resource
@@ -151,7 +152,7 @@ ZEROS = bytes(1 << 20)
 def node_program(uuid: str) -> None:
     """A P2P node on stdin/stdout that takes any PUT and drops its body."""
     out = sys.stdout.buffer
-    inp = os.fdopen(0, "rb", buffering=1 << 20)
+    inp = io.BufferedReader(io.FileIO(0, "r"), buffer_size=1 << 20)  # has read1
     out.write(f"AUTH-SUCCESS {uuid}\n".encode())
     out.flush()
     while line := inp.readline():

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from tests.core.test_cluster import KEY, A, B, Knowledge, cluster, login
-from tests.core.test_session import PEER_NAME, bridge
-from tests.harness.fakes import FakeRepo, PeerConnection
+from tests.core.test_session import bridge
+from tests.harness.fakes import PEER_NAME, FakeRepo, PeerConnection
 from torbridge.protocol import clienttext
 from torbridge.protocol import messages as m
 

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from tests.fuzz import examples
 from torbridge.protocol import cluster as c
 from torbridge.protocol import gateway as g
+from torbridge.protocol import gatewayactions as ga
 from torbridge.protocol import messages as m
+from torbridge.protocol.nodehealth import NodeHealth
 
 PROPS = settings(
     max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -139,7 +141,7 @@ class Sim:
     # Loss injection: a node is lost at the ``n``-th action the simulator
     # carries out for it (0 = at open), or never.
     lose_at: dict[str, int] = field(default_factory=dict)
-    health: g.NodeHealth | None = None
+    health: NodeHealth | None = None
     costs: dict[str, float] = field(default_factory=dict)
     client: bytearray = field(default_factory=bytearray)  # what the client read
     body_queue: list[bytes] = field(default_factory=list)
@@ -151,7 +153,7 @@ class Sim:
 
     def __post_init__(self) -> None:
         refs = [g.Node(c.NodeRef(UUIDS[n], n, self.costs.get(n, 200.0))) for n in self.nodes]
-        self.health = self.health or g.NodeHealth(list(self.nodes))
+        self.health = self.health or NodeHealth(list(self.nodes))
         self.gw = g.Gateway(
             "cl",
             self.version,
@@ -172,48 +174,48 @@ class Sim:
             return True
         return False
 
-    def run(self, actions: list[g.Action]) -> None:
+    def run(self, actions: list[ga.Action]) -> None:
         queue = list(actions)
         while queue:
             action = queue.pop(0)
             self.gw.at(self.now)
             queue.extend(self.carry_out(action))
 
-    def carry_out(self, action: g.Action) -> list[g.Action]:
+    def carry_out(self, action: ga.Action) -> list[ga.Action]:
         gw = self.gw
         match action:
-            case g.ToClient(message=message):
+            case ga.ToClient(message=message):
                 self.client += m.serialise(message)
                 return []
-            case g.ToClientBody(data=data):
+            case ga.ToClientBody(data=data):
                 self.client += data
                 self.body_queue.append(data)
                 return []
-            case g.CutClient(why=why):
+            case ga.CutClient(why=why):
                 self.cut = why
                 return []
-            case g.Record(uuid=uuid, present=present):
+            case ga.Record(uuid=uuid, present=present):
                 self.records.append((uuid, present))
                 return []
-            case g.Log() | g.ProbeNode():
+            case ga.Log() | ga.ProbeNode():
                 return []
-            case g.CloseNode(node=name):
+            case ga.CloseNode(node=name):
                 self.nodes[name].reset()
                 return []
-            case g.QueryLocations():
+            case ga.QueryLocations():
                 return gw.locations(frozenset(self.logged))
-            case g.QueryWanted(nodes=names):
+            case ga.QueryWanted(nodes=names):
                 return gw.wanted(dict.fromkeys(names, True))
-            case g.ReadClock():
+            case ga.ReadClock():
                 return gw.clock(500)
-            case g.OpenNode(node=name, version=version):
+            case ga.OpenNode(node=name, version=version):
                 if self._losing(name):
                     return gw.node_lost(name, "refused", "unreachable")
                 node = self.nodes[name]
                 node.opens += 1
                 node.reset()
                 return gw.node_opened(name, min(version, node.version))
-            case g.ToNode(node=name, message=message, reply=reply):
+            case ga.ToNode(node=name, message=message, reply=reply):
                 if self._losing(name):
                     return gw.node_lost(name, "gone")
                 node = self.nodes[name]
@@ -223,12 +225,12 @@ class Sim:
                 if answer is None:
                     answer = node.after_body()
                 return gw.node_reply(name, answer)
-            case g.ToNodeBody(node=name, data=data):
+            case ga.ToNodeBody(node=name, data=data):
                 if self._losing(name):
                     return gw.node_lost(name, "gone")
                 self.nodes[name].take(data)
                 return gw.node_sent(name)
-            case g.ReadNodeBody(node=name, max_bytes=max_bytes):
+            case ga.ReadNodeBody(node=name, max_bytes=max_bytes):
                 if self._losing(name):
                     return gw.node_lost(name, "gone")
                 return gw.node_body(name, self.nodes[name].send_body(max_bytes))
@@ -358,30 +360,30 @@ def test_put_transcript_one_node_dead_at_open() -> None:
 
 
 def test_down_node_is_probed_once_its_backoff_passed() -> None:
-    health = g.NodeHealth(list(UUIDS), first=5.0)
+    health = NodeHealth(list(UUIDS), first=5.0)
     health.failed("n2", "refused", now=0.0)
 
-    def put_offers(now: float) -> list[g.Action]:
+    def put_offers(now: float) -> list[ga.Action]:
         gw = Sim(nodes(), health=health).gw.at(now)
-        assert gw.client_message(m.Put("f", KEY)) == [g.QueryLocations(KEY)]
+        assert gw.client_message(m.Put("f", KEY)) == [ga.QueryLocations(KEY)]
         return gw.locations(frozenset()) + gw.wanted(dict.fromkeys(UUIDS, True))
 
     early = put_offers(1.0)  # within its backoff: skipped, not probed
-    assert not any(isinstance(a, g.ProbeNode) for a in early)
-    assert {a.node for a in early if isinstance(a, g.OpenNode)} == {"n1", "n3"}
+    assert not any(isinstance(a, ga.ProbeNode) for a in early)
+    assert {a.node for a in early if isinstance(a, ga.OpenNode)} == {"n1", "n3"}
     due = put_offers(6.0)  # past it: probed in the background, still skipped
-    assert [a for a in due if isinstance(a, g.ProbeNode)] == [g.ProbeNode("n2", 4)]
-    assert {a.node for a in due if isinstance(a, g.OpenNode)} == {"n1", "n3"}
-    assert not any(isinstance(a, g.ProbeNode) for a in put_offers(6.0))  # one probe at once
+    assert [a for a in due if isinstance(a, ga.ProbeNode)] == [ga.ProbeNode("n2", 4)]
+    assert {a.node for a in due if isinstance(a, ga.OpenNode)} == {"n1", "n3"}
+    assert not any(isinstance(a, ga.ProbeNode) for a in put_offers(6.0))  # one probe at once
     health.failed("n2", "still refused", now=6.0)  # the probe failed: backoff doubles
     assert health.nodes["n2"].next_probe == 16.0
-    assert not any(isinstance(a, g.ProbeNode) for a in put_offers(15.0))
+    assert not any(isinstance(a, ga.ProbeNode) for a in put_offers(15.0))
     health.succeeded("n2")  # a probe answered: used again
-    assert "n2" in {a.node for a in put_offers(16.0) if isinstance(a, g.OpenNode)}
+    assert "n2" in {a.node for a in put_offers(16.0) if isinstance(a, ga.OpenNode)}
 
 
 def test_every_target_down_is_asked_all_the_same() -> None:
-    health = g.NodeHealth(list(UUIDS))
+    health = NodeHealth(list(UUIDS))
     for n in UUIDS:
         health.failed(n, "refused", now=0.0)
     sim = Sim(nodes(), health=health)
@@ -546,7 +548,7 @@ def test_every_node_lost(version: int) -> None:
 
 def test_remove_asks_a_node_marked_down() -> None:
     """A node back from the dead before its probe: a drop still reaches it."""
-    health = g.NodeHealth(list(UUIDS))
+    health = NodeHealth(list(UUIDS))
     health.failed("n2", "refused", now=0.0)
     sim = Sim(nodes("n1", "n2", "n3"), set(UUIDS.values()), health=health)
     assert sim.request(m.GetTimestamp()) == m.Timestamp(500)

@@ -24,7 +24,7 @@ from torbridge.protocol.gitaccess import (
     push_refusal,
 )
 from torbridge.protocol.permissions import GIT_LABELS as LABELS
-from torbridge.protocol.permissions import GitAccess, Mode
+from torbridge.protocol.permissions import GitAccess, Grant, Mode
 from torbridge.protocol.relay import (
     READ_ONLY_ERROR,
     Relay,
@@ -60,15 +60,17 @@ def test_labels_and_order() -> None:
 @pytest.mark.parametrize(
     ("mode", "reaches_own", "level"),
     [
-        ("rw", True, WRITE),
-        ("append", True, READ),
-        ("ro", True, READ),
-        ("rw", False, READ),  # a node-scoped rw token: read at most
-        ("append", False, READ),
-        ("ro", False, READ),
+        (Mode.READ_WRITE, True, WRITE),
+        (Mode.APPEND_ONLY, True, READ),
+        (Mode.READ_ONLY, True, READ),
+        (Mode.READ_WRITE, False, READ),  # a node-scoped rw token: read at most
+        (Mode.APPEND_ONLY, False, READ),
+        (Mode.READ_ONLY, False, READ),
     ],
 )
-def test_default_follows_mode_and_endpoints(mode: str, reaches_own: bool, level: GitAccess) -> None:
+def test_default_follows_mode_and_endpoints(
+    mode: Mode, reaches_own: bool, level: GitAccess
+) -> None:
     assert default_for(mode, reaches_own) is level
 
 
@@ -89,14 +91,14 @@ def test_default_follows_mode_and_endpoints(mode: str, reaches_own: bool, level:
 def test_effective_access_of_an_rw_token(
     endpoints: tuple[str, ...] | None, explicit: GitAccess | None, level: GitAccess
 ) -> None:
-    assert effective("rw", explicit, endpoints, {"hub", "mirror"}) is level
+    assert effective(Mode.READ_WRITE, explicit, endpoints, {"hub", "mirror"}) is level
 
 
 def test_no_own_endpoint_configured() -> None:
     # Limited tokens cannot reach the proxy's repository by any endpoint...
-    assert effective("rw", None, ("node1",), ()) is READ
+    assert effective(Mode.READ_WRITE, None, ("node1",), ()) is READ
     # ... an unlimited one counts as the operator's full-access token.
-    assert effective("rw", None, None, ()) is WRITE
+    assert effective(Mode.READ_WRITE, None, None, ()) is WRITE
 
 
 # --- which ref updates a push may make ---------------------------------------------
@@ -233,7 +235,7 @@ def test_admission_grants_the_effective_access(tmp_path: Path) -> None:
     for name, token in tokens.items():
         endpoint = "node1" if name.startswith("node") else "hub"
         grant = admission.authorize(endpoint, token)
-        assert grant is not None and grant.git is want[name], name
+        assert isinstance(grant, Grant) and grant.git is want[name], name
         admission.release(grant)
 
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from tests.fuzz import examples
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import BadLine, EndOfStream, LineTooLong
+from torbridge.protocol.permissions import Mode
 from torbridge.protocol.relay import (
-    Mode,
     Phase,
     Relay,
     RelayError,

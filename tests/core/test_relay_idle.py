@@ -32,8 +32,8 @@ from tests.core.test_relay import (
 )
 from torbridge.protocol import messages as m
 from torbridge.protocol.framing import EndOfStream
+from torbridge.protocol.permissions import Mode
 from torbridge.protocol.relay import (
-    Mode,
     Phase,
     Relay,
 )

@@ -33,7 +33,7 @@ def test_ready_after_listening_and_stopping_on_sigterm(
         stderr=subprocess.PIPE,
     )
     try:
-        messages = []
+        messages: list[bytes] = []
         while not any(b"READY=1" in msg for msg in messages):
             messages.append(systemd.recv(4096))
         # READY means serving: the endpoint accepts and answers at once.

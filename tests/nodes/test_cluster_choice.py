@@ -82,7 +82,11 @@ def compare_with_git_annex(
     oracle.annex("drop", "--from", f"origin-{CLUSTER}", "--", *files)
     for name, key in keys.items():
         assert s.holding(key) == set(), name
-        wait_for(f"{name} logged nowhere", lambda k=key: s.logged(k) == set(), 30)  # type: ignore[misc]
+
+        def logged_nowhere(key: str = key) -> bool:
+            return s.logged(key) == set()
+
+        wait_for(f"{name} logged nowhere", logged_nowhere, 30)
 
     s.client.annex("copy", "--to", ENDPOINT, "--", *files)
     by_bridge = placements(s, keys)

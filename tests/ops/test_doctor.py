@@ -16,7 +16,7 @@ from tests.harness.ops import ONION, FakeTor, add_tor_remote, git
 from torbridge.annex.host import MIN_GIT_ANNEX
 from torbridge.ops import doctor
 from torbridge.ops.doctor import Check, exit_status, format_report, run_checks
-from torbridge.protocol.gitaccess import GitAccess
+from torbridge.protocol.permissions import GitAccess
 from torbridge.tokens import TokenStore
 from torbridge.tor.onion import KEY_FILE
 

@@ -150,9 +150,13 @@ def test_a_dead_node_holds_no_copy_up_and_is_used_again(world: ClusterTorWorld, 
         for name in LIVE:  # the bytes the client added, on each live node
             assert world.nodes[name].repo.key_content(key) == client.key_content(key)
         assert success_plus(copy) == live_uuids, copy.describe()[-3000:]
+
+        def listed_on_live_nodes(key: str = key) -> bool:
+            return logged_nodes(world, key) == LIVE
+
         wait_for(
             f"the proxy's location log to list exactly {LIVE}",
-            lambda key=key: logged_nodes(world, key) == LIVE,
+            listed_on_live_nodes,
             60,
             interval=0.5,
         )

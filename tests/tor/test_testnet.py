@@ -297,6 +297,7 @@ def test_proc_sockets_sees_our_own_sockets() -> None:
     server, _ = listener.accept()
     # A UDP socket "connected" off loopback: connect() only records the peer,
     # no packet is sent.
+    udp: socket.socket | None  # None: no route off loopback to connect it to
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         try:

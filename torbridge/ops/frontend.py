@@ -53,8 +53,8 @@ class TestnetTimings:
 
 def _import_onionbalance() -> Any:
     try:
-        import onionbalance  # type: ignore[import-untyped]
-        from onionbalance.hs_v3 import manager  # type: ignore[import-untyped]
+        import onionbalance
+        from onionbalance.hs_v3 import manager
     except ImportError:
         raise BalanceError(
             "onionbalance is not installed: pip install 'torbridge[balance]'"
@@ -74,7 +74,7 @@ def _voting_interval(consensus: Any) -> int:
 def patch_for_testnet(timings: TestnetTimings) -> None:
     """The in-process adjustments of the module docstring (testnets only)."""
     import stem.util  # type: ignore[import-untyped]
-    from onionbalance.common import instance as ob_instance  # type: ignore[import-untyped]
+    from onionbalance.common import instance as ob_instance
     from onionbalance.hs_v3 import consensus as ob_consensus
     from onionbalance.hs_v3 import params
 
