@@ -506,7 +506,10 @@ def test_client_killed_during_remove(setup_node: Callable[..., Setup], tmp_path:
     s.client.annex("copy", "--to", s.remote, "f")
     wait_location(s.proxy, key, s.node.uuid, present=True)
     _kill_client_mid_transfer(s, tmp_path, "drop", "--from", s.remote, "f", up_line="REMOVE")
-    client_session_end(s)
+    # The SIGKILL is sent as the REMOVE passes the node's relay and lands a
+    # moment later: the node's SUCCESS may reach the client's socket first, and
+    # the session then ends as "client closed" between exchanges. Both are right;
+    # what matters is below.
     _session_ended(s, "session end")
     s.node.assert_holds({})
     s.node.assert_sound()
