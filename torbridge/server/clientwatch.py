@@ -62,23 +62,35 @@ async def unless_client_leaves(
     is what ``wait`` reads): only a connection it closed is noticed.
     """
     left: list[ClientLeft] = []
+
+    async def watch(scope: trio.CancelScope) -> None:
+        why = await (watched.hung_up() if reading else watched.closed())
+        left.append(ClientLeft(f"hung up while waiting for {what}: {why}"))
+        scope.cancel()
+
+    answer = await wait_beside(wait, watch)
+    # An answer that came in time is used even if the client left as well.
+    return answer[0] if answer is not None else left[0]
+
+
+async def wait_beside(
+    wait: Callable[[], Awaitable[T]],
+    beside: Callable[[trio.CancelScope], Awaitable[None]],
+) -> tuple[T] | None:
+    """``wait()`` with ``beside`` running next to it; ``beside`` is cancelled
+    once ``wait()`` returns, and may end the wait early by cancelling the
+    scope it is given (then None). ``wait()``'s exceptions come out as
+    themselves, not wrapped in the nursery's ExceptionGroup."""
     answer: list[T] = []
     failed: list[Exception] = []
     async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            why = await (watched.hung_up() if reading else watched.closed())
-            left.append(ClientLeft(f"hung up while waiting for {what}: {why}"))
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
+        nursery.start_soon(beside, nursery.cancel_scope)
         try:
             answer.append(await wait())
-        except Exception as e:  # raised as itself, not in the nursery's group
+        except Exception as e:
             failed.append(e)
         finally:
             nursery.cancel_scope.cancel()
     if failed:
         raise failed[0]
-    # An answer that came in time is used even if the client left as well.
-    return answer[0] if answer else left[0]
+    return (answer[0],) if answer else None

@@ -32,7 +32,12 @@ from torbridge.protocol.permissions import Grant
 from torbridge.protocol.relayactions import Side
 from torbridge.server.admission import Busy, PendingAuth
 from torbridge.server.bodycopy import copy_body, discard_body
-from torbridge.server.clientwatch import ClientLeft, receive_from_peer, unless_client_leaves
+from torbridge.server.clientwatch import (
+    ClientLeft,
+    receive_from_peer,
+    unless_client_leaves,
+    wait_beside,
+)
 from torbridge.server.endpoints import Endpoint
 from torbridge.server.gitservice import refuse_git_service, run_git_service
 from torbridge.server.refwatch import Refs, RefWatch
@@ -216,23 +221,14 @@ class Session:
         """
         if not (self.relay.peer_stoppable and self.limits.peer_idle):
             return await wait()
-        result: list[T] = []
-        failed: list[Exception] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stop_peer_after, self.limits.peer_idle)
-            try:
-                result.append(await wait())
-            except Exception as e:  # raised as itself, not in the nursery's group
-                failed.append(e)
-            finally:
-                nursery.cancel_scope.cancel()
-        if failed:
-            raise failed[0]
-        return result[0]
 
-    async def _stop_peer_after(self, seconds: float) -> None:
-        await trio.sleep(seconds)
-        await self._stop_idle_peer()
+        async def stop_peer_later(_scope: trio.CancelScope) -> None:
+            await trio.sleep(self.limits.peer_idle)
+            await self._stop_idle_peer()
+
+        answer = await wait_beside(wait, stop_peer_later)
+        assert answer is not None  # the timer never ends the wait
+        return answer[0]
 
     async def _stop_idle_peer(self) -> None:
         with trio.CancelScope(shield=True):
