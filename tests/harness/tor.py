@@ -47,9 +47,10 @@ import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -554,6 +555,62 @@ def control(tor: TorProcess, command: str) -> str:
         reply = ask(command)
         ask("QUIT")
         return reply
+
+
+# tor's extended SOCKS5 replies (tor's socks-extensions, SocksPort ExtendedErrors)
+MISSING_CLIENT_AUTH = 0xF4
+BAD_CLIENT_AUTH = 0xF5
+
+
+def socks_error(tor: TorProcess, onion: str, port: int, timeout: float = 120) -> int | None:
+    """tor's SOCKS5 reply code for onion:port (None: it connected)."""
+    try:
+        s = socks_connect(tor, onion, port, timeout=timeout)
+    except socks.ProxyError as e:
+        m = re.search(r"\b0x([0-9a-f]{2}):", str(e))
+        assert m is not None, f"not a SOCKS5 reply: {e}"
+        return int(m.group(1), 16)
+    s.close()
+    return None
+
+
+@dataclass
+class AuthClient:
+    """A client machine whose tor holds onion client-authorization keys: that
+    tor (``ClientOnionAuthDir``, extended SOCKS errors) and the private
+    namespace where the stock client runs behind it."""
+
+    tor: TorProcess
+    auth_dir: Path
+    netns: PrivateNetns
+    env: NetnsAnnexEnv
+
+
+@contextlib.contextmanager
+def auth_client(net: TestNet, name: str, root: Path, env: AnnexEnv) -> Iterator[AuthClient]:
+    """Start an :class:`AuthClient` (tor ``name``, keys in ``root/client-auth``);
+    stopped and removed on exit, whatever happened."""
+    socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))  # short: a unix path
+    os.chmod(socks_dir, 0o700)
+    auth_dir = root / "client-auth"
+    auth_dir.mkdir(mode=0o700)
+    unix_socks = socks_dir / "socks.sock"
+    tor = None
+    netns = None
+    try:
+        tor = net.start_client(
+            name,
+            extra=[f"SocksPort unix:{unix_socks} ExtendedErrors", f"ClientOnionAuthDir {auth_dir}"],
+        )
+        netns = PrivateNetns()
+        netns.start_forwarder(unix_socks)
+        yield AuthClient(tor, auth_dir, netns, NetnsAnnexEnv.inside(env, netns))
+    finally:
+        if netns is not None:
+            netns.close()
+        if tor is not None and tor.process.poll() is None:
+            stop_tor(net, tor)
+        shutil.rmtree(socks_dir, ignore_errors=True)
 
 
 def echo_roundtrip(client: TorProcess, onion: str, port: int, payload: bytes) -> bytes:

@@ -15,13 +15,11 @@ how many clients fit in the descriptor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,17 +30,20 @@ import pytest
 from tests.harness.annex import AnnexEnv, AnnexRepo, Client
 from tests.harness.bridge import READY_LINE, Bridge, Expose, parse_tor_lines
 from tests.harness.tor import (
+    BAD_CLIENT_AUTH,
+    MISSING_CLIENT_AUTH,
     STARTED_PIDS,
     TOR_COMMAND_TIMEOUT,
     NetnsAnnexEnv,
     PrivateNetns,
     TorBridge,
+    auth_client,
     control,
     netns_unavailable,
     require_tor,
-    socks_connect,
     stop_tor,
 )
+from tests.harness.tor import socks_error as tor_socks_error
 from tests.harness.worlds import HUB_PORT
 from torbridge.testnet import TestNet, TorProcess
 from torbridge.tor.clientauth import (
@@ -61,9 +62,6 @@ pytestmark = [
 
 log = logging.getLogger("tests.tor")
 T = TOR_COMMAND_TIMEOUT
-# tor's extended SOCKS5 replies (tor's socks-extensions, SocksPort ExtendedErrors)
-MISSING_CLIENT_AUTH = 0xF4
-BAD_CLIENT_AUTH = 0xF5
 
 
 @dataclass
@@ -87,73 +85,48 @@ def world(testnet: TestNet, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if reason is not None:
         pytest.skip(f"no private network namespace: {reason}")
     root = tmp_path_factory.mktemp("authworld")
-    socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
-    os.chmod(socks_dir, 0o700)
-    auth_dir = root / "client-auth"
-    auth_dir.mkdir(mode=0o700)
-    unix_socks = socks_dir / "socks.sock"
-    tors: list[TorProcess] = []
-    netns = None
-    bridge = None
-    try:
-        client_tor = testnet.start_client(
-            "caclient",
-            extra=[f"SocksPort unix:{unix_socks} ExtendedErrors", f"ClientOnionAuthDir {auth_dir}"],
-        )
-        tors.append(client_tor)
-        service_tor = testnet.start_service_tor("cahs")
-        tors.append(service_tor)
-        netns = PrivateNetns()
-        netns.start_forwarder(unix_socks)
+    with contextlib.ExitStack() as stack:
         env = AnnexEnv.create(root / "env")
+        machine = stack.enter_context(auth_client(testnet, "caclient", root, env))
+        service_tor = testnet.start_service_tor("cahs")
+        stack.callback(stop_tor, testnet, service_tor)
         proxy = AnnexRepo.create(env, root / "proxy", "proxy")
-        assert client_tor.socks is not None
+        assert machine.tor.socks is not None
         bridge = TorBridge(
             env,
             proxy.path,
             root / "bridge",
             [Expose("hub", ".", HUB_PORT)],
             control=service_tor.control,
-            socks=client_tor.socks,
+            socks=machine.tor.socks,
             tor={"client_auth": True},
         )
+        stack.callback(stop_bridge, bridge)
         yield AuthWorld(
             testnet,
-            client_tor,
+            machine.tor,
             service_tor,
-            auth_dir,
-            netns,
+            machine.auth_dir,
+            machine.netns,
             env,
-            NetnsAnnexEnv.inside(env, netns),
+            machine.env,
             proxy,
             bridge,
             root,
         )
-    finally:
-        if bridge is not None:
-            if bridge.running:
-                bridge.stop(timeout=30)
-            bridge.close()
-        if netns is not None:
-            netns.close()
-        for tor in tors:
-            stop_tor(testnet, tor)
-        shutil.rmtree(socks_dir, ignore_errors=True)
+
+
+def stop_bridge(bridge: TorBridge) -> None:
+    if bridge.running:
+        bridge.stop(timeout=30)
+    bridge.close()
 
 
 def socks_error(world: AuthWorld, onion: str) -> int | None:
     """The client tor's SOCKS5 reply code for onion:HUB_PORT (None: it connected)."""
-    import socks  # type: ignore[import-untyped]
-
-    try:
-        s = socks_connect(world.client_tor, onion, HUB_PORT, timeout=120)
-    except socks.ProxyError as e:
-        log.info("SOCKS error for %s: %s", onion, e)
-        m = re.search(r"\b0x([0-9a-f]{2}):", str(e))
-        assert m is not None, f"not a SOCKS5 reply: {e}"
-        return int(m.group(1), 16)
-    s.close()
-    return None
+    code = tor_socks_error(world.client_tor, onion, HUB_PORT)
+    log.info("SOCKS reply for %s: %s", onion, "connected" if code is None else hex(code))
+    return code
 
 
 def client(world: AuthWorld, name: str) -> Client:

@@ -17,12 +17,10 @@ on the same tor reads the proof-of-work figures from tor's MetricsPort.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,20 +30,24 @@ import pytest
 
 from tests.harness.annex import AnnexEnv, AnnexRepo, Client
 from tests.harness.bridge import Expose, parse_tor_lines
+from tests.harness.process import wait_for
 from tests.harness.tor import (
+    BAD_CLIENT_AUTH,
+    MISSING_CLIENT_AUTH,
     TOR_COMMAND_TIMEOUT,
     NetnsAnnexEnv,
     PrivateNetns,
     TorBridge,
+    auth_client,
     control,
     hs_event_count,
     netns_unavailable,
     require_tor,
     restart_tor,
-    socks_connect,
     stop_tor,
     wait_for_upload,
 )
+from tests.harness.tor import socks_error as tor_socks_error
 from tests.harness.worlds import HUB_PORT
 from torbridge.testnet import TestNet, TorProcess, free_ports
 from torbridge.tor.clientauth import NOBODY_FILE
@@ -59,9 +61,6 @@ pytestmark = [
 
 log = logging.getLogger("tests.tor")
 T = TOR_COMMAND_TIMEOUT
-# tor's extended SOCKS5 replies (SocksPort ExtendedErrors)
-MISSING_CLIENT_AUTH = 0xF4
-BAD_CLIENT_AUTH = 0xF5
 
 
 class TorrcBridge(TorBridge):
@@ -102,33 +101,35 @@ def world(testnet: TestNet, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if reason is not None:
         pytest.skip(f"no private network namespace: {reason}")
     root = tmp_path_factory.mktemp("torrcauth")
-    socks_dir = Path(tempfile.mkdtemp(prefix="tb-socks-", dir="/tmp"))
-    os.chmod(socks_dir, 0o700)
-    auth_dir = root / "client-auth"
-    auth_dir.mkdir(mode=0o700)
     hs_dir = root / "hs"
-    unix_socks = socks_dir / "socks.sock"
-    tors: list[TorProcess] = []
-    netns = None
-    bridge = None
-    w = None
-    try:
-        client_tor = testnet.start_client(
-            "tcclient",
-            extra=[f"SocksPort unix:{unix_socks} ExtendedErrors", f"ClientOnionAuthDir {auth_dir}"],
-        )
-        tors.append(client_tor)
+    w: TorrcWorld | None = None
+    service: list[TorProcess] = []
+    with contextlib.ExitStack() as stack:
         env = AnnexEnv.create(root / "env")
+        machine = stack.enter_context(auth_client(testnet, "tcclient", root, env))
         proxy = AnnexRepo.create(env, root / "proxy", "proxy")
-        assert client_tor.socks is not None
+        assert machine.tor.socks is not None
         bridge = TorrcBridge(
             env,
             proxy.path,
             root / "bridge",
             [Expose("hub", ".", HUB_PORT)],
-            socks=client_tor.socks,
+            socks=machine.tor.socks,
             tor={"onion": "torrc", "hidden_service_dir": hs_dir, "client_auth": True},
         )
+
+        def teardown() -> None:
+            """The daemons first, then the service tor (the world's, if it
+            was restarted)."""
+            for b in [bridge, *(w.others if w is not None else [])]:
+                if b.running:
+                    b.stop(timeout=30)
+                b.close()
+            for tor in [w.service_tor] if w is not None else service:
+                if tor.process.poll() is None:
+                    stop_tor(testnet, tor)
+
+        stack.callback(teardown)
         # The operator's steps: the snippet into tor's configuration, tor
         # (re)started, then [tor] control so torbridge can reload it.
         snippet = bridge.cli("onion-snippet").stdout
@@ -141,42 +142,24 @@ def world(testnet: TestNet, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "tchs",
             extra=[*lines, f"MetricsPort {metrics_port}", "MetricsPortPolicy accept 127.0.0.1"],
         )
-        tors.append(service_tor)
+        service.append(service_tor)
         bridge.set_control(service_tor.control)
-        deadline = time.monotonic() + 60
-        while not (hs_dir / "hostname").exists():
-            assert time.monotonic() < deadline, "tor made no hostname"
-            time.sleep(0.1)
-        netns = PrivateNetns()
-        netns.start_forwarder(unix_socks)
+        wait_for("tor to make the onion's hostname", (hs_dir / "hostname").exists, 60)
         w = TorrcWorld(
             testnet,
-            client_tor,
+            machine.tor,
             service_tor,
-            auth_dir,
+            machine.auth_dir,
             hs_dir,
             metrics_port,
-            netns,
+            machine.netns,
             env,
-            NetnsAnnexEnv.inside(env, netns),
+            machine.env,
             proxy,
             bridge,
             root,
         )
         yield w
-    finally:
-        for b in [bridge, *(w.others if w is not None else [])]:
-            if b is None:
-                continue
-            if b.running:
-                b.stop(timeout=30)
-            b.close()
-        if netns is not None:
-            netns.close()
-        for tor in [*tors, *([w.service_tor] if w is not None else [])]:
-            if tor.process.poll() is None:
-                stop_tor(testnet, tor)
-        shutil.rmtree(socks_dir, ignore_errors=True)
 
 
 def client(world: TorrcWorld, name: str) -> Client:
@@ -185,16 +168,7 @@ def client(world: TorrcWorld, name: str) -> Client:
 
 def socks_error(world: TorrcWorld) -> int | None:
     """The client tor's SOCKS5 reply code for the onion's hub port (None: it connected)."""
-    import socks  # type: ignore[import-untyped]
-
-    try:
-        s = socks_connect(world.client_tor, world.bridge.onion, HUB_PORT, timeout=120)
-    except socks.ProxyError as e:
-        m = re.search(r"\b0x([0-9a-f]{2}):", str(e))
-        assert m is not None, f"not a SOCKS5 reply: {e}"
-        return int(m.group(1), 16)
-    s.close()
-    return None
+    return tor_socks_error(world.client_tor, world.bridge.onion, HUB_PORT)
 
 
 def wait_reachable(world: TorrcWorld, timeout: float = 180) -> None:
