@@ -22,12 +22,9 @@ from torbridge.ops.init import init_config
 from torbridge.ops.onionwait import PUBLISHING, onion_warning
 from torbridge.protocol.permissions import GIT_LABELS, MODES, GitAccess
 from torbridge.server.control import control_socket, query
-from torbridge.server.daemon import (
-    current_onion,
-    onion_ports,
-    run_daemon,
-)
+from torbridge.server.daemon import run_daemon
 from torbridge.server.endpoints import own_endpoints
+from torbridge.server.onion import current_onion, onion_ports
 from torbridge.server.status import render
 from torbridge.tokens import TokenError, TokenInfo, TokenStore
 from torbridge.tor.clientauth import ClientAuthError

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from torbridge.config import Config
 from torbridge.ops.onionwait import onion_warning
 from torbridge.server.control import control_socket, query
-from torbridge.server.daemon import current_onion
+from torbridge.server.onion import current_onion
 from torbridge.tor.clientauth import (
     ClientAuthError,
     ClientStore,

@@ -43,115 +43,17 @@ from torbridge.server.endpoints import (
     own_endpoints,
 )
 from torbridge.server.fdpass import PassedPipes, accept_stream
+from torbridge.server.onion import onion_ports, publish_onion
 from torbridge.server.refwatch import RefWatcher
 from torbridge.server.session import Session
 from torbridge.server.sockets import bind_unix, make_state_dir
 from torbridge.server.status import Registry
 from torbridge.tokens import TokenStore
-from torbridge.tor.clientauth import ClientStore
-from torbridge.tor.onion import (
-    ControlSpec,
-    PowDefenses,
-    connect,
-    publish,
-    stored_onion,
-    torrc_onion,
-)
+from torbridge.tor.onion import PowDefenses
 from torbridge.tor.publisher import OnionPublisher
-from torbridge.tor.torrcclients import apply_torrc_clients
 from torbridge.transport.cluster import ClusterTransport
 
 log = logging.getLogger("torbridge")
-
-
-def onion_ports(config: Config) -> dict[int, Path]:
-    return {expose.port: config.socket_path(expose) for expose in config.expose}
-
-
-async def _publish_onion(
-    config: Config, nursery: trio.Nursery, registry: Registry, running: Running | None = None
-) -> str | None:
-    """Publish (or find) the onion service; returns its address, None without Tor."""
-    tor = config.tor
-    if tor.onion == "torrc":
-        assert tor.hidden_service_dir is not None
-        registry.onion_state = "torrc"
-        address = torrc_onion(tor.hidden_service_dir)
-        if tor.client_auth:
-            await _torrc_clients(config)
-        return address
-    if tor.control is None:
-        return None
-    registry.onion_state = "publishing"
-    publisher = OnionPublisher(
-        ControlSpec(tor.control, tor.password),
-        config.state_dir,
-        onion_ports(config),
-        max_streams=tor.max_streams or None,
-        pow_defenses=PowDefenses.of(tor),
-        on_published=registry.onion_published,
-        client_keys=ClientStore(config.state_dir).public_keys if tor.client_auth else None,
-        metrics_port=tor.metrics_port,
-    )
-    registry.republish = publisher.republish
-    registry.tor_health = publisher.health.snapshot
-    if running is not None:
-        running.publisher = publisher
-    log.info("publishing the onion service through %s", tor.control)
-    onion: str = await nursery.start(publisher.run)
-    return onion
-
-
-async def _torrc_clients(config: Config) -> None:
-    """torrc mode with client_auth: tor's authorized_clients/ must hold the
-    list before the daemon is ready, or the onion stays open to anyone with
-    its address until the first `client add` (no client yet: a key nobody
-    holds). tor is reloaded only when a file changed."""
-    tor = config.tor
-    clients = ClientStore(config.state_dir).list()
-    if not clients:
-        log.warning(
-            "client authorization is on and no client is authorized yet: nobody can reach"
-            " the onion until `torbridge client add NAME`"
-        )
-    problem = await trio.to_thread.run_sync(
-        lambda: apply_torrc_clients(tor, clients, log.info, always=False),
-        abandon_on_cancel=True,
-    )
-    if problem:
-        log.warning("client authorization: %s", problem)
-
-
-def current_onion(config: Config) -> str | None:
-    """The bridge's onion address, creating its key through tor the first time.
-
-    Blocking (it may talk to tor's control port): for the CLI, not the daemon.
-    """
-    tor = config.tor
-    if tor.onion == "torrc":
-        assert tor.hidden_service_dir is not None
-        return torrc_onion(tor.hidden_service_dir)
-    if tor.control is None:
-        return None
-    onion = stored_onion(config.state_dir)
-    if onion is None:
-        make_state_dir(config.state_dir)
-        controller = connect(ControlSpec(tor.control, tor.password))
-        try:
-            # A moment's service, to learn the address: no defenses needed.
-            onion = publish(
-                controller,
-                config.state_dir,
-                onion_ports(config),
-                None,
-                60,
-                wait=False,
-                pow_defenses=PowDefenses(enabled=False),
-            )
-            controller.remove_ephemeral_hidden_service(onion.removesuffix(".onion"))
-        finally:
-            controller.close()
-    return onion
 
 
 class Running:
@@ -403,7 +305,7 @@ async def serve(
                 nursery.start_soon(serve_it, listener, shared.registry)
             for endpoint, listener, path in zip(endpoints, listeners, bound, strict=False):
                 await nursery.start(running._accept, endpoint.name, listener, path)
-            onion = await _publish_onion(config, nursery, shared.registry, running)
+            onion, running.publisher = await publish_onion(config, nursery, shared.registry)
             shared.registry.onion = onion
             if onion:
                 for expose in config.expose:
