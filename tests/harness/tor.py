@@ -65,7 +65,6 @@ from torbridge.testnet import (
     Node,
     TestNet,
     TorProcess,
-    TorTestNetError,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -455,29 +454,7 @@ def wait_for_upload(
     """Like TestNet.wait_for_descriptor, counting only HS_DESC events after
     the first ``since`` ones: a NEW upload of ``onion`` went through and no
     upload is in flight."""
-    address = onion.removesuffix(".onion")
-    deadline = time.monotonic() + timeout
-    while True:
-        net.check()
-        with tor._hs_changed:
-            pending: dict[str, int] = {}
-            uploaded = 0
-            for action, addr, hsdir, _reason in tor._hs_events[since:]:
-                if addr != address:
-                    continue
-                if action == "UPLOAD":
-                    pending[hsdir] = pending.get(hsdir, 0) + 1
-                elif action in ("UPLOADED", "FAILED"):
-                    pending[hsdir] = pending.get(hsdir, 0) - 1
-                    uploaded += action == "UPLOADED"
-            if uploaded and all(n <= 0 for n in pending.values()):
-                return
-            if time.monotonic() > deadline:
-                raise TorTestNetError(
-                    f"no new descriptor upload of {onion} by {tor.name} in {timeout:.0f}s"
-                    f"\n{tor.log_tail()}"
-                )
-            tor._hs_changed.wait(timeout=0.2)
+    tor.wait_for_upload(onion, timeout, net.check, since)
 
 
 # --------------------------------------------------------------------------

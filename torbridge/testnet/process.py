@@ -142,8 +142,12 @@ class TorProcess:
                 )
             time.sleep(0.05)
 
-    def wait_for_upload(self, onion: str, timeout: float, check: Callable[[], None]) -> None:
-        """TestNet.wait_for_descriptor, once this tor is known to be monitored."""
+    def wait_for_upload(
+        self, onion: str, timeout: float, check: Callable[[], None], since: int = 0
+    ) -> None:
+        """TestNet.wait_for_descriptor, once this tor is known to be monitored:
+        an upload of ``onion`` went through and none is in flight, counting
+        only the HS_DESC events after the first ``since`` ones."""
         address = onion.removesuffix(".onion")
         deadline = time.monotonic() + timeout
         failures: list[str] = []
@@ -153,7 +157,7 @@ class TorProcess:
                 pending: dict[str, int] = {}
                 uploaded = 0
                 failures = []
-                for action, addr, hsdir, reason in self._hs_events:
+                for action, addr, hsdir, reason in self._hs_events[since:]:
                     if addr != address:
                         continue
                     if action == "UPLOAD":
