@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from torbridge.config import Tor
+from torbridge.tor.health import UploadTracker
 
 log = logging.getLogger("torbridge.tor")
 
@@ -291,7 +292,8 @@ ALL_UPLOADS_GRACE = 30.0
 
 
 class UploadWait:
-    """Which HSDirs have the descriptor: fed tor's HS_DESC events, no I/O.
+    """Which HSDirs have the descriptor: tor's HS_DESC events kept by the
+    publisher's own per-HSDir ``UploadTracker``, no I/O.
 
     tor names the service in UPLOAD events only (one per directory, all sent
     before any answer comes back); UPLOADED and FAILED are matched to them by
@@ -300,21 +302,34 @@ class UploadWait:
 
     def __init__(self, service_id: str) -> None:
         self.service_id = service_id
-        self.directories: set[str] = set()
-        self.uploaded: set[str] = set()
-        self.failures: dict[str, str] = {}
+        self.tracker = UploadTracker()
 
     def event(self, action: str, address: str, directory: str, reason: str | None = None) -> None:
-        if action == "UPLOAD" and address == self.service_id:
-            self.directories.add(directory)
-            self.uploaded.discard(directory)  # a new upload batch: wait for its answer
-            self.failures.pop(directory, None)
-        elif directory not in self.directories:
-            return
-        elif action == "UPLOADED":
-            self.uploaded.add(directory)
-        elif action == "FAILED":
-            self.failures[directory] = reason or "failed"
+        if action == "UPLOAD":
+            if address == self.service_id:  # a new batch: its own answer is awaited
+                self.tracker.upload(directory, time.time())
+        elif action in ("UPLOADED", "FAILED"):
+            ok = action == "UPLOADED"
+            self.tracker.result(
+                directory, ok, None if ok else reason or "failed", time.time(), time.monotonic()
+            )
+
+    def _with(self, result: str) -> set[str]:
+        return {h for h, u in self.tracker.uploads.items() if u.result == result}
+
+    @property
+    def directories(self) -> set[str]:
+        return set(self.tracker.uploads)
+
+    @property
+    def uploaded(self) -> set[str]:
+        return self._with("uploaded")
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return {
+            h: u.reason or "failed" for h, u in self.tracker.uploads.items() if u.result == "failed"
+        }
 
     @property
     def reached_one(self) -> bool:
@@ -322,14 +337,14 @@ class UploadWait:
 
     @property
     def all_answered(self) -> bool:
-        return bool(self.directories) and self.directories <= self.uploaded | set(self.failures)
+        return bool(self.tracker.uploads) and not self.pending()
 
     @property
     def all_failed(self) -> bool:
-        return bool(self.directories) and self.directories <= set(self.failures)
+        return bool(self.tracker.uploads) and self._with("failed") == self.directories
 
     def pending(self) -> set[str]:
-        return self.directories - self.uploaded - set(self.failures)
+        return self._with("pending")
 
 
 def _await_upload(
